@@ -1,0 +1,27 @@
+"""DisTorch: run a diffusion model on a GPU that cannot hold it.
+
+Imported as the library `distorch`, and loaded by ComfyUI as a custom-node folder (then it exports
+NODE_CLASS_MAPPINGS). The node classes are only built when ComfyUI is importable.
+"""
+__version__ = "0.1.0"
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+try:  # ComfyUI present: register the nodes
+    import comfy  # noqa: F401
+    _IN_COMFY = True
+except Exception:
+    _IN_COMFY = False
+
+if _IN_COMFY:
+    from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
+
+
+def compile(model, *args, **kwargs):  # noqa: A001 - mirrors torch.compile's name on purpose
+    """Rewrite `model` in place to run under a Plan; see runtime.api.compile."""
+    from .runtime.api import compile as _compile
+    return _compile(model, *args, **kwargs)
+
+
+__all__ = ["compile", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

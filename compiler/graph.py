@@ -1,0 +1,103 @@
+"""ModuleGraph: the transfer units of a model, in execution order, as a networkx DiGraph.
+
+A *unit* is the smallest group of weights that moves as one copy: by default a block (a child of a
+ModuleList / Sequential), a leaf module where a model has no blocks, or the "root" remainder (weights
+a parent uses directly or that sit outside every block).  This file only defines the data; building
+it from a module is `compiler.trace`, from a weights file `compiler.files`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Callable, Iterable
+
+import networkx as nx
+
+ROOT = "<root>"  # name of the unit holding weights outside every block
+
+
+@dataclass
+class Unit:
+    name: str                 # qualified module name, e.g. "double_blocks.7"; ROOT for the remainder
+    type: str                 # class name ("DoubleStreamBlock", "Linear") or a key-derived family
+    param_bytes: int = 0      # parameters, as stored (quantized size for quantized tensors)
+    buffer_bytes: int = 0     # persistent buffers, as stored
+    tensors: list[str] = field(default_factory=list)  # qualified names of the tensors it owns
+    flops: float = 0.0        # estimated FLOPs per call (0 when inputs are unknown)
+    act_bytes: int = 0        # bytes of the activations it produces per call (0 when unknown)
+    calls: int = 1            # times it runs per forward
+    kind: str = "block"       # "block" | "leaf" | "root"
+    time_s: float | None = None  # measured compute time per forward, when known (fed back by runtime)
+
+    @property
+    def bytes(self) -> int:
+        return self.param_bytes + self.buffer_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ModuleGraph:
+    """Units in execution order; edge u->v when v runs right after u (the order is a path)."""
+
+    def __init__(self, units: Iterable[Unit], source: str = ""):
+        self.units: list[Unit] = list(units)
+        self.source = source
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate unit names in graph: {dup[:5]}")
+        self.g = nx.DiGraph()
+        for i, u in enumerate(self.units):
+            self.g.add_node(u.name, unit=u, order=i)
+        for a, b in zip(names, names[1:]):
+            self.g.add_edge(a, b)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self):
+        return iter(self.units)
+
+    def __getitem__(self, name: str) -> Unit:
+        return self.g.nodes[name]["unit"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.g
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.bytes for u in self.units)
+
+    def order_of(self, name: str) -> int:
+        return self.g.nodes[name]["order"]
+
+    def type_counts(self, names: Iterable[str] | None = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for u in (self.units if names is None else [self[n] for n in names]):
+            out[u.type] = out.get(u.type, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "units": [u.to_dict() for u in self.units]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleGraph":
+        return cls([Unit(**u) for u in d["units"]], source=d.get("source", ""))
+
+
+# --- bytes as stored --------------------------------------------------------------------------
+# Quantized tensor types (GGUF) register how many bytes they occupy as stored; plain tensors count
+# numel * element_size, which is right for fp32/bf16/fp16/fp8 and for meta tensors too.
+_NBYTES_HOOKS: list[tuple[type, Callable[[object], int]]] = []
+
+
+def register_nbytes(tensor_type: type, fn: Callable[[object], int]) -> None:
+    """Teach the cost model the stored size of a tensor subclass (e.g. a quantized GGUF tensor)."""
+    _NBYTES_HOOKS.insert(0, (tensor_type, fn))
+
+
+def stored_nbytes(t) -> int:
+    for typ, fn in _NBYTES_HOOKS:
+        if isinstance(t, typ):
+            return int(fn(t))
+    return int(t.numel()) * int(t.element_size())

@@ -1,0 +1,65 @@
+"""Plan: where every unit lives and what the step is predicted to cost. Plain data, JSON round-trip."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, asdict
+
+PLAN_VERSION = 1
+GiB = 1 << 30
+
+
+@dataclass
+class PlacedUnit:
+    name: str
+    type: str
+    bytes: int
+    device: str          # home device of its weights
+    order: int           # execution order
+    kind: str = "block"
+
+
+@dataclass
+class Plan:
+    compute: str                                   # the device that runs the model
+    units: list[PlacedUnit]
+    devices: dict[str, dict] = field(default_factory=dict)   # dev -> {"bytes", "units", "total", "types"}
+    expert_string: str = ""                        # equivalent v2 fraction-form allocation string
+    window_bytes: int = 0                          # VRAM slot pool for streamed units on `compute`
+    predicted: dict = field(default_factory=dict)  # compute_s, step_s, overhead_s, peak_bytes, ...
+    source: dict = field(default_factory=dict)     # how it was asked for (vram_gb/donors or expert)
+    version: int = PLAN_VERSION
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(u.bytes for u in self.units)
+
+    def home(self, name: str) -> str:
+        for u in self.units:
+            if u.name == name:
+                return u.device
+        raise KeyError(f"unit {name!r} is not in this plan")
+
+    def offloaded(self) -> list[PlacedUnit]:
+        return [u for u in self.units if u.device != self.compute]
+
+    def offloaded_bytes(self) -> int:
+        return sum(u.bytes for u in self.offloaded())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model_bytes"] = self.model_bytes
+        return d
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d.pop("model_bytes", None)
+        d["units"] = [PlacedUnit(**u) for u in d["units"]]
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Plan":
+        return cls.from_dict(json.loads(s))
