@@ -1,0 +1,348 @@
+"""GGUFTensor: a quantized weight that stays quantized until the moment it is used.
+
+Design
+------
+`GGUFTensor` is a *wrapper* tensor subclass (`torch.Tensor._make_wrapper_subclass`): to the rest of
+torch it looks like a tensor of its LOGICAL shape and dtype (e.g. [3072, 12288] bfloat16 — so shape
+checks in `load_state_dict`, `nn.Linear.extra_repr`, tracing by shape all work), while the only
+memory it owns is `raw`, a flat contiguous uint8 tensor holding the GGUF blocks exactly as stored.
+
+- `t.raw`         uint8 [stored bytes], on `t.device`       (what the runtime copies)
+- `t.qtype`       gguf.GGMLQuantizationType
+- `t.shape`       logical torch shape (outermost first)
+- `t.dtype`       dtype `dequantize()` produces by default (bfloat16 unless set)
+- `t.stored_nbytes` = raw.numel(); registered with compiler.graph.register_nbytes, so the cost model
+  counts stored bytes, not numel * 2.
+- `t.to(device, non_blocking=...)` / `.cuda()` / `.cpu()` / `.pin_memory()` move/pin the RAW BYTES
+  (quantized bytes cross the bus); `.to(dtype)` only changes the dequantization target.
+- `t.dequantize(dtype=None)` dequantizes on the device the bytes sit on (runtime.dequant).
+- `t.with_raw(buf)` is the SAME weight over other storage (e.g. a view into a GPU slot the runtime
+  filled): no copy, checks the byte count.  The runtime streams a unit by
+  `slot[a:b].copy_(t.raw, non_blocking=True)` and then either swaps the parameter for
+  `t.with_raw(slot[a:b])` (GGUF ops below dequantize it on use) or calls
+  `dequantize(slot[a:b], t.qtype, t.shape, dtype)` itself.
+
+It survives `nn.Parameter(t, requires_grad=False)` (Parameter returns the GGUFTensor itself, flagged
+as a parameter), `module.to(...)`, `module.state_dict()`, `load_state_dict(sd, assign=True)` and
+`copy.deepcopy`.  Any other torch op applied to it (e.g. an unmodified nn.Linear's F.linear) falls
+back to dequantizing on the fly, so results stay correct even where no GGUF op layer was installed;
+`load_state_dict` without assign into a dense parameter copies the dequantized values.
+
+Ops layer: `GGUFLinear`, `GGUFConv1d/2d/3d`, `GGUFEmbedding`, `GGUFLayerNorm`, `GGUFGroupNorm` are
+the torch modules whose forward dequantizes GGUF parameters ON THE COMPUTE DEVICE (the input's) on
+every call — the per-call path ("resident quantized" or "streamed quantized").
+`gguf_ops(module)` switches the matching submodules of a built model to these classes in place
+(class swap only; no tensor copied).  Dequantization per call can be overridden for the runtime by
+setting `module.gguf_dequant_override = fn(module, name, tensor, device, dtype) -> Tensor`.
+"""
+from __future__ import annotations
+
+import copy as _copy
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from ..compiler.graph import register_nbytes
+from .dequant import (GGUFError, check_supported, dequantize as _dequantize, quantized_nbytes,
+                      PLAIN_TYPES)
+
+aten = torch.ops.aten
+
+__all__ = ["GGUFTensor", "is_gguf", "materialize", "GGUFLinear", "GGUFConv1d", "GGUFConv2d",
+           "GGUFConv3d", "GGUFEmbedding", "GGUFLayerNorm", "GGUFGroupNorm", "gguf_ops"]
+
+
+class GGUFTensor(torch.Tensor):
+    """Quantized GGUF weight; see the module docstring."""
+
+    raw: torch.Tensor
+    qtype: object
+    gguf_name: str | None
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16,
+                *, name: str | None = None, stored_shape: Sequence[int] | None = None, check: bool = True):
+        shape = torch.Size(int(s) for s in shape)
+        stored_shape = None if stored_shape is None else torch.Size(int(s) for s in stored_shape)
+        if stored_shape == shape:
+            stored_shape = None
+        if check:
+            qt = check_supported(qtype, name)
+            if raw.dtype != torch.uint8:
+                raise GGUFError(f"GGUFTensor {name or ''} needs uint8 raw blocks, got {raw.dtype}")
+            if stored_shape is not None and stored_shape.numel() != shape.numel():
+                raise GGUFError(f"tensor {name!r}: stored shape {list(stored_shape)} and shape "
+                                f"{list(shape)} differ in element count")
+            want = quantized_nbytes(qt, stored_shape or shape, name)
+            if raw.numel() != want:
+                raise GGUFError(f"tensor {name!r} of type {qt.gguf_name} and shape {list(shape)} needs {want} "
+                                f"bytes, got {raw.numel()}")
+            if not dtype.is_floating_point:
+                raise GGUFError(f"GGUFTensor {name or ''}: dequantization dtype must be floating, got {dtype}")
+        else:
+            qt = qtype
+        if raw.dim() != 1 or not raw.is_contiguous():
+            raw = raw.contiguous().reshape(-1)
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=raw.device,
+                                                   requires_grad=False)
+        self.raw = raw
+        self.qtype = qt
+        self.gguf_name = name
+        self.stored_shape = stored_shape
+        return self
+
+    # -- plain data ---------------------------------------------------------------------------
+    @property
+    def stored_nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def is_quantized_gguf(self) -> bool:
+        return self.qtype not in PLAIN_TYPES
+
+    def __repr__(self, *, tensor_contents=None):
+        return (f"GGUFTensor({self.qtype.name}, shape={list(self.shape)}, dtype={self.dtype}, "
+                f"device={self.device}, stored={self.raw.numel()} B"
+                + (f", name={self.gguf_name!r}" if self.gguf_name else "") + ")")
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense tensor of the logical shape, on the device the bytes sit on."""
+        return _dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype, name=self.gguf_name,
+                           stored_shape=self.stored_shape)
+
+    def with_raw(self, raw: torch.Tensor, dtype: torch.dtype | None = None) -> "GGUFTensor":
+        """The same weight over other bytes (a slot view, pinned copy...): no copy, size checked."""
+        if raw.dtype != torch.uint8 or raw.numel() != self.raw.numel():
+            raise GGUFError(f"with_raw for {self.gguf_name or 'GGUF tensor'} ({self.qtype.name}) needs "
+                            f"{self.raw.numel()} uint8 bytes, got {raw.numel()} {raw.dtype}")
+        return GGUFTensor(raw, self.qtype, self.shape, dtype or self.dtype, name=self.gguf_name,
+                          stored_shape=self.stored_shape, check=False)
+
+    def as_parameter(self) -> nn.Parameter:
+        return nn.Parameter(self, requires_grad=False)
+
+    # -- torch integration ----------------------------------------------------------------------
+    def __tensor_flatten__(self):
+        return ["raw"], (self.qtype, tuple(self.shape), self.dtype, self.gguf_name, self.stored_shape)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        qtype, shape, dtype, name, stored_shape = meta
+        return GGUFTensor(inner["raw"], qtype, shape, dtype, name=name, stored_shape=stored_shape,
+                          check=False)
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        out = _same(self, self.raw.clone())
+        if getattr(self, "_is_param", False):
+            out = nn.Parameter(out, requires_grad=False)
+        memo[id(self)] = out
+        return out
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild, (self.raw.cpu(), int(self.qtype), tuple(self.shape), self.dtype, self.gguf_name,
+                           None if self.stored_shape is None else tuple(self.stored_shape)))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
+        # anything else: compute on dequantized values (correct, not fast)
+        def unwrap(x):
+            return x.dequantize() if isinstance(x, GGUFTensor) else x
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _rebuild(raw, qtype, shape, dtype, name, stored_shape=None):
+    return GGUFTensor(raw, qtype, shape, dtype, name=name, stored_shape=stored_shape)
+
+
+def _same(t: GGUFTensor, raw: torch.Tensor | None = None, dtype=None) -> GGUFTensor:
+    return GGUFTensor(t.raw if raw is None else raw, t.qtype, t.shape, dtype or t.dtype, name=t.gguf_name,
+                      stored_shape=t.stored_shape, check=False)
+
+
+def _h_alias(func, args, kwargs):
+    return _same(args[0])
+
+
+def _h_to_copy(func, args, kwargs):
+    t = args[0]
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    raw = t.raw
+    if device is not None and torch.device(device) != raw.device:
+        raw = raw.to(device, non_blocking=bool(kwargs.get("non_blocking", False)))
+    else:
+        raw = raw.clone()
+    if kwargs.get("pin_memory") and raw.device.type == "cpu" and not raw.is_pinned():
+        raw = raw.pin_memory()
+    if dtype is not None and not dtype.is_floating_point:
+        raise GGUFError(f"cannot convert GGUF tensor {t.gguf_name or ''} ({t.qtype.name}) to {dtype}; "
+                        "only floating dequantization targets exist")
+    return _same(t, raw, dtype)
+
+
+def _h_clone(func, args, kwargs):
+    return _same(args[0], args[0].raw.clone())
+
+
+def _h_copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    nb = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
+    if isinstance(dst, GGUFTensor):
+        if not isinstance(src, GGUFTensor):
+            raise GGUFError(f"cannot copy a dense tensor into quantized {dst.qtype.name} tensor "
+                            f"{dst.gguf_name or ''}: DisTorch does not quantize; load with assign=True")
+        if src.qtype != dst.qtype or src.shape != dst.shape:
+            raise GGUFError(f"copy between GGUF tensors of different type/shape: {src.qtype.name} "
+                            f"{list(src.shape)} -> {dst.qtype.name} {list(dst.shape)}")
+        dst.raw.copy_(src.raw, non_blocking=nb)
+        return dst
+    return dst.copy_(src.dequantize(dst.dtype), non_blocking=nb)
+
+
+def _h_is_pinned(func, args, kwargs):
+    return args[0].raw.is_pinned()
+
+
+def _h_pin(func, args, kwargs):
+    return _same(args[0], args[0].raw.pin_memory())
+
+
+def _h_empty_like(func, args, kwargs):
+    t = args[0]
+    device = kwargs.get("device") or t.raw.device
+    raw = torch.empty(t.raw.shape, dtype=torch.uint8, device=device,
+                      pin_memory=bool(kwargs.get("pin_memory", False)))
+    return _same(t, raw, kwargs.get("dtype"))
+
+
+def _h_meta_only(func, args, kwargs):
+    # shape / metadata queries answered from the wrapper alone
+    t = args[0]
+    if func is aten.is_same_size.default:
+        return tuple(args[0].shape) == tuple(args[1].shape)
+    raise AssertionError(func)
+
+
+_HANDLERS = {
+    aten.detach.default: _h_alias,
+    aten.alias.default: _h_alias,
+    aten._to_copy.default: _h_to_copy,
+    aten.clone.default: _h_clone,
+    aten.copy_.default: _h_copy_,
+    aten.is_pinned.default: _h_is_pinned,
+    aten._pin_memory.default: _h_pin,
+    aten.empty_like.default: _h_empty_like,
+    aten.is_same_size.default: _h_meta_only,
+}
+
+register_nbytes(GGUFTensor, lambda t: t.raw.numel())
+
+
+def is_gguf(t) -> bool:
+    return isinstance(t, GGUFTensor)
+
+
+def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None):
+    """Dense weight on `device` for compute: GGUF bytes move quantized, then dequantize there."""
+    if t is None:
+        return None
+    if isinstance(t, GGUFTensor):
+        raw = t.raw
+        if raw.device != device:
+            raw = raw.to(device, non_blocking=True)
+        return _dequantize(raw, t.qtype, t.shape, dtype or t.dtype, name=t.gguf_name,
+                           stored_shape=t.stored_shape)
+    if t.device != device or (dtype is not None and t.dtype != dtype):
+        return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=True)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# ops layer
+
+class _GGUFOps:
+    """Mixin: `self._w(name, x)` is parameter `name` dense, on x's device, in x's floating dtype."""
+
+    gguf_dequant_override: Callable | None = None
+
+    def _w(self, name: str, x: torch.Tensor):
+        t = getattr(self, name)
+        if t is None:
+            return None
+        dtype = x.dtype if x.dtype.is_floating_point else None
+        ov = self.gguf_dequant_override
+        if ov is not None:
+            return ov(self, name, t, x.device, dtype)
+        return materialize(t, x.device, dtype)
+
+
+class GGUFLinear(_GGUFOps, nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self._w("weight", x), self._w("bias", x))
+
+
+class GGUFConv1d(_GGUFOps, nn.Conv1d):
+    def forward(self, x):
+        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+
+
+class GGUFConv2d(_GGUFOps, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+
+
+class GGUFConv3d(_GGUFOps, nn.Conv3d):
+    def forward(self, x):
+        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+
+
+class GGUFEmbedding(_GGUFOps, nn.Embedding):
+    def forward(self, x):
+        w = getattr(self, "weight")
+        dense = materialize(w, x.device, None) if self.gguf_dequant_override is None else \
+            self.gguf_dequant_override(self, "weight", w, x.device, None)
+        return F.embedding(x, dense, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+class GGUFLayerNorm(_GGUFOps, nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self._w("weight", x), self._w("bias", x), self.eps)
+
+
+class GGUFGroupNorm(_GGUFOps, nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self._w("weight", x), self._w("bias", x), self.eps)
+
+
+_SWAP = [(nn.Linear, GGUFLinear), (nn.Conv1d, GGUFConv1d), (nn.Conv2d, GGUFConv2d),
+         (nn.Conv3d, GGUFConv3d), (nn.Embedding, GGUFEmbedding), (nn.LayerNorm, GGUFLayerNorm),
+         (nn.GroupNorm, GGUFGroupNorm)]
+
+
+def gguf_ops(module: nn.Module, *, only_with_gguf: bool = True) -> int:
+    """Switch plain Linear/Conv/Embedding/Norm submodules of `module` to their GGUF op classes in
+    place (exact class match only; subclasses with their own forward are left alone). With
+    `only_with_gguf`, only modules that hold a GGUFTensor parameter are switched. Returns the count."""
+    n = 0
+    for m in module.modules():
+        for base, gcls in _SWAP:
+            if type(m) is base:
+                if only_with_gguf and not any(isinstance(p, GGUFTensor)
+                                              for p in m.parameters(recurse=False)):
+                    break
+                m.__class__ = gcls
+                n += 1
+                break
+    return n
