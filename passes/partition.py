@@ -1,0 +1,371 @@
+"""Partition pass: which units live where (ModuleGraph + Inventory + a budget -> Plan).
+
+The budget is ONE of
+  (a) `vram_gb` + `donors`: that many GiB (2^30 bytes) of the model live off the compute device, on the
+      donors (several donors: the fastest link to the compute device is filled first, within each
+      donor's free memory; cpu comes last);
+  (b) `expert`: an allocation string in any form of passes/allocation.py.  The compute device's budget
+      decides how much stays resident; the other listed devices receive the offloaded units up to
+      their budgets (fastest link first).
+
+The placement model (which units to offload)
+--------------------------------------------
+Offloaded units are streamed into a window of slots on the compute device, each copy issued when the
+unit that last used its slot has finished (compiler/cost.py).  A copy hides when the compute that runs
+between that point and the unit's own turn lasts longer than the copy.  So what makes a set of offloaded
+units good is how their transfers sit between compute, not their position in the model.
+
+`priority_order` ranks the units once per (model, compute device) by a greedy that asks the
+simulator.  Starting from "all resident", each round tries every remaining unit, simulates the
+steady-state step with it offloaded too (double-buffered window, host link), and scores it by the share
+of its copy that does NOT hide: (step time increase) / (its transfer time), in 1 % buckets.  The
+lowest share wins; ties (typically "hides completely") go to the unit farthest, in compute time, from
+every unit already offloaded (so offloaded units spread between resident ones and each copy gets the
+longest stretch of compute to hide behind), then to the bigger unit (fewer fixed per-copy costs).
+Ranking uses the host link as the reference (the usual slowest link, where hiding matters most), so the
+order does not depend on which donors are chosen, which the expert-string round trip relies on.  The
+root remainder and the small leaf units before the first / after the last block come last: they stay
+resident unless the budget needs them.  Units of zero bytes never move.
+
+A budget of R bytes to offload then takes the SHORTEST PREFIX of that order holding >= R bytes: the
+offloaded amount is R or more by less than one unit, and a larger budget always offloads a superset.
+That nesting is what makes the printed expert string reproduce the placement exactly: the string gives
+each device a fraction of its total memory rounded UP (4 decimals, more only if 4 cannot reproduce it),
+which, read back, moves the compute device's budget by less than the next unit in the order.
+
+Large graphs: when more than POOL candidates remain, only the POOL farthest-spread ones are simulated per
+round, so ranking stays ~O(n^2 * POOL) cheap (Flux-dev's ~60 units: well under a second).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from decimal import Decimal, ROUND_CEILING
+
+from ..compiler.cost import simulate, simulate_core, unit_compute_s, unit_transfer_s, n_slots_for
+from ..compiler.graph import ModuleGraph, Unit
+from ..compiler.inventory import Inventory, InventoryError, normalize_device
+from ..compiler.plan import GiB, Plan, PlacedUnit
+from ..errors import AllocationError, PartitionError
+from .allocation import budgets as alloc_budgets, parse_allocation
+
+POOL = 24
+DEFAULT_SLOTS = 2
+MAX_SLOTS = 3
+
+
+# --- ranking --------------------------------------------------------------------------------------
+
+def _deferred(units: list[Unit]) -> set[int]:
+    """Indices that stay resident unless needed: the root remainder, and leaf units outside the blocks."""
+    blocks = [i for i, u in enumerate(units) if u.kind == "block"]
+    out = set()
+    for i, u in enumerate(units):
+        if u.kind == "root":
+            out.add(i)
+        elif blocks and u.kind != "block" and (i < blocks[0] or i > blocks[-1]):
+            out.add(i)
+    return out
+
+
+def priority_order(graph: ModuleGraph, inventory: Inventory, compute: str, src: str = "cpu") -> list[str]:
+    """Unit names, best to offload first (see module docstring).  Zero-byte units are not listed."""
+    units = graph.units
+    n = len(units)
+    ct = [unit_compute_s(u, compute, inventory) for u in units]
+    tt = [unit_transfer_s(u.bytes, src if src != compute else "cpu", compute, inventory) for u in units]
+    link = ["L"] * n
+    total_c = sum(ct)
+    cum = [0.0]
+    for c in ct:
+        cum.append(cum[-1] + c)
+    deferred = _deferred(units)
+    cands = [i for i in range(n) if units[i].bytes > 0 and i not in deferred]
+    chosen: list[int] = []  # sorted positions
+    order: list[int] = []
+    cur = total_c
+    link_total = 0.0
+
+    def between(a: int, b: int) -> float:  # compute strictly between positions a and b, cyclic
+        if a < b:
+            return cum[b] - cum[a + 1]
+        return (total_c - cum[a + 1]) + cum[b]
+
+    def gap(c: int) -> float:
+        if not chosen:
+            return total_c
+        j = bisect.bisect_left(chosen, c)
+        prev = chosen[j - 1] if j > 0 else chosen[-1]
+        nxt = chosen[j] if j < len(chosen) else chosen[0]
+        return min(between(prev, c), between(c, nxt))
+
+    remaining = list(cands)
+    while remaining:
+        if len(remaining) > POOL:
+            pool = sorted(remaining, key=lambda c: (-gap(c), -units[c].bytes, c))[:POOL]
+        else:
+            pool = remaining
+        best_key, best_c, best_step = None, None, None
+        for c in pool:
+            off = list(chosen)
+            bisect.insort(off, c)
+            step, _ = simulate_core(ct, tt, link, off, min(DEFAULT_SLOTS, len(off)))
+            step = max(step, total_c, link_total + tt[c])
+            # the share of this unit's copy that does not hide, in 1 % buckets
+            unhidden = round(100 * max(0.0, step - cur) / tt[c]) if tt[c] > 0 else 0
+            key = (unhidden, -gap(c), -units[c].bytes, c)
+            if best_key is None or key < best_key:
+                best_key, best_c, best_step = key, c, step
+        bisect.insort(chosen, best_c)
+        order.append(best_c)
+        remaining.remove(best_c)
+        cur = best_step
+        link_total += tt[best_c]
+    rest = sorted((i for i in deferred if units[i].bytes > 0), key=lambda i: (-units[i].bytes, i))
+    return [units[i].name for i in order + rest]
+
+
+# --- placement ------------------------------------------------------------------------------------
+
+def _prefix(order: list[str], graph: ModuleGraph, target: int) -> set[str]:
+    out, got = set(), 0
+    if target <= 0:
+        return out
+    for name in order:
+        out.add(name)
+        got += graph[name].bytes
+        if got >= target:
+            break
+    return out
+
+
+def _sort_donors(donors: list[str], inventory: Inventory, compute: str) -> list[str]:
+    return sorted(donors, key=lambda d: (d == "cpu", -inventory.bandwidth(d, compute), donors.index(d)))
+
+
+def _assign(graph: ModuleGraph, offloaded: set[str], donors: list[tuple[str, int]], what: str) -> dict[str, str]:
+    """Offloaded units (execution order) -> first donor (fastest first) with room.  donors: (dev, capacity)."""
+    room = {d: cap for d, cap in donors}
+    homes = {}
+    for u in graph.units:
+        if u.name not in offloaded:
+            continue
+        for d, _ in donors:
+            if room[d] >= u.bytes:
+                room[d] -= u.bytes
+                homes[u.name] = d
+                break
+        else:
+            need = sum(graph[n].bytes for n in offloaded)
+            have = sum(c for _, c in donors)
+            raise PartitionError(
+                f"the offloaded units ({_gb(need)}) do not fit the {what} "
+                f"({', '.join(f'{d} {_gb(c)}' for d, c in donors) or 'none'}; {_gb(have)} in all; unit "
+                f"{u.name!r} of {_gb(u.bytes)} has no room): add a donor, free memory, or offload less")
+    return homes
+
+
+def _gb(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def _default_window(graph, homes, compute, inventory, free_for_window: int) -> int:
+    sizes = [graph[n].bytes for n in homes]
+    if not sizes:
+        return 0
+    slot = max(sizes)
+    m = len(sizes)
+    best_w, best_step = None, None
+    for k in range(1, min(MAX_SLOTS, m) + 1):
+        w = k * slot
+        if w > free_for_window:
+            break
+        if k < min(DEFAULT_SLOTS, m):
+            best_w = w
+            continue
+        step = simulate(graph.units, homes, compute, inventory, w)["step_s"]
+        if best_step is None or step < best_step * 0.99:
+            best_w, best_step = w, step
+    if best_w is None:
+        raise PartitionError(
+            f"{compute} has {_gb(free_for_window)} left after the resident units, less than one slot for the "
+            f"largest offloaded unit ({_gb(slot)}): offload more (a larger --vram / smaller compute budget)")
+    return best_w
+
+
+def _place(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], target: int,
+           donors: list[tuple[str, int]], what: str) -> dict[str, str]:
+    offloaded = _prefix(order, graph, target)
+    return _assign(graph, offloaded, donors, what)
+
+
+def _expert_donors(entries, bud: dict[str, int], inventory: Inventory, compute: str):
+    devs = [e.device for e in entries if e.device != compute]
+    return [(d, bud[d]) for d in _sort_donors(devs, inventory, compute)]
+
+
+def _place_expert(graph, inventory, compute, order, expert: str):
+    entries = parse_allocation(expert, inventory.names())
+    if not entries:
+        raise AllocationError("empty expert string")
+    model = graph.total_bytes
+    totals = {d: inventory.devices[d].total_bytes for d in inventory.devices}
+    bud = alloc_budgets(entries, totals, model)
+    have = sum(bud.values())
+    if have < model:
+        raise PartitionError(
+            f"the allocation {expert!r} gives {_gb(have)} in all but the model needs {_gb(model)}: "
+            f"{_gb(model - have)} ({model - have} bytes) are missing; raise a budget or mark a device with '*'")
+    target = max(0, model - bud.get(compute, 0))
+    homes = _place(graph, inventory, compute, order, target, _expert_donors(entries, bud, inventory, compute),
+                   "budgets of the expert string")
+    return homes, bud
+
+
+def _fraction_string(graph, homes, inventory, compute, decimals: int) -> str:
+    per = {}
+    for u in graph.units:
+        d = homes.get(u.name, compute)
+        per[d] = per.get(d, 0) + u.bytes
+    devs = [compute] + _sort_donors([d for d in per if d != compute and per[d] > 0], inventory, compute)
+    q = Decimal(1).scaleb(-decimals)
+    parts = []
+    for d in devs:
+        tot = inventory.devices[d].total_bytes
+        f = (Decimal(per.get(d, 0)) / Decimal(tot)).quantize(q, rounding=ROUND_CEILING) if tot else Decimal(0)
+        if f > 1:
+            f = Decimal(1)
+        parts.append(f"{d},{f:.{decimals}f}")
+    return ";".join(parts)
+
+
+def expert_string_for(graph, homes, inventory, compute, order) -> tuple[str, bool]:
+    """The fraction-form string for a placement: 4 decimals, more when 4 do not reproduce it exactly.
+    Returns (string, exact)."""
+    s = ""
+    for dec in range(4, 13):
+        s = _fraction_string(graph, homes, inventory, compute, dec)
+        try:
+            again, _ = _place_expert(graph, inventory, compute, order, s)
+        except Exception:
+            continue
+        if again == homes:
+            return s, True
+    return _fraction_string(graph, homes, inventory, compute, 4), False
+
+
+def _vram_bytes(vram_gb) -> int:
+    try:
+        v = float(vram_gb)
+    except (TypeError, ValueError):
+        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a number: give GiB to offload, e.g. 4 or 12.5")
+    if math.isnan(v) or math.isinf(v):
+        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a finite number: give e.g. 4 or 12.5")
+    if v < 0:
+        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is negative: give 0 (all resident) or more GiB")
+    return int(math.ceil(v * GiB))
+
+
+def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb=None, donors=None,
+              expert: str | None = None, window_bytes: int | None = None) -> Plan:
+    """Place every unit of `graph` (see module docstring).  Pure function: raises before building anything
+    on bad input (DisTorchError subclasses naming the bad value)."""
+    try:
+        compute = normalize_device(compute)
+    except InventoryError as e:
+        raise PartitionError(str(e))
+    if compute not in inventory.devices:
+        raise PartitionError(f"compute device {compute!r} is not in the inventory (known: "
+                             f"{', '.join(inventory.devices) or 'none'}); pick one of those or declare it "
+                             f"(e.g. --devices {compute}=24GiB,cpu=64GiB)")
+    model = graph.total_bytes
+    use_expert = expert is not None and str(expert).strip() != ""
+    if use_expert:
+        # parse first so that its errors come before anything else
+        parse_allocation(expert, inventory.names())
+        donor_list = [e.device for e in parse_allocation(expert, inventory.names()) if e.device != compute]
+    else:
+        target = _vram_bytes(0 if vram_gb is None else vram_gb)
+        if donors is None or (isinstance(donors, str) and not donors.strip()):
+            donors = ["cpu"]
+        if isinstance(donors, str):
+            donors = [d for d in donors.split(",") if d.strip()]
+        donor_list = []
+        for d in donors:
+            try:
+                dn = normalize_device(d)
+            except InventoryError as e:
+                raise PartitionError(f"donor {d!r}: {e}")
+            if dn not in inventory.devices:
+                raise PartitionError(f"donor {d!r} is not in the inventory (known: {', '.join(inventory.devices)})")
+            if dn == compute:
+                raise PartitionError(f"donor {d!r} is the compute device; donors hold what does NOT fit it "
+                                     f"(e.g. --donor cpu or another GPU)")
+            if dn in donor_list:
+                raise PartitionError(f"donor {d!r} is listed twice")
+            if target > 0 and inventory.devices[dn].free_bytes <= 0:
+                raise PartitionError(f"donor {d!r} has no free memory; pick another donor")
+            donor_list.append(dn)
+    order = priority_order(graph, inventory, compute)
+    if use_expert:
+        homes, bud = _place_expert(graph, inventory, compute, order, expert)
+        source = {"mode": "expert", "expert": str(expert), "budgets": bud}
+    else:
+        if target >= model:
+            target = model
+        donors_caps = [(d, inventory.devices[d].free_bytes) for d in _sort_donors(donor_list, inventory, compute)]
+        homes = _place(graph, inventory, compute, order, target, donors_caps, "donors' free memory")
+        source = {"mode": "vram", "vram_gb": float(vram_gb or 0), "donors": donor_list}
+    source["inventory"] = inventory.source
+
+    resident = model - sum(graph[n].bytes for n in homes)
+    cdev = inventory.devices[compute]
+    if resident > cdev.free_bytes:
+        raise PartitionError(
+            f"{_gb(resident)} of the model would stay on {compute}, which has {_gb(cdev.free_bytes)} free: "
+            f"offload at least {_gb(resident - cdev.free_bytes)} more (plus room for the streaming window)")
+    offl_sizes = [graph[n].bytes for n in homes]
+    if window_bytes is None:
+        window = _default_window(graph, homes, compute, inventory, cdev.free_bytes - resident)
+    else:
+        window = int(window_bytes)
+        if homes and window < max(offl_sizes):
+            raise PartitionError(f"window_bytes {window_bytes} cannot hold the largest offloaded unit "
+                                 f"({max(offl_sizes)} bytes); give at least that")
+        if resident + window > cdev.free_bytes:
+            raise PartitionError(f"window_bytes {window_bytes} plus {_gb(resident)} resident exceeds the "
+                                 f"{_gb(cdev.free_bytes)} free on {compute}")
+    # donors within their free memory (expert budgets may exceed it)
+    per = {}
+    for n, d in homes.items():
+        per[d] = per.get(d, 0) + graph[n].bytes
+    for d, b in per.items():
+        if b > inventory.devices[d].free_bytes:
+            raise PartitionError(f"{_gb(b)} of the model would live on {d}, which has "
+                                 f"{_gb(inventory.devices[d].free_bytes)} free: lower its share")
+
+    expert_str, exact = expert_string_for(graph, homes, inventory, compute, order)
+    source["expert_string_exact"] = exact
+    pred = simulate(graph.units, homes, compute, inventory, window)
+    pred["peak_bytes"] = resident + window
+    pred["resident_bytes"] = resident
+    pred["basis"] = ("measured" if all(u.time_s is not None for u in graph.units) else
+                     "flops" if all(u.flops > 0 or u.time_s is not None for u in graph.units) else
+                     "bytes-fallback")
+
+    placed = [PlacedUnit(u.name, u.type, u.bytes, homes.get(u.name, compute), i, u.kind)
+              for i, u in enumerate(graph.units)]
+    devs = {}
+    listed = [compute] + [d for d in donor_list if d != compute]
+    for p in placed:
+        if p.device not in listed:
+            listed.append(p.device)
+    for d in listed:
+        names = [p.name for p in placed if p.device == d]
+        b = sum(graph[nm].bytes for nm in names)
+        dv = inventory.devices[d]
+        devs[d] = {"bytes": b, "units": len(names), "total": dv.total_bytes, "free": dv.free_bytes,
+                   "fraction_of_model": (b / model if model else 0.0),
+                   "types": graph.type_counts(names)}
+    return Plan(compute=compute, units=placed, devices=devs, expert_string=expert_str, window_bytes=window,
+                predicted=pred, source=source)
