@@ -117,7 +117,7 @@ class _Reader:
         return b
 
     def unpack(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self.read(struct.calcsize(fmt), what))
+        return struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt), what))
 
     def string(self, what: str) -> str:
         (n,) = self.unpack("Q", what)
@@ -133,7 +133,7 @@ class _Reader:
         if vtype == _GGUF_ARRAY:
             etype, count = self.unpack("IQ", what)
             if etype in _GGUF_SCALAR:  # skip fixed-size arrays in one read
-                sz = struct.calcsize(_GGUF_SCALAR[etype]) * count
+                sz = struct.calcsize("<" + _GGUF_SCALAR[etype]) * count
                 if sz > self.size:
                     raise FileFormatError(f"{self.path}: corrupt GGUF header: array {what} of {count} items")
                 self.read(sz, what)
