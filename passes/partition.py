@@ -143,25 +143,38 @@ def _sort_donors(donors: list[str], inventory: Inventory, compute: str) -> list[
     return sorted(donors, key=lambda d: (d == "cpu", -inventory.bandwidth(d, compute), donors.index(d)))
 
 
-def _assign(graph: ModuleGraph, offloaded: set[str], donors: list[tuple[str, int]], what: str) -> dict[str, str]:
-    """Offloaded units (execution order) -> first donor (fastest first) with room.  donors: (dev, capacity)."""
+def _assign(graph: ModuleGraph, offloaded: set[str], donors: list[tuple[str, int]], what: str,
+            soft: dict[str, int] | None = None) -> dict[str, str]:
+    """Offloaded units (execution order) -> the first donor (fastest first) with room for it.
+    donors: (dev, capacity).  With `soft` (dev -> free memory; expert budgets are targets), a unit that
+    fits no donor's budget goes to the donor with the most budget left that still has free memory, so
+    a budget may be passed by less than one unit (shares of discrete units cannot be exact)."""
     room = {d: cap for d, cap in donors}
+    free = dict(soft) if soft else None
     homes = {}
     for u in graph.units:
         if u.name not in offloaded:
             continue
+        pick = None
         for d, _ in donors:
-            if room[d] >= u.bytes:
-                room[d] -= u.bytes
-                homes[u.name] = d
+            if room[d] >= u.bytes and (free is None or free[d] >= u.bytes):
+                pick = d
                 break
-        else:
+        if pick is None and free is not None:
+            fits = [d for d, _ in donors if free[d] >= u.bytes]
+            if fits:
+                pick = max(fits, key=lambda d: (room[d], -[x for x, _ in donors].index(d)))
+        if pick is None:
             need = sum(graph[n].bytes for n in offloaded)
             have = sum(c for _, c in donors)
             raise PartitionError(
                 f"the offloaded units ({_gb(need)}) do not fit the {what} "
                 f"({', '.join(f'{d} {_gb(c)}' for d, c in donors) or 'none'}; {_gb(have)} in all; unit "
                 f"{u.name!r} of {_gb(u.bytes)} has no room): add a donor, free memory, or offload less")
+        room[pick] -= u.bytes
+        if free is not None:
+            free[pick] -= u.bytes
+        homes[u.name] = pick
     return homes
 
 
@@ -194,9 +207,10 @@ def _default_window(graph, homes, compute, inventory, free_for_window: int) -> i
 
 
 def _place(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], target: int,
-           donors: list[tuple[str, int]], what: str) -> dict[str, str]:
+           donors: list[tuple[str, int]], what: str, soft: bool = False) -> dict[str, str]:
     offloaded = _prefix(order, graph, target)
-    return _assign(graph, offloaded, donors, what)
+    free = {d: inventory.devices[d].free_bytes for d, _ in donors} if soft else None
+    return _assign(graph, offloaded, donors, what, free)
 
 
 def _expert_donors(entries, bud: dict[str, int], inventory: Inventory, compute: str):
@@ -218,7 +232,7 @@ def _place_expert(graph, inventory, compute, order, expert: str):
             f"{_gb(model - have)} ({model - have} bytes) are missing; raise a budget or mark a device with '*'")
     target = max(0, model - bud.get(compute, 0))
     homes = _place(graph, inventory, compute, order, target, _expert_donors(entries, bud, inventory, compute),
-                   "budgets of the expert string")
+                   "budgets of the expert string", soft=True)
     return homes, bud
 
 
@@ -298,9 +312,11 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
                 raise PartitionError(f"donor {d!r}: {e}")
             if dn not in inventory.devices:
                 raise PartitionError(f"donor {d!r} is not in the inventory (known: {', '.join(inventory.devices)})")
-            if dn == compute:
+            if dn == compute and target > 0:
                 raise PartitionError(f"donor {d!r} is the compute device; donors hold what does NOT fit it "
                                      f"(e.g. --donor cpu or another GPU)")
+            if dn == compute:
+                continue
             if dn in donor_list:
                 raise PartitionError(f"donor {d!r} is listed twice")
             if target > 0 and inventory.devices[dn].free_bytes <= 0:
