@@ -1,0 +1,477 @@
+"""Weight-streaming benchmark on one GPU: a Flux-dev-sized DiT (diffusers FluxTransformer2DModel default
+config, random bf16 weights) at 512x512 and 1024x1024, offload fractions 0/25/50/75/100 %.
+
+Methods, all in ONE process and run (compare only numbers from the same run):
+  resident        all weights on the GPU
+  distorch        this project (runtime.apply: pinned homes, slot ring, copy stream, events)
+  sync_pinned     copy-before-each-block baseline: each offloaded block's parameters are copied from
+                  pinned host tensors with blocking per-tensor copies right before it runs, dropped after
+  diffusers_group diffusers enable_group_offload(block_level, num_blocks_per_group=1, use_stream=True);
+                  100 % only (its API offloads the whole model, no partial placement)
+  floor           max(resident step, offloaded bytes / pinned host->GPU bandwidth measured in this run)
+
+Step time: steps run back to back (no synchronize between them, as in a denoising loop), CUDA events
+between steps, median of --reps after --warmup. Every output is checked bit-identical to resident.
+
+    PYTHONUNBUFFERED=1 python bench/bench_stream.py --out OUT [--smoke] [--res 512,1024] [--fracs 0,25,50,75,100]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+GiB = 1 << 30
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def import_flux():
+    import diffusers.utils.import_utils as iu
+    try:
+        import transformers  # noqa: F401
+    except Exception:       # an incompatible transformers must not break diffusers' model import
+        iu._transformers_available = False
+    from diffusers import FluxTransformer2DModel
+    return FluxTransformer2DModel
+
+
+def build_model(cfg: dict, dev: str):
+    Flux = import_flux()
+    with torch.device("meta"):
+        m = Flux(**cfg)
+    m = m.to(torch.bfloat16)
+    m.to_empty(device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        for b in m.buffers():
+            b.zero_()
+    m.eval()
+    return m
+
+
+def make_inputs(cfg: dict, res: int, txt: int, dev: str):
+    g = torch.Generator(device=dev).manual_seed(1)
+    side = res // 16
+    tok = side * side
+    bf = torch.bfloat16
+    img_ids = torch.zeros(side, side, 3, device=dev)
+    img_ids[..., 1] = torch.arange(side, device=dev)[:, None]
+    img_ids[..., 2] = torch.arange(side, device=dev)[None, :]
+    kw = dict(
+        hidden_states=torch.randn(1, tok, cfg.get("in_channels", 64), generator=g, device=dev).to(bf),
+        encoder_hidden_states=torch.randn(1, txt, cfg.get("joint_attention_dim", 4096), generator=g, device=dev).to(bf),
+        pooled_projections=torch.randn(1, cfg.get("pooled_projection_dim", 768), generator=g, device=dev).to(bf),
+        timestep=torch.tensor([0.5], device=dev, dtype=bf),
+        img_ids=img_ids.reshape(tok, 3),
+        txt_ids=torch.zeros(txt, 3, device=dev),
+        return_dict=False,
+    )
+    if cfg.get("guidance_embeds"):
+        kw["guidance"] = torch.tensor([3.5], device=dev, dtype=bf)
+    return kw
+
+
+def run_steps(model, kw, warmup: int, reps: int):
+    """Back-to-back steps; per-step GPU time from events between steps. Returns (median_s, times, out)."""
+    evs = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + reps + 1)]
+    out = None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        evs[0].record()
+        for i in range(warmup + reps):
+            out = model(**kw)[0]
+            evs[i + 1].record()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ts = [evs[i].elapsed_time(evs[i + 1]) / 1e3 for i in range(warmup, warmup + reps)]
+    return statistics.median(ts), ts, out, wall
+
+
+def pinned_bw(dev: str, nbytes: int = GiB, reps: int = 5) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    ts = []
+    for _ in range(reps + 1):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        dst.copy_(src, non_blocking=True)
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    del src, dst
+    return nbytes / statistics.median(ts[1:])
+
+
+def block_units(model):
+    """[(name, type, bytes)] in execution order for a Flux model: double blocks, then single blocks."""
+    out = []
+    for lname in ("transformer_blocks", "single_transformer_blocks"):
+        for i, b in enumerate(getattr(model, lname)):
+            nb = sum(p.numel() * p.element_size() for p in b.parameters())
+            out.append((f"{lname}.{i}", type(b).__name__, nb))
+    return out
+
+
+def pick_offloaded(units, frac: float):
+    """Spread the offloaded blocks evenly over the order until >= frac of block bytes is offloaded."""
+    if frac <= 0:
+        return set()
+    if frac >= 1:
+        return {u[0] for u in units}
+    total = sum(u[2] for u in units)
+    target = frac * total
+    chosen, acc = set(), 0
+    n = len(units)
+    k = max(1, round(frac * n))
+    # evenly spaced indices, then top up / trim to the byte target
+    idx = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)})
+    for i in idx:
+        chosen.add(units[i][0])
+        acc += units[i][2]
+    for i in range(n):
+        if acc >= target * 0.98:
+            break
+        if units[i][0] not in chosen:
+            chosen.add(units[i][0])
+            acc += units[i][2]
+    return chosen
+
+
+def graph_of(model, units, root_bytes: int):
+    from distorch.compiler.graph import ModuleGraph, Unit, ROOT
+    us = [Unit(ROOT, type(model).__name__, param_bytes=root_bytes, kind="root")]
+    us += [Unit(n, t, param_bytes=b, kind="block") for n, t, b in units]
+    return ModuleGraph(us, source="bench")
+
+
+def hand_plan(graph, offloaded: set, window_slots: int, compute: str):
+    from distorch.compiler.plan import Plan, PlacedUnit
+    pu = [PlacedUnit(u.name, u.type, u.bytes, "cpu" if u.name in offloaded else compute, i, u.kind)
+          for i, u in enumerate(graph.units)]
+    big = max((u.bytes for u in graph.units if u.name in offloaded), default=0)
+    return Plan(compute=compute, units=pu, window_bytes=window_slots * big,
+                source={"bench": "hand", "offloaded_units": len(offloaded)})
+
+
+def predict(graph, plan, bw: float, compute: str):
+    """Cost model prediction (compiler.cost.simulate) with the measured link and per-unit times."""
+    try:
+        from distorch.compiler.cost import simulate
+        from distorch.compiler.inventory import declare
+    except Exception as e:
+        return {"error": f"cost model unavailable: {e}"}
+    try:
+        inv = declare(f"{compute}=80GiB,cpu=128GiB;cpu>{compute}={bw / 1e9:.3f}GB/s")
+        homes = {u.name: u.device for u in plan.units}
+        return simulate(graph.units, homes, compute, inv, plan.window_bytes)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+class SyncBaseline:
+    """Copy-before-each-block with blocking per-tensor copies from pinned host tensors."""
+
+    def __init__(self, model, offloaded: set, dev: str):
+        self.hooks = []
+        self.dev = torch.device(dev)
+        self.held = {}
+        for name in offloaded:
+            m = model.get_submodule(name)
+            ps = list(m.parameters())
+            host = [p.data.to("cpu").pin_memory() for p in ps]
+            for p, h in zip(ps, host):
+                p.data = h
+            self.held[name] = (ps, host)
+            self.hooks.append(m.register_forward_pre_hook(self._pre(ps, host)))
+            self.hooks.append(m.register_forward_hook(self._post(ps, host)))
+
+    def _pre(self, ps, host):
+        dev = self.dev
+
+        def pre(mod, args):
+            for p, h in zip(ps, host):
+                p.data = h.to(dev, non_blocking=False)
+        return pre
+
+    def _post(self, ps, host):
+        def post(mod, args, out):
+            for p, h in zip(ps, host):
+                p.data = h
+        return post
+
+    def undo(self):
+        for h in self.hooks:
+            h.remove()
+        for ps, host in self.held.values():
+            for p, h in zip(ps, host):
+                p.data = h.to(self.dev)
+        self.held = {}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--smoke", action="store_true", help="reduced model (2+4 blocks), 512 only, quick")
+    ap.add_argument("--res", default="512,1024")
+    ap.add_argument("--fracs", default="0,25,50,75,100")
+    ap.add_argument("--txt", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--slots", default="3", help="ring slots for distorch (comma list: each is measured)")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--no-sync", action="store_true")
+    ap.add_argument("--sync-fracs", default=None, help="fractions for the sync baseline (default: all)")
+    ap.add_argument("--replan", action="store_true", help="also run passes.partition plans (before/after feedback)")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    dev = "cuda:0"
+    from distorch.runtime.apply import apply
+    from distorch.runtime import stats as rstats
+
+    cfg = dict(guidance_embeds=True)
+    if a.smoke:
+        cfg.update(num_layers=2, num_single_layers=4)
+    ress = [int(r) for r in a.res.split(",")] if not a.smoke else [512]
+    fracs = [int(f) for f in a.fracs.split(",")]
+    sync_fracs = [int(f) for f in a.sync_fracs.split(",")] if a.sync_fracs else fracs
+    slots_list = [int(s) for s in a.slots.split(",")]
+    card = torch.cuda.get_device_name(0)
+    log(f"card {card}, torch {torch.__version__}, cfg {cfg}")
+    t0 = time.perf_counter()
+    model = build_model(cfg, dev)
+    torch.cuda.synchronize()
+    units = block_units(model)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_total = sum(u[2] for u in units)
+    graph = graph_of(model, units, total - block_total)
+    log(f"model built in {time.perf_counter() - t0:.1f} s: {total / 1e9:.2f} GB bf16, {len(units)} blocks")
+    bw = pinned_bw(dev)
+    log(f"pinned host->GPU bandwidth: {bw / 1e9:.1f} GB/s")
+    results = {"card": card, "torch": torch.__version__, "cfg": cfg, "model_bytes": total,
+               "pinned_h2d_Bps": bw, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": " ".join(sys.argv), "rows": [], "notes": []}
+    rows = results["rows"]
+
+    def save():
+        with open(os.path.join(a.out, f"stream{a.tag}.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    ref = {}
+    resident_s = {}
+    for res in ress:
+        kw = make_inputs(cfg, res, a.txt, dev)
+        # ---- resident
+        torch.cuda.reset_peak_memory_stats()
+        med, ts, out, wall = run_steps(model, kw, a.warmup, a.reps)
+        ref[res] = out.clone()
+        resident_s[res] = med
+        rows.append(dict(res=res, method="resident", frac=0, step_s=med, floor_s=med, equal=True,
+                         peak_gib=torch.cuda.max_memory_allocated() / GiB, host_s=wall / (a.warmup + a.reps)))
+        log(f"[{res}] resident {med * 1e3:.1f} ms (host wall/step {wall / (a.warmup + a.reps) * 1e3:.1f} ms)")
+        # ---- per-unit compute times (profile run, all resident) -> Unit.time_s
+        from distorch.compiler.plan import Plan, PlacedUnit
+        allres = hand_plan(graph, set(), 1, dev)
+        rt = apply(model, allres, profile=True, progress=False)
+        run_steps(model, kw, 1, 2)
+        ut = rstats.unit_times(rt, steps=1)
+        rt.undo()
+        for u in graph.units:
+            if u.name in ut:
+                u.time_s = ut[u.name]
+        blk = sum(ut.values())
+        graph["<root>"].time_s = max(med - blk, 0.0)
+        log(f"[{res}] per-unit times fed back: blocks {blk * 1e3:.1f} ms, rest {graph['<root>'].time_s * 1e3:.1f} ms")
+        save()
+        # ---- distorch at each fraction
+        for frac in fracs:
+            off = pick_offloaded(units, frac / 100)
+            off_bytes = sum(u[2] for u in units if u[0] in off)
+            floor = max(med, off_bytes / bw)
+            for W in slots_list:
+                plan = hand_plan(graph, off, W, dev)
+                pred = predict(graph, plan, bw, dev)
+                plan.predicted = {k: v for k, v in pred.items() if isinstance(v, (int, float))}
+                ta = time.perf_counter()
+                rt = apply(model, plan, progress=False)
+                torch.cuda.synchronize()
+                t_apply = time.perf_counter() - ta
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    m2, ts2, out2, wall2 = run_steps(model, kw, a.warmup, a.reps)
+                    eq = bool(torch.equal(out2, ref[res]))
+                    st = rstats.summarize(rt)
+                    peak = torch.cuda.max_memory_allocated() / GiB
+                finally:
+                    tu = time.perf_counter()
+                    rt.undo()
+                    torch.cuda.synchronize()
+                    t_undo = time.perf_counter() - tu
+                row = dict(res=res, method="distorch" if len(slots_list) == 1 else f"distorch_W{W}", frac=frac,
+                           slots=W, step_s=m2, floor_s=floor, x_floor=m2 / floor, equal=eq, offloaded_bytes=off_bytes,
+                           peak_gib=peak, resident_gib=st["resident_bytes"] / GiB,
+                           window_gib=st["window_bytes"] / GiB, predicted_s=pred.get("step_s"),
+                           pred_err=(pred["step_s"] / m2 - 1) if pred.get("step_s") else None,
+                           deviations=st["deviations"], fallback_loads=st["fallback_loads"],
+                           host_s=wall2 / (a.warmup + a.reps), apply_s=t_apply, undo_s=t_undo)
+                rows.append(row)
+                log(f"[{res}] distorch {frac:3d}% W={W}: {m2 * 1e3:.1f} ms floor {floor * 1e3:.1f} "
+                    f"(x{m2 / floor:.3f}) pred {row['predicted_s'] and row['predicted_s'] * 1e3 or float('nan'):.1f} "
+                    f"eq={eq} peak {peak:.1f} GiB (resident {row['resident_gib']:.1f} + window {row['window_gib']:.2f}) "
+                    f"dev={st['deviations']} apply {t_apply:.1f}s undo {t_undo:.1f}s")
+                save()
+        # ---- timeline + placement plots at 50 % and 100 %
+        try:
+            from distorch.runtime import plots
+            for frac in (50, 100):
+                if frac not in fracs:
+                    continue
+                plan = hand_plan(graph, pick_offloaded(units, frac / 100), slots_list[0], dev)
+                rt = apply(model, plan, profile=True, progress=False)
+                run_steps(model, kw, 1, 2)
+                tl = rstats.timeline(rt, steps=1)
+                rt.undo()
+                if res == ress[-1]:
+                    plots.timeline_png(tl, os.path.join(a.out, f"stream_timeline_{res}_{frac}.png"),
+                                       f"Flux-dev-sized DiT {res}x{res}, {frac}% streamed, {card}")
+                    if frac == 50:
+                        plots.placement_png(plan, os.path.join(a.out, "stream_placement_50.png"),
+                                            "placement per unit, 50 % streamed")
+        except Exception as e:
+            results["notes"].append(f"plots failed: {type(e).__name__}: {e}")
+            log("plots failed:", e)
+        # ---- optional: partition plans (re-planned with measured unit times)
+        if a.replan:
+            try:
+                from distorch.passes.partition import partition
+                from distorch.compiler.inventory import declare
+                inv = declare(f"{dev}=80GiB,cpu=128GiB;cpu>{dev}={bw / 1e9:.3f}GB/s")
+                for frac in (50,):
+                    plan = partition(graph, inv, dev, vram_gb=frac / 100 * total / GiB, donors=["cpu"])
+                    rt = apply(model, plan, progress=False)
+                    m3, _, out3, _ = run_steps(model, kw, a.warmup, a.reps)
+                    st = rstats.summarize(rt)
+                    rt.undo()
+                    off_b = plan.offloaded_bytes()
+                    rows.append(dict(res=res, method="distorch_partition", frac=frac, step_s=m3,
+                                     floor_s=max(med, off_b / bw), x_floor=m3 / max(med, off_b / bw),
+                                     equal=bool(torch.equal(out3, ref[res])), offloaded_bytes=off_b,
+                                     predicted_s=(plan.predicted or {}).get("step_s"), slots=st["window_slots"]))
+                    log(f"[{res}] partition plan {frac}%: {m3 * 1e3:.1f} ms, offloaded {off_b / 1e9:.1f} GB, "
+                        f"predicted {(plan.predicted or {}).get('step_s')}")
+            except Exception as e:
+                results["notes"].append(f"replan failed: {type(e).__name__}: {e}")
+                log("replan failed:", e)
+        # ---- synchronous baseline
+        if not a.no_sync:
+            for frac in sync_fracs:
+                if frac == 0:
+                    continue
+                off = pick_offloaded(units, frac / 100)
+                off_bytes = sum(u[2] for u in units if u[0] in off)
+                sb = SyncBaseline(model, off, dev)
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    m4, _, out4, wall4 = run_steps(model, kw, 1, max(3, a.reps))
+                    eq = bool(torch.equal(out4, ref[res]))
+                    peak = torch.cuda.max_memory_allocated() / GiB
+                finally:
+                    sb.undo()
+                    del sb
+                    gc.collect()
+                    try:
+                        torch._C._host_emptyCache()   # give cached pinned blocks back to the OS
+                    except Exception:
+                        pass
+                floor = max(med, off_bytes / bw)
+                rows.append(dict(res=res, method="sync_pinned", frac=frac, step_s=m4, floor_s=floor,
+                                 x_floor=m4 / floor, equal=eq, offloaded_bytes=off_bytes, peak_gib=peak))
+                log(f"[{res}] sync_pinned {frac}%: {m4 * 1e3:.1f} ms eq={eq}")
+                save()
+        del kw
+    # ---- diffusers group offloading (whole model; last, it moves the model off the GPU)
+    if not a.no_diffusers:
+        try:
+            ta = time.perf_counter()
+            model.enable_group_offload(onload_device=torch.device(dev), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+            torch.cuda.synchronize()
+            log(f"diffusers group offload enabled in {time.perf_counter() - ta:.1f} s")
+            for res in ress:
+                kw = make_inputs(cfg, res, a.txt, dev)
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+                m5, _, out5, wall5 = run_steps(model, kw, a.warmup, a.reps)
+                floor = max(resident_s[res], total / bw)
+                rows.append(dict(res=res, method="diffusers_group", frac=100, step_s=m5, floor_s=floor,
+                                 x_floor=m5 / floor, equal=bool(torch.equal(out5, ref[res])),
+                                 offloaded_bytes=total, peak_gib=torch.cuda.max_memory_allocated() / GiB))
+                log(f"[{res}] diffusers group offload 100%: {m5 * 1e3:.1f} ms eq={rows[-1]['equal']}")
+                save()
+        except Exception as e:
+            results["notes"].append(f"diffusers group offload failed: {type(e).__name__}: {e}")
+            log("diffusers group offload failed:", repr(e))
+    # ---- table
+    md = table(results)
+    print(md)
+    with open(os.path.join(a.out, f"stream{a.tag}.md"), "w") as f:
+        f.write(md)
+    save()
+    try:
+        from distorch.runtime import plots
+        plots.bench_png(rows, os.path.join(a.out, f"stream_steps{a.tag}.png"))
+    except Exception as e:
+        log("bench plot failed:", e)
+    return 0
+
+
+def table(results: dict) -> str:
+    rows = results["rows"]
+    out = [f"card: {results['card']}, torch {results['torch']}, {results['date']}; model {results['model_bytes'] / 1e9:.2f} GB bf16; "
+           f"pinned H2D {results['pinned_h2d_Bps'] / 1e9:.1f} GB/s", "",
+           "| res | offloaded | resident s | floor s | distorch s | x floor | predicted s | pred err | sync_pinned s | diffusers s | distorch vs diffusers | peak GiB | bit-identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in sorted({r["res"] for r in rows}):
+        rr = [r for r in rows if r["res"] == res]
+        resid = next((r["step_s"] for r in rr if r["method"] == "resident"), None)
+        for frac in sorted({r["frac"] for r in rr if r["method"].startswith("distorch") and r["method"] != "distorch_partition"}):
+            ds = [r for r in rr if r["method"].startswith("distorch") and r["method"] != "distorch_partition" and r["frac"] == frac]
+            d = min(ds, key=lambda r: r["step_s"])
+            s = next((r for r in rr if r["method"] == "sync_pinned" and r["frac"] == frac), None)
+            g = next((r for r in rr if r["method"] == "diffusers_group" and r["frac"] == frac), None)
+            eq = all(r.get("equal") for r in ds + ([s] if s else []) + ([g] if g else []))
+
+            def f(x, k=3):
+                return "-" if x is None else f"{x:.{k}f}"
+            perr = "-" if d.get("pred_err") is None else "%+.1f%%" % (100 * d["pred_err"])
+            vs = "-" if not g else "%.2fx" % (g["step_s"] / d["step_s"])
+            out.append(f"| {res} | {frac}% | {f(resid)} | {f(d['floor_s'])} | {f(d['step_s'])} (W={d.get('slots')}) | "
+                       f"{f(d['x_floor'], 3)} | {f(d.get('predicted_s'))} | {perr} | "
+                       f"{f(s and s['step_s'])} | {f(g and g['step_s'])} | {vs} | {f(d.get('peak_gib'), 1)} | {eq} |")
+    extra = [r for r in rows if r["method"] == "distorch_partition"]
+    if extra:
+        out += ["", "partition() plans with measured per-unit times fed back:"]
+        for r in extra:
+            out.append(f"- {r['res']} {r['frac']}%: {r['step_s']:.3f} s (x floor {r['x_floor']:.3f}), predicted "
+                       f"{r.get('predicted_s')}, offloaded {r['offloaded_bytes'] / 1e9:.2f} GB, equal {r['equal']}")
+    if results["notes"]:
+        out += ["", "notes:"] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

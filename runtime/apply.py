@@ -1,0 +1,490 @@
+"""Execute a Plan: rewrite a module in place so offloaded units stream through a slot ring.
+
+    rt = apply(module, plan, graph=None, *, window_units=None, profile=False)
+    ... module(*args) as usual ...
+    rt.undo()
+
+What it does
+------------
+* Every tensor is classified once. A parameter reached only from inside ONE offloaded unit is
+  *streamed*: it moves into the unit's home (one flat pinned host buffer per unit, or a donor GPU
+  buffer) and its original storage is released. Everything else stays resident on the compute
+  device: units placed there, ROOT (weights a parent uses directly), parameters shared between
+  units or between a unit and its parent (tied weights), and all buffers (a forward may write to
+  a buffer; a streamed copy would lose the write).
+* The compute device holds W slots (flat buffers as large as the largest streamed unit). The
+  streamed units form a periodic sequence `seq` (their call order in one forward, learned from
+  the calls themselves); item g of the infinite sequence seq[g % n] runs from slot g % W.
+  Before item g runs, the compute stream waits for the event `copied[slot]`; after it runs, the
+  event `done[slot]` is recorded and the copy of item g+W is issued into the same slot on its
+  link's copy stream (which first waits `done[slot]`). Items past the end of the step are the
+  next step's first units, so the ring wraps across the step boundary. No synchronize on the
+  hot path; per unit the host does one event wait, one `param.data = view` per tensor (views
+  precomputed for every (unit, slot) pair), one event record, one copy.
+* Deviations (a unit skipped, called twice, called out of order, called outside the model's
+  forward) never deadlock: the first unexpected call switches the rest of that forward to
+  *fallback* loads (copy into the next slot, wait, run -- still ordered by events, just not
+  prefetched), the order actually seen is adopted as the new `seq`, and the ring is primed again
+  at the next forward.
+* Without CUDA the streams/events are host objects (runtime.stream), so the very same code runs
+  synchronously: homes, slots, ring, fallback, statistics, timeline.
+
+Why hooks: forward pre/post hooks are removable handles that leave the module's class and
+`forward` untouched (other tools, e.g. ComfyUI, patch `forward` or wrap modules themselves), and
+they fire for whatever calls the unit. Only offloaded units and the root get hooks (a module with
+no hooks keeps torch's fast call path), and each hook is a few attribute reads and calls.
+
+Limits: inference only (a backward through streamed weights raises torch's in-place
+modification error instead of using overwritten slots); nested units are refused; parameters
+read between calls (state_dict during streaming) see whichever slot they were last bound to --
+call `undo()` first, or read the homes.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+import torch
+
+from ..compiler.graph import ROOT
+from ..compiler.plan import Plan
+from ..errors import DisTorchError
+from .store import Home, HostArena, Layout, SlotPool, Progress, align_up, is_host, parse_device
+from .stream import Backend
+
+MAX_SLOTS = 8
+
+
+class Runtime:
+    def __init__(self, module: torch.nn.Module, plan: Plan, graph=None, *, window_units: int | None = None,
+                 profile: bool = False, homes: dict | None = None, progress: bool = True):
+        if not isinstance(module, torch.nn.Module):
+            raise DisTorchError(f"apply() needs a torch.nn.Module, got {type(module).__name__}")
+        if getattr(module, "_distorch_runtime", None) is not None:
+            raise DisTorchError("this module is already compiled by DisTorch; call handle.undo() first")
+        self.plan = plan
+        self.graph = graph
+        self.be = be = Backend(plan.compute)
+        self.device = be.device
+        self.profile = bool(profile)
+        self._module_ref = weakref.ref(module)
+
+        c = classify(module, plan)
+        unit_mods, home_of, offloaded, streamed = c.unit_mods, c.home_of, c.offloaded, c.streamed
+        resident, buffers = c.resident, c.buffers
+        self.shared_resident = c.shared
+        self.root_note = c.root_note
+
+        # ---- homes (one flat buffer per streamed unit)
+        self.units = [n for n in offloaded if streamed[n]]
+        self.homes: dict[str, Home] = {}
+        pin_host = be.cuda
+        total = sum(sum(p.numel() * p.element_size() for _, p in streamed[n]) for n in self.units)
+        prog = Progress(total if progress else 0, "distorch: weights -> homes")
+        homes = homes or {}
+        todo = {}
+        for n in self.units:
+            h = homes.get(n)
+            tensors = streamed[n]
+            if h is not None and len(h.layout.entries) == len(tensors) and all(
+                    p.data_ptr() == v.data_ptr() for (_, p), v in zip(tensors, h.views())):
+                self.homes[n] = h          # loaded straight into its home (runtime.loading)
+            else:
+                todo[n] = Layout.of(tensors)
+        # one exact-size host arena per host home (pinned with one registration when CUDA copies from it)
+        self.arenas: dict[str, HostArena] = {}
+        for hd in sorted({home_of[n] for n in todo if is_host(home_of[n])}):
+            need = sum(align_up(max(todo[n].nbytes, 1)) for n in todo if home_of[n] == hd)
+            self.arenas[hd] = HostArena(need, pin=pin_host)
+        for n in self.units:
+            if n in self.homes:
+                prog.update(self.homes[n].nbytes)
+                continue
+            tensors = streamed[n]
+            lay = todo[n]
+            h = Home.allocate(n, home_of[n], lay, pin=False, arena=self.arenas.get(home_of[n]))
+            with torch.no_grad():
+                for (q, p), v in zip(tensors, h.views()):
+                    if p.is_meta:
+                        raise DisTorchError(f"parameter {q!r} is on the meta device (no data); load weights "
+                                            "with distorch.runtime.loading.load_into(module, path, plan) first")
+                    v.copy_(p.data)
+                    p.data = v             # the original storage is released here
+            self.homes[n] = h
+            prog.update(h.nbytes)
+        prog.close()
+        dev = self.device
+        with torch.no_grad():
+            for p in resident:
+                if p.is_meta:
+                    raise DisTorchError("a resident parameter is on the meta device; load weights first")
+                if p.device != dev:
+                    p.data = p.data.to(dev)
+            for b in buffers.values():
+                if b.device != dev and not b.is_meta:
+                    b.data = b.data.to(dev)
+        self.resident_bytes = sum(p.numel() * p.element_size() for p in resident) + \
+            sum(b.numel() * b.element_size() for b in buffers.values())
+
+        # ---- slot pool and precomputed views
+        n_units = len(self.units)
+        self.slot_bytes = max((self.homes[n].nbytes for n in self.units), default=0)
+        if window_units is None:
+            if plan.window_bytes and self.slot_bytes:
+                window_units = int(plan.window_bytes // self.slot_bytes)
+            else:
+                window_units = 2
+        if window_units is not None and int(window_units) < 1 and n_units:
+            raise DisTorchError(f"window_units={window_units!r}: need at least 1 slot to stream {n_units} unit(s)")
+        self.W = W = max(1, min(int(window_units), MAX_SLOTS, max(n_units, 1))) if n_units else 0
+        self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
+        self.P = [[p for _, p in streamed[n]] for n in self.units]                 # params per unit
+        self.V = [self.pool.views(self.homes[n].layout) for n in self.units] if n_units else []
+        self.src = [self.homes[n].src for n in self.units]
+        self.dst = [[f[:self.homes[n].nbytes] for f in self.pool.flats] for n in self.units] if n_units else []
+        self.nbytes = [self.homes[n].nbytes for n in self.units]
+        self.index = {n: i for i, n in enumerate(self.units)}
+        links: dict[str, Any] = {}
+        for n in self.units:
+            hd = home_of[n]
+            if hd not in links:
+                links[hd] = be.link(hd)
+        self.links = links
+        self.link_of = [links[home_of[n]] for n in self.units]
+        self.copied = [be.event() for _ in range(W)]
+        self.done = [be.event() for _ in range(W)]
+        self.content = [-1] * W
+
+        # ---- ring state
+        self.seq: list[int] = list(range(n_units))
+        self.n = n_units
+        self.g = 0
+        self.g0 = 0
+        self.primed = False
+        self.depth = 0
+        self.deviated = False
+        self.recorded: list[int] = []
+        self.cur_s = 0
+        self.cur_mode = 0          # 0 idle, 1 streamed, 2 fallback
+        self.fb = 0
+        self.cs = be.compute_stream()
+        # statistics
+        self.steps = 0
+        self.deviations = 0
+        self.fallback_loads = 0
+        self.copies = 0
+        self.bytes_moved: dict[str, int] = {k: 0 for k in links}   # over the whole life, issued copies
+        self._step_ev = [(be.event(True), be.event(True)) for _ in range(16)]
+        self._step_host: list[float] = []
+        self._step_i = 0
+        self.trace: list[tuple] = []          # profile: (lane, unit, ev0, ev1, step)
+        self._t_host0 = 0.0
+
+        # ---- hooks
+        self.hooks = []
+        self.hooks.append(module.register_forward_pre_hook(self._root_pre))
+        self.hooks.append(module.register_forward_hook(self._root_post, always_call=True))
+        for i, n in enumerate(self.units):
+            m = unit_mods[n]
+            self.hooks.append(m.register_forward_pre_hook(self._make_pre(i)))
+            self.hooks.append(m.register_forward_hook(self._make_post(i), always_call=True))
+        if self.profile:
+            for n, m in unit_mods.items():
+                if n not in self.index:
+                    self.hooks.append(m.register_forward_pre_hook(self._make_prof_pre(n)))
+                    self.hooks.append(m.register_forward_hook(self._make_prof_post(n), always_call=True))
+        module._distorch_runtime = self
+        if n_units:
+            self._prime()
+
+    # ------------------------------------------------------------------ ring
+    def _issue(self, j: int, s: int, hazard: bool):
+        """Copy unit j into slot s on its link's stream, after slot s is free."""
+        link = self.link_of[j]
+        st = link.stream
+        st.wait_event(self.done[s])
+        if hazard:
+            st.wait_event(self.copied[s])
+        prof = self.profile
+        with link.ctx():
+            if prof:
+                e0 = self.be.event(True)
+                e0.record(st)
+            self.dst[j][s].copy_(self.src[j], non_blocking=True)
+            self.copied[s].record(st)
+            if prof:
+                e1 = self.be.event(True)
+                e1.record(st)
+                self.trace.append(("copy:" + link.src, self.units[j], e0, e1, self.steps))
+        self.content[s] = j
+        self.copies += 1
+        self.bytes_moved[link.src] += self.nbytes[j]
+
+    def _prime(self):
+        self.g = 0
+        self.g0 = 0
+        n = self.n
+        if n:
+            seq = self.seq
+            for k in range(self.W):
+                self._issue(seq[k % n], k, hazard=True)
+        self.primed = True
+
+    def _bind(self, i: int, s: int):
+        for p, v in zip(self.P[i], self.V[i][s]):
+            p.data = v
+
+    def _make_pre(self, i: int):
+        copied = self.copied
+        P = self.P[i]
+        Vi = self.V[i]
+
+        def pre(mod, args):
+            if self.depth == 1 and not self.deviated:
+                g = self.g
+                n = self.n
+                if g - self.g0 < n and self.seq[g % n] == i:
+                    s = g % self.W
+                    self.cs.wait_event(copied[s])
+                    for p, v in zip(P, Vi[s]):
+                        p.data = v
+                    self.cur_s = s
+                    self.cur_mode = 1
+                    self.recorded.append(i)
+                    if self.profile:
+                        self._prof_begin()
+                    return None
+                self.deviated = True
+                self.primed = False
+                self.deviations += 1
+            self._fallback(i)
+            return None
+        return pre
+
+    def _make_post(self, i: int):
+        done = self.done
+
+        def post(mod, args, out):
+            s = self.cur_s
+            mode = self.cur_mode
+            self.cur_mode = 0
+            done[s].record(self.cs)
+            if self.profile:
+                self._prof_end(self.units[i])
+            if mode == 1:
+                g = self.g + self.W
+                self.g += 1
+                j = self.seq[g % self.n]
+                if self.content[s] != j:
+                    self._issue(j, s, False)
+            return None
+        return post
+
+    def _fallback(self, i: int):
+        if self.depth == 0:
+            self.cs = self.be.compute_stream()
+        W = self.W
+        s = self.fb % W
+        self.fb += 1
+        self._issue(i, s, hazard=True)
+        self.cs.wait_event(self.copied[s])
+        self._bind(i, s)
+        self.cur_s = s
+        self.cur_mode = 2
+        self.fallback_loads += 1
+        if self.depth:
+            self.recorded.append(i)
+        self.primed = False
+        if self.profile:
+            self._prof_begin()
+
+    def _root_pre(self, mod, args):
+        self.depth += 1
+        if self.depth > 1:
+            return None
+        self.cs = cs = self.be.compute_stream()
+        if self.n and not self.primed:
+            self._prime()
+        self.g0 = self.g
+        self.deviated = False
+        self.recorded.clear()
+        ev = self._step_ev[self._step_i % len(self._step_ev)]
+        ev[0].record(cs)
+        self._t_host0 = time.perf_counter()
+        return None
+
+    def _root_post(self, mod, args, out):
+        self.depth -= 1
+        if self.depth:
+            return None
+        ev = self._step_ev[self._step_i % len(self._step_ev)]
+        ev[1].record(self.cs)
+        self._step_i += 1
+        self._step_host.append(time.perf_counter() - self._t_host0)
+        if len(self._step_host) > 64:
+            del self._step_host[:32]
+        if self.deviated or (self.g - self.g0) != self.n:
+            if self.recorded and self.recorded != self.seq:
+                self.seq = list(self.recorded)
+                self.n = len(self.seq)
+            self.primed = False
+        self.steps += 1
+        return None
+
+    # ------------------------------------------------------------------ profiling
+    def _prof_begin(self):
+        e = self.be.event(True)
+        e.record(self.cs)
+        self._prof_e0 = e
+
+    def _prof_end(self, name: str):
+        e = self.be.event(True)
+        e.record(self.cs)
+        self.trace.append(("compute", name, self._prof_e0, e, self.steps))
+        if len(self.trace) > 20000:
+            del self.trace[:10000]
+
+    def _make_prof_pre(self, name):
+        def pre(mod, args):
+            if self.depth:
+                self._prof_begin()
+        return pre
+
+    def _make_prof_post(self, name):
+        def post(mod, args, out):
+            if self.depth:
+                self._prof_end(name)
+        return post
+
+    def step_events(self):
+        """(start, end) event pairs of the most recent steps, oldest first."""
+        k = len(self._step_ev)
+        n = min(self._step_i, k)
+        return [self._step_ev[(self._step_i - n + j) % k] for j in range(n)]
+
+    # ------------------------------------------------------------------ undo
+    def undo(self):
+        """All weights back resident on the compute device, hooks removed, homes and slots freed."""
+        if self.hooks is None:
+            return
+        for h in self.hooks:
+            h.remove()
+        self.hooks = None
+        self.be.synchronize()
+        dev = self.device
+        with torch.no_grad():
+            for i, n in enumerate(self.units):
+                for p, v in zip(self.P[i], self.homes[n].views()):
+                    p.data = v.to(dev, copy=True)
+        for h in self.homes.values():
+            h.release()
+        for a in self.arenas.values():
+            a.release()
+        self.arenas = {}
+        if self.pool is not None:
+            self.pool.release()
+        self.homes = {}
+        self.pool = None
+        self.P = self.V = self.src = self.dst = []
+        self.copied = self.done = []
+        self.trace = []
+        m = self._module_ref()
+        if m is not None and getattr(m, "_distorch_runtime", None) is self:
+            del m._distorch_runtime
+
+    @property
+    def active(self) -> bool:
+        return self.hooks is not None
+
+
+
+class Classified:
+    """How apply() sees a module under a plan (also used by runtime.loading)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def classify(module: torch.nn.Module, plan: Plan) -> Classified:
+    """Unit modules, homes, and every parameter sorted into streamed-per-unit or resident."""
+    # ---- units and their modules
+    placed = sorted(plan.units, key=lambda u: u.order)
+    unit_mods: dict[str, torch.nn.Module] = {}
+    for u in placed:
+        if u.name == ROOT:
+            continue
+        try:
+            unit_mods[u.name] = module.get_submodule(u.name)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:8]
+            raise DisTorchError(f"plan unit {u.name!r} is not a submodule of this "
+                                f"{type(module).__name__} (some that are: {names})") from None
+    uset = set(unit_mods)
+    for name in uset:
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            if ".".join(parts[:k]) in uset:
+                raise DisTorchError(f"plan units overlap: {name!r} is inside unit {'.'.join(parts[:k])!r}; "
+                                    "units must be disjoint subtrees (use block or leaf granularity, not both)")
+    home_of = {u.name: u.device for u in placed}
+    offloaded = [u.name for u in placed if u.name != ROOT and u.device != plan.compute]
+    for name in offloaded:
+        hd = home_of[name]
+        if not is_host(hd):
+            d = parse_device(hd)
+            if d.type != "cuda" or not torch.cuda.is_available():
+                raise DisTorchError(f"unit {name!r} has home {hd!r}, which this machine cannot hold "
+                                    "(homes are 'cpu' or a CUDA GPU)")
+            if d.index is not None and d.index >= torch.cuda.device_count():
+                raise DisTorchError(f"unit {name!r} has home {hd!r} but only "
+                                    f"{torch.cuda.device_count()} GPU(s) are visible")
+    if plan.units and ROOT in home_of and home_of[ROOT] != plan.compute:
+        root_note = f"ROOT placed on {home_of[ROOT]!r} is kept resident (a parent uses it anywhere in forward)"
+    else:
+        root_note = ""
+
+    # ---- classify every parameter by the units that reach it
+    def owner_of(mname: str):
+        parts = mname.split(".") if mname else []
+        for k in range(len(parts), 0, -1):
+            p = ".".join(parts[:k])
+            if p in uset:
+                return p
+        return None
+
+    info: dict[int, list] = {}     # id(param) -> [param, owners set, first qualified name]
+    buffers: dict[int, torch.Tensor] = {}
+    for mname, m in module.named_modules(remove_duplicate=False):
+        own = owner_of(mname)
+        for pname, p in m._parameters.items():
+            if p is None:
+                continue
+            rec = info.get(id(p))
+            if rec is None:
+                info[id(p)] = [p, {own}, f"{mname}.{pname}" if mname else pname]
+            else:
+                rec[1].add(own)
+        for b in m._buffers.values():
+            if b is not None:
+                buffers[id(b)] = b
+    off_set = set(offloaded)
+    streamed: dict[str, list] = {n: [] for n in offloaded}
+    resident: list[torch.Tensor] = []
+    for p, owners, q in info.values():
+        if len(owners) == 1:
+            (o,) = owners
+            if o in off_set:
+                streamed[o].append((q, p))
+                continue
+        resident.append(p)
+    shared = [q for p, owners, q in info.values() if len(owners) > 1]
+
+    return Classified(unit_mods=unit_mods, home_of=home_of, offloaded=offloaded, streamed=streamed,
+                      resident=resident, buffers=buffers, shared=shared, root_note=root_note)
+
+def apply(module: torch.nn.Module, plan: Plan, graph=None, **kw) -> Runtime:
+    """Rewrite `module` in place to run under `plan`; returns the Runtime (see module docstring)."""
+    if not isinstance(plan, Plan):
+        raise DisTorchError(f"apply() needs a distorch Plan, got {type(plan).__name__}")
+    return Runtime(module, plan, graph, **kw)

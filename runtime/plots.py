@@ -1,0 +1,136 @@
+"""PNG plots of a running Plan (matplotlib: the optional `plot` extra).
+
+    timeline_png(events, path)     copy streams vs compute, one bar per unit, from handle.timeline()
+    placement_png(plan, path)      bytes per unit, coloured by home device
+
+Command (builds the built-in demo DiT, compiles it with a budget, profiles one step, writes both PNGs):
+
+    python -m distorch.runtime.plots --demo OUT_DIR [--vram-fraction 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _plt():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError as e:  # pragma: no cover - depends on the extra
+        raise ImportError("plots need matplotlib: pip install 'distorch[plot]'") from e
+
+
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def timeline_png(events: list[dict], path: str, title: str = "distorch timeline") -> str:
+    """One lane per copy link plus the compute lane; each unit call is a bar (start..end, ms)."""
+    plt = _plt()
+    lanes = ["compute"] + sorted({e["lane"] for e in events if e["lane"] != "compute"})
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.8 * len(lanes)))
+    streamed = {e["unit"] for e in events if e["lane"].startswith("copy")}
+    for li, lane in enumerate(lanes):
+        for e in events:
+            if e["lane"] != lane:
+                continue
+            w = max(e["end_ms"] - e["start_ms"], 1e-4)
+            if lane == "compute":
+                c = "#d62728" if e["unit"] in streamed else "#7f7f7f"
+            else:
+                c = _COLORS[(li - 1) % len(_COLORS)]
+            ax.barh(li, w, left=e["start_ms"], height=0.6, color=c, edgecolor="black", linewidth=0.3)
+    ax.set_yticks(range(len(lanes)))
+    ax.set_yticklabels(lanes)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title + "  (compute: red = streamed unit, grey = resident)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def placement_png(plan, path: str, title: str = "placement per unit") -> str:
+    """Bar per unit in execution order, height = MiB, colour = home device."""
+    plt = _plt()
+    units = sorted(plan.units, key=lambda u: u.order)
+    devs = sorted({u.device for u in units}, key=lambda d: (d != plan.compute, d))
+    col = {d: _COLORS[i % len(_COLORS)] for i, d in enumerate(devs)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(units) + 3), 4))
+    xs = range(len(units))
+    ax.bar(xs, [u.bytes / 2**20 for u in units], color=[col[u.device] for u in units], width=0.85)
+    for d in devs:
+        tag = " (compute)" if d == plan.compute else ""
+        ax.bar([], [], color=col[d], label=f"{d}{tag}")
+    ax.legend()
+    ax.set_xlabel("unit (execution order)")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    if len(units) <= 40:
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([u.name for u in units], rotation=90, fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bench_png(rows: list[dict], path: str) -> str:
+    """Step time vs offloaded fraction per method, one panel per resolution (bench_stream rows)."""
+    plt = _plt()
+    ress = sorted({r["res"] for r in rows})
+    fig, axes = plt.subplots(1, len(ress), figsize=(6 * len(ress), 4), squeeze=False)
+    for ax, res in zip(axes[0], ress):
+        rr = [r for r in rows if r["res"] == res]
+        for mi, m in enumerate(sorted({r["method"] for r in rr})):
+            pts = sorted((r["frac"], r["step_s"]) for r in rr if r["method"] == m and r.get("step_s"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m, color=_COLORS[mi % 8])
+        ax.set_title(f"{res}x{res}")
+        ax.set_xlabel("offloaded %")
+        ax.set_ylabel("s / step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def demo(out_dir: str, vram_fraction: float = 0.5) -> list[str]:
+    import torch
+    from ..demo import build_demo_model, demo_inputs
+    from .api import compile as dt_compile
+    dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model = build_demo_model(device=dev)
+    args = demo_inputs(device=dev)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    h = dt_compile(model, compute=dev, vram_gb=vram_fraction * total / 2**30, donors=["cpu"],
+                   example_args=args, profile=True, progress=False)
+    with torch.no_grad():
+        for _ in range(3):
+            model(*args)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [timeline_png(h.timeline(), os.path.join(out_dir, "timeline.png"), f"demo DiT on {dev}"),
+             placement_png(h.plan, os.path.join(out_dir, "placement.png"))]
+    h.undo()
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m distorch.runtime.plots", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", metavar="OUT_DIR", required=True, help="write timeline.png and placement.png here")
+    ap.add_argument("--vram-fraction", type=float, default=0.5, help="share of the model to offload (0..1)")
+    a = ap.parse_args(argv)
+    for p in demo(a.demo, a.vram_fraction):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

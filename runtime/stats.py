@@ -1,0 +1,134 @@
+"""Step statistics and the timeline of a running Plan, read off the hot path.
+
+Everything here synchronizes the compute device first (reading CUDA event times needs the events
+to have completed), so call it between steps, never inside the model's forward.
+"""
+from __future__ import annotations
+
+import statistics
+
+
+def _ms(e0, e1) -> float | None:
+    try:
+        return float(e0.elapsed_time(e1))
+    except Exception:      # an event never recorded (e.g. a step still running)
+        return None
+
+
+def step_times(rt) -> list[float]:
+    """Seconds per step for the most recent steps (GPU time between the root's pre and post hooks)."""
+    rt.be.synchronize()
+    out = []
+    for e0, e1 in rt.step_events():
+        ms = _ms(e0, e1)
+        if ms is not None:
+            out.append(ms / 1e3)
+    return out
+
+
+def timeline(rt, steps: int | None = 1) -> list[dict]:
+    """Profiled events as dicts {lane, unit, start_ms, end_ms, step}, times relative to the first event
+    of the earliest step returned. Needs profile=True; `steps` = how many of the latest steps."""
+    if not rt.trace:
+        return []
+    rt.be.synchronize()
+    last = max(t[4] for t in rt.trace)
+    first = last - (steps - 1) if steps else min(t[4] for t in rt.trace)
+    tr = [t for t in rt.trace if t[4] >= first]
+    # earliest event of the window as reference
+    ref = tr[0][2]
+    for t in tr:
+        d = _ms(ref, t[2])
+        if d is not None and d < 0:
+            ref = t[2]
+    out = []
+    for lane, unit, e0, e1, step in tr:
+        a, b = _ms(ref, e0), _ms(ref, e1)
+        if a is None or b is None:
+            continue
+        out.append({"lane": lane, "unit": unit, "start_ms": a, "end_ms": b, "step": step})
+    out.sort(key=lambda d: d["start_ms"])
+    return out
+
+
+def unit_times(rt, steps: int | None = None) -> dict[str, float]:
+    """Median measured compute seconds per unit call (profile mode), for feeding Unit.time_s."""
+    per: dict[str, list[float]] = {}
+    for ev in timeline(rt, steps=steps):
+        if ev["lane"] == "compute":
+            per.setdefault(ev["unit"], []).append((ev["end_ms"] - ev["start_ms"]) / 1e3)
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def summarize(rt, last: int = 5) -> dict:
+    """Per-step statistics: bytes per link, copy and stall time, measured vs predicted step time."""
+    times = step_times(rt)[-last:] if rt.active else []
+    per_link: dict[str, int] = {}
+    if rt.n:
+        for i in rt.seq:
+            src = rt.link_of[i].src
+            per_link[src] = per_link.get(src, 0) + rt.nbytes[i]
+    pred = rt.plan.predicted or {}
+    d = {
+        "steps": rt.steps,
+        "streamed_units": len(rt.units),
+        "window_slots": rt.W,
+        "slot_bytes": rt.slot_bytes,
+        "window_bytes": rt.W * rt.slot_bytes,
+        "resident_bytes": rt.resident_bytes,
+        "home_bytes": {k: sum(rt.homes[n].nbytes for n in rt.units if rt.link_of[rt.index[n]].src == k)
+                       for k in rt.links} if rt.active else {},
+        "bytes_per_step": per_link,
+        "bytes_moved_total": dict(rt.bytes_moved),
+        "copies_total": rt.copies,
+        "deviations": rt.deviations,
+        "fallback_loads": rt.fallback_loads,
+        "measured_step_s": statistics.median(times) if times else None,
+        "measured_host_s": statistics.median(rt._step_host[-last:]) if rt._step_host else None,
+        "predicted_step_s": pred.get("step_s"),
+        "predicted_compute_s": pred.get("compute_s"),
+    }
+    if d["measured_step_s"] and d["predicted_step_s"]:
+        d["measured_over_predicted"] = d["measured_step_s"] / d["predicted_step_s"]
+    if rt.profile and rt.trace:
+        tl = timeline(rt, steps=1)
+        copy_ms = sum(e["end_ms"] - e["start_ms"] for e in tl if e["lane"].startswith("copy"))
+        comp = sorted((e for e in tl if e["lane"] == "compute"), key=lambda e: e["start_ms"])
+        busy = sum(e["end_ms"] - e["start_ms"] for e in comp)
+        stall = 0.0
+        copies = {}
+        for e in tl:
+            if e["lane"].startswith("copy"):
+                copies.setdefault(e["unit"], []).append(e)
+        # stall: time a streamed unit's compute started after the previous unit finished because its copy
+        # was still running
+        prev_end = None
+        for e in comp:
+            if prev_end is not None and e["unit"] in rt.index:
+                cands = [c for c in copies.get(e["unit"], []) if c["end_ms"] <= e["start_ms"] + 1e-3]
+                if cands:
+                    c_end = max(c["end_ms"] for c in cands)
+                    stall += max(0.0, min(e["start_ms"], c_end) - prev_end)
+            prev_end = e["end_ms"]
+        d["copy_s"] = copy_ms / 1e3
+        d["compute_busy_s"] = busy / 1e3
+        d["stall_s"] = stall / 1e3
+    return d
+
+
+def format_stats(d: dict) -> str:
+    def gb(x):
+        return f"{x / 2**30:.2f} GiB"
+    lines = [f"steps {d['steps']}, streamed units {d['streamed_units']}, window {d['window_slots']} x "
+             f"{gb(d['slot_bytes'])}, resident {gb(d['resident_bytes'])}"]
+    for k, v in d["bytes_per_step"].items():
+        lines.append(f"  {k} -> compute: {gb(v)} per step")
+    m, p = d.get("measured_step_s"), d.get("predicted_step_s")
+    lines.append("  step: measured " + (f"{m * 1e3:.1f} ms" if m else "-") +
+                 ", predicted " + (f"{p * 1e3:.1f} ms" if p else "-") +
+                 (f" (x{m / p:.2f})" if m and p else ""))
+    if "stall_s" in d:
+        lines.append(f"  copy {d['copy_s'] * 1e3:.1f} ms, stall {d['stall_s'] * 1e3:.1f} ms per step")
+    if d["deviations"] or d["fallback_loads"]:
+        lines.append(f"  order deviations {d['deviations']}, fallback loads {d['fallback_loads']}")
+    return "\n".join(lines)
