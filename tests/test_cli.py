@@ -1,0 +1,117 @@
+"""`distorch plan`: table, --json schema, exit codes, errors without tracebacks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distorch.cli import main
+from distorch.compiler.files import graph_from_file
+
+GiB = 1 << 30
+DEV = ["--devices", "cuda:0=12GiB,cpu=32GiB"]
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_flux_dev_on_12gb_card_table(capsys):
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", *DEV, "--vram", "16"], capsys)
+    assert rc == 0, err
+    assert "v2 Expert String: cuda:0," in out
+    assert "predicted step" in out and "overhead" in out
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("cuda:0 ", "cpu "))}
+    assert "12.00 GB" in lines["cuda:0"] and "32.00 GB" in lines["cpu"]
+    assert "double_blocks x" in out and "single_blocks x" in out
+
+
+def test_flux_dev_json_schema(capsys):
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", *DEV, "--vram", "16", "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(out)
+    g = graph_from_file("flux-dev")
+    assert isinstance(d["model_bytes"], int) and d["model_bytes"] == g.total_bytes
+    assert set(d["devices"]) >= {"cuda:0", "cpu"}
+    assert all(isinstance(v["bytes"], int) for v in d["devices"].values())
+    assert sum(v["bytes"] for v in d["devices"].values()) == d["model_bytes"]
+    assert {u["name"] for u in d["units"]} == {u.name for u in g.units}
+    for u in d["units"]:
+        assert {"name", "bytes", "device"} <= set(u) and u["device"] in d["devices"]
+    off = sum(u["bytes"] for u in d["units"] if u["device"] != "cuda:0")
+    assert 16 * GiB <= off < 16 * GiB + max(u["bytes"] for u in d["units"])
+    assert d["expert_string"].startswith("cuda:0,")
+    for k in ("step_s", "compute_s", "overhead_s", "peak_bytes"):
+        assert k in d["predicted"]
+    assert d["predicted"]["peak_bytes"] <= 12 * GiB
+    assert d["schedule"]["n_slots"] >= 1
+
+
+def test_expert_string_fed_back_gives_same_placement(capsys):
+    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--vram", "13.5", "--json"], capsys)
+    a = json.loads(out)
+    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--expert", a["expert_string"], "--json"],
+                     capsys)
+    b = json.loads(out)
+    assert rc == 0
+    assert [(u["name"], u["device"]) for u in a["units"]] == [(u["name"], u["device"]) for u in b["units"]]
+
+
+@pytest.mark.parametrize("model", ["sdxl", "wan2.1-14b"])
+def test_other_builtins(model, capsys):
+    rc, out, err = run(["plan", model, "--devices", "cuda:0=24GiB,cuda:1=24GiB,cpu=64GiB", "--vram", "4",
+                        "--donor", "cuda:1,cpu", "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["devices"]["cuda:1"]["bytes"] >= 4 * GiB and d["devices"]["cpu"]["bytes"] == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0,0.5;cpux,0.6"], "cpux"),
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0,2"], "above 1"),
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0,0.1;cpu,0.1"], "missing"),
+    (["plan", "flux-dev", *DEV, "--vram", "-3"], "negative"),
+    (["plan", "flux-dev", *DEV, "--vram", "abc"], "'abc'"),
+    (["plan", "flux-dev", *DEV, "--vram", "2"], "offload at least"),
+    (["plan", "flux-dev", *DEV, "--vram", "16", "--donor", "cuda:3"], "cuda:3"),
+    (["plan", "flux-dev", "--devices", "cuda:0=12XB", "--vram", "16"], "12XB"),
+    (["plan", "flux-dev", *DEV, "--compute", "cuda:1"], "cuda:1"),
+    (["plan", "no-such-model", *DEV], "no-such-model"),
+    (["plan", "flux-dev", *DEV, "--window", "huge"], "huge"),
+])
+def test_errors_exit_2_with_message(argv, needle, capsys):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2
+    assert needle in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_no_command_and_bad_option(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["plan", "flux-dev", "--frobnicate"])
+    assert ei.value.code == 2
+
+
+def test_probe_cpu_only_machine_asks_for_devices(capsys, monkeypatch, tmp_path):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", "--vram", "16"], capsys)
+    assert rc == 2 and "--devices" in err
+    rc, out, err = run(["plan", "flux-dev"], capsys)
+    assert rc == 2 and "--devices" in err
+
+
+def test_python_dash_m_subprocess():
+    env = dict(os.environ, XDG_CACHE_HOME="/nonexistent-distorch-cache")
+    r = subprocess.run([sys.executable, "-m", "distorch", "plan", "flux-dev", "--compute", "cuda:0", *DEV,
+                        "--vram", "16", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model_bytes"] > 20 * GiB
+    r = subprocess.run([sys.executable, "-m", "distorch", "plan", "flux-dev", *DEV, "--expert", "cuda:0,7"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "above 1" in r.stderr and "Traceback" not in r.stderr
