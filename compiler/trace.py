@@ -2,8 +2,9 @@
 and (when example inputs are given) FLOPs, activation bytes and call counts from one traced call.
 
 Units (granularity="block", the default):
-- every child of the outermost ModuleList / Sequential whose children hold tensors is a "block"
-  (double_blocks.3, transformer_blocks.7, input_blocks.4, down_blocks.1 ...);
+- every child of the outermost ModuleList / Sequential whose children hold tensors is a unit:
+  kind "block" (double_blocks.3, transformer_blocks.7, input_blocks.4, down_blocks.1 ...), or kind
+  "leaf" when that child is a bare layer whose submodules hold no tensors (time_embed.0 = Linear);
 - a tensor outside every block belongs to a "leaf" unit named after its owning module when no
   descendant of that module holds tensors (x_embedder, proj_out, final_layer.linear ...);
 - tensors a module with tensor-holding children owns directly (a `pos_embed` Parameter on the
@@ -97,7 +98,9 @@ def _find_units(module: nn.Module, granularity: str) -> dict[str, _UnitInfo]:
                 continue
             cq = f"{q}.{cname}" if q else cname
             if unit is None and granularity == "block" and is_list and id(c) not in seen:
-                u = units[cq] = _UnitInfo(cq, c, "block")
+                # a list child with tensor-holding submodules is a "block"; a bare layer (the Linear of a
+                # Sequential(Linear, SiLU, Linear) time embedding) is a "leaf"
+                u = units[cq] = _UnitInfo(cq, c, "leaf" if leaf_like(c) else "block")
                 walk(c, cq, u)
             else:
                 walk(c, cq, unit)

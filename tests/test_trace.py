@@ -223,6 +223,7 @@ def test_stored_bytes_by_dtype(dtype, size):
     m = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16, bias=False)).to(dtype)
     g = trace(m)
     assert names(g) == ["0", "1"]
+    assert g["0"].kind == "leaf"          # a bare layer in a list
     assert g["0"].param_bytes == (16 * 32 + 32) * size
     assert g["1"].param_bytes == 32 * 16 * size
 
@@ -324,3 +325,17 @@ def test_diffusers_flux_tiny_on_meta():
     assert g.total_bytes == sum(p.numel() * p.element_size() for p in m.parameters())
     assert ROOT not in g
     assert no_hooks(m)
+
+
+def test_gguf_tensor_parameters_count_quantized_bytes():
+    gguf = pytest.importorskip("gguf")
+    gt = pytest.importorskip("distorch.runtime.gguf_tensor")
+    import numpy as np
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    raw = gguf.quants.quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), q8)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    m[0].weight = nn.Parameter(gt.GGUFTensor(torch.from_numpy(raw.copy()).flatten(), q8, (32, 64), torch.float32),
+                               requires_grad=False)
+    g = trace(m, (torch.randn(2, 64),))
+    assert g["0"].param_bytes == 32 * 2 * 34 + 32 * 4      # Q8_0 blocks + fp32 bias
+    assert g["0"].flops == 2 * 2 * 64 * 32 and g["0"].act_bytes == 2 * 32 * 4
