@@ -238,7 +238,8 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
     meta device when all its tensors are meta (inputs are moved to meta), else a real call. That call
     gives the execution order, `calls` per unit, FLOPs and output (activation) bytes per call;
     record=True also measures `time_s` per unit on a real call. Without inputs: registration order,
-    calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises (the error propagates).
+    calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises: a real call's error
+    propagates; a failed meta call warns and falls back to registration order.
     """
     if not isinstance(module, nn.Module):
         raise DisTorchError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
@@ -260,10 +261,21 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
                           f"using registration order without FLOPs", stacklevel=2)
         else:
             t0 = time.perf_counter()
-            state = _traced_call(module, units, tuple(example_args), dict(example_kwargs), all_meta, record)
-            total_time = time.perf_counter() - t0
-            traced = "meta" if all_meta else "real"
-            outside = state.outside
+            try:
+                state = _traced_call(module, units, tuple(example_args), dict(example_kwargs), all_meta, record)
+            except Exception as e:
+                if not all_meta:
+                    raise
+                # model code that cannot run on meta (e.g. asks the allocator for free memory): the graph
+                # is still right, only the order falls back to registration and FLOPs are unknown
+                warnings.warn(f"trace: the meta-device call of {type(module).__name__} failed "
+                              f"({type(e).__name__}: {e}); using registration order without FLOPs", stacklevel=2)
+                for u in units.values():
+                    u.calls, u.first, u.flops, u.act, u.time = 0, None, 0.0, 0, 0.0
+            else:
+                total_time = time.perf_counter() - t0
+                traced = "meta" if all_meta else "real"
+                outside = state.outside
     if traced == "registration":
         ordered = list(units.values())
         for u in ordered:

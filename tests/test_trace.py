@@ -209,6 +209,25 @@ def test_exception_during_trace_removes_hooks():
     assert names(g) == ["blocks.0", "blocks.1"]
 
 
+def test_failed_meta_call_warns_and_falls_back():
+    class NotMetaSafe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            x = self.blocks[1](x)
+            return self.blocks[0](x) + x.sum().item()   # .item() cannot run on meta
+
+    with torch.device("meta"):
+        m = NotMetaSafe()
+    with pytest.warns(UserWarning, match="meta-device call of NotMetaSafe failed"):
+        g = trace(m, (torch.randn(1, 8),))
+    assert g.traced == "registration" and names(g) == ["blocks.0", "blocks.1"]
+    assert all(u.calls == 1 and u.flops == 0 for u in g)
+    assert no_hooks(m)
+
+
 def test_bad_arguments():
     with pytest.raises(DisTorchError, match="granularity 'layer'"):
         trace(nn.Linear(2, 2), granularity="layer")
