@@ -16,10 +16,11 @@ copy per unit, its weights gathered in one flat pinned buffer).
 
 `simulate` replays the step as the runtime executes it: one compute stream running the units in
 order; one copy engine per link (src -> compute), FIFO in execution order; a window of equal slots on the
-compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest).
-Offloaded unit k (k-th offloaded unit of the step) uses slot k mod n_slots; its copy is issued once
-the previous holder of that slot has finished computing (that holder may belong to the previous step:
-prefetch wraps across the step boundary; see slot_gates) and starts when its link is free.  A unit computes when the previous
+compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest), used
+as a ring exactly like runtime/apply.py: the offloaded units form a periodic sequence, item g runs
+from slot g % n_slots, and the copy of item g + n_slots is issued when item g has computed (for the
+first units of a step that item belongs to the previous step: prefetch wraps across the step
+boundary; see slot_gates); a copy starts when it is issued and its link is free.  A unit computes when the previous
 unit is done and its copy has landed.  Several steps are simulated (the first starts cold) and the last
 is reported.  The reported step time is never below the floor max(compute, bytes_l / bandwidth_l).
 """
@@ -61,24 +62,15 @@ def n_slots_for(window_bytes: int, offloaded_sizes: list[int]) -> int:
 
 
 def slot_gates(m: int, n_slots: int) -> list[tuple[int, int]]:
-    """For each of m offloaded units (k in execution order) with fixed slot k % n_slots: the unit after
-    whose compute its copy is issued, as (step offset, k'): step offset -1 = the previous step (prefetch
-    wrapping across the step boundary).  It is the previous holder of the same slot, made monotone so
-    that copies are issued in execution order (a copy never overtakes an earlier one)."""
+    """Ring of n_slots slots over the periodic sequence of the m offloaded units of a step: item
+    g = step * m + k runs from slot g % n_slots, and its copy is issued right after item g - n_slots
+    has computed.  Returns, per k, that trigger as (step offset, k'): offset -1 = the previous step
+    (prefetch wrapping across the step boundary).  Triggers are increasing in k, so copies are issued
+    in execution order."""
     if m == 0:
         return []
     n = max(1, min(n_slots, m))
-    gates = []
-    best = None
-    for k in range(m):
-        if k >= n:
-            g = (0, k - n)
-        else:
-            g = (-1, k + n * ((m - 1 - k) // n))  # last unit of the previous step in the same slot
-        if best is None or g > best:
-            best = g
-        gates.append(best)
-    return gates
+    return [(0, k - n) if k >= n else (-1, k - n + m) for k in range(m)]
 
 
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,

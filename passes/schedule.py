@@ -1,19 +1,22 @@
 """Schedule pass: the transfer / prefetch / release operations that execute a Plan (plain data).
 
 The window of `plan.window_bytes` on the compute device is a pool of `n_slots` equal slots of
-`slot_bytes` (= the largest offloaded unit), slot s at byte offset s * slot_bytes.  The k-th offloaded
-unit in execution order always uses slot k % n_slots.  Its copy is issued right after the compute of
-the unit that last used that slot (`issue_after`), which for the first slots is a unit of the PREVIOUS
-step (`next_step` loads: prefetch wraps across the step boundary, since a denoising loop calls the same
-forward again).  Issue points are monotone, so copies go onto each link's stream in execution order.
-This is exactly what compiler/cost.simulate predicts.
+`slot_bytes` (= the largest offloaded unit), slot s at byte offset s * slot_bytes, used as a RING (as
+runtime/apply.py does): the offloaded units of a step, in execution order, repeat every step; item
+g = step * m + k (k-th of the m offloaded units) runs from slot g % n_slots.  When m is a multiple of
+n_slots a unit keeps its slot every step (`LoadOp.slot`); otherwise `LoadOp.slot` is its slot in the
+first step and `slot_for(k, step)` gives the rest.  The copy of item g is issued right after item
+g - n_slots has computed (`issue_after`), which for the first n_slots units of a step is a unit of the
+PREVIOUS step (`next_step` loads: prefetch wraps across the step boundary, since a denoising loop calls
+the same forward again).  Issue points are increasing, so copies go onto each link's stream in
+execution order.  This is exactly what compiler/cost.simulate predicts.
 
 `Schedule.ops` is the per-step program the runtime replays each forward:
 
     {"op": "compute", "unit": U}                        run unit U
-    {"op": "wait",    "unit": U, "slot": s}            before computing an offloaded U: wait its copy event
-    {"op": "release", "unit": U, "slot": s}            after computing an offloaded U: its slot is free
-    {"op": "load",    "unit": V, "slot": s, "src": D, "bytes": B, "next_step": bool}
+    {"op": "wait",    "unit": U}                       before computing an offloaded U: wait its copy event
+    {"op": "release", "unit": U}                       after computing an offloaded U: its slot is free
+    {"op": "load",    "unit": V, "src": D, "bytes": B, "next_step": bool}
                                                         issue V's copy D -> compute into slot s (on the
                                                         copy stream of link D>compute); next_step: V is
                                                         used in the next call of the forward
@@ -52,6 +55,11 @@ class Schedule:
     loads: list[LoadOp] = field(default_factory=list)   # one per offloaded unit, execution order
     ops: list[dict] = field(default_factory=list)       # per-step program (see module docstring)
     prologue: list[str] = field(default_factory=list)   # loads to issue before the first step
+    slot_rule: str = "ring"                             # item g = step * m + k uses slot g % n_slots
+
+    def slot_for(self, k: int, step: int = 0) -> int:
+        """Slot of the k-th offloaded unit in call number `step` of the forward."""
+        return (step * len(self.loads) + k) % self.n_slots
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,16 +95,16 @@ def schedule(plan: Plan, graph=None) -> Schedule:
         by_trigger.setdefault(ld.issue_after, []).append(ld)
     # within one trigger, same-call loads come first in execution order, then next-call loads
     ops: list[dict] = []
-    slot_of = {ld.unit: ld.slot for ld in loads}
+    streamed = {ld.unit for ld in loads}
     for u in order:
-        if u.name in slot_of:
-            ops.append({"op": "wait", "unit": u.name, "slot": slot_of[u.name]})
+        if u.name in streamed:
+            ops.append({"op": "wait", "unit": u.name})
         ops.append({"op": "compute", "unit": u.name})
-        if u.name in slot_of:
-            ops.append({"op": "release", "unit": u.name, "slot": slot_of[u.name]})
+        if u.name in streamed:
+            ops.append({"op": "release", "unit": u.name})
             trig = sorted(by_trigger.get(u.name, []), key=lambda ld: (ld.next_step, ld.use_order))
             for ld in trig:
-                ops.append({"op": "load", "unit": ld.unit, "slot": ld.slot, "src": ld.src, "bytes": ld.bytes,
+                ops.append({"op": "load", "unit": ld.unit, "src": ld.src, "bytes": ld.bytes,
                             "next_step": ld.next_step})
     prologue = [ld.unit for ld in loads if ld.next_step]
     return Schedule(compute=plan.compute, window_bytes=plan.window_bytes, slot_bytes=slot_bytes,

@@ -71,45 +71,45 @@ def check(plan: Plan, sched: Schedule) -> list[str]:
             errs.append(f"load of {name}, which is not offloaded")
     if errs:
         return errs
-    # replay two steps of the program
+    # replay the program for n_slots + 1 consecutive calls (the ring's slot pattern repeats)
+    kidx = {u.name: k for k, u in enumerate(off)}
     holder: dict[int, str | None] = {s: None for s in range(sched.n_slots)}
-    state: dict[str, str] = {}  # unit -> "loaded"
-    pending_next: list[str] = list(sched.prologue)
+    loaded: dict[str, int] = {}   # unit -> slot its next use will read
 
-    def do_load(unit: str, where: str):
-        ld = loads[unit]
-        if holder[ld.slot] is not None:
-            errs.append(f"{where}: load of {unit} into slot {ld.slot} while {holder[ld.slot]} still holds it")
-        holder[ld.slot] = unit
-        state[unit] = "loaded"
+    def do_load(unit: str, step: int, where: str):
+        slot = sched.slot_for(kidx[unit], step)
+        if holder[slot] is not None:
+            errs.append(f"{where}: load of {unit} into slot {slot} while {holder[slot]} still holds it")
+        holder[slot] = unit
+        loaded[unit] = slot
 
-    for unit in pending_next:
-        do_load(unit, "prologue")
-    for step in range(2):
-        loaded_this_step: dict[str, int] = {}
-        for unit in pending_next:
-            loaded_this_step[unit] = loaded_this_step.get(unit, 0) + 1
-        pending_next = []
+    for unit in sched.prologue:
+        do_load(unit, 0, "prologue")
+    count = {u.name: 1 for u in off if u.name in sched.prologue}
+    for step in range(max(2, sched.n_slots + 1)):
+        nxt = {}
         for op in sched.ops:
             kind, unit = op["op"], op["unit"]
             if kind == "wait" or (kind == "compute" and unit in loads):
-                if state.get(unit) != "loaded" or holder.get(loads[unit].slot) != unit:
-                    errs.append(f"step {step}: {unit} used before its copy was issued into slot "
-                                f"{loads[unit].slot}")
+                if unit not in loaded or holder.get(loaded[unit]) != unit:
+                    errs.append(f"step {step}: {unit} used before its copy was issued into its slot")
             elif kind == "release":
-                if holder.get(op["slot"]) != unit:
-                    errs.append(f"step {step}: release of slot {op['slot']} by {unit}, which does not hold it")
-                holder[op["slot"]] = None
-                state.pop(unit, None)
-            elif kind == "load":
-                do_load(unit, f"step {step}")
-                if op.get("next_step"):
-                    pending_next.append(unit)
+                slot = loaded.pop(unit, None)
+                if slot is None or holder.get(slot) != unit:
+                    errs.append(f"step {step}: release by {unit}, which holds no slot")
                 else:
-                    loaded_this_step[unit] = loaded_this_step.get(unit, 0) + 1
+                    holder[slot] = None
+            elif kind == "load":
+                if op.get("next_step"):
+                    do_load(unit, step + 1, f"step {step}")
+                    nxt[unit] = nxt.get(unit, 0) + 1
+                else:
+                    do_load(unit, step, f"step {step}")
+                    count[unit] = count.get(unit, 0) + 1
         for u in off:
-            if loaded_this_step.get(u.name, 0) != 1:
-                errs.append(f"step {step}: {u.name} loaded {loaded_this_step.get(u.name, 0)} times")
+            if count.get(u.name, 0) != 1:
+                errs.append(f"step {step}: {u.name} loaded {count.get(u.name, 0)} times")
+        count = nxt
         if errs:
             break
     return errs

@@ -146,6 +146,8 @@ def test_slot_gates_monotone_and_wrap():
             assert gs == sorted(gs)
             for k, (ds, g) in enumerate(gs):
                 assert (ds, g) < (0, k)   # issued before the unit itself is used
+                # ring: the trigger is the item min(n, m) places earlier in the periodic sequence
+                assert (ds * m + g) == k - min(n, m)
 
 
 def test_simulate_window_too_small():
@@ -243,7 +245,7 @@ def test_round_trip_random_graphs_and_budgets():
         try:
             p = partition(g, inv, "cuda:0", vram_gb=vram, donors=donors)
         except PartitionError as e:   # model too big for the card at this budget: a fine answer
-            assert "free" in str(e)
+            assert "offload" in str(e)
             continue
         check_invariants(p, g, inv)
         assert p.source["expert_string_exact"]
@@ -392,6 +394,10 @@ def test_schedule_shape():
     assert len(s.prologue) == s.n_slots
     for k, ld in enumerate(s.loads):
         assert ld.slot == k % s.n_slots and ld.slot_offset == ld.slot * s.slot_bytes
+        assert s.slot_for(k, 1) == (len(off) + k) % s.n_slots
+        # issued after the item n_slots earlier in the ring (previous call for the first ones)
+        assert ld.issue_after == off[(k - s.n_slots) % len(off)].name
+        assert ld.next_step == (k < s.n_slots)
     computes = [o["unit"] for o in s.ops if o["op"] == "compute"]
     assert computes == [u.name for u in g.units]
 
@@ -407,14 +413,14 @@ def test_verify_catches_broken_plans():
     bad = copy.deepcopy(s)
     bad.n_slots = s.n_slots + 5
     assert any("window exceeded" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # two units forced into one slot
-    for ld in bad.loads:
-        ld.slot = 0
-    for o in bad.ops:
-        if "slot" in o:
-            o["slot"] = 0
-    if s.n_slots > 1:
-        assert any("still holds" in e or "does not hold" in e or "used before" in e for e in check(p, bad))
+    bad = copy.deepcopy(s)                  # a copy issued too early: into a slot still in use
+    i = next(j for j, o in enumerate(bad.ops) if o["op"] == "load" and not o["next_step"])
+    op = bad.ops.pop(i)
+    bad.ops.insert(0, op)
+    assert any("still holds" in e for e in check(p, bad))
+    bad = copy.deepcopy(s)                  # a slot never released
+    bad.ops = [o for o in bad.ops if not (o["op"] == "release" and o["unit"] == s.loads[0].unit)]
+    assert check(p, bad)
     badp = copy.deepcopy(p)
     badp.devices["cuda:0"]["bytes"] += 1
     assert any("add up" in e for e in check(badp, s))
