@@ -1,0 +1,697 @@
+"""The ONE module of DisTorch that touches ComfyUI internals.
+
+Everything ComfyUI-specific the node classes need goes through the functions below; nothing else in
+the package imports `comfy`, `nodes` or `folder_paths`.  Nothing here replaces a ComfyUI function:
+we integrate through ComfyUI's own extension points.
+
+Interface (what comfy_nodes/nodes.py calls)
+-------------------------------------------
+core_node_class(name)      ComfyUI's node class from nodes.NODE_CLASS_MAPPINGS, or None.
+device_list()              devices that exist: GPUs first ("cuda:0", "cuda:1", ... / "xpu:0" / "mps"),
+                           then "cpu".  default_device() is the first of them (cpu on a CPU-only box).
+load_on_device(device, fn, *args, **kw)
+                           runs a core loader `fn` and retargets the MODEL / CLIP / VAE / CONTROL_NET /
+                           CLIP_VISION it returns to `device`: after the loader returns we set the
+                           ModelPatcher's `load_device` (and VAE.device, ControlNet/CLIPVision
+                           `load_device`), which is the attribute ComfyUI's memory manager loads to.
+                           No ComfyUI function is replaced.
+distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models)
+                           turns obj (ModelPatcher, CLIP, VAE, ControlNet, CLIPVision) into one whose
+                           patcher is a DisTorch patcher (below); returns obj (the same CLIP/VAE/
+                           ControlNet object with its patcher swapped, or the ModelPatcher itself).
+path()                     "classic" (ModelPatcher, ComfyUI 0.3.x) or "dynamic" (ModelPatcherDynamic /
+                           comfy-aimdo, 2026 releases) -- logged once.
+release(obj)               unloads obj from ComfyUI (model_unload), which frees its homes.
+
+How it cooperates with ComfyUI (classic path)
+---------------------------------------------
+The patcher's class is swapped in place for `DisTorch<OriginalClass>`, a subclass made by mixing
+`DisTorchPatcherMixin` over the original class (so ComfyUI-GGUF's or any other ModelPatcher subclass
+keeps its own methods).  ComfyUI's clone() uses `self.__class__`, so LoRA loaders and every other
+node that clones the model keep the DisTorch behaviour.  The mixin overrides the ModelPatcher methods
+that ComfyUI's memory manager (model_management.load_models_gpu / free_memory / LoadedModel) calls:
+
+* load()            weight patches (LoRA ...) are applied IN PLACE to the weights where they lie
+                    (offload device), computed on the compute device exactly as ComfyUI computes them
+                    (so results are bit-identical to the plain path); then `distorch.compile` binds the
+                    module with the Plan: resident units move to the compute device, offloaded units
+                    into their homes (pinned host buffer / donor GPU).  Reports
+                    model_loaded_weight_memory = resident bytes + slot window (what it really holds on
+                    the GPU), model_lowvram = False, so ComfyUI never loads the offloaded weights itself.
+* partially_load()  when already compiled on that device: nothing to move.  When only the weight
+                    patches changed (a LoRA strength changed: new clone, new patches_uuid), the
+                    patched keys are recomputed from the kept originals and written into the live
+                    storage (GPU tensor for resident weights, the home buffer for streamed ones) --
+                    no re-read, no re-plan, no re-placement of the model.
+* partially_unload() returns 0: a compiled placement is not shrunk piecemeal, so ComfyUI falls back
+                    to a full unload (detach) when it needs the memory.
+* unpatch_model()   (detach / model_unload / cleanup) undoes the runtime: homes (pinned host memory,
+                    donor GPU memory) and slots are freed, weights go back to the offload device,
+                    LoRA backups are restored.
+* model_size()      the VRAM the model needs on its load device (resident + window, from the Plan),
+                    so free_memory() does not evict other models for bytes we never load there;
+                    get_ram_usage() stays the whole model (it lives in RAM).
+
+The compiled state lives on the underlying torch module (`patcher.model`), shared by all clones,
+exactly like ComfyUI's own `model_loaded_weight_memory`.
+
+Dynamic VRAM path (ComfyUI 2026, ModelPatcherDynamic + comfy-aimdo)
+-------------------------------------------------------------------
+A ModelPatcherDynamic pages weights itself through aimdo's virtual address ranges, which would fight
+our placement.  When `distorch()` meets one, it builds a classic-based DisTorch patcher for the same
+model (copying patches, object patches, model options, callbacks, wrappers, attachments) and hands
+that to ComfyUI; load_models_gpu then treats it like any classic model.  CI can only run 0.3.75.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import sys
+import threading
+
+import torch
+
+from ..errors import DisTorchError
+
+log = logging.getLogger("distorch")
+GiB = 1 << 30
+
+_lock = threading.RLock()
+_PATH_LOGGED = [False]
+_MIXED: dict[type, type] = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# discovery
+# ------------------------------------------------------------------------------------------------
+def _mm():
+    import comfy.model_management as mm
+    return mm
+
+
+def _mp():
+    import comfy.model_patcher as mp
+    return mp
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+        return str(comfyui_version.__version__)
+    except Exception:
+        return "unknown"
+
+
+def path() -> str:
+    """'dynamic' when this ComfyUI pages weights with ModelPatcherDynamic (aimdo enabled), else 'classic'."""
+    mp = _mp()
+    dyn = getattr(mp, "ModelPatcherDynamic", None)
+    if dyn is None:
+        p = "classic"
+    else:
+        enabled = False
+        try:
+            import comfy.memory_management as mem
+            enabled = getattr(mem, "aimdo_enabled", False) is True
+        except Exception:
+            enabled = False
+        core = getattr(mp, "CoreModelPatcher", None)
+        p = "dynamic" if (enabled or (core is not None and core is dyn)) else "classic"
+    if not _PATH_LOGGED[0]:
+        _PATH_LOGGED[0] = True
+        log.info("DisTorch: ComfyUI %s, %s ModelPatcher path%s", comfy_version(), p,
+                 " (ModelPatcherDynamic available)" if dyn is not None and p == "classic" else "")
+    return p
+
+
+def core_node_class(name: str):
+    """ComfyUI's node class registered as `name` (nodes.NODE_CLASS_MAPPINGS), or None."""
+    try:
+        import nodes
+    except Exception:
+        return None
+    return getattr(nodes, "NODE_CLASS_MAPPINGS", {}).get(name)
+
+
+def device_list() -> list[str]:
+    """Devices that exist, GPUs first (cuda:0, cuda:1, ..., xpu:N, mps), then 'cpu'."""
+    out: list[str] = []
+    try:
+        if torch.cuda.is_available():
+            out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    try:
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            out += [f"xpu:{i}" for i in range(torch.xpu.device_count())]
+    except Exception:
+        pass
+    try:
+        if torch.backends.mps.is_available():
+            out.append("mps")
+    except Exception:
+        pass
+    out.append("cpu")
+    return out
+
+
+def default_device() -> str:
+    return device_list()[0]
+
+
+def _device(dev, what: str = "device") -> torch.device:
+    if isinstance(dev, torch.device):
+        d = dev
+    else:
+        s = str(dev).strip()
+        if s in ("", "default"):
+            return _mm().get_torch_device()
+        try:
+            d = torch.device(s)
+        except Exception:
+            raise DisTorchError(f"{what} {dev!r} is not a device name; use one of {device_list()}") from None
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", 0)
+    if d.type != "cpu" and str(d) not in device_list() and str(d) != "mps":
+        raise DisTorchError(f"{what} {str(dev)!r} does not exist on this machine; use one of {device_list()}")
+    return d
+
+
+def _same(a, b) -> bool:
+    """Device equality with DisTorch's names ('cpu:0' is the host computing) folded in."""
+    def n(x):
+        s = str(x)
+        if s in ("cpu:0",):
+            return "cpu"
+        if s == "cuda":
+            return "cuda:0"
+        return s
+    return n(a) == n(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# patchers inside the objects ComfyUI passes around
+# ------------------------------------------------------------------------------------------------
+def _is_patcher(x) -> bool:
+    return isinstance(x, _mp().ModelPatcher)
+
+
+def _patcher_slot(obj):
+    """(holder, attribute) where obj keeps its ModelPatcher; holder None when obj IS the patcher."""
+    if _is_patcher(obj):
+        return None, None
+    for attr in ("patcher", "control_model_wrapped"):
+        p = getattr(obj, attr, None)
+        if p is not None and _is_patcher(p):
+            return obj, attr
+    raise DisTorchError(f"cannot find a ComfyUI model inside a {type(obj).__name__}: expected a MODEL, CLIP, "
+                        "VAE, CONTROL_NET or CLIP_VISION output of a loader")
+
+
+def _get_patcher(obj):
+    holder, attr = _patcher_slot(obj)
+    return obj if holder is None else getattr(holder, attr)
+
+
+def _retarget(obj, dev: torch.device):
+    """Point obj's loads at `dev` (attributes ComfyUI reads when it loads the model)."""
+    if obj is None or isinstance(obj, (str, int, float, bool, dict, list, tuple, torch.Tensor)):
+        return
+    try:
+        p = _get_patcher(obj)
+    except DisTorchError:
+        return
+    p.load_device = dev
+    if dev.type == "cpu":
+        p.offload_device = dev
+    if p is not obj:
+        if hasattr(obj, "load_device"):
+            obj.load_device = dev          # ControlNet, CLIPVision
+        if hasattr(obj, "first_stage_model") and hasattr(obj, "device"):
+            obj.device = dev               # VAE moves its inputs to .device
+    log.info("DisTorch: %s loads on %s", type(obj).__name__, dev)
+
+
+def load_on_device(device, fn, *args, **kw):
+    """Run core loader `fn(*args, **kw)`; its MODEL/CLIP/VAE/CONTROL_NET/CLIP_VISION outputs load on `device`."""
+    dev = _device(device)
+    out = fn(*args, **kw)
+    items = out if isinstance(out, tuple) else (out,)
+    for o in items:
+        _retarget(o, dev)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled state, shared by all clones of one model
+# ------------------------------------------------------------------------------------------------
+class _Config:
+    def __init__(self, compute: torch.device, vram_gb: float, donors: list[str], expert: str):
+        self.compute = compute
+        self.vram_gb = vram_gb
+        self.donors = donors
+        self.expert = expert
+
+    def __repr__(self):
+        if self.expert:
+            return f"compute={self.compute} expert={self.expert!r}"
+        return f"compute={self.compute} virtual_vram_gb={self.vram_gb} donors={','.join(self.donors)}"
+
+
+class _State:
+    """DisTorch state of one torch model (patcher.model); every clone of its patcher sees the same one."""
+
+    def __init__(self, cfg: _Config, total_bytes: int):
+        self.cfg = cfg
+        self.total_bytes = int(total_bytes)
+        self.plan = None          # the Plan; made once, reused by every later compile
+        self.handle = None        # the live distorch Handle while loaded
+        self.device = None        # device it is compiled for
+        self.index = None         # id(param) -> (unit index, position) for streamed params
+        self.logged = False
+        self.compiles = 0
+        self.releases = 0
+        self.repatches = 0
+
+    # bytes the compiled model holds on its compute device
+    def vram_bytes(self) -> int:
+        h = self.handle
+        rt = getattr(h, "runtime", None) if h is not None else None
+        if rt is not None and hasattr(rt, "resident_bytes"):
+            return int(rt.resident_bytes + getattr(rt, "W", 0) * getattr(rt, "slot_bytes", 0))
+        p = self.plan
+        if p is not None:
+            dev = p.devices.get(p.compute, {})
+            return int(dev.get("bytes", p.model_bytes - p.offloaded_bytes()) + (p.window_bytes or 0))
+        if self.cfg.expert:
+            return self.total_bytes
+        return max(0, self.total_bytes - int(self.cfg.vram_gb * GiB))
+
+
+def _state(model):
+    return model.__dict__.get("_distorch_state") if model is not None else None
+
+
+def _target(model):
+    """The torch module DisTorch compiles: the diffusion model of a BaseModel, else the model itself."""
+    dm = getattr(model, "diffusion_model", None)
+    return dm if isinstance(dm, torch.nn.Module) else model
+
+
+def _prefix(model) -> str:
+    return "diffusion_model." if _target(model) is not model else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# allocation table
+# ------------------------------------------------------------------------------------------------
+def allocation_table(plan, title: str = "") -> str:
+    """The table users know: per device memory, the share of the model (GB, %), layer types and counts,
+    the v2 expert string, the predicted step overhead."""
+    tot = plan.model_bytes or 1
+    lines = ["=" * 78, f"DisTorch2 allocation{(' - ' + title) if title else ''}", "=" * 78,
+             f"{'device':<10}{'memory GB':>11}{'model GB':>11}{'% model':>9}  layers (by type)", "-" * 78]
+    devs = dict(plan.devices or {})
+    if not devs:
+        for u in plan.units:
+            d = devs.setdefault(u.device, {"bytes": 0, "types": {}, "total": 0})
+            d["bytes"] += u.bytes
+            d["types"][u.type] = d["types"].get(u.type, 0) + 1
+    for name, d in devs.items():
+        b = int(d.get("bytes", 0))
+        types = d.get("types") or {}
+        t = ", ".join(f"{k} x{v}" for k, v in sorted(types.items(), key=lambda kv: -kv[1])) or "-"
+        mem = d.get("total", 0) / GiB
+        lines.append(f"{name:<10}{mem:>11.2f}{b / GiB:>11.3f}{100.0 * b / tot:>8.1f}%  {t}")
+    lines.append("-" * 78)
+    lines.append(f"model {tot / GiB:.3f} GB, {len(plan.units)} units, {plan.offloaded_bytes() / GiB:.3f} GB "
+                 f"streamed to {plan.compute} through a {plan.window_bytes / GiB:.3f} GB window")
+    pr = plan.predicted or {}
+    step, comp = pr.get("step_s"), pr.get("compute_s")
+    if step:
+        over = pr.get("overhead_s", (step - comp) if comp is not None else None)
+        extra = f", overhead {over * 1e3:.1f} ms ({100.0 * over / comp:.0f}% of compute)" if (
+            over is not None and comp) else ""
+        lines.append(f"predicted step {step * 1e3:.1f} ms (all resident {comp * 1e3 if comp else 0:.1f} ms){extra}"
+                     f" [{pr.get('basis', '?')}]")
+    lines.append(f"v2 Expert String: {plan.expert_string}")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+def _log_plan(st: _State, what: str):
+    if st.plan is not None and not st.logged:
+        st.logged = True
+        log.info("%s", allocation_table(st.plan, what))
+
+
+# ------------------------------------------------------------------------------------------------
+# planning and compiling
+# ------------------------------------------------------------------------------------------------
+def _plan(module, cfg: _Config):
+    """Trace + partition without moving a byte (errors in the inputs surface at the loader node)."""
+    from ..compiler.trace import trace
+    from ..passes.partition import partition
+    from ..runtime import api
+    comp = api._norm_compute(str(cfg.compute))
+    graph = trace(module)
+    inv = api._inventory(comp, cfg.donors)
+    if cfg.expert:
+        return partition(graph, inv, comp, expert=cfg.expert)
+    return partition(graph, inv, comp, vram_gb=cfg.vram_gb, donors=cfg.donors)
+
+
+def _compile(module, st: _State, device):
+    from ..runtime.api import compile as _c
+    kw = {"compute": "cpu" if torch.device(device).type == "cpu" else str(device), "progress": True}
+    if st.plan is not None and _same(st.plan.compute, device):
+        kw["plan"] = st.plan
+    elif st.cfg.expert:
+        kw["expert"] = st.cfg.expert
+    else:
+        kw["vram_gb"] = st.cfg.vram_gb
+        kw["donors"] = list(st.cfg.donors)
+    h = _c(module, **kw)
+    st.handle, st.plan, st.device, st.index = h, h.plan, torch.device(device), None
+    st.compiles += 1
+    return h
+
+
+def _undo(st: _State, to_device):
+    """Free homes and slots; the weights end on `to_device`."""
+    h = st.handle
+    st.handle, st.index, st.device = None, None, None
+    if h is None:
+        return
+    try:
+        h.undo(device=to_device)           # a runtime that can send weights straight to the host
+    except TypeError:
+        h.undo()
+    st.releases += 1
+
+
+def _stream_index(st: _State):
+    """id(param) -> (home view) for streamed params of the live runtime."""
+    if st.index is None:
+        idx = {}
+        rt = getattr(st.handle, "runtime", None)
+        if rt is not None and getattr(rt, "P", None) is not None:
+            for i, params in enumerate(rt.P):
+                views = rt.homes[rt.units[i]].views()
+                for p, v in zip(params, views):
+                    idx[id(p)] = v
+        st.index = idx
+    return st.index
+
+
+def _invalidate_slots(st: _State):
+    """After writing homes, make the runtime copy again before the next unit runs."""
+    rt = getattr(st.handle, "runtime", None)
+    if rt is None:
+        return
+    if hasattr(rt, "content"):
+        rt.content = [-1] * len(rt.content)
+    if hasattr(rt, "primed"):
+        rt.primed = False
+
+
+def _sync(st: _State):
+    rt = getattr(st.handle, "runtime", None)
+    be = getattr(rt, "be", None)
+    if be is not None and hasattr(be, "synchronize"):
+        be.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# the patcher
+# ------------------------------------------------------------------------------------------------
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+
+
+class DisTorchPatcherMixin:
+    """Mixed over a ComfyUI ModelPatcher class; see the module docstring."""
+
+    distorch = True
+
+    # -- what ComfyUI's memory manager reads
+    def model_size(self):
+        st = _state(self.model)
+        if st is None:
+            return super().model_size()
+        return st.vram_bytes()
+
+    def get_ram_usage(self):
+        st = _state(self.model)
+        return st.total_bytes if st is not None else super().get_ram_usage()
+
+    def distorch_state(self):
+        return _state(self.model)
+
+    # -- loading
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        st = _state(self.model)
+        if st is None:
+            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load)
+        mp = _mp()
+        with self.use_ejected():
+            self.unpatch_hooks()
+            if st.handle is not None and not _same(st.device, device_to):
+                self._distorch_release(self.offload_device)
+            if st.handle is None:
+                for key in list(self.patches):
+                    self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
+                module = _target(self.model)
+                _compile(module, st, device_to)
+                _log_plan(st, type(self.model).__name__)
+            elif self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights:
+                self._distorch_repatch(device_to)
+            self.model.device = device_to
+            self.model.model_loaded_weight_memory = st.vram_bytes()
+            self.model.model_lowvram = False
+            self.model.lowvram_patch_counter = 0
+            self.model.current_weight_patches_uuid = self.patches_uuid
+            if hasattr(self.model, "model_offload_buffer_memory"):
+                self.model.model_offload_buffer_memory = 0
+            for callback in self.get_all_callbacks(mp.CallbacksMP.ON_LOAD):
+                callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+            self.apply_hooks(self.forced_hooks, force_apply=True)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        st = _state(self.model)
+        if st is None or st.handle is None or not _same(st.device, device_to):
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
+        # compiled on this device already: nothing to move; apply a changed set of weight patches in place
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
+            super().unpatch_model(self.offload_device, unpatch_weights=False)   # object patches only
+            self.patch_model(load_weights=False)
+            if changed:
+                self.unpatch_hooks()
+                self._distorch_repatch(device_to)
+                self.model.current_weight_patches_uuid = self.patches_uuid
+            self.model.model_loaded_weight_memory = st.vram_bytes()
+            self.apply_hooks(self.forced_hooks, force_apply=True)
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        st = _state(self.model)
+        if st is None:
+            return super().partially_unload(device_to, memory_to_free, force_patch_weights)
+        return 0      # a compiled placement is freed whole (ComfyUI then detaches the model)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        st = _state(self.model)
+        if st is not None and unpatch_weights and st.handle is not None:
+            self.eject_model()
+            self._distorch_release(device_to if device_to is not None else self.offload_device)
+        return super().unpatch_model(device_to, unpatch_weights)
+
+    # -- helpers
+    def _distorch_release(self, to_device):
+        st = _state(self.model)
+        _undo(st, to_device)
+        if to_device is not None:
+            self.model.to(to_device)
+            self.model.device = to_device
+        self.model.model_loaded_weight_memory = 0
+        log.info("DisTorch: released %s (homes and slots freed, weights on %s)", type(self.model).__name__, to_device)
+
+    def _distorch_repatch(self, device_to):
+        """Write the current weight patches into the live storage, from the kept originals."""
+        st = _state(self.model)
+        mp = _mp()
+        mm = _mm()
+        import comfy.lora
+        import comfy.float
+        keys = set(self.patches) | set(self.backup)
+        if not keys:
+            return
+        _sync(st)
+        index = _stream_index(st)
+        done = 0
+        with torch.no_grad():
+            for key in sorted(keys):
+                live, set_func, convert_func = mp.get_key_weight(self.model, key)
+                if set_func is not None:
+                    raise DisTorchError(f"weight {key!r} is a custom-stored tensor; DisTorch cannot re-patch it "
+                                        "in place (reload the model to change its patches)")
+                bk = self.backup.get(key)
+                if bk is None:
+                    home = index.get(id(live))
+                    src = home if home is not None else live
+                    bk = _Backup(src.to(device=self.offload_device, copy=True), True)
+                    self.backup[key] = bk
+                orig = bk.weight
+                if key in self.patches:
+                    temp = mm.cast_to_device(orig, device_to, torch.float32, copy=True)
+                    if convert_func is not None:
+                        temp = convert_func(temp, inplace=True)
+                    out = comfy.lora.calculate_weight(self.patches[key], temp, key)
+                    out = comfy.float.stochastic_rounding(out, orig.dtype, seed=mp.string_to_seed(key))
+                else:
+                    out = orig
+                home = index.get(id(live))
+                dst = home if home is not None else live.data
+                if tuple(dst.shape) != tuple(out.shape):
+                    raise DisTorchError(f"weight {key!r}: live shape {tuple(dst.shape)} != patched {tuple(out.shape)}")
+                dst.copy_(out)
+                if key not in self.patches:
+                    self.backup.pop(key, None)
+                done += 1
+        _invalidate_slots(st)
+        st.repatches += 1
+        log.info("DisTorch: re-patched %d weights in place (no reload)", done)
+
+
+def _mixed_class(base: type) -> type:
+    with _lock:
+        cls = _MIXED.get(base)
+        if cls is None:
+            if issubclass(base, DisTorchPatcherMixin):
+                return base
+            cls = type(f"DisTorch{base.__name__}", (DisTorchPatcherMixin, base), {"__module__": __name__})
+            _MIXED[base] = cls
+        return cls
+
+
+def _classic_copy(p, cls):
+    """A classic-based DisTorch patcher for p's model (the Dynamic-VRAM path)."""
+    import copy as _copy
+    n = cls(p.model, p.load_device, p.offload_device)
+    for k in ("patches", "object_patches", "weight_wrapper_patches", "attachments", "additional_models",
+              "callbacks", "wrappers", "injections", "hook_patches", "forced_hooks", "is_clip", "hook_mode",
+              "force_cast_weights", "weight_inplace_update"):
+        if hasattr(p, k):
+            v = getattr(p, k)
+            setattr(n, k, _copy.copy(v) if isinstance(v, dict) else v)
+    n.model_options = _copy.deepcopy(p.model_options)
+    n.patches_uuid = p.patches_uuid
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# the entry point of the DisTorch2 nodes
+# ------------------------------------------------------------------------------------------------
+def eject(device) -> int:
+    """Unload every model ComfyUI holds on `device`; returns how many."""
+    mm = _mm()
+    dev = _device(device, "compute_device")
+    before = [lm for lm in mm.current_loaded_models if _same(lm.device, dev)]
+    mm.free_memory(1e30, dev)
+    mm.soft_empty_cache()
+    after = [lm for lm in mm.current_loaded_models if _same(lm.device, dev)]
+    n = len(before) - len(after)
+    log.info("DisTorch: eject_models unloaded %d model(s) from %s", n, dev)
+    return n
+
+
+def distorch(obj, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cpu", expert="",
+             eject_models=True):
+    """Hand ComfyUI a version of obj whose model runs under a DisTorch Plan (module docstring)."""
+    if obj is None:
+        raise DisTorchError("distorch() got no model (the loader returned None)")
+    compute = _device(compute_device, "compute_device")
+    expert = (expert or "").strip()
+    try:
+        vram_gb = float(virtual_vram_gb)
+    except (TypeError, ValueError):
+        raise DisTorchError(f"virtual_vram_gb={virtual_vram_gb!r} is not a number; give GB (2^30 bytes), "
+                            "e.g. 4.0") from None
+    if not math.isfinite(vram_gb) or vram_gb < 0:
+        raise DisTorchError(f"virtual_vram_gb={virtual_vram_gb!r}: give 0 or more GB")
+    if isinstance(donor_device, (list, tuple)):
+        donors = [str(d).strip() for d in donor_device if str(d).strip()]
+    else:
+        donors = [d.strip() for d in str(donor_device or "cpu").split(",") if d.strip()]
+    for d in donors:
+        _device(d, "donor_device")
+    if not expert and compute.type != "cpu" and any(_same(_device(d), compute) for d in donors):
+        raise DisTorchError(f"donor_device {donor_device!r} is the compute device; donors hold what does "
+                            "NOT fit it (use cpu or another GPU)")
+    which = path()
+    holder, attr = _patcher_slot(obj)
+    p = obj if holder is None else getattr(holder, attr)
+
+    if eject_models:
+        eject(compute)
+
+    model = p.model
+    # ComfyUI may hold this model loaded already (CLIP loaders load eagerly): unload it the usual way
+    # first, so that the next load goes through the DisTorch patcher (and a previous compile is undone)
+    for lm in list(_mm().current_loaded_models):
+        if lm.model is not None and lm.model.model is model:
+            lm.model_unload()
+            _mm().current_loaded_models.remove(lm)
+    old = _state(model)
+    if old is not None and old.handle is not None:
+        _undo(old, p.offload_device)
+
+    dyn = getattr(_mp(), "ModelPatcherDynamic", None)
+    if dyn is not None and isinstance(p, dyn):
+        newp = _classic_copy(p, _mixed_class(_mp().ModelPatcher))
+        log.info("DisTorch: ModelPatcherDynamic replaced by a classic DisTorch patcher for this model")
+    else:
+        p.__class__ = _mixed_class(type(p))
+        newp = p
+    newp.load_device = compute
+    if compute.type == "cpu":
+        newp.offload_device = compute
+    if holder is not None:
+        setattr(holder, attr, newp)
+        if hasattr(holder, "load_device"):
+            holder.load_device = compute
+        if hasattr(holder, "first_stage_model") and hasattr(holder, "device"):
+            holder.device = compute
+
+    cfg = _Config(compute, vram_gb, donors, expert)
+    mm = _mm()
+    st = _State(cfg, mm.module_size(model))
+    model.__dict__["_distorch_state"] = st
+    try:
+        st.plan = _plan(_target(model), cfg)
+    except (ImportError, AttributeError) as e:   # planner API not available here: plan at load time
+        log.info("DisTorch: planning deferred to load time (%s)", e)
+    _log_plan(st, f"{type(model).__name__} ({which} path, {cfg})")
+    return newp if holder is None else obj
+
+
+def release(obj) -> bool:
+    """Unload obj from ComfyUI now (as its memory manager would): frees homes, slots, donor memory."""
+    p = _get_patcher(obj)
+    mm = _mm()
+    for lm in list(mm.current_loaded_models):
+        if lm.model is not None and lm.model.is_clone(p):
+            lm.model_unload()
+            mm.current_loaded_models.remove(lm)
+            return True
+    st = _state(p.model)
+    if st is not None and st.handle is not None:
+        p.detach()
+        return True
+    return False
+
+
+def state_of(obj):
+    """The DisTorch state of obj's model (plan, handle, counters), or None."""
+    return _state(_get_patcher(obj).model)
