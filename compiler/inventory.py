@@ -52,7 +52,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 from ..errors import InventoryError

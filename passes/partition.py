@@ -43,7 +43,7 @@ import bisect
 import math
 from decimal import Decimal, ROUND_CEILING
 
-from ..compiler.cost import simulate, simulate_core, unit_compute_s, unit_transfer_s, n_slots_for
+from ..compiler.cost import simulate, simulate_core, unit_compute_s, unit_transfer_s
 from ..compiler.graph import ModuleGraph, Unit
 from ..compiler.inventory import Inventory, InventoryError, normalize_device
 from ..compiler.plan import GiB, Plan, PlacedUnit

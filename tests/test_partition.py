@@ -9,7 +9,7 @@ from distorch.compiler.cost import (COPY_FIXED_S, FALLBACK_FLOPS_PER_BYTE, simul
 from distorch.compiler.graph import ModuleGraph, Unit, ROOT
 from distorch.compiler.inventory import declare
 from distorch.compiler.plan import Plan
-from distorch.errors import AllocationError, DisTorchError, PartitionError
+from distorch.errors import DisTorchError, PartitionError
 from distorch.passes.partition import partition, priority_order
 from distorch.passes.schedule import Schedule, schedule
 from distorch.passes.verify import PlanVerificationError, check, verify
