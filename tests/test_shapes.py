@@ -5,7 +5,14 @@ from distorch.compiler.files import graph_from_file
 from distorch.compiler.shapes import BUILTINS, builtin_infos
 from distorch.errors import DisTorchError
 
-diffusers = pytest.importorskip("diffusers")
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except Exception as e:  # absent, or broken by its dependencies in this environment
+        pytest.skip(f"diffusers not importable: {e}")
+    return diffusers
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4,
@@ -30,6 +37,7 @@ def names(g):
 
 @pytest.fixture(scope="module")
 def flux_models():
+    diffusers = _diffusers()
     with torch.device("meta"):
         return (diffusers.FluxTransformer2DModel(guidance_embeds=True),   # dev
                 diffusers.FluxTransformer2DModel())                       # default config = schnell
@@ -78,6 +86,7 @@ def test_flux_keys_and_units():
 
 
 def test_sdxl_count_matches_diffusers():
+    diffusers = _diffusers()
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
     infos = builtin_infos("sdxl")
@@ -114,6 +123,7 @@ def test_sdxl_keys_and_units():
 
 
 def test_wan_count_matches_diffusers():
+    diffusers = _diffusers()
     with torch.device("meta"):
         wan = diffusers.WanTransformer3DModel()   # default config = Wan 2.1 14B
     assert wan.config.num_layers == 40 and wan.config.ffn_dim == 13824
@@ -146,3 +156,48 @@ def test_unknown_builtin():
     assert set(BUILTINS) >= {"flux-dev", "flux-schnell", "sdxl", "wan2.1-14b"}
     with pytest.raises(DisTorchError, match="'flux-pro'.*flux-dev, flux-schnell, sdxl, wan2.1-14b"):
         builtin_infos("flux-pro")
+
+
+_COMFY_SCRIPT = r'''
+import json, sys, torch
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing(False)
+import comfy.cli_args; comfy.cli_args.args.cpu = True
+import comfy.model_detection, comfy.ops
+from distorch.compiler.shapes import builtin_infos
+out = {}
+for name, prefix in [("flux-dev", ""), ("flux-schnell", ""), ("sdxl", "model.diffusion_model."), ("wan2.1-14b", "")]:
+    infos = builtin_infos(name)
+    sd = {i.name: torch.empty(i.shape, device="meta", dtype=torch.bfloat16) for i in infos}
+    cfg = comfy.model_detection.model_config_from_unet(sd, prefix)
+    if name.startswith("flux"):
+        from comfy.ldm.flux.model import Flux as C
+    elif name == "sdxl":
+        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as C
+    else:
+        from comfy.ldm.wan.model import WanModel as C
+    uc = dict(cfg.unet_config)
+    uc.pop("image_model", None)
+    m = C(**uc, device="meta", dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    got = {k: list(v.shape) for k, v in m.state_dict().items()}
+    want = {i.name[len(prefix):]: list(i.shape) for i in infos}
+    out[name] = [type(cfg).__name__, got == want, sorted(set(got) ^ set(want))[:5]]
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_comfyui_detects_builtins_and_builds_the_same_tensors():
+    """ComfyUI (when set up) detects each built-in's keys as the right model, and the model it builds
+    has exactly our tensor names and shapes."""
+    import subprocess
+    import sys
+    from comfy_harness import COMFY_DIR, require_comfy
+    require_comfy()
+    r = subprocess.run([sys.executable, "-c", _COMFY_SCRIPT], cwd=str(COMFY_DIR), capture_output=True, text=True,
+                       timeout=300)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, r.stderr[-3000:]
+    import json
+    res = json.loads(line[0][7:])
+    assert res == {"flux-dev": ["Flux", True, []], "flux-schnell": ["FluxSchnell", True, []],
+                   "sdxl": ["SDXL", True, []], "wan2.1-14b": ["WAN21_T2V", True, []]}

@@ -322,7 +322,10 @@ def test_mixed_meta_and_real_falls_back_with_warning():
 
 
 def test_diffusers_flux_tiny_on_meta():
-    diffusers = pytest.importorskip("diffusers")
+    try:
+        import diffusers
+    except Exception as e:  # absent, or broken by its dependencies in this environment
+        pytest.skip(f"diffusers not importable: {e}")
     with torch.device("meta"):
         m = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=16,
