@@ -167,7 +167,8 @@ def read_gguf(path: str) -> tuple[list[TensorInfo], dict]:
             raise FileFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         (version,) = r.unpack("I", "version")
         if version not in (2, 3):
-            raise FileFormatError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
+            hint = " (a big-endian file? only little-endian GGUF is supported)" if version in (2 << 24, 3 << 24) else ""
+            raise FileFormatError(f"{path}: unsupported GGUF version {version} (supported: 2, 3){hint}")
         n_tensors, n_kv = r.unpack("QQ", "tensor/metadata counts")
         if n_tensors > size or n_kv > size:
             raise FileFormatError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata entries")
