@@ -23,6 +23,7 @@ no ROOT unit to take them), graph.module_names ({unit name: module qualified nam
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -154,11 +155,13 @@ class _FlopMode(TorchDispatchMode):
 
 
 class _State:
-    def __init__(self, timed: bool, sync):
+    """Hook-side bookkeeping. count: calls / order / FLOPs / output bytes; timed: wall time per unit."""
+
+    def __init__(self, timed: bool, sync, count: bool = True):
         self.stack: list[_UnitInfo] = []
         self.pos = 0
         self.outside = 0.0
-        self.timed, self.sync = timed, sync
+        self.timed, self.sync, self.count = timed, sync, count
         self.t0: list[float] = []
 
     def add_flops(self, f):
@@ -168,11 +171,12 @@ class _State:
             self.outside += float(f)
 
     def pre(self, u: _UnitInfo):
-        u.calls += 1
-        if u.first is None:
-            u.first = self.pos
-        self.pos += 1
-        self.stack.append(u)
+        if self.count:
+            u.calls += 1
+            if u.first is None:
+                u.first = self.pos
+            self.pos += 1
+            self.stack.append(u)
         if self.timed:
             self.sync()
             self.t0.append(time.perf_counter())
@@ -181,20 +185,23 @@ class _State:
         if self.timed and self.t0:
             self.sync()
             u.time += time.perf_counter() - self.t0.pop()
-        if self.stack and self.stack[-1] is u:
-            self.stack.pop()
-        u.act += _out_bytes(out)
+        if self.count:
+            if self.stack and self.stack[-1] is u:
+                self.stack.pop()
+            u.act += _out_bytes(out)
 
 
-def _traced_call(module, units, args, kwargs, on_meta: bool, record: bool):
+def _traced_call(module, units, args, kwargs, on_meta: bool, *, timed: bool = False, count: bool = True):
+    """One no_grad call of `module` with hooks on the unit modules (removed afterwards, always).
+    count=True counts FLOPs under a dispatch mode; timed=True measures wall time per unit (synchronising
+    a CUDA device around each unit), without the dispatch mode so its overhead is not timed."""
     dev = None
     for t in module.parameters():
         dev = t.device
         break
     sync = (lambda: torch.cuda.synchronize(dev)) if (dev is not None and dev.type == "cuda") else (lambda: None)
-    state = _State(timed=record and not on_meta, sync=sync)
+    state = _State(timed=timed, sync=sync, count=count)
     handles = []
-    # one unit per module object; a module that is several units' module cannot happen (see walk)
     try:
         for u in units.values():
             handles.append(u.module.register_forward_pre_hook(lambda m, a, _u=u: state.pre(_u)))
@@ -202,13 +209,13 @@ def _traced_call(module, units, args, kwargs, on_meta: bool, record: bool):
         if on_meta:
             to_meta = (lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x)
             args, kwargs = tree_map(to_meta, args), tree_map(to_meta, kwargs)
-        with torch.no_grad():
+        with contextlib.ExitStack() as ctx:
+            ctx.enter_context(torch.no_grad())
             if on_meta:
-                with torch.device("meta"), _FlopMode(state):
-                    module(*args, **kwargs)
-            else:
-                with _FlopMode(state):
-                    module(*args, **kwargs)
+                ctx.enter_context(torch.device("meta"))
+            if count:
+                ctx.enter_context(_FlopMode(state))
+            module(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -237,8 +244,8 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
     With example inputs the module is called once (no_grad) with hooks on the unit modules: on the
     meta device when all its tensors are meta (inputs are moved to meta), else a real call. That call
     gives the execution order, `calls` per unit, FLOPs and output (activation) bytes per call;
-    record=True also measures `time_s` per unit on a real call. Without inputs: registration order,
-    calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises: a real call's error
+    record=True on a real module makes a second, timed call for `time_s` per unit. Without inputs:
+    registration order, calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises: a real call's error
     propagates; a failed meta call warns and falls back to registration order.
     """
     if not isinstance(module, nn.Module):
@@ -262,7 +269,10 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
         else:
             t0 = time.perf_counter()
             try:
-                state = _traced_call(module, units, tuple(example_args), dict(example_kwargs), all_meta, record)
+                state = _traced_call(module, units, tuple(example_args), dict(example_kwargs), all_meta)
+                if record and not all_meta:  # a second, timed call (the first one warmed up)
+                    _traced_call(module, units, tuple(example_args), dict(example_kwargs), False,
+                                 timed=True, count=False)
             except Exception as e:
                 if not all_meta:
                     raise

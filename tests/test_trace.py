@@ -309,7 +309,10 @@ def test_record_measures_time_on_real_call():
             return self.blocks[1](self.blocks[0](x + self.pos))
 
     g = trace(W(), (torch.randn(1, 8),), record=True)
+    assert names(g) == [ROOT, "blocks.0", "blocks.1"]
     assert all(u.time_s is not None and u.time_s >= 0 for u in g)
+    assert all(u.calls == 1 for u in g)                     # the timed second call is not counted
+    assert g["blocks.0"].flops == 2 * (2 * 8 * 8)
     g2 = trace(W(), (torch.randn(1, 8),))
     assert all(u.time_s is None for u in g2)
 
