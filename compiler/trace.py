@@ -245,8 +245,8 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
     meta device when all its tensors are meta (inputs are moved to meta), else a real call. That call
     gives the execution order, `calls` per unit, FLOPs and output (activation) bytes per call;
     record=True on a real module makes a second, timed call for `time_s` per unit. Without inputs:
-    registration order, calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises: a real call's error
-    propagates; a failed meta call warns and falls back to registration order.
+    registration order, calls=1, no FLOPs. Hooks are removed afterwards, also when the call raises:
+    a real call's error propagates; a failed meta call warns and falls back to registration order.
     """
     if not isinstance(module, nn.Module):
         raise DisTorchError(f"trace() needs a torch.nn.Module, got {type(module).__name__}")
