@@ -5,7 +5,7 @@ ComfyUI or another pack changes its loader), adds our inputs, and calls the base
 comfy_nodes.adapter (the only module that touches ComfyUI internals):
 
     adapter.core_node_class(name)            -> ComfyUI's node class, or None
-    adapter.device_list()                    -> ["cpu", "cuda:0", ...]
+    adapter.device_list()                    -> ["cuda:0", ..., "cpu"]
     adapter.load_on_device(device, fn)       -> fn()'s outputs, retargeted to load on `device`
     adapter.distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models) -> obj
 
@@ -35,40 +35,12 @@ TIP_LEGACY_VVRAM = "GB (2^30 bytes) of the model to keep off `device` (legacy Di
 
 
 def _adapter():
-    """comfy_nodes.adapter, imported late (registration tests replace it). Until that module exists,
-    a stand-in that can register nodes but not place models (load_on_device runs fn unchanged,
-    distorch raises)."""
-    try:
-        from . import adapter
-    except ModuleNotFoundError as e:
-        if not (e.name or "").endswith("adapter"):
-            raise
-        return _NoAdapter
+    from . import adapter  # imported late: registration tests replace _adapter
     return adapter
 
 
-class _NoAdapter:
-    @staticmethod
-    def core_node_class(name):
-        import nodes  # ComfyUI's public node registry
-        return nodes.NODE_CLASS_MAPPINGS.get(name)
-
-    @staticmethod
-    def device_list():
-        import torch
-        return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-    @staticmethod
-    def load_on_device(device, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    @staticmethod
-    def distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models):
-        raise NotImplementedError("comfy_nodes/adapter.py is missing: DisTorch2 placement is unavailable")
-
-
 def devices():
-    """The device names offered in every device list (['cpu', 'cuda:0', ...])."""
+    """The device names offered in every device list (['cuda:0', ..., 'cpu'])."""
     devs = [str(d) for d in _adapter().device_list()]
     return devs or ["cpu"]
 
