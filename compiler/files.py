@@ -241,14 +241,18 @@ for _rank, _names in [
     (0, ["img_in", "x_embedder", "patch_embedding", "patch_embed", "pos_embed", "conv_in"]),
     (1, ["time_in", "time_embed", "time_embedding", "time_proj", "time_text_embed", "t_embedder",
          "condition_embedder"]),
-    (2, ["guidance_in", "label_emb", "add_embedding", "y_embedder", "time_projection"]),
+    (2, ["guidance_in", "label_emb", "add_embedding", "y_embedder", "time_projection",
+         "distilled_guidance_layer"]),
     (3, ["vector_in", "text_embedding", "img_emb"]),
     (4, ["txt_in", "context_embedder", "encoder_hid_proj"]),
     # block lists
+    (50, ["noise_refiner", "context_refiner"]),
     (100, ["double_blocks", "input_blocks", "down_blocks", "joint_blocks", "transformer_blocks", "blocks",
+           "double_stream_blocks", "double_layers",
            "layers"]),
     (110, ["middle_block", "mid_block"]),
-    (120, ["single_blocks", "output_blocks", "up_blocks", "single_transformer_blocks"]),
+    (120, ["single_blocks", "output_blocks", "up_blocks", "single_transformer_blocks", "single_stream_blocks",
+           "single_layers"]),
     # outputs
     (200, ["final_layer", "norm_out", "conv_norm_out", "out", "head", "final_norm"]),
     (201, ["proj_out", "conv_out", "scale_shift_table"]),
@@ -300,6 +304,10 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
     Keys are stripped of a known prefix (model.diffusion_model., diffusion_model., transformer., unet.);
     a unit is `<family>.<int>` for block lists (double_blocks.7, input_blocks.4, blocks.30 ...),
     `middle_block` / `mid_block` as one unit, else the first key component (img_in, final_layer ...).
+    Order: known families in forward order (FAMILY_RANK), numeric index inside a family; an unknown
+    list of blocks runs among the blocks (after the known ones of its rank; "single..." lists with the
+    single blocks); other unknown families keep first-appearance order, each right after the known
+    family that appeared before it.
     Unit.tensors keep the keys as stored. When some keys carry a diffusion-model prefix and others do
     not (a full checkpoint with VAE / text encoders), the others are left out unless keep_other=True;
     `graph.excluded` lists them and `graph.excluded_bytes` counts them.
@@ -334,6 +342,7 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
     # family order: known ranks; unknown families keep first-appearance order, right after the known
     # family that appeared before them (or first, when none did)
     fams = sorted(fam_first, key=fam_first.get)
+    block_fams = {unit_fam[u.name] for u in units.values() if u.kind == "block"}
     fam_key: dict[str, tuple] = {ROOT: (-1.0, 0)}
     last_rank = -0.5
     for n, fam in enumerate(fams):
@@ -342,6 +351,8 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
         if fam in FAMILY_RANK:
             last_rank = FAMILY_RANK[fam]
             fam_key[fam] = (last_rank, n)
+        elif fam in block_fams:  # an unknown list of blocks runs among the blocks ("single..." ones last)
+            fam_key[fam] = (120 if "single" in fam else 110 if "mid" in fam else 100, n)
         else:
             fam_key[fam] = (last_rank + 0.5, n)
 

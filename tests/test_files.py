@@ -299,15 +299,29 @@ def test_grouping_diffusers_and_unknown_families():
             "zz_custom.0.a.b.weight", "zz_custom.1.a.b.weight", "norm_out.linear.weight",
             "pos_embed", "aaa_extra.weight", "time_text_embed.timestep_embedder.linear_1.weight"]
     g = graph_from_tensors(_infos(keys), "x")
-    # known families by rank; an unknown family sits right after the known family that appeared last
-    # before it (families in first-appearance order: proj_out, transformer_blocks, x_embedder,
-    # single_transformer_blocks, zz_custom, norm_out, pos_embed, aaa_extra, ...);
-    # a bare top-level tensor goes to ROOT, first
+    # known families by rank; an unknown list of blocks (zz_custom) runs among the blocks; another unknown
+    # family sits right after the known family that appeared last before it (first-appearance order:
+    # proj_out, transformer_blocks, x_embedder, single_transformer_blocks, zz_custom, norm_out, pos_embed,
+    # aaa_extra, ...); a bare top-level tensor goes to ROOT, first
     assert names(g) == [ROOT, "x_embedder", "time_text_embed", "transformer_blocks.0", "transformer_blocks.1",
-                        "single_transformer_blocks.0", "zz_custom.0", "zz_custom.1", "norm_out", "aaa_extra",
+                        "zz_custom.0", "zz_custom.1", "single_transformer_blocks.0", "norm_out", "aaa_extra",
                         "proj_out"]
     assert g[ROOT].kind == "root" and g[ROOT].tensors == ["pos_embed"]
     assert g["zz_custom.0"].kind == "block"
+
+
+def test_unknown_block_families_order_among_blocks():
+    # HiDream-like names, as a safetensors file lists them (sorted): blocks must not land after final_layer
+    keys = ["caption_projection.0.linear.weight", "double_stream_blocks.0.block.attn1.to_q.weight",
+            "double_stream_blocks.1.block.attn1.to_q.weight", "final_layer.linear.weight",
+            "single_stream_blocks.0.block.attn1.to_q.weight", "single_stream_blocks.1.block.attn1.to_q.weight",
+            "t_embedder.timestep_embedder.linear_1.weight", "x_embedder.proj.weight",
+            "my_single_things.0.a.b.weight", "my_single_things.1.a.b.weight",
+            "my_pairs.0.a.b.weight", "my_pairs.1.a.b.weight"]
+    g = graph_from_tensors(_infos(keys), "x")
+    assert names(g) == ["caption_projection", "x_embedder", "t_embedder", "double_stream_blocks.0",
+                        "double_stream_blocks.1", "my_pairs.0", "my_pairs.1", "single_stream_blocks.0",
+                        "single_stream_blocks.1", "my_single_things.0", "my_single_things.1", "final_layer"]
 
 
 def test_unknown_name_and_extension(tmp_path):
