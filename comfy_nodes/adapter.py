@@ -384,9 +384,22 @@ def _undo(st: _State, to_device):
     st.handle, st.index, st.device = None, None, None
     if h is None:
         return
+    import inspect
     try:
-        h.undo(device=to_device)           # a runtime that can send weights straight to the host
-    except TypeError:
+        params = inspect.signature(h.undo).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in ("device", "to", "device_to"):
+        if name in params:
+            h.undo(**{name: to_device})
+            break
+    else:
+        # Handle.undo() brings streamed weights back to the compute device; ComfyUI wants them on the
+        # offload device, and a GPU that could not hold the model would run out of memory on the way.
+        # The runtime reads its `device` when undoing: point it at the offload device for that call.
+        rt = getattr(h, "runtime", None)
+        if to_device is not None and rt is not None and hasattr(rt, "device"):
+            rt.device = torch.device(to_device)
         h.undo()
     st.releases += 1
 
