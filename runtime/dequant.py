@@ -12,10 +12,10 @@ loop over blocks).  Arithmetic is done in float32 in the same order as the refer
 gguf-py), so float32 results match `gguf.quants.dequantize` bit for bit on CPU; other dtypes are
 one rounding of that float32 value.
 
-On CUDA, each type's function is compiled once with `torch.compile` (Triton) into one fused kernel
-(read the blocks once, write the output once).  If compiling is unavailable or fails, the same
-eager code runs (correct, several kernels, slower).  `set_compile(False)` or the environment
-variable DISTORCH_DEQUANT_COMPILE=0 turns compiling off.
+On CUDA, a hand-written Triton kernel (one per type, below) reads the blocks once and writes the
+output once; where Triton is missing or fails, each type's torch function compiled with
+`torch.compile` runs, else the eager torch code (correct everywhere, several kernels, slower).
+`set_backend("auto" | "triton" | "compile" | "eager")` or DISTORCH_DEQUANT_BACKEND choose.
 
 Block layouts (facts from ggml's ggml-common.h / gguf-py; QK_K = 256), bytes in order:
   Q8_0   (32 w, 34 B):  d f16 | qs int8[32]                           w = d*q
@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from ..errors import FileFormatError
+from ..errors import DisTorchError, FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -312,27 +312,205 @@ def _eager(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# compiled path
+# Triton path (CUDA): one hand-written kernel for all types, specialised per type at compile time.
+# Each program dequantizes a tile of TILE consecutive output weights (see the kernel's comment);
+# neighbouring weights share cache lines, so the blocks are read from DRAM once, and the tile is
+# written once, in the output dtype, with vector stores.  Same fp32 arithmetic as the torch code above; all
+# products are exact in fp32, so a fused multiply-add cannot change a result: bit-identical.
 
-_compile_enabled: bool | None = None  # None: decide from the environment
+_TRITON = None          # (triton module, kernel) once built; False when unavailable
+_TRITON_TILE = 1024     # weights per program
+_TRITON_WARPS = 4
+
+
+def _build_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tl_u8(ptr, idx, mask):
+        return tl.load(ptr + idx, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _tl_f16(ptr, base, OFF: tl.constexpr, mask):
+        v = _tl_u8(ptr, base + OFF, mask) | (_tl_u8(ptr, base + (OFF + 1), mask) << 8)
+        v = v - ((v >> 15) << 16)
+        return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _tl_k_scales(ptr, base, cg, gmask):
+        # Q4_K / Q5_K: 8 six-bit scales and mins packed in the 12 bytes at offset 4
+        j = cg // 32
+        a = _tl_u8(ptr, base + 4 + j % 4, gmask)
+        mm = _tl_u8(ptr, base + 8 + j % 4, gmask)
+        md = _tl_u8(ptr, base + 12 + j % 4, gmask)
+        low = j < 4
+        sc = tl.where(low, a & 63, (md & 15) | ((a >> 6) << 4))
+        mn = tl.where(low, mm & 63, (md >> 4) | ((mm >> 6) << 4))
+        return sc, mn
+
+    @triton.jit
+    def _kernel(raw, out, lv, n_out, QT: tl.constexpr, QB: tl.constexpr, TS: tl.constexpr,
+                TILE: tl.constexpr):
+        # A program writes TILE consecutive output weights as [TILE // 8, 8]: rows are groups of 8
+        # weights that share every scale (all formats change scale/shift at multiples of 8), so the
+        # per-group quantities are loaded once per row ([G, 1]), the quants once per weight
+        # ([G, 8]), and each row is written with one 16-byte store.
+        G: tl.constexpr = TILE // 8
+        g = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)[:, None]      # [G, 1]
+        k = tl.arange(0, 8)[None, :]                                           # [1, 8]
+        offs = g * 8 + k                                                       # [G, 8]
+        mask = offs < n_out
+        gmask = g * 8 < n_out
+        base = (g * 8 // QB) * TS                                              # block start byte
+        cg = ((g * 8) % QB).to(tl.int32)                                       # group's first column
+        ce = cg + k                                                            # each weight's column
+        if QT == 8:      # Q8_0
+            d = _tl_f16(raw, base, 0, gmask)
+            q = _tl_u8(raw, base + 2 + ce, mask)
+            q = q - ((q >> 7) << 8)
+            y = q.to(tl.float32) * d
+        elif QT == 2:    # Q4_0
+            d = _tl_f16(raw, base, 0, gmask)
+            q = (_tl_u8(raw, base + 2 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
+            y = d * (q - 8).to(tl.float32)
+        elif QT == 3:    # Q4_1
+            d = _tl_f16(raw, base, 0, gmask)
+            m = _tl_f16(raw, base, 2, gmask)
+            q = (_tl_u8(raw, base + 4 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
+            y = d * q.to(tl.float32) + m
+        elif QT == 6:    # Q5_0
+            d = _tl_f16(raw, base, 0, gmask)
+            hb = (_tl_u8(raw, base + 2 + cg // 8, gmask) >> k) & 1
+            lo = (_tl_u8(raw, base + 6 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
+            y = d * ((lo | (hb << 4)) - 16).to(tl.float32)
+        elif QT == 7:    # Q5_1
+            d = _tl_f16(raw, base, 0, gmask)
+            m = _tl_f16(raw, base, 2, gmask)
+            hb = (_tl_u8(raw, base + 4 + cg // 8, gmask) >> k) & 1
+            lo = (_tl_u8(raw, base + 8 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
+            y = d * (lo | (hb << 4)).to(tl.float32) + m
+        elif QT == 10:   # Q2_K
+            d = _tl_f16(raw, base, 80, gmask)
+            dmin = _tl_f16(raw, base, 82, gmask)
+            sc = _tl_u8(raw, base + cg // 16, gmask)
+            q = (_tl_u8(raw, base + 16 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
+            dl = d * (sc & 15).to(tl.float32)
+            ml = dmin * (sc >> 4).to(tl.float32)
+            y = dl * q.to(tl.float32) - ml
+        elif QT == 11:   # Q3_K
+            d = _tl_f16(raw, base, 108, gmask)
+            j = cg // 16
+            lsc = (_tl_u8(raw, base + 96 + j % 8, gmask) >> ((j // 8) * 4)) & 15
+            hsc = (_tl_u8(raw, base + 104 + j % 4, gmask) >> ((j // 4) * 2)) & 3
+            dl = d * ((lsc | (hsc << 4)) - 32).to(tl.float32)
+            ql = (_tl_u8(raw, base + 32 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
+            hm = (_tl_u8(raw, base + ce % 32, mask) >> (cg // 32)) & 1
+            y = dl * (ql - 4 * (1 - hm)).to(tl.float32)
+        elif QT == 12:   # Q4_K
+            d = _tl_f16(raw, base, 0, gmask)
+            dmin = _tl_f16(raw, base, 2, gmask)
+            sc, mn = _tl_k_scales(raw, base, cg, gmask)
+            q = (_tl_u8(raw, base + 16 + (cg // 64) * 32 + ce % 32, mask) >> (((cg // 32) % 2) * 4)) & 15
+            y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        elif QT == 13:   # Q5_K
+            d = _tl_f16(raw, base, 0, gmask)
+            dmin = _tl_f16(raw, base, 2, gmask)
+            sc, mn = _tl_k_scales(raw, base, cg, gmask)
+            hb = (_tl_u8(raw, base + 16 + ce % 32, mask) >> (cg // 32)) & 1
+            lo = (_tl_u8(raw, base + 48 + (cg // 64) * 32 + ce % 32, mask) >> (((cg // 32) % 2) * 4)) & 15
+            q = lo | (hb << 4)
+            y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        elif QT == 14:   # Q6_K
+            d = _tl_f16(raw, base, 208, gmask)
+            sc = _tl_u8(raw, base + 192 + cg // 16, gmask)
+            sc = sc - ((sc >> 7) << 8)
+            lo = (_tl_u8(raw, base + (cg // 128) * 64 + ce % 64, mask) >> (((cg // 64) % 2) * 4)) & 15
+            hi = (_tl_u8(raw, base + 128 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
+            y = (d * sc.to(tl.float32)) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        elif QT == 20:   # IQ4_NL
+            d = _tl_f16(raw, base, 0, gmask)
+            idx = (_tl_u8(raw, base + 2 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
+            y = d * tl.load(lv + idx, mask=mask, other=0.0)
+        else:            # IQ4_XS (23)
+            d = _tl_f16(raw, base, 0, gmask)
+            j = cg // 32
+            sl = (_tl_u8(raw, base + 4 + j // 2, gmask) >> ((j % 2) * 4)) & 15
+            sh = (_tl_u8(raw, base + 2 + j // 4, gmask) >> ((j % 4) * 2)) & 3
+            dl = d * ((sl | (sh << 4)) - 32).to(tl.float32)
+            idx = (_tl_u8(raw, base + 8 + j * 16 + ce % 16, mask) >> (((cg // 16) % 2) * 4)) & 15
+            y = dl * tl.load(lv + idx, mask=mask, other=0.0)
+        tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
+
+    # the JIT resolves helper names through the module's globals
+    globals().update(_tl_u8=_tl_u8, _tl_f16=_tl_f16, _tl_k_scales=_tl_k_scales)
+    return triton, _kernel
+
+
+def triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            _TRITON = _build_triton()
+        except Exception as e:  # no triton, or a triton we cannot use
+            log.info("distorch: Triton dequantizer unavailable (%s: %s)", type(e).__name__, e)
+            _TRITON = False
+    return _TRITON is not False
+
+
+def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
+    triton, kernel = _TRITON
+    qb, ts = BLOCK_SIZES[qt]
+    n_out = raw.numel() // ts * qb
+    out = torch.empty(n_out, dtype=dtype, device=raw.device)
+    tile = tile or _TRITON_TILE
+    kernel[(triton.cdiv(n_out, tile),)](raw, out, _levels(raw.device), n_out, QT=int(qt), QB=qb, TS=ts,
+                                        TILE=tile, num_warps=num_warps or _TRITON_WARPS)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile path (an alternative on CUDA; higher per-call host cost than the Triton kernel)
+
 _compiled: dict[QT, Callable] = {}
-_compile_failed: set[QT] = set()
+_failed: dict[str, set] = {"triton": set(), "compile": set()}
 _lock = threading.Lock()
+
+BACKENDS = ("auto", "triton", "compile", "eager")
+_backend: str | None = None  # None: from DISTORCH_DEQUANT_BACKEND, default "auto"
+
+
+def set_backend(name: str | None) -> None:
+    """Where CUDA dequantization runs: "auto" (Triton kernel, else torch.compile, else eager),
+    "triton", "compile", "eager"; None restores the default (env DISTORCH_DEQUANT_BACKEND or auto).
+    CPU tensors always use the eager torch code."""
+    global _backend
+    if name is not None and name not in BACKENDS:
+        raise DisTorchError(f"unknown dequantization backend {name!r}; use one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    if _backend is not None:
+        return _backend
+    env = os.environ.get("DISTORCH_DEQUANT_BACKEND", "auto").strip().lower() or "auto"
+    if os.environ.get("DISTORCH_DEQUANT_COMPILE", "1").lower() in ("0", "false", "no", "off") and env == "auto":
+        env = "triton"
+    return env if env in BACKENDS else "auto"
 
 
 def set_compile(enabled: bool | None) -> None:
-    """True: compile on CUDA; False: always eager; None: default (on unless DISTORCH_DEQUANT_COMPILE=0)."""
-    global _compile_enabled
-    _compile_enabled = enabled
+    """Compatibility switch: False = eager everywhere, True/None = default backend choice."""
+    set_backend("eager" if enabled is False else None)
 
 
 def compile_enabled() -> bool:
-    if _compile_enabled is not None:
-        return _compile_enabled
-    return os.environ.get("DISTORCH_DEQUANT_COMPILE", "1") not in ("0", "false", "no", "off")
+    return get_backend() != "eager"
 
 
 def _make_compiled(qt: QT) -> Callable:
+    import types
     tsize = BLOCK_SIZES[qt][1]
     kernel = _KERNELS[qt]
     if qt in _NEEDS_LEVELS:
@@ -341,27 +519,49 @@ def _make_compiled(qt: QT) -> Callable:
     else:
         def run(raw, levels, dtype):
             return kernel(raw.view(-1, tsize)).reshape(-1).to(dtype)
-    run.__name__ = f"dequant_{qt.name.lower()}"
+    # a code object of its own per type: dynamo caches (and counts recompiles) per code object
+    name = f"dequant_{qt.name.lower()}"
+    run = types.FunctionType(run.__code__.replace(co_name=name), run.__globals__, name,
+                             run.__defaults__, run.__closure__)
     return torch.compile(run, dynamic=True, fullgraph=True)
 
 
+def _compiled_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fn = _compiled.get(qt)
+    if fn is None:
+        with _lock:
+            fn = _compiled.get(qt) or _make_compiled(qt)
+            _compiled[qt] = fn
+    return fn(raw, _levels(raw.device), dtype)
+
+
 def _use_compiled(qt: QT, raw: torch.Tensor) -> bool:
-    return raw.device.type == "cuda" and qt not in _compile_failed and compile_enabled()
+    return (raw.device.type == "cuda" and get_backend() in ("auto", "compile")
+            and qt not in _failed["compile"])
+
+
+def _fail(kind: str, qt: QT, e: Exception) -> None:
+    _failed[kind].add(qt)
+    log.warning("distorch: the %s dequantizer for %s failed (%s: %s); falling back", kind, qt.name,
+                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
 
 def _run(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if _use_compiled(qt, raw):
-        fn = _compiled.get(qt)
-        if fn is None:
-            with _lock:
-                fn = _compiled.get(qt) or _make_compiled(qt)
-                _compiled[qt] = fn
-        try:
-            return fn(raw, _levels(raw.device), dtype)
-        except Exception as e:  # compile machinery missing or broken: stay correct, go eager
-            _compile_failed.add(qt)
-            log.warning("distorch: torch.compile of the %s dequantizer failed (%s: %s); using the eager "
-                        "version", qt.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    """Flat dequantized output from flat contiguous uint8 blocks, on raw's device."""
+    if raw.device.type == "cuda":
+        backend = get_backend()
+        if backend in ("auto", "triton") and qt not in _failed["triton"] and triton_available():
+            try:
+                return _triton_run(qt, raw, dtype)
+            except Exception as e:  # a broken Triton install must not break inference
+                _fail("triton", qt, e)
+        if backend in ("auto", "compile") and qt not in _failed["compile"]:
+            try:
+                return _compiled_run(qt, raw, dtype)
+            except Exception as e:
+                _fail("compile", qt, e)
+    if raw.storage_offset() % 2:
+        raw = raw.clone()  # the eager code views fp16 fields: needs 2-byte aligned storage
     return _eager(qt, raw, dtype)
 
 
@@ -372,15 +572,12 @@ def _flat_bytes(raw: torch.Tensor) -> torch.Tensor:
         raw = raw.reshape(-1).view(torch.uint8)
     if not raw.is_contiguous():
         raw = raw.contiguous()
-    raw = raw.reshape(-1)
-    if raw.storage_offset() % 4:
-        # fp16/fp32 fields need 2/4-byte aligned storage for dtype views; copy an odd slice once
-        raw = raw.clone()
-    return raw
+    return raw.reshape(-1)
 
 
 def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16,
-               *, name: str | None = None, stored_shape: Sequence[int] | None = None) -> torch.Tensor:
+               *, name: str | None = None, stored_shape: Sequence[int] | None = None,
+               check: bool = True) -> torch.Tensor:
     """Dequantize GGUF blocks `raw` (uint8, on any device) of type `qtype` into a tensor of `shape`.
 
     `stored_shape` is the shape the blocks were cut from when it differs from `shape` (a GGUF file
@@ -389,8 +586,15 @@ def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtyp
 
     Raises GGUFError (a DisTorchError / ValueError) naming `name` and the type when the type is not
     supported, the last dimension is not a whole number of blocks, or `raw` holds the wrong number
-    of bytes.
+    of bytes.  `check=False` (for callers that validated once, e.g. GGUFTensor) skips those checks
+    to keep the per-call host cost small; `raw` must then be flat contiguous uint8 of the right size.
     """
+    if not check:
+        if qtype in PLAIN_TYPES:
+            return _plain(raw, qtype, shape, dtype)
+        if raw.numel() == 0:
+            return torch.empty(shape, dtype=dtype, device=raw.device)
+        return _run(qtype, raw, dtype).view(shape)
     qt = check_supported(qtype, name)
     shape = torch.Size(int(s) for s in shape)
     if stored_shape is not None:
@@ -406,10 +610,17 @@ def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtyp
                         f"got {have} ({raw.dtype}, shape {list(raw.shape)})")
     raw = _flat_bytes(raw)
     if qt in PLAIN_TYPES:
-        return raw.view(PLAIN_TYPES[qt]).reshape(shape).to(dtype, copy=True)
+        return _plain(raw, qt, shape, dtype)
     if want == 0:
         return torch.empty(shape, dtype=dtype, device=raw.device)
-    return _run(qt, raw, dtype).reshape(shape)
+    return _run(qt, raw, dtype).view(shape)
+
+
+def _plain(raw: torch.Tensor, qt: QT, shape, dtype: torch.dtype) -> torch.Tensor:
+    src = PLAIN_TYPES[qt]
+    if raw.storage_offset() % src.itemsize:
+        raw = raw.clone()
+    return raw.view(src).view(shape).to(dtype, copy=True)
 
 
 def warmup(qtypes=None, device="cuda", dtype: torch.dtype = torch.bfloat16) -> None:

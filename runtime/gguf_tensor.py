@@ -112,8 +112,7 @@ class GGUFTensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense tensor of the logical shape, on the device the bytes sit on."""
-        return _dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype, name=self.gguf_name,
-                           stored_shape=self.stored_shape)
+        return _dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype, check=False)
 
     def with_raw(self, raw: torch.Tensor, dtype: torch.dtype | None = None) -> "GGUFTensor":
         """The same weight over other bytes (a slot view, pinned copy...): no copy, size checked."""
@@ -261,8 +260,7 @@ def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype
         raw = t.raw
         if raw.device != device:
             raw = raw.to(device, non_blocking=True)
-        return _dequantize(raw, t.qtype, t.shape, dtype or t.dtype, name=t.gguf_name,
-                           stored_shape=t.stored_shape)
+        return _dequantize(raw, t.qtype, t.shape, dtype or t.dtype, check=False)
     if t.device != device or (dtype is not None and t.dtype != dtype):
         return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=True)
     return t

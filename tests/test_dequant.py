@@ -160,14 +160,38 @@ def test_unsupported_type_rejected():
         dequantize(torch.zeros(66, dtype=torch.uint8), "Q9_9", (256,))
 
 
-def test_set_compile_switch_and_cpu_never_compiles():
-    dq.set_compile(True)
+def test_backend_switch():
+    with pytest.raises(DisTorchError, match="unknown dequantization backend 'cuda'"):
+        dq.set_backend("cuda")
+    dq.set_backend("compile")
     try:
-        assert not dq._use_compiled(QT.Q8_0, torch.zeros(1, dtype=torch.uint8))
+        assert dq.get_backend() == "compile"
+        # CPU tensors never take a CUDA backend; results stay exact
+        raw = random_blocks(QT.Q5_K, 3)
+        got = dequantize(torch.from_numpy(raw), QT.Q5_K, (768,), torch.float32)
+        assert torch.equal(got, reference(raw, QT.Q5_K).reshape(-1))
     finally:
-        dq.set_compile(None)
-    dq.set_compile(False)
-    try:
-        assert not dq.compile_enabled()
-    finally:
-        dq.set_compile(None)
+        dq.set_backend(None)
+    assert dq.get_backend() in dq.BACKENDS
+
+
+def test_unchecked_fast_path_same_result():
+    raw = torch.from_numpy(random_blocks(QT.Q4_K, 4)).reshape(-1)
+    a = dequantize(raw, QT.Q4_K, (2, 512), torch.bfloat16)
+    b = dequantize(raw, QT.Q4_K, (2, 512), torch.bfloat16, check=False)
+    assert torch.equal(a, b)
+
+
+def _triton_interpreter_ready():
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1" and dq.triton_available()
+
+
+@pytest.mark.skipif(not _triton_interpreter_ready(), reason="needs triton with TRITON_INTERPRET=1 (CPU)")
+@pytest.mark.parametrize("qt", ALL_QUANT, ids=lambda t: t.name)
+def test_triton_kernel_in_interpreter(qt):
+    """The CUDA Triton kernel, run by Triton's CPU interpreter: fp32 bit-identical to gguf-py.
+    (The interpreter rounds fp32->bf16 by truncation, unlike the GPU, so only fp32 is compared.)"""
+    raw = random_blocks(qt, 37, seed=11)                       # 37: not a multiple of the tile
+    got = dq._triton_run(qt, torch.from_numpy(raw).reshape(-1), torch.float32, tile=512)
+    assert torch.equal(got, reference(raw, qt).reshape(-1))
