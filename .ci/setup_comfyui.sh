@@ -77,6 +77,14 @@ for line in open(src):
     if name == "transformers":
         line += ",<5"
     out.append(line)
+# transformers<5 needs huggingface-hub<1, which the newest diffusers (a test dependency of this
+# project) refuses: resolve them together so pip keeps a diffusers that works beside it.
+try:
+    from importlib.metadata import version
+    version("diffusers")
+    out.append("diffusers>=0.30")
+except Exception:
+    pass
 open(dst, "w").write("\n".join(out) + "\n")
 EOF
 STAMP="$VENV/.distorch-comfyui-deps"
@@ -91,6 +99,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "import distorch_torchvision_cpu_ops" > "$SITE/distorch_torchvision_cpu_ops.pth"
     "$PY" -c "import torch, torchvision, torchvision.transforms, transformers, av, torchsde, aiohttp, kornia, spandrel" \
         || { echo "ComfyUI requirements do not import" >&2; exit 1; }
+    "$PY" -c "import importlib.util as u; u.find_spec('diffusers') and __import__('diffusers').UNet2DConditionModel" \
+        || { echo "diffusers no longer imports beside ComfyUI's requirements" >&2; exit 1; }
     echo "$want" > "$STAMP"
 else
     say "requirements already installed"
