@@ -14,7 +14,9 @@ try:  # ComfyUI present: register the nodes
 except Exception:
     _IN_COMFY = False
 
-if _IN_COMFY:
+# `__package__` is empty when this file is imported as a plain module (pytest imports the repository
+# root's __init__.py as `__init__`): no relative import is possible then, and no nodes are wanted.
+if _IN_COMFY and __package__:
     from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
 
