@@ -124,6 +124,34 @@ def check_vs_gguf(qt, raw: torch.Tensor, rows: int, cols: int, out: torch.Tensor
     return f"{int(bad.sum())}/{rows * cols} differ (max {d:.1e})"
 
 
+def cuda_module_check() -> str:
+    """GGUFTensor parameters through nn.Module.to('cuda'), GGUF ops, and the per-call CPU->GPU path."""
+    try:
+        import torch.nn as nn
+        from distorch.runtime.gguf_tensor import GGUFTensor, gguf_ops
+        out = []
+        for qt in (QT.Q8_0, QT.Q4_K):
+            bsz, _ = dq.BLOCK_SIZES[qt]
+            raw = random_blocks(qt, 512 * 1024 // bsz, "cpu").pin_memory()
+            w = GGUFTensor(raw, qt, (512, 1024), torch.bfloat16, name="w")
+            dense = w.dequantize(torch.float32)
+            lin = nn.Linear(1024, 512, bias=False)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            gguf_ops(lin)
+            x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+            y_stream = lin(x)                                   # weight on CPU: bytes cross, then dequant
+            lin.to("cuda", non_blocking=True)
+            ok_type = isinstance(lin.weight, GGUFTensor) and lin.weight.raw.is_cuda
+            y_res = lin(x)
+            ref = x.float() @ dense.to(torch.bfloat16).float().cuda().T
+            err = ((y_res.float() - ref).abs().max() / ref.abs().max()).item()
+            out.append(f"{qt.name}: weight stays GGUF on cuda {ok_type}, resident == per-call "
+                       f"{torch.equal(y_res, y_stream)}, max err vs dense / max |y| {err:.1e}")
+        return "GGUF module check: " + "; ".join(out)
+    except Exception as e:
+        return f"GGUF module check failed: {type(e).__name__}: {e}"
+
+
 def with_backend(name, fn):
     dq.set_backend(name)
     try:
@@ -262,6 +290,8 @@ def main(argv=None) -> int:
             notes.append(f"- one Q8_0 3072x3072 call, {name}: {t * 1e6:.0f} us device, {h * 1e6:.0f} us host")
     except Exception as e:
         notes.append(f"- small-call measurement failed: {type(e).__name__}: {e}")
+    if CUDA:
+        notes.append("- " + cuda_module_check())
     notes.append(f"- bench wall time {time.time() - t_start:.0f} s")
     print(emit())
     return 0

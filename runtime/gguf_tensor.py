@@ -80,7 +80,7 @@ class GGUFTensor(torch.Tensor):
                                 f"{list(shape)} differ in element count")
             want = quantized_nbytes(qt, stored_shape or shape, name)
             if raw.numel() != want:
-                raise GGUFError(f"tensor {name!r} of type {qt.gguf_name} and shape {list(shape)} needs {want} "
+                raise GGUFError(f"tensor {name!r} of type {qt.name} and shape {list(shape)} needs {want} "
                                 f"bytes, got {raw.numel()}")
             if not dtype.is_floating_point:
                 raise GGUFError(f"GGUFTensor {name or ''}: dequantization dtype must be floating, got {dtype}")
@@ -154,9 +154,16 @@ class GGUFTensor(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
-        # anything else: compute on dequantized values (correct, not fast)
+        # anything else: compute on dequantized values (correct, not fast), in the floating dtype of
+        # the op's other tensor arguments when there are any (x @ W with x float32 -> W float32)
+        dtype = None
+        for x in list(args) + list(kwargs.values()):
+            if isinstance(x, torch.Tensor) and not isinstance(x, GGUFTensor) and x.dtype.is_floating_point:
+                dtype = x.dtype
+                break
+
         def unwrap(x):
-            return x.dequantize() if isinstance(x, GGUFTensor) else x
+            return x.dequantize(dtype) if isinstance(x, GGUFTensor) else x
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
