@@ -363,6 +363,12 @@ class Runtime:
         n = min(self._step_i, k)
         return [self._step_ev[(self._step_i - n + j) % k] for j in range(n)]
 
+    def _adopt_arenas(self, arenas: dict) -> "Runtime":
+        """Keep the host arenas that runtime.loading filled (freed with the rest by undo())."""
+        for k, a in arenas.items():
+            self.arenas[f"{k}#loaded" if k in self.arenas else k] = a
+        return self
+
     # ------------------------------------------------------------------ undo
     def undo(self):
         """All weights back resident on the compute device, hooks removed, homes and slots freed."""

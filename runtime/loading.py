@@ -1,0 +1,157 @@
+"""Load a .safetensors file straight into the homes a Plan chooses, then run it.
+
+    rt = load_into(module, path, plan)      # module may live on the meta device (no memory yet)
+
+Tensor by tensor: the file's header is read, every offloaded unit gets its place in one exact-size
+host arena (pinned with one registration when CUDA is there) or a buffer on its donor GPU, and each
+tensor's bytes are read from the file directly into that place (`readinto`, no intermediate tensor)
+when its dtype matches; resident tensors are read into a small reusable staging buffer and copied to
+the compute device. The whole model is never materialised anywhere else first. A progress line with
+the byte rate goes to stderr for large files. Returns the Runtime from apply() (its `undo()` leaves
+every weight resident on the compute device).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+
+import torch
+
+from ..compiler.plan import Plan
+from ..errors import DisTorchError, FileFormatError
+from .apply import Runtime, classify
+from .store import HostArena, Home, Layout, Progress, align_up, is_host, parse_device
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _n, _a in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _a):
+        _DTYPES[_n] = getattr(torch, _a)
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header dict without __metadata__, byte offset where tensor data starts)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise FileFormatError(f"{path}: too short for a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 << 20:
+                raise FileFormatError(f"{path}: header length {n} is implausible (not a safetensors file?)")
+            hdr = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        if isinstance(e, DisTorchError):
+            raise
+        raise FileFormatError(f"{path}: cannot read a safetensors header ({e})") from e
+    hdr.pop("__metadata__", None)
+    return hdr, 8 + n
+
+
+def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, strict: bool = True,
+              progress: bool = True, **apply_kw) -> Runtime:
+    """Read `path` into the homes of `plan` and apply the plan to `module` (see module docstring)."""
+    hdr, base = read_header(path)
+    c = classify(module, plan)
+    compute = parse_device(plan.compute)
+    # every place a tensor object is referenced from (tied weights have several)
+    sites: dict[int, list] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):
+            for k, v in store.items():
+                if v is not None:
+                    sites.setdefault(id(v), []).append((store, k))
+
+    def rebind(t, new):
+        if torch._has_compatible_shallow_copy_type(t, new):
+            t.data = new
+            return
+        # meta -> real: a tensor of another kind cannot take .data; replace it at every site
+        rep = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+        for store, k in sites.get(id(t), []):
+            store[k] = rep
+
+    # qualified name (every alias) -> tensor object
+    by_name: dict[str, torch.Tensor] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        by_name[n] = p
+    for mname, m in module.named_modules(remove_duplicate=False):
+        for bn, b in m._buffers.items():
+            if b is not None and bn not in m._non_persistent_buffers_set:
+                by_name[f"{mname}.{bn}" if mname else bn] = b
+    missing = []
+    seen = set()
+    for n, t in by_name.items():
+        if id(t) in seen:
+            continue
+        names = [k for k, v in by_name.items() if v is t]
+        if not any(k in hdr for k in names):
+            missing.append(n)
+        seen.add(id(t))
+    if missing and strict:
+        raise DisTorchError(f"{path} lacks {len(missing)} tensor(s) of this {type(module).__name__}, e.g. "
+                            f"{missing[:5]} (pass strict=False to keep them as they are)")
+    unexpected = [k for k in hdr if k not in by_name]
+    if unexpected:
+        warnings.warn(f"load_into: {len(unexpected)} tensor(s) in {path} match no parameter/buffer, e.g. "
+                      f"{unexpected[:5]}", stacklevel=2)
+
+    # homes for streamed units: layout from the module's (possibly meta) tensors
+    pin = compute.type == "cuda"
+    layouts = {n: Layout.of(c.streamed[n]) for n in c.offloaded if c.streamed[n]}
+    arenas: dict[str, HostArena] = {}
+    for hd in sorted({c.home_of[n] for n in layouts if is_host(c.home_of[n])}):
+        need = sum(align_up(max(layouts[n].nbytes, 1)) for n in layouts if c.home_of[n] == hd)
+        arenas[hd] = HostArena(need, pin=pin)
+    homes: dict[str, Home] = {}
+    place: dict[int, torch.Tensor] = {}        # id(param) -> its view in the home
+    for n, lay in layouts.items():
+        h = Home.allocate(n, c.home_of[n], lay, pin=False, arena=arenas.get(c.home_of[n]))
+        homes[n] = h
+        for (q, p), v in zip(c.streamed[n], h.views()):
+            place[id(p)] = v
+
+    total = sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in hdr.items() if k in by_name)
+    prog = Progress(total if progress else 0, f"distorch: loading {path.rsplit('/', 1)[-1]}")
+    done = set()
+    with open(path, "rb", buffering=0) as f, torch.no_grad():
+        for key, meta in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            t = by_name.get(key)
+            if t is None or id(t) in done:
+                continue
+            done.add(id(t))
+            fdt = _DTYPES.get(meta["dtype"])
+            if fdt is None:
+                raise FileFormatError(f"{path}: tensor {key!r} has dtype {meta['dtype']!r}, which is not supported")
+            shape = tuple(meta["shape"])
+            if shape != tuple(t.shape):
+                raise DisTorchError(f"{path}: tensor {key!r} has shape {list(shape)} but the module expects "
+                                    f"{list(t.shape)}")
+            a, b = (int(x) for x in meta["data_offsets"])
+            f.seek(base + a)
+            dst = place.get(id(t))
+            if dst is not None and fdt == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
+                mv = memoryview(dst.view(torch.uint8).reshape(-1).numpy()) if dst.numel() else None
+                if mv is not None and f.readinto(mv) != b - a:
+                    raise FileFormatError(f"{path}: truncated while reading {key!r}")
+            else:
+                buf = bytearray(b - a)
+                if f.readinto(buf) != b - a:
+                    raise FileFormatError(f"{path}: truncated while reading {key!r}")
+                src = torch.frombuffer(buf, dtype=fdt).reshape(shape) if b > a else torch.empty(shape, dtype=fdt)
+                if dst is not None:                      # donor GPU home, or a dtype cast
+                    dst.copy_(src)
+                else:                                    # resident: straight onto the compute device
+                    tgt_dtype = t.dtype if t.dtype.is_floating_point == fdt.is_floating_point else fdt
+                    new = torch.empty(shape, dtype=tgt_dtype, device=compute)
+                    new.copy_(src)
+                    rebind(t, new)
+            prog.update(b - a)
+            if dst is not None:
+                rebind(t, dst)
+    prog.close()
+    return Runtime(module, plan, graph, homes=homes, progress=False, **apply_kw)._adopt_arenas(arenas)
