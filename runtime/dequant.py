@@ -623,6 +623,29 @@ def _plain(raw: torch.Tensor, qt: QT, shape, dtype: torch.dtype) -> torch.Tensor
     return raw.view(src).view(shape).to(dtype, copy=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# cost data for the placement / cost model (bench/results/dequant_h100.md, H100, Triton backend)
+
+# device throughput of the Triton kernel, as a fraction of the device's copy bandwidth (read+write),
+# counting blocks read + bf16 written; 3072 x 12288 layer on an H100 (copy 3025 GB/s)
+DEQUANT_EFFICIENCY: dict[QT, float] = {
+    QT.Q8_0: 0.91, QT.Q4_K: 0.82, QT.Q5_K: 0.67, QT.Q6_K: 0.66, QT.Q4_0: 0.96, QT.Q5_0: 0.89,
+    QT.Q5_1: 0.89, QT.Q4_1: 0.92, QT.Q3_K: 0.58, QT.Q2_K: 0.96, QT.IQ4_NL: 0.91, QT.IQ4_XS: 0.86,
+}
+# Python cost of one dequantize() call on the host (Triton launch + checks), seconds
+DEQUANT_HOST_S = 60e-6
+
+
+def dequant_seconds(qtype, numel: int, *, copy_bw: float = 3.0e12, out_itemsize: int = 2) -> float:
+    """Predicted device time to dequantize `numel` weights of `qtype` on a GPU whose device-to-device
+    copy moves `copy_bw` bytes/s (read + write counted): (stored + written bytes) / (eff * copy_bw).
+    Plain types cost a cast (read + write at copy bandwidth)."""
+    qt = as_qtype(qtype)
+    block, tsize = BLOCK_SIZES.get(qt, (1, 2))
+    moved = numel * tsize / block + numel * out_itemsize
+    return moved / (DEQUANT_EFFICIENCY.get(qt, 1.0) * copy_bw)
+
+
 def warmup(qtypes=None, device="cuda", dtype: torch.dtype = torch.bfloat16) -> None:
     """Compile the dequantizers of `qtypes` for `device` now (first compile takes seconds each)."""
     for qt in (QUANTIZED_TYPES if qtypes is None else [as_qtype(q) for q in qtypes]):

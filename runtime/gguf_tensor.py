@@ -34,6 +34,23 @@ every call — the per-call path ("resident quantized" or "streamed quantized").
 `gguf_ops(module)` switches the matching submodules of a built model to these classes in place
 (class swap only; no tensor copied).  Dequantization per call can be overridden for the runtime by
 setting `module.gguf_dequant_override = fn(module, name, tensor, device, dtype) -> Tensor`.
+
+For the runtime (moving GGUF weights)
+- `raw` from `load_gguf` is a read-only view of the file mapping: copy it into the pinned host arena
+  (`arena[a:b].copy_(t.raw)`) and re-home the parameter as `t.with_raw(arena[a:b])`.  Any byte
+  offset works for the CUDA kernel; 16-byte aligned offsets let it use wider loads; the CPU (eager)
+  path copies odd-offset slices once.
+- Streaming: `slot[a:b].copy_(t.raw, non_blocking=True)` on the copy stream, then on the compute
+  stream after the copy event: `dequantize(slot[a:b], t.qtype, t.shape, dtype, check=False)` (kernels
+  run on the current stream).  Size a slot by `t.stored_nbytes`; the dense result (numel x 2 bytes
+  for bf16) is a transient allocation of the compute stream unless the runtime keeps it (the
+  "resident dequantized" choice).
+- `gguf_ops` converts exact nn.Linear/Conv/... only: ComfyUI's `comfy.ops` classes are subclasses
+  and stay as they are; with GGUFTensor weights they still compute correctly through
+  `__torch_dispatch__` (one dequantization per aten op, the weight in the module's dtype), but the
+  adapter should route them through `materialize()` / an override for speed.
+- Parameters must keep requires_grad=False; `torch.load(weights_only=True)` cannot rebuild a
+  GGUFTensor (pickling works with weights_only=False).
 """
 from __future__ import annotations
 
