@@ -54,7 +54,6 @@ For the runtime (moving GGUF weights)
 """
 from __future__ import annotations
 
-import copy as _copy
 from typing import Callable, Sequence
 
 import torch
@@ -251,7 +250,6 @@ def _h_empty_like(func, args, kwargs):
 
 def _h_meta_only(func, args, kwargs):
     # shape / metadata queries answered from the wrapper alone
-    t = args[0]
     if func is aten.is_same_size.default:
         return tuple(args[0].shape) == tuple(args[1].shape)
     raise AssertionError(func)
