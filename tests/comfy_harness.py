@@ -53,6 +53,10 @@ def progress(msg):
     print(f"[comfy_harness] {msg}", file=sys.stderr, flush=True)
 
 
+MODEL_FOLDERS = {"checkpoints": "checkpoints", "diffusion_models": "unet", "text_encoders": "text_encoders",
+                 "vae": "vae", "controlnet": "controlnet", "clip_vision": "clip_vision", "diffusers": "diffusers"}
+
+
 def install_pack(base):
     """base/custom_nodes/ComfyUI-DisTorch -> the repository root, as a user's clone would sit there."""
     link = Path(base) / "custom_nodes" / PACK_NAME
@@ -92,9 +96,20 @@ class ComfyInProcess:
         import folder_paths
         self.nodes = nodes
         self.folder_paths = folder_paths
-        t = time.time()
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        progress(f"ComfyUI builtin nodes loaded in {time.time() - t:.1f}s")
+        # Another test may have imported ComfyUI first (base directory already fixed): point the
+        # folders this harness uses at `base` explicitly.
+        for name, sub in MODEL_FOLDERS.items():
+            path = self.base / "models" / sub
+            path.mkdir(parents=True, exist_ok=True)
+            folder_paths.add_model_folder_path(name, str(path), is_default=True)
+        for sub, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
+                            ("temp", folder_paths.set_temp_directory)):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+            setter(str(self.base / sub))
+        if "TripleCLIPLoader" not in nodes.NODE_CLASS_MAPPINGS:  # builtin extra nodes not loaded yet
+            t = time.time()
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            progress(f"ComfyUI builtin nodes loaded in {time.time() - t:.1f}s")
         self.pack_path = install_pack(self.base)
         before = set(nodes.NODE_CLASS_MAPPINGS)
         ok = asyncio.run(nodes.load_custom_node(str(self.pack_path), ignore=set(), module_parent="custom_nodes"))
@@ -267,7 +282,7 @@ def make_models(base, seed=0):
 
     t = time.time()
     models = Path(base) / "models"
-    for sub in ("checkpoints", "unet", "text_encoders", "vae", "controlnet", "clip_vision", "diffusers"):
+    for sub in MODEL_FOLDERS.values():
         (models / sub).mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         unet = _shapes(UNetModel(**TINY_SD15_UNET, operations=comfy.ops.disable_weight_init))
