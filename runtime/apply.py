@@ -129,10 +129,14 @@ class Runtime:
 
         # ---- slot pool and precomputed views
         n_units = len(self.units)
+        self.index_set = set(self.units)
         self.slot_bytes = max((self.homes[n].nbytes for n in self.units), default=0)
         if window_units is None:
-            if plan.window_bytes and self.slot_bytes:
-                window_units = int(plan.window_bytes // self.slot_bytes)
+            # the planner sizes the window as n_slots x largest offloaded unit (compiler.cost.n_slots_for);
+            # read it back the same way (slots carry a little alignment padding on top)
+            big = max((u.bytes for u in plan.units if u.name in self.index_set), default=0) or self.slot_bytes
+            if plan.window_bytes and big:
+                window_units = max(1, int(plan.window_bytes // big))
             else:
                 window_units = 2
         if window_units is not None and int(window_units) < 1 and n_units:
