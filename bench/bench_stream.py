@@ -18,6 +18,7 @@ between steps, median of --reps after --warmup. Every output is checked bit-iden
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -29,6 +30,30 @@ import time
 import torch
 
 GiB = 1 << 30
+
+
+_CPU = False   # --device cpu: a tiny config through the same code, for checking the script without a GPU
+
+
+def _sync():
+    if not _CPU:
+        _sync()
+
+
+def _event():
+    if _CPU:
+        from distorch.runtime.stream import HostEvent
+        return HostEvent()
+    return torch.cuda.Event(enable_timing=True)
+
+
+def _reset_peak():
+    if not _CPU:
+        _reset_peak()
+
+
+def _peak_gib():
+    return 0.0 if _CPU else _peak_gib()
 
 
 def log(*a):
@@ -85,7 +110,7 @@ def make_inputs(cfg: dict, res: int, txt: int, dev: str):
 
 def run_steps(model, kw, warmup: int, reps: int):
     """Back-to-back steps; per-step GPU time from events between steps. Returns (median_s, times, out)."""
-    evs = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + reps + 1)]
+    evs = [_event() for _ in range(warmup + reps + 1)]
     out = None
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -93,13 +118,16 @@ def run_steps(model, kw, warmup: int, reps: int):
         for i in range(warmup + reps):
             out = model(**kw)[0]
             evs[i + 1].record()
-    torch.cuda.synchronize()
+    _sync()
     wall = time.perf_counter() - t0
     ts = [evs[i].elapsed_time(evs[i + 1]) / 1e3 for i in range(warmup, warmup + reps)]
     return statistics.median(ts), ts, out, wall
 
 
-def pinned_bw(dev: str, nbytes: int = GiB, reps: int = 5) -> float:
+def pinned_bw(dev: str, nbytes: int = 2 * GiB, reps: int = 8) -> float:
+    """Best pinned host->GPU copy rate of `reps` copies of `nbytes` (the floor uses the best the link gives)."""
+    if _CPU:
+        return 25e9
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     ts = []
@@ -108,10 +136,12 @@ def pinned_bw(dev: str, nbytes: int = GiB, reps: int = 5) -> float:
         e0.record()
         dst.copy_(src, non_blocking=True)
         e1.record()
-        torch.cuda.synchronize()
+        _sync()
         ts.append(e0.elapsed_time(e1) / 1e3)
     del src, dst
-    return nbytes / statistics.median(ts[1:])
+    log(f"pinned H2D copies of {nbytes >> 20} MiB: median {nbytes / statistics.median(ts[1:]) / 1e9:.1f} GB/s, "
+        f"best {nbytes / min(ts[1:]) / 1e9:.1f} GB/s")
+    return nbytes / min(ts[1:])
 
 
 def block_units(model):
@@ -190,7 +220,7 @@ class SyncBaseline:
         for name in offloaded:
             m = model.get_submodule(name)
             ps = list(m.parameters())
-            host = [p.data.to("cpu").pin_memory() for p in ps]
+            host = [p.data.to("cpu").clone() if _CPU else p.data.to("cpu").pin_memory() for p in ps]
             for p, h in zip(ps, host):
                 p.data = h
             self.held[name] = (ps, host)
@@ -233,26 +263,36 @@ def main(argv=None):
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--no-sync", action="store_true")
     ap.add_argument("--sync-fracs", default=None, help="fractions for the sync baseline (default: all)")
-    ap.add_argument("--replan", action="store_true", help="also run passes.partition plans (before/after feedback)")
+    ap.add_argument("--planner", choices=["partition", "hand"], default="partition",
+                    help="partition: compiler.trace + passes.partition with measured unit times (what compile() "
+                         "does); hand: evenly spread blocks, --slots ring slots")
+    ap.add_argument("--hand", action="store_true", help="with --planner partition, also run the hand plans")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: tiny fp32 config through the same code (checks the script, no meaningful times)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    dev = "cuda:0"
+    global _CPU
+    _CPU = a.device == "cpu"
+    dev = "cpu:0" if _CPU else "cuda:0"
     from distorch.runtime.apply import apply
     from distorch.runtime import stats as rstats
 
     cfg = dict(guidance_embeds=True)
     if a.smoke:
         cfg.update(num_layers=2, num_single_layers=4)
+    if a.device == "cpu":
+        cfg.update(num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
     ress = [int(r) for r in a.res.split(",")] if not a.smoke else [512]
     fracs = [int(f) for f in a.fracs.split(",")]
     sync_fracs = [int(f) for f in a.sync_fracs.split(",")] if a.sync_fracs else fracs
     slots_list = [int(s) for s in a.slots.split(",")]
-    card = torch.cuda.get_device_name(0)
+    card = "cpu" if _CPU else torch.cuda.get_device_name(0)
     log(f"card {card}, torch {torch.__version__}, cfg {cfg}")
     t0 = time.perf_counter()
     model = build_model(cfg, dev)
-    torch.cuda.synchronize()
+    _sync()
     units = block_units(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     block_total = sum(u[2] for u in units)
@@ -274,77 +314,122 @@ def main(argv=None):
     for res in ress:
         kw = make_inputs(cfg, res, a.txt, dev)
         # ---- resident
-        torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
         med, ts, out, wall = run_steps(model, kw, a.warmup, a.reps)
         ref[res] = out.clone()
         resident_s[res] = med
         rows.append(dict(res=res, method="resident", frac=0, step_s=med, floor_s=med, equal=True,
-                         peak_gib=torch.cuda.max_memory_allocated() / GiB, host_s=wall / (a.warmup + a.reps)))
+                         peak_gib=_peak_gib(), host_s=wall / (a.warmup + a.reps)))
         log(f"[{res}] resident {med * 1e3:.1f} ms (host wall/step {wall / (a.warmup + a.reps) * 1e3:.1f} ms)")
+        # ---- the graph: compiler.trace on the real model (FLOPs, order), or the hand-made block graph
+        g = graph
+        if a.planner == "partition":
+            try:
+                from distorch.compiler.trace import trace
+                tt = time.perf_counter()
+                g = trace(model, (), {k: v for k, v in kw.items() if k != "return_dict"})
+                log(f"[{res}] traced {len(g)} units in {time.perf_counter() - tt:.1f} s")
+            except Exception as e:
+                results["notes"].append(f"trace failed at {res}: {type(e).__name__}: {e}; hand graph used")
+                log("trace failed:", repr(e))
+                g = graph
+        g_flops = copy.deepcopy(g)
         # ---- per-unit compute times (profile run, all resident) -> Unit.time_s
         from distorch.compiler.plan import Plan, PlacedUnit
-        allres = hand_plan(graph, set(), 1, dev)
+        from distorch.compiler.graph import ROOT
+        allres = Plan(compute=dev, units=[PlacedUnit(u.name, u.type, u.bytes, dev, i, u.kind)
+                                          for i, u in enumerate(g.units)])
         rt = apply(model, allres, profile=True, progress=False)
         run_steps(model, kw, 1, 2)
         ut = rstats.unit_times(rt, steps=1)
         rt.undo()
-        for u in graph.units:
+        for u in g.units:
             if u.name in ut:
-                u.time_s = ut[u.name]
-        blk = sum(ut.values())
-        graph["<root>"].time_s = max(med - blk, 0.0)
-        log(f"[{res}] per-unit times fed back: blocks {blk * 1e3:.1f} ms, rest {graph['<root>'].time_s * 1e3:.1f} ms")
+                u.time_s = ut[u.name] * max(u.calls, 1)
+        blk = sum(u.time_s or 0.0 for u in g.units if u.name in ut)
+        if ROOT in g:
+            g[ROOT].time_s = max(med - blk, 0.0)
+        if g is not graph:   # the hand block graph gets the same measured times
+            for u in graph.units:
+                if u.name in ut:
+                    u.time_s = ut[u.name]
+            graph[ROOT].time_s = max(med - sum(u.time_s or 0.0 for u in graph.units if u.name in ut), 0.0)
+        log(f"[{res}] per-unit times fed back for {len(ut)} units: {blk * 1e3:.1f} ms "
+            f"(resident step {med * 1e3:.1f} ms)")
         save()
-        # ---- distorch at each fraction
-        for frac in fracs:
-            off = pick_offloaded(units, frac / 100)
-            off_bytes = sum(u[2] for u in units if u[0] in off)
-            floor = max(med, off_bytes / bw)
-            for W in slots_list:
+        inv = None
+        if a.planner == "partition":
+            from distorch.compiler.inventory import declare
+            tot_mem = 64 * GiB if _CPU else torch.cuda.get_device_properties(0).total_memory
+            inv = declare(f"{dev}={tot_mem}b,cpu=120GiB;cpu>{dev}={bw / 1e9:.3f}GB/s")
+
+        def plans_for(frac):
+            out = []
+            if a.planner == "partition":
+                from distorch.passes.partition import partition
+                vram = frac / 100 * g.total_bytes / GiB
+                out.append(("distorch", partition(g, inv, dev, vram_gb=vram, donors=["cpu"])))
+                if frac == 50:   # the placement the FLOP estimate alone would choose (before feedback)
+                    out.append(("distorch_flops_plan", partition(g_flops, inv, dev, vram_gb=vram, donors=["cpu"])))
+            for W in (slots_list if a.planner == "hand" or a.hand else []):
+                off = pick_offloaded(units, frac / 100)
                 plan = hand_plan(graph, off, W, dev)
                 pred = predict(graph, plan, bw, dev)
                 plan.predicted = {k: v for k, v in pred.items() if isinstance(v, (int, float))}
+                out.append((f"distorch_hand_W{W}" if a.planner == "partition" else "distorch", plan))
+            return out
+
+        # ---- distorch at each fraction
+        for frac in fracs:
+            for label, plan in plans_for(frac):
+                pred = dict(plan.predicted or {})
                 ta = time.perf_counter()
                 rt = apply(model, plan, progress=False)
-                torch.cuda.synchronize()
+                _sync()
                 t_apply = time.perf_counter() - ta
                 gc.collect()
-                torch.cuda.reset_peak_memory_stats()
+                _reset_peak()
                 try:
                     m2, ts2, out2, wall2 = run_steps(model, kw, a.warmup, a.reps)
                     eq = bool(torch.equal(out2, ref[res]))
                     st = rstats.summarize(rt)
-                    peak = torch.cuda.max_memory_allocated() / GiB
+                    peak = _peak_gib()
                 finally:
                     tu = time.perf_counter()
                     rt.undo()
-                    torch.cuda.synchronize()
+                    _sync()
                     t_undo = time.perf_counter() - tu
-                row = dict(res=res, method="distorch" if len(slots_list) == 1 else f"distorch_W{W}", frac=frac,
-                           slots=W, step_s=m2, floor_s=floor, x_floor=m2 / floor, equal=eq, offloaded_bytes=off_bytes,
-                           peak_gib=peak, resident_gib=st["resident_bytes"] / GiB,
+                off_bytes = sum(st["bytes_per_step"].values())     # what actually crossed the bus per step
+                floor = max(med, off_bytes / bw)
+                row = dict(res=res, method=label, frac=frac, slots=st["window_slots"], step_s=m2, floor_s=floor,
+                           x_floor=m2 / floor, equal=eq, offloaded_bytes=off_bytes,
+                           plan_offloaded_bytes=plan.offloaded_bytes(), peak_gib=peak,
+                           predicted_peak_gib=(pred.get("peak_bytes") or 0) / GiB or None,
+                           resident_gib=st["resident_bytes"] / GiB,
                            window_gib=st["window_bytes"] / GiB, predicted_s=pred.get("step_s"),
                            pred_err=(pred["step_s"] / m2 - 1) if pred.get("step_s") else None,
                            deviations=st["deviations"], fallback_loads=st["fallback_loads"],
-                           host_s=wall2 / (a.warmup + a.reps), apply_s=t_apply, undo_s=t_undo)
+                           host_s=wall2 / (a.warmup + a.reps), apply_s=t_apply, undo_s=t_undo,
+                           expert=plan.expert_string)
                 rows.append(row)
-                log(f"[{res}] distorch {frac:3d}% W={W}: {m2 * 1e3:.1f} ms floor {floor * 1e3:.1f} "
-                    f"(x{m2 / floor:.3f}) pred {row['predicted_s'] and row['predicted_s'] * 1e3 or float('nan'):.1f} "
-                    f"eq={eq} peak {peak:.1f} GiB (resident {row['resident_gib']:.1f} + window {row['window_gib']:.2f}) "
+                log(f"[{res}] {label} {frac:3d}%: {m2 * 1e3:.1f} ms floor {floor * 1e3:.1f} (x{m2 / floor:.3f}) "
+                    f"pred {(row['predicted_s'] or float('nan')) * 1e3:.1f} eq={eq} streamed {off_bytes / 1e9:.2f} GB "
+                    f"peak {peak:.2f} GiB (pred {row['predicted_peak_gib'] or float('nan'):.2f}; resident "
+                    f"{row['resident_gib']:.2f} + window {row['window_gib']:.2f} [{row['slots']} slots]) "
                     f"dev={st['deviations']} apply {t_apply:.1f}s undo {t_undo:.1f}s")
                 save()
         # ---- timeline + placement plots at 50 % and 100 %
         try:
             from distorch.runtime import plots
             for frac in (50, 100):
-                if frac not in fracs:
+                if frac not in fracs or res != ress[-1]:
                     continue
-                plan = hand_plan(graph, pick_offloaded(units, frac / 100), slots_list[0], dev)
+                plan = plans_for(frac)[0][1]
                 rt = apply(model, plan, profile=True, progress=False)
                 run_steps(model, kw, 1, 2)
                 tl = rstats.timeline(rt, steps=1)
                 rt.undo()
-                if res == ress[-1]:
+                if True:
                     plots.timeline_png(tl, os.path.join(a.out, f"stream_timeline_{res}_{frac}.png"),
                                        f"Flux-dev-sized DiT {res}x{res}, {frac}% streamed, {card}")
                     if frac == 50:
@@ -353,28 +438,6 @@ def main(argv=None):
         except Exception as e:
             results["notes"].append(f"plots failed: {type(e).__name__}: {e}")
             log("plots failed:", e)
-        # ---- optional: partition plans (re-planned with measured unit times)
-        if a.replan:
-            try:
-                from distorch.passes.partition import partition
-                from distorch.compiler.inventory import declare
-                inv = declare(f"{dev}=80GiB,cpu=128GiB;cpu>{dev}={bw / 1e9:.3f}GB/s")
-                for frac in (50,):
-                    plan = partition(graph, inv, dev, vram_gb=frac / 100 * total / GiB, donors=["cpu"])
-                    rt = apply(model, plan, progress=False)
-                    m3, _, out3, _ = run_steps(model, kw, a.warmup, a.reps)
-                    st = rstats.summarize(rt)
-                    rt.undo()
-                    off_b = plan.offloaded_bytes()
-                    rows.append(dict(res=res, method="distorch_partition", frac=frac, step_s=m3,
-                                     floor_s=max(med, off_b / bw), x_floor=m3 / max(med, off_b / bw),
-                                     equal=bool(torch.equal(out3, ref[res])), offloaded_bytes=off_b,
-                                     predicted_s=(plan.predicted or {}).get("step_s"), slots=st["window_slots"]))
-                    log(f"[{res}] partition plan {frac}%: {m3 * 1e3:.1f} ms, offloaded {off_b / 1e9:.1f} GB, "
-                        f"predicted {(plan.predicted or {}).get('step_s')}")
-            except Exception as e:
-                results["notes"].append(f"replan failed: {type(e).__name__}: {e}")
-                log("replan failed:", e)
         # ---- synchronous baseline
         if not a.no_sync:
             for frac in sync_fracs:
@@ -384,11 +447,11 @@ def main(argv=None):
                 off_bytes = sum(u[2] for u in units if u[0] in off)
                 sb = SyncBaseline(model, off, dev)
                 gc.collect()
-                torch.cuda.reset_peak_memory_stats()
+                _reset_peak()
                 try:
                     m4, _, out4, wall4 = run_steps(model, kw, 1, max(3, a.reps))
                     eq = bool(torch.equal(out4, ref[res]))
-                    peak = torch.cuda.max_memory_allocated() / GiB
+                    peak = _peak_gib()
                 finally:
                     sb.undo()
                     del sb
@@ -409,17 +472,17 @@ def main(argv=None):
             ta = time.perf_counter()
             model.enable_group_offload(onload_device=torch.device(dev), offload_device=torch.device("cpu"),
                                        offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-            torch.cuda.synchronize()
+            _sync()
             log(f"diffusers group offload enabled in {time.perf_counter() - ta:.1f} s")
             for res in ress:
                 kw = make_inputs(cfg, res, a.txt, dev)
                 gc.collect()
-                torch.cuda.reset_peak_memory_stats()
+                _reset_peak()
                 m5, _, out5, wall5 = run_steps(model, kw, a.warmup, a.reps)
                 floor = max(resident_s[res], total / bw)
                 rows.append(dict(res=res, method="diffusers_group", frac=100, step_s=m5, floor_s=floor,
                                  x_floor=m5 / floor, equal=bool(torch.equal(out5, ref[res])),
-                                 offloaded_bytes=total, peak_gib=torch.cuda.max_memory_allocated() / GiB))
+                                 offloaded_bytes=total, peak_gib=_peak_gib()))
                 log(f"[{res}] diffusers group offload 100%: {m5 * 1e3:.1f} ms eq={rows[-1]['equal']}")
                 save()
         except Exception as e:
@@ -448,9 +511,9 @@ def table(results: dict) -> str:
     for res in sorted({r["res"] for r in rows}):
         rr = [r for r in rows if r["res"] == res]
         resid = next((r["step_s"] for r in rr if r["method"] == "resident"), None)
-        for frac in sorted({r["frac"] for r in rr if r["method"].startswith("distorch") and r["method"] != "distorch_partition"}):
-            ds = [r for r in rr if r["method"].startswith("distorch") and r["method"] != "distorch_partition" and r["frac"] == frac]
-            d = min(ds, key=lambda r: r["step_s"])
+        for frac in sorted({r["frac"] for r in rr if r["method"] == "distorch"}):
+            ds = [r for r in rr if r["method"] == "distorch" and r["frac"] == frac]
+            d = ds[0]
             s = next((r for r in rr if r["method"] == "sync_pinned" and r["frac"] == frac), None)
             g = next((r for r in rr if r["method"] == "diffusers_group" and r["frac"] == frac), None)
             eq = all(r.get("equal") for r in ds + ([s] if s else []) + ([g] if g else []))
@@ -462,12 +525,15 @@ def table(results: dict) -> str:
             out.append(f"| {res} | {frac}% | {f(resid)} | {f(d['floor_s'])} | {f(d['step_s'])} (W={d.get('slots')}) | "
                        f"{f(d['x_floor'], 3)} | {f(d.get('predicted_s'))} | {perr} | "
                        f"{f(s and s['step_s'])} | {f(g and g['step_s'])} | {vs} | {f(d.get('peak_gib'), 1)} | {eq} |")
-    extra = [r for r in rows if r["method"] == "distorch_partition"]
+    extra = [r for r in rows if r["method"].startswith("distorch_")]
     if extra:
-        out += ["", "partition() plans with measured per-unit times fed back:"]
+        out += ["", "other plans run through the same runtime (same run):", "",
+                "| res | offloaded | plan | step s | x floor | predicted s | streamed GB | slots | bit-identical |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in extra:
-            out.append(f"- {r['res']} {r['frac']}%: {r['step_s']:.3f} s (x floor {r['x_floor']:.3f}), predicted "
-                       f"{r.get('predicted_s')}, offloaded {r['offloaded_bytes'] / 1e9:.2f} GB, equal {r['equal']}")
+            pr = "-" if r.get("predicted_s") is None else "%.3f" % r["predicted_s"]
+            out.append(f"| {r['res']} | {r['frac']}% | {r['method']} | {r['step_s']:.3f} | {r['x_floor']:.3f} | {pr} | "
+                       f"{r['offloaded_bytes'] / 1e9:.2f} | {r.get('slots')} | {r['equal']} |")
     if results["notes"]:
         out += ["", "notes:"] + [f"- {n}" for n in results["notes"]]
     return "\n".join(out) + "\n"
