@@ -103,3 +103,23 @@ def test_distorch2_unet_workflow_matches_plain_loader(server, devices):
     other = json.loads(json.dumps(wf))
     other["2"]["inputs"]["seed"] += 1
     assert not bool((_latent(server, server.run(other)) == ref).all())
+
+
+def test_checkpoint_advanced_loaders_match_plain_checkpoint(server, devices):
+    """The saved CheckpointLoaderAdvancedMultiGPU workflow runs, and so does its DisTorch2 twin (MODEL and
+    CLIP compiled): both give the plain CheckpointLoaderSimple's latent for the same seed."""
+    wf = H.shrink_for_cpu(H.map_workflow(H.load_workflow("sdxl_checkpoint_loader_advanced_api.json"), devices))
+    wf["32"] = {"inputs": {"filename_prefix": "latents/advanced", "samples": ["2", 0]}, "class_type": "SaveLatent"}
+    plain = json.loads(json.dumps(wf))
+    plain["27"] = {"inputs": {"ckpt_name": H.FILES["checkpoint"]}, "class_type": "CheckpointLoaderSimple"}
+    d2 = json.loads(json.dumps(wf))
+    gpu = H.map_device("cuda:0", devices)
+    d2["27"] = {"class_type": "CheckpointLoaderAdvancedDisTorch2MultiGPU", "inputs": {
+        "ckpt_name": H.FILES["checkpoint"], "unet_compute_device": gpu, "unet_virtual_vram_gb": 0.1,
+        "unet_donor_device": "cpu", "clip_compute_device": "cpu", "clip_virtual_vram_gb": 0.05,
+        "clip_donor_device": "cpu", "vae_device": gpu}}
+    ref = _latent(server, server.run(plain))
+    assert ref.isfinite().all() and ref.float().std() > 0
+    for prompt in (wf, d2):
+        got = _latent(server, server.run(prompt))
+        assert bool((got == ref).all()), (prompt["27"]["class_type"], (got - ref).abs().max())
