@@ -291,11 +291,7 @@ class DeviceSelectorMultiGPU:
     def INPUT_TYPES(cls):
         return {"required": {"device": R.device_input("The device this node outputs.")}}
 
-    # A device list as output type: it connects to every device input of these nodes.
-    @classmethod
-    def _return_types(cls):
-        return (R.devices(),)
-
+    RETURN_TYPES = (["cpu"],)  # set in build(): the device list, so it connects to every device input
     RETURN_NAMES = ("device",)
     FUNCTION = "select_device"
     CATEGORY = R.CATEGORY
@@ -339,7 +335,7 @@ def build():
             device_key="device" if is_clip else "compute_device", eject_default=not is_clip)
     out["CheckpointLoaderAdvancedMultiGPU"] = CheckpointLoaderAdvancedMultiGPU
     out["CheckpointLoaderAdvancedDisTorch2MultiGPU"] = CheckpointLoaderAdvancedDisTorch2MultiGPU
-    DeviceSelectorMultiGPU.RETURN_TYPES = DeviceSelectorMultiGPU._return_types()
+    DeviceSelectorMultiGPU.RETURN_TYPES = (R.devices(),)
     out["DeviceSelectorMultiGPU"] = DeviceSelectorMultiGPU
     out.update(build_late())
     return out

@@ -141,7 +141,6 @@ def test_distorch2_loader_compiles_output_with_its_inputs(fake):
 def test_legacy_gguf_distorch_use_other_vram(fake):
     cls = N.build()["UnetLoaderGGUFDisTorchMultiGPU"]
     assert cls.BASE_CLASS is N.UnetLoaderGGUFNative  # ComfyUI-GGUF absent: our own base
-    base_calls = []
     fake.classes["UnetLoaderGGUF"] = fake_loader("UnetLoaderGGUF", ["unet_name"], ["MODEL"])
     base_calls = fake.classes["UnetLoaderGGUF"].calls
     cls = N.build_late()["UnetLoaderGGUFDisTorchMultiGPU"]  # ComfyUI-GGUF present: generated from its class
