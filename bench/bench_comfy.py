@@ -87,7 +87,44 @@ def make_flux_file(path: str, double: int, single: int, dev):
     return nbytes
 
 
+# ComfyUI-MultiGPU v2.5.11 (DisTorch2, pageable donor memory), same model, same machine kind, measured
+# in an earlier session (shared/DESIGN.md): GiB offloaded -> s/it.
+SEED_PROJECT = [(0, 0.180), (4, 0.79), (8, 1.35), (16, 2.35), (22.17, 3.2)]
+
+
+def plot(json_path: str, png_path: str):
+    """s/it against GiB offloaded (the chart the existing project publishes), from a results JSON."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = json.load(open(json_path))
+    rows = d["rows"]
+    dis = sorted((r["gb"], r["s_it"]) for r in rows if r["name"].startswith("DisTorch2"))
+    flo = sorted((r["gb"], r["floor"]) for r in rows if r.get("floor"))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(*zip(*SEED_PROJECT), "s--", color="tab:gray", label="ComfyUI-MultiGPU 2.5.11 (earlier run)")
+    ax.plot(*zip(*dis), "o-", color="tab:blue", label="DisTorch2 (this project)")
+    if flo:
+        ax.plot(*zip(*flo), ":", color="tab:green", label="floor: max(resident, bytes / pinned BW)")
+    for r in rows:
+        if r["name"].startswith("ComfyUI partial"):
+            ax.plot([r["gb"]], [r["s_it"]], "^", color="tab:orange", ms=9, label="ComfyUI's own partial load")
+        if r["name"].startswith("plain"):
+            ax.axhline(r["s_it"], color="k", lw=0.6, alpha=0.5)
+    ax.set_xlabel("GiB of the model off the GPU (virtual_vram_gb)")
+    ax.set_ylabel("seconds / iteration")
+    ax.set_title(f"Flux-dev 1024x1024 in ComfyUI, {d['gpu']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}")
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
+        return plot(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
     ap.add_argument("--device", default="cuda:0")
