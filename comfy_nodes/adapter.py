@@ -52,6 +52,9 @@ that ComfyUI's memory manager (model_management.load_models_gpu / free_memory / 
                     so free_memory() does not evict other models for bytes we never load there;
                     get_ram_usage() stays the whole model (it lives in RAM).
 
+A WrappersMP.OUTER_SAMPLE wrapper (patcher.add_wrapper_with_key, copied by clone()) logs the measured
+step time beside the Plan's prediction after each sampling run.
+
 The compiled state lives on the underlying torch module (`patcher.model`), shared by all clones,
 exactly like ComfyUI's own `model_loaded_weight_memory`.
 
@@ -93,6 +96,11 @@ def _mm():
 def _mp():
     import comfy.model_patcher as mp
     return mp
+
+
+def _wrappers_mp():
+    import comfy.patcher_extension as pe
+    return pe.WrappersMP
 
 
 def comfy_version() -> str:
@@ -273,6 +281,7 @@ class _State:
         self.compiles = 0
         self.releases = 0
         self.repatches = 0
+        self.last_stats = None    # runtime statistics of the latest sampling run (OUTER_SAMPLE wrapper)
 
     # bytes the compiled model holds on its compute device
     def vram_bytes(self) -> int:
@@ -577,6 +586,30 @@ class DisTorchPatcherMixin:
         log.info("DisTorch: re-patched %d weights in place (no reload)", done)
 
 
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    """WrappersMP.OUTER_SAMPLE: after a sampling run, log the measured step time beside the Plan's prediction."""
+    out = executor(*args, **kwargs)
+    try:
+        p = getattr(executor.class_obj, "model_patcher", None)
+        st = _state(getattr(p, "model", None))
+        if st is not None and st.handle is not None:
+            d = st.handle.stats
+            meas, pred, comp = d.get("measured_step_s"), d.get("predicted_step_s"), d.get("predicted_compute_s")
+            if meas:
+                st.last_stats = d
+                msg = f"DisTorch: measured step {meas * 1e3:.1f} ms"
+                if pred:
+                    msg += f", predicted {pred * 1e3:.1f} ms"
+                if comp:
+                    msg += f"; overhead over the all-resident prediction: measured {(meas - comp) * 1e3:+.1f} ms"
+                    if pred:
+                        msg += f", predicted {(pred - comp) * 1e3:+.1f} ms"
+                log.info("%s (%d streamed units, %d slots)", msg, d.get("streamed_units", 0), d.get("window_slots", 0))
+    except Exception as e:   # statistics are a courtesy: never fail a finished sampling run over them
+        log.debug("DisTorch: no step statistics (%s)", e)
+    return out
+
+
 def _mixed_class(base: type) -> type:
     with _lock:
         cls = _MIXED.get(base)
@@ -667,6 +700,10 @@ def distorch(obj, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cp
     else:
         p.__class__ = _mixed_class(type(p))
         newp = p
+    if holder is None:
+        wt = _wrappers_mp().OUTER_SAMPLE
+        if "distorch" not in newp.wrappers.get(wt, {}):
+            newp.add_wrapper_with_key(wt, "distorch", _outer_sample_wrapper)
     newp.load_device = compute
     if compute.type == "cpu":
         newp.offload_device = compute

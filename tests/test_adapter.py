@@ -158,9 +158,13 @@ def test_same_latent_as_plain_loader(models, vram_gb, expect, caplog):
         assert 0 < off < plan.model_bytes
     else:
         assert off == plan.model_bytes
-    out = _sample(m)
+    with caplog.at_level(logging.INFO, logger="distorch"):
+        out = _sample(m)
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max().item()}"
     assert st.compiles == 1 and st.handle is not None
+    # the OUTER_SAMPLE wrapper logs measured vs predicted step time after sampling
+    assert st.last_stats is not None and st.last_stats["measured_step_s"] > 0
+    assert "measured step" in caplog.text
     # ComfyUI sees what the model really holds on its load device, and the whole model as RAM usage
     assert m.loaded_size() == st.vram_bytes() == m.model_size()
     assert m.get_ram_usage() >= plan.model_bytes
