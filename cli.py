@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 GiB = 1 << 30
@@ -138,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "plan":
             return _plan(args)
+    except BrokenPipeError:  # `distorch plan ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except (DisTorchError, ValueError, OSError) as e:
         print(f"distorch: error: {e}", file=sys.stderr)
         return 2
