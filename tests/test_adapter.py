@@ -336,3 +336,30 @@ def test_dynamic_path_is_detected_and_replaced(models, monkeypatch):
     out = adapter.distorch(dyn, "cpu", 0.0015, "cpu", "", False)
     assert not isinstance(out, ModelPatcherDynamic) and isinstance(out, adapter.DisTorchPatcherMixin)
     assert torch.equal(_sample(out), ref)
+
+
+def test_clip_encoder_same_conditioning(tmp_path):
+    """A DisTorch2 CLIP loader: SD1 CLIP-L shaped text encoder (random weights), conditioning unchanged."""
+    import comfy.sd1_clip
+    m = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(tuple(v.shape), generator=g) * 0.02 for k, v in m.transformer.state_dict().items()}
+    d = tmp_path / "text_encoders"
+    d.mkdir()
+    safetensors.torch.save_file(sd, str(d / "tiny_clip.safetensors"))
+    folder_paths.add_model_folder_path("text_encoders", str(d))
+
+    def load():
+        return nodes.CLIPLoader().load_clip("tiny_clip.safetensors", "stable_diffusion")[0]
+
+    (ref,) = nodes.CLIPTextEncode().encode(load(), "a photo of a cat")
+    mm.unload_all_models()
+    clip = adapter.distorch(load(), "cpu", 0.2, "cpu", "", False)
+    assert isinstance(clip.patcher, adapter.DisTorchPatcherMixin)
+    (out,) = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
+    st = adapter.state_of(clip)
+    assert st.handle is not None and 0 < st.plan.offloaded_bytes() < st.plan.model_bytes
+    assert torch.equal(out[0][0], ref[0][0])
+    assert torch.equal(out[0][1]["pooled_output"], ref[0][1]["pooled_output"])
+    mm.unload_all_models()
+    assert st.handle is None
