@@ -282,6 +282,7 @@ class _State:
         self.releases = 0
         self.repatches = 0
         self.last_stats = None    # runtime statistics of the latest sampling run (OUTER_SAMPLE wrapper)
+        self.sd_hook = None       # state_dict hook that reports streamed weights from their homes
 
     # bytes the compiled model holds on its compute device
     def vram_bytes(self) -> int:
@@ -384,6 +385,19 @@ def _compile(module, st: _State, device):
     h = _c(module, **kw)
     st.handle, st.plan, st.device, st.index = h, h.plan, torch.device(device), None
     st.compiles += 1
+    # Streamed parameters point at whichever slot they ran from last; anything that READS the weights
+    # (state_dict for saving / merging, get_key_patches) must see their homes instead.
+    idx = _stream_index(st)
+    names = {n: idx[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if id(p) in idx}
+
+    def homes_in_state_dict(mod, state_dict, prefix, local_metadata):
+        for n, home in names.items():
+            if prefix + n in state_dict:
+                state_dict[prefix + n] = home
+        return None
+
+    reg = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    st.sd_hook = reg(homes_in_state_dict) if names else None
     return h
 
 
@@ -391,6 +405,9 @@ def _undo(st: _State, to_device):
     """Free homes and slots; the weights end on `to_device`."""
     h = st.handle
     st.handle, st.index, st.device = None, None, None
+    if getattr(st, "sd_hook", None) is not None:
+        st.sd_hook.remove()
+        st.sd_hook = None
     if h is None:
         return
     import inspect
@@ -469,6 +486,23 @@ class DisTorchPatcherMixin:
 
     def distorch_state(self):
         return _state(self.model)
+
+    def get_key_patches(self, filter_prefix=None):
+        """ComfyUI's merge nodes read the weights here: streamed ones are read from their homes."""
+        p = super().get_key_patches(filter_prefix)
+        st = _state(self.model)
+        if st is None or st.handle is None:
+            return p
+        idx = _stream_index(st)
+        mp = _mp()
+        for k, v in p.items():
+            if k in self.backup or not v:
+                continue
+            w, _, _ = mp.get_key_weight(self.model, k)
+            home = idx.get(id(w))
+            if home is not None:
+                p[k] = [(home, v[0][1])] + list(v[1:])
+        return p
 
     # -- loading
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):

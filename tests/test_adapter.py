@@ -91,10 +91,11 @@ def models(tmp_path_factory):
     unet_dir.mkdir()
     lora_dir.mkdir()
     sd = _make_sd3(str(unet_dir / "tiny_sd3.safetensors"))
+    _make_sd3(str(unet_dir / "tiny_sd3_b.safetensors"), seed=1)
     _make_lora(sd, str(lora_dir / "tiny_lora.safetensors"))
     folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
     folder_paths.add_model_folder_path("loras", str(lora_dir))
-    return {"unet": "tiny_sd3.safetensors", "lora": "tiny_lora.safetensors", "sd": sd}
+    return {"unet": "tiny_sd3.safetensors", "unet_b": "tiny_sd3_b.safetensors", "lora": "tiny_lora.safetensors", "sd": sd}
 
 
 @pytest.fixture(autouse=True)
@@ -363,3 +364,24 @@ def test_clip_encoder_same_conditioning(tmp_path):
     assert torch.equal(out[0][1]["pooled_output"], ref[0][1]["pooled_output"])
     mm.unload_all_models()
     assert st.handle is None
+
+
+def test_weights_read_while_streaming(models):
+    """state_dict (saving) and get_key_patches (merge nodes) see the real weights, not a slot's content."""
+    import comfy_extras.nodes_model_merging as merging
+    plain_a = _load(models)
+    plain_b = nodes.UNETLoader().load_unet(models["unet_b"], "default")[0]
+    ref = _sample(merging.ModelMergeSimple().merge(plain_a, plain_b, 0.3)[0])
+    mm.unload_all_models()
+
+    b = adapter.distorch(nodes.UNETLoader().load_unet(models["unet_b"], "default")[0], "cpu", 100.0, "cpu", "", False)
+    _sample(b)                                 # compiled; streamed params now point into slots
+    st = adapter.state_of(b)
+    assert st.handle is not None and st.plan.offloaded_bytes() > 0
+    sd_b = plain_b.model.diffusion_model.state_dict()
+    live = b.model.diffusion_model.state_dict()
+    assert live.keys() == sd_b.keys()
+    assert all(torch.equal(live[k].cpu(), sd_b[k]) for k in sd_b), "state_dict must read streamed weights' homes"
+    out = _sample(merging.ModelMergeSimple().merge(plain_a, b, 0.3)[0])
+    assert torch.equal(out, ref)
+    assert st.handle.runtime.W < len(st.handle.runtime.units), "test needs slots shared between units"
