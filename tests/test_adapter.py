@@ -188,7 +188,8 @@ def test_expert_string_and_bad_inputs(models):
         adapter.distorch(object(), "cpu", 1.0, "cpu", "", False)
 
 
-def test_lora_strength_change_does_not_reload(models, monkeypatch):
+@pytest.mark.parametrize("vram_gb", [0.0015, 100.0])
+def test_lora_strength_change_does_not_reload(models, monkeypatch, vram_gb):
     refs = {}
     plain = _load(models)
     for s in (0.5, 1.0, -0.7):
@@ -218,9 +219,12 @@ def test_lora_strength_change_does_not_reload(models, monkeypatch):
     monkeypatch.setattr(part, "partition", count_partition)
     monkeypatch.setattr(comfy.utils, "load_torch_file", count_read)
 
-    m = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    m = adapter.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
     st = adapter.state_of(m)
-    assert 0 < st.plan.offloaded_bytes() < st.plan.model_bytes     # resident AND streamed weights patched
+    if vram_gb < 1:
+        assert 0 < st.plan.offloaded_bytes() < st.plan.model_bytes     # resident AND streamed weights patched
+    else:
+        assert st.plan.offloaded_bytes() == st.plan.model_bytes        # every unit streamed through shared slots
     assert calls == {"compile": 0, "partition": 1, "read_unet": 1}
     for s in (0.5, 1.0, -0.7, 0.0):
         out = _sample(_lora(m, models, s))
