@@ -37,7 +37,7 @@ _CPU = False   # --device cpu: a tiny config through the same code, for checking
 
 def _sync():
     if not _CPU:
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _event():
