@@ -575,3 +575,43 @@ def test_cuda_donor_gpu_home():
         assert set(rt.links) == {"cuda:1"}
     finally:
         rt.undo()
+
+
+# ------------------------------------------------------------------- compile(): trace + partition
+def test_compile_plans_with_trace_and_partition(toy):
+    import distorch
+    m, args, ref = toy
+    half = nbytes(m) / 2 / 2**30
+    h = distorch.compile(m, compute="cpu", vram_gb=half, donors=["cpu"], example_args=args, progress=False)
+    try:
+        assert h.plan.compute == "cpu:0" and h.plan.offloaded_bytes() >= nbytes(m) / 2
+        assert h.graph is not None and len(h.graph) >= 6
+        for out in run(m, args, 3):
+            assert torch.equal(out, ref)
+        s = h.stats
+        assert s["streamed_units"] >= 3 and s["deviations"] == 0
+        assert s["predicted_step_s"] and s["measured_step_s"]
+    finally:
+        h.undo()
+    assert torch.equal(m(*args), ref)
+
+
+def test_compile_expert_string_and_feedback(toy):
+    import distorch
+    from distorch.passes.partition import partition
+    from distorch.runtime.api import _inventory
+    m, args, ref = toy
+    h = distorch.compile(m, compute="cpu", expert="cpu:0,40%;cpu,60%", example_args=args, profile=True,
+                         progress=False)
+    try:
+        off = h.plan.offloaded_bytes() / h.plan.model_bytes
+        assert 0.5 <= off <= 0.75
+        run(m, args, 2)
+        assert h.feedback() >= 6          # measured unit times written into the graph
+        assert all(u.time_s and u.time_s > 0 for u in h.graph.units if u.name.startswith("blocks."))
+        plan2 = partition(h.graph, _inventory("cpu:0", ["cpu"]), "cpu:0", vram_gb=0.6 * nbytes(m) / 2**30)
+        assert plan2.predicted["step_s"] > 0
+    finally:
+        h.undo()
+    with pytest.raises(DisTorchError, match="compute"):
+        distorch.compile(m, compute="tpu:3")
