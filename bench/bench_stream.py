@@ -21,7 +21,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import statistics
 import sys
