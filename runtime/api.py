@@ -100,10 +100,11 @@ class Handle:
     def placement_table(self) -> str:
         return placement_table(self.plan)
 
-    def undo(self):
-        """All weights back resident on the compute device, hooks removed, homes and slots freed."""
+    def undo(self, device=None):
+        """All weights back resident on the compute device (or on `device`, e.g. "cpu"), hooks removed,
+        homes and slots freed."""
         if self.runtime is not None:
-            self.runtime.undo()
+            self.runtime.undo(device)
             self.runtime = None
 
     def __repr__(self):

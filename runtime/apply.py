@@ -380,15 +380,31 @@ class Runtime:
         return self
 
     # ------------------------------------------------------------------ undo
-    def undo(self):
-        """All weights back resident on the compute device, hooks removed, homes and slots freed."""
+    def home_views(self) -> dict:
+        """id(parameter) -> its tensor in its home, for every streamed parameter (for code that reads or
+        patches weights between steps, e.g. LoRA; call invalidate() after writing)."""
+        out = {}
+        for i, n in enumerate(self.units):
+            for p, v in zip(self.P[i], self.homes[n].views()):
+                out[id(p)] = v
+        return out
+
+    def invalidate(self):
+        """Homes were written: copy every unit again before its next use (slots may hold old bytes)."""
+        self.be.synchronize()
+        self.content = [-1] * len(self.content)
+        self.primed = False
+
+    def undo(self, device=None):
+        """All weights back resident (on the compute device, or `device`), hooks removed, homes and
+        slots freed."""
         if self.hooks is None:
             return
         for h in self.hooks:
             h.remove()
         self.hooks = None
         self.be.synchronize()
-        dev = self.device
+        dev = self.device if device is None else parse_device(device)
         with torch.no_grad():
             for i, n in enumerate(self.units):
                 for p, v in zip(self.P[i], self.homes[n].views()):

@@ -323,6 +323,25 @@ def test_host_holds_one_copy_and_undo_frees_everything():
     rt2.undo()
 
 
+def test_home_views_invalidate_and_undo_to_other_device(toy):
+    m, args, ref = toy
+    rt = apply(m, make_plan(m, {"blocks.1", "blocks.4"}), window_units=2, progress=False)
+    run(m, args, 1)
+    hv = rt.home_views()
+    w = m.blocks[1].proj.weight
+    assert id(w) in hv and id(m.blocks[0].proj.weight) not in hv
+    saved = hv[id(w)].clone()
+    hv[id(w)].zero_()                       # patch the home (what a LoRA merge does)
+    rt.invalidate()
+    with torch.no_grad():
+        assert not torch.equal(m(*args), ref)
+        hv[id(w)].copy_(saved)
+        rt.invalidate()
+        assert torch.equal(m(*args), ref)
+    rt.undo(device="cpu")
+    assert torch.equal(m(*args), ref)
+
+
 def test_runtime_object_released_after_undo(toy):
     m, args, ref = toy
     rt = apply(m, make_plan(m, {"blocks.1"}), progress=False)
