@@ -122,6 +122,43 @@ def plot(json_path: str, png_path: str):
     print(f"wrote {png_path}")
 
 
+def lora_bench(a, model, run, nodes, folder_paths, mm, adapter, torch, cpu):
+    """Changing a LoRA strength: ComfyUI reloads the model; DisTorch2 rewrites the patched weights in place."""
+    import safetensors.torch
+    g = torch.Generator().manual_seed(7)
+    lora = {}
+    for k, v in model.model.diffusion_model.state_dict().items():
+        if k.endswith(".weight") and v.dim() == 2 and "blocks." in k:
+            base = "diffusion_model." + k[: -len(".weight")]
+            lora[base + ".lora_up.weight"] = (torch.randn(v.shape[0], a.lora_rank, generator=g) * 0.01).to(v.dtype)
+            lora[base + ".lora_down.weight"] = (torch.randn(a.lora_rank, v.shape[1], generator=g) * 0.01).to(v.dtype)
+    name = f"lora_rand_r{a.lora_rank}.safetensors"
+    safetensors.torch.save_file(lora, os.path.join(a.model_dir, name))
+    folder_paths.add_model_folder_path("loras", a.model_dir)
+    say(f"LoRA: {len(lora) // 2} patched weights")
+    loader = nodes.LoraLoaderModelOnly()
+    rows, ref = [], {}
+    for s_ in (1.0, 0.5):
+        m = loader.load_lora_model_only(model, name, s_)[0]
+        r = run(m, f"plain + LoRA {s_}")
+        ref[s_] = r.pop("out")
+        rows.append(dict(name="plain UNETLoader", strength=s_, **r))
+    mm.unload_all_models()
+    gc.collect()
+    if not cpu:
+        torch.cuda.empty_cache()
+    dm = adapter.distorch(model, a.device, a.lora_vram, "cpu", "", True)
+    st = adapter.state_of(dm)
+    for s_ in (1.0, 0.5):
+        m = loader.load_lora_model_only(dm, name, s_)[0]
+        r = run(m, f"distorch {a.lora_vram:g} GB + LoRA {s_}")
+        same = "yes" if torch.equal(r.pop("out"), ref[s_]) else "NO"
+        rows.append(dict(name=f"DisTorch2 virtual_vram_gb={a.lora_vram:g}", strength=s_, compiles=st.compiles,
+                         repatches=st.repatches, same=same, **r))
+    mm.unload_all_models()
+    return rows
+
+
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
         return plot(sys.argv[2], sys.argv[3])
@@ -138,6 +175,9 @@ def main():
     ap.add_argument("--model-dir", default="/dev/shm/distorch_bench")
     ap.add_argument("--cycles", type=int, default=6, help="load/sample/unload cycles at --cycle-vram (RSS, VRAM)")
     ap.add_argument("--cycle-vram", type=float, default=8.0)
+    ap.add_argument("--lora-rank", type=int, default=0, help="also: a random LoRA on every block weight, "
+                    "strength 1.0 then 0.5, plain vs DisTorch2 at --lora-vram (0: skip)")
+    ap.add_argument("--lora-vram", type=float, default=12.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cpu = a.device == "cpu"
@@ -204,6 +244,7 @@ def main():
         return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "out": out}
 
     rows = []
+    lora_rows = []
     # 1. plain: resident
     r = run(model, "plain")
     resident_s = r["s_it"]
@@ -230,7 +271,12 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
 
-    # 3. DisTorch2 at each virtual_vram_gb
+    # 3. LoRA strength change (before the sweep: it needs `model` still plain)
+    if a.lora_rank:
+        lora_rows = lora_bench(a, model, run, nodes, folder_paths, mm, adapter, torch, cpu)
+        gc.collect()
+
+    # 4. DisTorch2 at each virtual_vram_gb
     from distorch.compiler.inventory import probe
     bw = None
     if not cpu:
@@ -254,7 +300,7 @@ def main():
         gc.collect()
         torch.cuda.empty_cache() if not cpu else None
 
-    # 4. load / sample / unload cycles: host RSS and device memory must stay flat
+    # 5. load / sample / unload cycles: host RSS and device memory must stay flat
     cyc = []
     if a.cycles:
         def rss():
@@ -294,6 +340,15 @@ def main():
         lines.append(f"| {r['name']} | {r['gb']:.2f} | {r['s_it']:.3f} | {r['s_it'] / resident_s:.2f} | "
                      f"{'' if f is None else f'{f:.3f}'} | {'' if not p else f'{p:.3f}'} | {r['peak'] / GiB:.1f} | "
                      f"{'' if same is None else ('yes' if same else 'NO')} |")
+    if lora_rows:
+        lines += ["", f"LoRA (random, rank {a.lora_rank}, on every 2-D weight of the blocks): strength 1.0, then 0.5 "
+                  f"(LoraLoaderModelOnly), plain vs DisTorch2 at virtual_vram_gb={a.lora_vram:g}. 'first step' includes "
+                  "ComfyUI's load of the model (patching weights).", "",
+                  "| model | strength | first step incl. load s | s/it | compiles so far | same latent as plain |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in lora_rows:
+            lines.append(f"| {r['name']} | {r['strength']:g} | {r['first_s']:.2f} | {r['s_it']:.3f} | "
+                         f"{r.get('compiles', '')} | {r.get('same', '')} |")
     if cyc:
         r0, v0 = cyc[min(1, len(cyc) - 1)]
         r1, v1 = cyc[-1]
@@ -310,7 +365,7 @@ def main():
         fh.write(text)
     import json
     with open(os.path.splitext(out)[0] + ".json", "w") as fh:
-        json.dump({"gpu": gpu, "total_bytes": total, "cycles": cyc,
+        json.dump({"gpu": gpu, "total_bytes": total, "cycles": cyc, "lora": lora_rows,
                    "rows": [{k: v for k, v in r.items() if k != "out"} for r in rows]}, fh, indent=1)
     say(f"wrote {out}")
 
