@@ -42,7 +42,9 @@ that ComfyUI's memory manager (model_management.load_models_gpu / free_memory / 
                     patches changed (a LoRA strength changed: new clone, new patches_uuid), the
                     patched keys are recomputed from the kept originals and written into the live
                     storage (GPU tensor for resident weights, the home buffer for streamed ones) --
-                    no re-read, no re-plan, no re-placement of the model.
+                    no re-read, no re-plan, no re-placement of the model.  (Weights stored through a
+                    custom op's set_weight cannot be rewritten in place: those models are released
+                    and compiled again with the same Plan.)
 * partially_unload() returns 0: a compiled placement is not shrunk piecemeal, so ComfyUI falls back
                     to a full unload (detach) when it needs the memory.
 * unpatch_model()   (detach / model_unload / cleanup) undoes the runtime: homes (pinned host memory,
@@ -537,6 +539,11 @@ class DisTorchPatcherMixin:
         st = _state(self.model)
         if st is None or st.handle is None or not _same(st.device, device_to):
             return super().partially_load(device_to, extra_memory, force_patch_weights)
+        changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
+        if changed and not self._distorch_repatchable():
+            # weights stored by a custom op (set_func): undo, restore, and load again with the same Plan
+            self.unpatch_model(self.offload_device, unpatch_weights=True)
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
         # compiled on this device already: nothing to move; apply a changed set of weight patches in place
         with self.use_ejected(skip_and_inject_on_exit_only=True):
             changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
@@ -572,6 +579,17 @@ class DisTorchPatcherMixin:
             self.model.device = to_device
         self.model.model_loaded_weight_memory = 0
         log.info("DisTorch: released %s (homes and slots freed, weights on %s)", type(self.model).__name__, to_device)
+
+    def _distorch_repatchable(self) -> bool:
+        mp = _mp()
+        for key in set(self.patches) | set(self.backup):
+            try:
+                _, set_func, _ = mp.get_key_weight(self.model, key)
+            except Exception:
+                return False
+            if set_func is not None:
+                return False
+        return True
 
     def _distorch_repatch(self, device_to):
         """Write the current weight patches into the live storage, from the kept originals."""

@@ -389,3 +389,27 @@ def test_weights_read_while_streaming(models):
     out = _sample(merging.ModelMergeSimple().merge(plain_a, b, 0.3)[0])
     assert torch.equal(out, ref)
     assert st.handle.runtime.W < len(st.handle.runtime.units), "test needs slots shared between units"
+
+
+def test_custom_stored_weight_reloads_with_same_plan(models, monkeypatch):
+    """A weight stored through a custom op (set_weight, e.g. quantized layers) cannot be re-patched in
+    place: a strength change then releases and compiles again with the same Plan, still exact."""
+    plain = _load(models)
+    refs = {s: _sample(_lora(plain, models, s)) for s in (1.0, 0.5)}
+    mm.unload_all_models()
+    import distorch.passes.partition as part
+    calls = []
+    real = part.partition
+    monkeypatch.setattr(part, "partition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    lin = m.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
+
+    def set_weight(w, inplace_update=False, seed=None):
+        with torch.no_grad():
+            lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+    lin.set_weight = set_weight
+    st = adapter.state_of(m)
+    assert torch.equal(_sample(_lora(m, models, 1.0)), refs[1.0])
+    assert torch.equal(_sample(_lora(m, models, 0.5)), refs[0.5])
+    assert st.compiles == 2 and st.releases == 1 and len(calls) == 1
