@@ -232,6 +232,13 @@ def _retarget(obj, dev: torch.device):
         p = _get_patcher(obj)
     except DisTorchError:
         return
+    # a loader may have loaded it already (CLIP loads eagerly) for its default device: unload that copy,
+    # else ComfyUI keeps using the LoadedModel entry it made for the old device
+    mm = _mm()
+    for lm in list(mm.current_loaded_models):
+        if lm.model is p and not _same(lm.device, dev):
+            lm.model_unload()
+            mm.current_loaded_models.remove(lm)
     p.load_device = dev
     if dev.type == "cpu":
         p.offload_device = dev

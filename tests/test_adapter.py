@@ -136,6 +136,12 @@ def test_discovery():
 def test_load_on_device(models):
     (m,) = adapter.load_on_device("cpu", nodes.UNETLoader().load_unet, models["unet"], "default")
     assert m.load_device == torch.device("cpu")
+    # loaded already for another device (CLIP loaders load eagerly): that ComfyUI entry is unloaded first
+    _sample(m)
+    (lm,) = [x for x in mm.current_loaded_models if x.model is m]
+    lm.device = torch.device("meta")          # stands for "loaded for cuda:0" on this CPU-only machine
+    assert adapter.load_on_device("cpu", lambda: m) is m
+    assert not any(x.model is m for x in mm.current_loaded_models)
     with pytest.raises(DisTorchError, match="cuda:7"):
         adapter.load_on_device("cuda:7", nodes.UNETLoader().load_unet, models["unet"], "default")
     with pytest.raises(DisTorchError, match="not a device"):
