@@ -48,11 +48,11 @@ def _event():
 
 def _reset_peak():
     if not _CPU:
-        _reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak_gib():
-    return 0.0 if _CPU else _peak_gib()
+    return 0.0 if _CPU else torch.cuda.max_memory_allocated() / 2**30
 
 
 def log(*a):
