@@ -28,6 +28,9 @@ class Plan:
     predicted: dict = field(default_factory=dict)  # compute_s, step_s, overhead_s, peak_bytes, ...
     source: dict = field(default_factory=dict)     # how it was asked for (vram_gb/donors or expert)
     version: int = PLAN_VERSION
+    # GGUF units: unit name -> "streamed_q" | "resident_q" | "resident_dq" (passes/quant_choice.py,
+    # runtime/gguf_stream.py); units not named: streamed when offloaded, else resident quantized
+    quant: dict = field(default_factory=dict)
 
     @property
     def model_bytes(self) -> int:

@@ -134,10 +134,19 @@ def placement_table(plan: Plan) -> str:
 
 def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None, plan=None,  # noqa: A001
             example_args=None, example_kwargs=None, window_units=None, *, profile: bool = False,
-            granularity: str = "block", inventory=None, progress: bool = True) -> Handle:
-    """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring)."""
+            granularity: str = "block", inventory=None, progress: bool = True, quant: str = "auto",
+            quant_budget_gb=None) -> Handle:
+    """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring).
+
+    GGUF weights (runtime.gguf_tensor): `quant` = "auto" | "quantized" | "dequantized" picks, for the
+    resident units of a traced plan, per-call dequantization or a dense copy within the VRAM left
+    (passes/quant_choice.py; `quant_budget_gb` caps the extra GiB); offloaded units always stream
+    quantized. A given `plan=` is used as it is (its `quant` field, if any)."""
     if not isinstance(model, torch.nn.Module):
         raise DisTorchError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
+    from ..passes.quant_choice import MODES as _QMODES
+    if quant not in _QMODES:
+        raise DisTorchError(f"quant={quant!r}: expected one of {', '.join(_QMODES)}")
     graph = None
     if plan is None:
         from ..compiler.trace import trace
@@ -151,6 +160,11 @@ def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None,
         graph = trace(model, tuple(example_args or ()), example_kwargs, granularity=granularity)
         inv = inventory if inventory is not None else _inventory(comp, donors)
         plan = partition(graph, inv, comp, vram_gb=vram_gb, donors=donors or None, expert=expert)
+        from ..passes.quant_choice import choose_quant, quant_info
+        info = quant_info(model, plan, graph)
+        if info:
+            budget = None if quant_budget_gb is None else int(float(quant_budget_gb) * 2**30)
+            plan = choose_quant(plan, graph, inv, info, budget_bytes=budget, mode=quant)
     elif not isinstance(plan, Plan):
         raise DisTorchError(f"plan= must be a distorch Plan, got {type(plan).__name__}")
     rt = apply(model, plan, graph, window_units=window_units, profile=profile, progress=progress)

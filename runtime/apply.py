@@ -57,6 +57,7 @@ from ..compiler.graph import ROOT
 from ..compiler.plan import Plan
 from ..errors import DisTorchError
 from .store import Home, HostArena, Layout, SlotPool, Progress, align_up, is_host, parse_device
+from . import gguf_stream as _gs
 from .stream import Backend
 
 MAX_SLOTS = 8
@@ -76,6 +77,8 @@ class Runtime:
         self.profile = bool(profile)
         self._module_ref = weakref.ref(module)
 
+        # GGUF units the plan dequantizes once (plan.quant, runtime.gguf_stream); restored by undo()
+        self.dequantized = _gs.dequantize_units(module, plan, plan.compute)
         c = classify(module, plan)
         unit_mods, home_of, offloaded, streamed = c.unit_mods, c.home_of, c.offloaded, c.streamed
         resident, buffers = c.resident, c.buffers
@@ -86,7 +89,7 @@ class Runtime:
         self.units = [n for n in offloaded if streamed[n]]
         self.homes: dict[str, Home] = {}
         pin_host = be.cuda
-        total = sum(sum(p.numel() * p.element_size() for _, p in streamed[n]) for n in self.units)
+        total = sum(sum(_gs.stored_bytes(p) for _, p in streamed[n]) for n in self.units)
         prog = Progress(total if progress else 0, "distorch: weights -> homes")
         homes = homes or {}
         todo = {}
@@ -115,6 +118,10 @@ class Runtime:
                     if p.is_meta:
                         raise DisTorchError(f"parameter {q!r} is on the meta device (no data); load weights "
                                             "with distorch.runtime.loading.load_into(module, path, plan) first")
+                    if _gs.is_gguf(p):     # quantized: the home holds the stored blocks
+                        v.copy_(p.raw)
+                        _gs.set_raw(p, v)
+                        continue
                     v.copy_(p.data)
                     p.data = v             # the original storage is released here
             self.homes[n] = h
@@ -125,12 +132,11 @@ class Runtime:
             for p in resident:
                 if p.is_meta:
                     raise DisTorchError("a resident parameter is on the meta device; load weights first")
-                if p.device != dev:
-                    p.data = p.data.to(dev)
+                _gs.to_device(p, dev)
             for b in buffers.values():
                 if b.device != dev and not b.is_meta:
                     b.data = b.data.to(dev)
-        self.resident_bytes = sum(p.numel() * p.element_size() for p in resident) + \
+        self.resident_bytes = sum(_gs.stored_bytes(p) for p in resident) + \
             sum(b.numel() * b.element_size() for b in buffers.values())
 
         # ---- slot pool and precomputed views
@@ -149,8 +155,13 @@ class Runtime:
             raise DisTorchError(f"window_units={window_units!r}: need at least 1 slot to stream {n_units} unit(s)")
         self.W = W = max(1, min(int(window_units), MAX_SLOTS, max(n_units, 1))) if n_units else 0
         self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
-        self.P = [[p for _, p in streamed[n]] for n in self.units]                 # params per unit
+        # params per unit (a GGUF parameter as its RawBinder: `.data = view` rebinds its blocks)
+        self.P = [[_gs.binder(p) for _, p in streamed[n]] for n in self.units]
         self.V = [self.pool.views(self.homes[n].layout) for n in self.units] if n_units else []
+        for i in range(n_units):       # GGUF parameters report the compute device, like bound dense ones
+            for b, v in zip(self.P[i], self.V[i][0]):
+                if b is not _gs.param_of(b):
+                    _gs._retag_device(b.param, v)
         self.src = [self.homes[n].src for n in self.units]
         self.dst = [[f[:self.homes[n].nbytes] for f in self.pool.flats] for n in self.units] if n_units else []
         self.nbytes = [self.homes[n].nbytes for n in self.units]
@@ -386,7 +397,7 @@ class Runtime:
         out = {}
         for i, n in enumerate(self.units):
             for p, v in zip(self.P[i], self.homes[n].views()):
-                out[id(p)] = v
+                out[id(_gs.param_of(p))] = v
         return out
 
     def invalidate(self):
@@ -408,7 +419,8 @@ class Runtime:
         with torch.no_grad():
             for i, n in enumerate(self.units):
                 for p, v in zip(self.P[i], self.homes[n].views()):
-                    p.data = v.to(dev, copy=True)
+                    _gs.rebind(p, v.to(dev, copy=True))
+            self.dequantized.restore(dev)
         for h in self.homes.values():
             h.release()
         for a in self.arenas.values():

@@ -74,6 +74,9 @@ class Layout:
         self.nbytes = 0
 
     def add(self, name: str, t: torch.Tensor) -> Entry:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and getattr(t, "qtype", None) is not None \
+                and isinstance(getattr(t, "raw", None), torch.Tensor):
+            t = t.raw      # a quantized GGUF tensor: its home holds the stored blocks (runtime.gguf_stream)
         dense = _span(t) == t.numel()
         stride = tuple(t.stride()) if dense else tuple(torch.empty(t.shape, device="meta").stride())
         e = Entry(name, t.dtype, tuple(t.shape), stride, align_up(self.nbytes), t.numel() * t.element_size())

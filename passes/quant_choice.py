@@ -1,0 +1,217 @@
+"""Quant-choice pass: for every unit with GGUF weights, how they are kept on the compute device.
+
+    info = quant_info(module, plan, graph)                  # per unit: stored / dense bytes, dequant s
+    plan = choose_quant(plan, graph, inventory, info, budget_bytes=None, mode="auto")
+
+Choices (runtime/gguf_stream.py carries them out; Plan.quant records them):
+  streamed_q   the unit is offloaded: its quantized bytes cross the bus, dequantized after the copy,
+               every call (the only choice for an offloaded unit: moving bf16 would move 2-4x the bytes)
+  resident_q   resident, quantized: dequantized on every call (stored bytes of VRAM)
+  resident_dq  resident, dequantized once at apply(): dense bytes of VRAM, no per-call work
+
+Policy ("auto"): the placement (passes/partition.py) is kept.  Resident GGUF units are dequantized
+while the VRAM budget allows, biggest per-step dequantization cost first (a unit that does not fit is
+skipped, smaller ones may still fit).  The budget is what the compute device has left after the plan's
+resident weights and window (`plan.predicted["peak_bytes"]`), less `reserve_bytes` for activations
+and less the transient dense copies of the per-call dequantization (two of the largest GGUF tensor);
+`budget_bytes` overrides it.  Each dequantized unit costs (dense - stored) bytes more: apply() sends
+the quantized bytes of those units back to the host while the dense copy is in use.
+
+Cost model: a unit's compute per step is its compute time (compiler/cost.py) plus, when it
+dequantizes per call, `runtime.dequant.dequant_seconds` for each of its GGUF tensors x calls.  A
+measured `Unit.time_s` is taken as measured with per-call dequantization (the default state of a
+GGUF model), so dequantizing subtracts instead.  The step is simulated with compiler.cost.simulate
+for the chosen set and for "everything quantized"; the choice is kept only when it is not slower
+(less compute can never lengthen a simulated step, the check guards the rule).
+
+mode "quantized" dequantizes nothing; mode "dequantized" dequantizes every resident unit that fits,
+in the same order.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+from ..compiler.cost import simulate, unit_compute_s
+from ..compiler.graph import ROOT
+from ..compiler.plan import Plan
+from ..errors import DisTorchError
+
+STREAMED_Q = "streamed_q"
+RESIDENT_Q = "resident_q"
+RESIDENT_DQ = "resident_dq"
+MODES = ("auto", "quantized", "dequantized")
+GiB = 1 << 30
+DEFAULT_RESERVE_BYTES = 2 * GiB      # activations etc. on the compute device
+GPU_COPY_BW = 3.0e12                 # device-to-device copy, H100 (bench/results/dequant_h100.md)
+HOST_COPY_BW = 2.0e10                # a CPU computing: memory bandwidth the eager dequantizer sees
+
+
+class QuantChoiceError(DisTorchError):
+    pass
+
+
+@dataclass
+class UnitQuant:
+    """GGUF facts of one unit (quantized tensors only)."""
+    name: str
+    stored_bytes: int = 0          # their bytes as stored (blocks)
+    dense_bytes: int = 0           # their dequantized size
+    dequant_s: float = 0.0         # device seconds per step to dequantize them all, x calls
+    tensors: int = 0
+    largest_dense: int = 0         # the biggest one, dense bytes (transient per-call copy)
+    calls: int = 1
+    qtypes: dict = field(default_factory=dict)
+
+    @property
+    def extra_bytes(self) -> int:
+        """VRAM a resident dequantized copy needs beyond the quantized bytes."""
+        return max(0, self.dense_bytes - self.stored_bytes)
+
+
+def _copy_bw(compute: str, copy_bw: float | None) -> float:
+    if copy_bw:
+        return float(copy_bw)
+    return HOST_COPY_BW if str(compute).startswith("cpu") else GPU_COPY_BW
+
+
+def quant_info(module, plan: Plan, graph=None, *, copy_bw: float | None = None) -> dict[str, UnitQuant]:
+    """unit name -> UnitQuant for every unit of `plan` holding GGUF parameters (ROOT: weights outside
+    every unit).  A tensor shared by several units counts for the first."""
+    from ..runtime import gguf_stream as gs
+    bw = _copy_bw(plan.compute, copy_bw)
+    sites = gs.gguf_sites(module, [u.name for u in plan.units])
+    if not sites:
+        return {}
+    from ..runtime.dequant import dequant_seconds
+    calls = {u.name: max(1, int(u.calls or 1)) for u in graph.units} if graph is not None else {}
+    seen: set[int] = set()
+    out: dict[str, UnitQuant] = {}
+    for u in plan.units:
+        for _m, _pn, p in sites.get(u.name, []):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            q = out.get(u.name)
+            if q is None:
+                q = out[u.name] = UnitQuant(u.name, calls=calls.get(u.name, 1))
+            isz = p.element_size()
+            dense = p.numel() * isz
+            q.stored_bytes += p.raw.numel()
+            q.dense_bytes += dense
+            q.tensors += 1
+            q.largest_dense = max(q.largest_dense, dense)
+            q.dequant_s += dequant_seconds(p.qtype, p.numel(), copy_bw=bw, out_itemsize=isz) * q.calls
+            q.qtypes[p.qtype.name] = q.qtypes.get(p.qtype.name, 0) + 1
+    return out
+
+
+def _units_with_times(graph, compute: str, inventory, info: dict, dequantized: set) -> list:
+    """Copies of graph units whose time_s includes per-call dequantization where it happens."""
+    out = []
+    for u in graph.units:
+        q = info.get(u.name)
+        if q is None:
+            out.append(u)
+            continue
+        v = copy.copy(u)
+        if u.time_s is not None:       # measured with per-call dequantization
+            v.time_s = max(0.0, u.time_s - q.dequant_s) if u.name in dequantized else u.time_s
+        else:
+            v.time_s = unit_compute_s(u, compute, inventory) + (0.0 if u.name in dequantized else q.dequant_s)
+        out.append(v)
+    return out
+
+
+def predict(plan: Plan, graph, inventory, info: dict, dequantized: set) -> dict:
+    homes = {u.name: u.device for u in plan.units}
+    return simulate(_units_with_times(graph, plan.compute, inventory, info, dequantized), homes,
+                    plan.compute, inventory, plan.window_bytes)
+
+
+def default_budget(plan: Plan, inventory, info: dict, reserve_bytes: int | None = None) -> int:
+    """VRAM left for dense copies: free on the compute device - plan peak - reserve - workspace."""
+    dev = inventory.devices.get(plan.compute) if inventory is not None else None
+    if dev is None:
+        raise QuantChoiceError(f"the inventory does not list the compute device {plan.compute!r}; "
+                               "give budget_bytes= instead")
+    pr = plan.predicted or {}
+    peak = pr.get("peak_bytes")
+    if peak is None:
+        peak = sum(u.bytes for u in plan.units if u.device == plan.compute) + int(plan.window_bytes or 0)
+    reserve = DEFAULT_RESERVE_BYTES if reserve_bytes is None else int(reserve_bytes)
+    work = 2 * max((q.largest_dense for q in info.values()), default=0)
+    return max(0, int(dev.free_bytes) - int(peak) - reserve - work)
+
+
+def choose_quant(plan: Plan, graph, inventory, info: dict, *, budget_bytes: int | None = None,
+                 reserve_bytes: int | None = None, mode: str = "auto") -> Plan:
+    """A copy of `plan` with `quant` set for every unit in `info` (see module docstring), and
+    predicted["step_s"] / ["peak_bytes"] updated; predicted["quant"] says what was weighed."""
+    if mode not in MODES:
+        raise QuantChoiceError(f"quant mode {mode!r}: expected one of {', '.join(MODES)}")
+    if graph is None:
+        raise QuantChoiceError("choose_quant needs the ModuleGraph the plan was made from")
+    names = {u.name for u in graph.units}
+    missing = [u.name for u in plan.units if u.name not in names]
+    if missing:
+        raise QuantChoiceError(f"plan units {missing[:4]} are not in the graph; pass the graph of this plan")
+    if budget_bytes is None:
+        budget = default_budget(plan, inventory, info, reserve_bytes)
+    else:
+        budget = int(budget_bytes)
+        if budget < 0:
+            raise QuantChoiceError(f"budget_bytes {budget_bytes!r} is negative: give 0 or more bytes")
+    homes = {u.name: u.device for u in plan.units}
+    resident = [n for n in info if homes.get(n) == plan.compute]
+    order = sorted(resident, key=lambda n: (-info[n].dequant_s, info[n].extra_bytes, n))
+    chosen: set[str] = set()
+    used = 0
+    if mode != "quantized":
+        for n in order:
+            q = info[n]
+            if q.dequant_s <= 0 and mode == "auto":
+                continue
+            if used + q.extra_bytes <= budget:
+                chosen.add(n)
+                used += q.extra_bytes
+    base = predict(plan, graph, inventory, info, set())
+    pred = predict(plan, graph, inventory, info, chosen)
+    if pred["step_s"] > base["step_s"] * (1 + 1e-12) and mode == "auto":
+        chosen, used, pred = set(), 0, base
+    quant = {}
+    for n in info:
+        if homes.get(n) != plan.compute:
+            quant[n] = STREAMED_Q
+        else:
+            quant[n] = RESIDENT_DQ if n in chosen else RESIDENT_Q
+    predicted = dict(plan.predicted or {})
+    predicted["step_s_before_quant"] = predicted.get("step_s")
+    predicted["step_s"] = pred["step_s"]
+    predicted["compute_s"] = pred["compute_s"]
+    predicted["stall_s"] = pred["stall_s"]
+    if "peak_bytes" in predicted:
+        predicted["peak_bytes"] = predicted["peak_bytes"] + used
+    predicted["quant"] = {
+        "mode": mode, "budget_bytes": budget, "extra_bytes": used,
+        "dequantized_units": sorted(chosen, key=lambda n: [u.name for u in plan.units].index(n)),
+        "step_s_all_quantized": base["step_s"],
+        "dequant_s_per_step": sum(q.dequant_s for n, q in info.items() if n not in chosen),
+        "dequant_s_saved": sum(info[n].dequant_s for n in chosen),
+    }
+    return replace(plan, quant=quant, predicted=predicted)
+
+
+def quant_table(plan: Plan, info: dict) -> str:
+    rows = [f"{'unit':<30} {'choice':<12} {'stored MiB':>10} {'dense MiB':>10} {'dequant ms':>10}"]
+    for u in sorted(plan.units, key=lambda u: u.order):
+        q = info.get(u.name)
+        if q is None:
+            continue
+        rows.append(f"{u.name[:30]:<30} {plan.quant.get(u.name, '-'):<12} {q.stored_bytes / 2**20:10.2f} "
+                    f"{q.dense_bytes / 2**20:10.2f} {q.dequant_s * 1e3:10.3f}")
+    return "\n".join(rows)
+
+
+__all__ = ["quant_info", "choose_quant", "predict", "default_budget", "quant_table", "UnitQuant",
+           "QuantChoiceError", "STREAMED_Q", "RESIDENT_Q", "RESIDENT_DQ", "MODES", "ROOT"]
