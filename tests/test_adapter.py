@@ -419,3 +419,31 @@ def test_custom_stored_weight_reloads_with_same_plan(models, monkeypatch):
     assert torch.equal(_sample(_lora(m, models, 1.0)), refs[1.0])
     assert torch.equal(_sample(_lora(m, models, 0.5)), refs[0.5])
     assert st.compiles == 2 and st.releases == 1 and len(calls) == 1
+
+
+def test_vae_same_image(tmp_path):
+    """A DisTorch2 VAE loader: SD-style VAE (random weights) decodes and encodes exactly as the plain one."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        shapes = AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(tuple(v.shape), generator=g) * 0.02 for k, v in shapes.items()}
+    d = tmp_path / "vae"
+    d.mkdir()
+    safetensors.torch.save_file(sd, str(d / "tiny_vae.safetensors"))
+    folder_paths.add_model_folder_path("vae", str(d))
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=g)}
+    plain = nodes.VAELoader().load_vae("tiny_vae.safetensors")[0]
+    (img,) = nodes.VAEDecode().decode(plain, lat)
+    (enc,) = nodes.VAEEncode().encode(plain, img)
+    mm.unload_all_models()
+    vae = adapter.distorch(nodes.VAELoader().load_vae("tiny_vae.safetensors")[0], "cpu", 0.1, "cpu", "", True)
+    assert isinstance(vae.patcher, adapter.DisTorchPatcherMixin) and vae.device == torch.device("cpu")
+    (img2,) = nodes.VAEDecode().decode(vae, lat)
+    st = adapter.state_of(vae)
+    assert st.handle is not None and 0 < st.plan.offloaded_bytes() < st.plan.model_bytes
+    assert torch.equal(img2, img)
+    (enc2,) = nodes.VAEEncode().encode(vae, img)
+    assert torch.equal(enc2["samples"], enc["samples"])
