@@ -419,56 +419,29 @@ def _undo(st: _State, to_device):
         st.sd_hook = None
     if h is None:
         return
-    import inspect
-    try:
-        params = inspect.signature(h.undo).parameters
-    except (TypeError, ValueError):
-        params = {}
-    for name in ("device", "to", "device_to"):
-        if name in params:
-            h.undo(**{name: to_device})
-            break
-    else:
-        # Handle.undo() brings streamed weights back to the compute device; ComfyUI wants them on the
-        # offload device, and a GPU that could not hold the model would run out of memory on the way.
-        # The runtime reads its `device` when undoing: point it at the offload device for that call.
-        rt = getattr(h, "runtime", None)
-        if to_device is not None and rt is not None and hasattr(rt, "device"):
-            rt.device = torch.device(to_device)
-        h.undo()
+    # straight to the offload device: a GPU that cannot hold the model must not receive it on the way out
+    h.undo(device=to_device)
     st.releases += 1
 
 
 def _stream_index(st: _State):
-    """id(param) -> (home view) for streamed params of the live runtime."""
+    """id(param) -> its tensor in its home, for the streamed params of the live runtime."""
     if st.index is None:
-        idx = {}
         rt = getattr(st.handle, "runtime", None)
-        if rt is not None and getattr(rt, "P", None) is not None:
-            for i, params in enumerate(rt.P):
-                views = rt.homes[rt.units[i]].views()
-                for p, v in zip(params, views):
-                    idx[id(p)] = v
-        st.index = idx
+        st.index = dict(rt.home_views()) if rt is not None else {}
     return st.index
 
 
 def _invalidate_slots(st: _State):
-    """After writing homes, make the runtime copy again before the next unit runs."""
+    """Homes are about to be / were written: wait for copies in flight, then make the runtime copy every
+    unit again before its next use (slots may hold the old bytes)."""
     rt = getattr(st.handle, "runtime", None)
-    if rt is None:
-        return
-    if hasattr(rt, "content"):
-        rt.content = [-1] * len(rt.content)
-    if hasattr(rt, "primed"):
-        rt.primed = False
+    if rt is not None:
+        rt.invalidate()
 
 
 def _sync(st: _State):
-    rt = getattr(st.handle, "runtime", None)
-    be = getattr(rt, "be", None)
-    if be is not None and hasattr(be, "synchronize"):
-        be.synchronize()
+    _invalidate_slots(st)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -588,13 +561,15 @@ class DisTorchPatcherMixin:
         log.info("DisTorch: released %s (homes and slots freed, weights on %s)", type(self.model).__name__, to_device)
 
     def _distorch_repatchable(self) -> bool:
+        """Whether every patched weight is a plain tensor we can rewrite in place (not a custom op's
+        set_weight storage, not a quantized tensor subclass)."""
         mp = _mp()
         for key in set(self.patches) | set(self.backup):
             try:
-                _, set_func, _ = mp.get_key_weight(self.model, key)
+                w, set_func, _ = mp.get_key_weight(self.model, key)
             except Exception:
                 return False
-            if set_func is not None:
+            if set_func is not None or type(w) not in (torch.Tensor, torch.nn.Parameter):
                 return False
         return True
 
