@@ -77,12 +77,24 @@ class ModuleGraph:
             out[u.type] = out.get(u.type, 0) + 1
         return out
 
+    # attributes the builders (compiler.trace / compiler.files) set on a graph, kept by the JSON round trip
+    EXTRA = ("shared", "aliases", "traced", "granularity", "outside_flops", "module_names",
+             "excluded", "excluded_bytes")
+
     def to_dict(self) -> dict:
-        return {"source": self.source, "units": [u.to_dict() for u in self.units]}
+        d = {"source": self.source, "units": [u.to_dict() for u in self.units]}
+        for k in self.EXTRA:
+            if hasattr(self, k):
+                d[k] = getattr(self, k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModuleGraph":
-        return cls([Unit(**u) for u in d["units"]], source=d.get("source", ""))
+        g = cls([Unit(**u) for u in d["units"]], source=d.get("source", ""))
+        for k in cls.EXTRA:
+            if k in d:
+                setattr(g, k, d[k])
+        return g
 
 
 # --- bytes as stored --------------------------------------------------------------------------
