@@ -393,11 +393,13 @@ class Runtime:
     # ------------------------------------------------------------------ undo
     def home_views(self) -> dict:
         """id(parameter) -> its tensor in its home, for every streamed parameter (for code that reads or
-        patches weights between steps, e.g. LoRA; call invalidate() after writing)."""
+        patches weights between steps, e.g. LoRA; call invalidate() after writing). A GGUF parameter's
+        entry is a GGUFTensor over its quantized bytes in the home."""
         out = {}
         for i, n in enumerate(self.units):
             for p, v in zip(self.P[i], self.homes[n].views()):
-                out[id(_gs.param_of(p))] = v
+                q = _gs.param_of(p)
+                out[id(q)] = v if q is p else q.with_raw(v)    # GGUF: the same weight over its home bytes
         return out
 
     def invalidate(self):

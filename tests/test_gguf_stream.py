@@ -269,3 +269,20 @@ def test_quantize_q8_0_matches_gguf_reference():
     t = gs.quantize_q8_0(w, dtype=torch.float32)
     ref = gguf.quants.quantize(w.numpy(), QT.Q8_0)
     assert np.array_equal(t.raw.numpy(), ref.reshape(-1))
+
+
+def test_home_views_of_gguf_parameters_are_gguf_tensors_over_home_bytes():
+    m = make("Q8_0", depth=2)
+    rt = apply(m, hand_plan(m, {"blocks.0", "blocks.1"}), progress=False)
+    try:
+        hv = rt.home_views()
+        w = m.blocks[0].qkv.weight
+        h = hv[id(w)]
+        assert isinstance(h, GGUFTensor) and h.qtype == w.qtype and h.shape == w.shape
+        flat = rt.homes["blocks.0"].flat
+        assert flat.data_ptr() <= h.raw.data_ptr() < flat.data_ptr() + flat.numel()
+        assert torch.equal(h.dequantize(), w.dequantize())
+        b = m.blocks[0].qkv.bias
+        assert type(hv[id(b)]) in (torch.Tensor, nn.Parameter) and hv[id(b)].dtype == BF
+    finally:
+        rt.undo()
