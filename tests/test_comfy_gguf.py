@@ -1,0 +1,174 @@
+"""GGUF diffusion models in a real ComfyUI (0.3.75, in this process, CPU) without ComfyUI-GGUF.
+
+A tiny SD3-style MMDiT (ComfyUI detects SD3 from its keys) is written as a .gguf with Q8_0 linear
+weights (gguf-py's quantizer) and F32 for the rest.  It loads through our native reader and ComfyUI's
+own loader entry point (comfy_nodes/gguf_native.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
+node function (streamed quantized); both sample through ComfyUI's KSampler and must agree bit for bit.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_harness as H  # noqa: E402
+
+if H.comfy_missing_reason() is not None:
+    if os.environ.get("DISTORCH_REQUIRE_COMFYUI") == "1":
+        raise RuntimeError(f"DISTORCH_REQUIRE_COMFYUI=1 but {H.comfy_missing_reason()}")
+    pytest.skip(H.comfy_missing_reason(), allow_module_level=True)
+
+
+def _boot():
+    if "comfy.model_management" not in sys.modules:
+        if str(H.COMFY_DIR) not in sys.path:
+            sys.path.insert(0, str(H.COMFY_DIR))
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+        args.cpu = True
+        import utils.extra_config  # noqa: F401  (before `nodes`, else `utils` is comfy/utils.py)
+    import comfy.model_management as mm
+    import nodes
+    import folder_paths
+    return mm, nodes, folder_paths
+
+
+mm, nodes, folder_paths = _boot()
+
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+from distorch.comfy_nodes import gguf_native  # noqa: E402
+from distorch.runtime.gguf_tensor import GGUFTensor  # noqa: E402
+
+DEPTH = 2
+
+
+def _mmdit_state(seed=0):
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    import comfy.ops
+    m = MMDiT(input_size=None, patch_size=2, in_channels=16, depth=DEPTH, out_channels=16, adm_in_channels=64,
+              context_embedder_config={"target": "torch.nn.Linear",
+                                       "params": {"in_features": 32, "out_features": 64 * DEPTH}},
+              pos_embed_max_size=8, num_patches=64, operations=comfy.ops.disable_weight_init,
+              dtype=torch.float32, device="meta")
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}
+
+
+def _write_gguf(path, sd):
+    """2-D weights whose rows split into 32-value blocks -> Q8_0; everything else F32. Returns the
+    quantized keys."""
+    w = gguf.GGUFWriter(str(path), "sd3")
+    q = []
+    for k, v in sd.items():
+        a = v.numpy().astype(np.float32)
+        if k.endswith(".weight") and a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(k, gguf.quants.quantize(a, QT.Q8_0), raw_dtype=QT.Q8_0)
+            q.append(k)
+        else:
+            w.add_tensor(k, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return q
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_gguf")
+    d = root / "diffusion_models"
+    d.mkdir()
+    q = _write_gguf(d / "tiny_sd3_q8.gguf", _mmdit_state())
+    folder_paths.add_model_folder_path("diffusion_models", str(d))
+    return {"name": "tiny_sd3_q8.gguf", "path": str(d / "tiny_sd3_q8.gguf"), "quantized": q}
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    mm.unload_all_models()
+    yield
+    mm.unload_all_models()
+
+
+POS = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
+        {"pooled_output": torch.randn(1, 64, generator=torch.Generator().manual_seed(2))}]]
+NEG = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 64)}]]
+
+
+def _sample(model, seed=42):
+    lat = {"samples": torch.zeros(1, 16, 8, 8)}
+    return nodes.KSampler().sample(model, seed, 2, 3.0, "euler", "normal", POS, NEG, lat)[0]["samples"]
+
+
+def _gguf_weights(model):
+    return {n: p for n, p in model.model.diffusion_model.named_parameters() if isinstance(p, GGUFTensor)}
+
+
+def test_native_load_keeps_weights_quantized_and_samples(gguf_model):
+    m = gguf_native.load_unet(gguf_model["path"])
+    assert type(m.model).__name__ == "SD3"
+    ws = _gguf_weights(m)
+    assert len(ws) == len(gguf_model["quantized"]) > 10
+    assert all(w.qtype == QT.Q8_0 for w in ws.values())
+    out = _sample(m)
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    # still quantized after ComfyUI loaded it for sampling (nothing was dequantized into the module)
+    assert len(_gguf_weights(m)) == len(ws)
+
+
+def test_bad_inputs_named(gguf_model, tmp_path):
+    with pytest.raises(ValueError, match="dequant_dtype"):
+        gguf_native.load_unet(gguf_model["path"], dequant_dtype="int4")
+    bad = tmp_path / "nothing.gguf"
+    w = gguf.GGUFWriter(str(bad), "none")
+    w.add_tensor("some.tensor", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="could not detect"):
+        gguf_native.load_unet(str(bad))
+    t5 = tmp_path / "t5.gguf"
+    w = gguf.GGUFWriter(str(t5), "t5encoder")
+    w.add_tensor("enc.blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="llama.cpp naming"):
+        gguf_native.load_clip([str(t5)], "sd3")
+
+
+@pytest.mark.parametrize("vram_gb", [0.0005, 100.0])
+def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vram_gb):
+    from distorch.comfy_nodes import adapter, nodes as N
+    if not hasattr(adapter, "load_gguf_unet"):
+        pytest.skip("adapter.load_gguf_unet not wired yet")
+    ref = _sample(gguf_native.load_unet(gguf_model["path"]))
+    mm.unload_all_models()
+    cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
+    assert cls.BASE_CLASS is N.UnetLoaderGGUFNative        # ComfyUI-GGUF is not installed here
+    (m,) = getattr(cls(), cls.FUNCTION)(unet_name=gguf_model["name"], compute_device="cpu",
+                                        virtual_vram_gb=vram_gb, donor_device="cpu",
+                                        expert_mode_allocations="", eject_models=False)
+    out = _sample(m)
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max().item()}"
+    st = adapter.state_of(m)
+    assert st is not None and st.handle is not None
+    off = st.plan.offloaded_bytes()
+    assert off > 0
+    if vram_gb > 1:
+        assert off == st.plan.model_bytes
+    # units were counted at their stored (quantized) size, and GGUF weights streamed as such
+    rt = st.handle.runtime
+    homes = sum(h.nbytes for h in rt.homes.values())
+    dense = sum(p.numel() * 4 for p in m.model.diffusion_model.parameters())
+    assert homes < 0.6 * dense
+    assert _gguf_weights(m)
