@@ -15,8 +15,11 @@ How a .gguf diffusion model becomes a ComfyUI MODEL
    dequantize it on the compute device at every call, into the input's dtype (or `dequant_dtype` first),
    then apply ComfyUI's weight/bias functions (lowvram LoRA patches).  Plain weights take ComfyUI's
    own path (manual_cast).
-The result is a plain ModelPatcher; the DisTorch2 nodes place it like any model (streamed units move
-their quantized bytes: runtime/gguf_stream.py).
+The result is ComfyUI's ModelPatcher with two methods changed (gguf_patcher_class): a weight patch
+(LoRA) of a GGUF weight is not written into the quantized weight but applied at every call to the
+dequantized one (the layer's weight_function, like ComfyUI's own lowvram patches), and unpatching
+removes it.  The DisTorch2 nodes place it like any model (streamed units move their quantized bytes:
+runtime/gguf_stream.py); units whose layers carry such patches stay quantized (passes/quant_choice.py).
 
 Text encoders: .safetensors files and .gguf files whose tensors keep their original (transformers)
 names load through `comfy.sd.load_text_encoder_state_dicts` with the same operations class.  GGUF
@@ -103,7 +106,10 @@ class _GGUFLayer:
             w = t.to(device=x.device, dtype=dtype or t.dtype, non_blocking=True)
         else:
             w = t
-        for f in (self.weight_function if name == "weight" else self.bias_function):
+        fns = self.weight_function if name == "weight" else self.bias_function
+        if fns and w is t:
+            w = t.clone()         # patch functions may work in place: never on the parameter itself
+        for f in fns:
             w = f(w)
         return w
 
@@ -171,6 +177,64 @@ def gguf_operations(dequant_dtype=None):
     return ops
 
 
+class GGUFPatch:
+    """A weight patch (LoRA ...) of a GGUF weight, applied to the dequantized weight at every call
+    (the layer's weight_function), computed in `patch_dtype` (default: the weight's float dtype)."""
+
+    def __init__(self, key, patches, patch_dtype=None):
+        self.key = key
+        self.patches = patches
+        self.patch_dtype = patch_dtype
+
+    def __call__(self, weight):
+        import comfy.lora
+        dt = self.patch_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                  else torch.float32)
+        out = comfy.lora.calculate_weight(self.patches[self.key], weight.to(dt), self.key, intermediate_dtype=dt)
+        return out.to(weight.dtype)
+
+
+_PATCHER_CLASSES: dict = {}
+
+
+def gguf_patcher_class(base):
+    """`base` (a ComfyUI ModelPatcher class) whose weight patches of GGUF weights are applied per call
+    after dequantization instead of being written into the (quantized) weight."""
+    cls = _PATCHER_CLASSES.get(base)
+    if cls is not None:
+        return cls
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        if key not in self.patches:
+            return None
+        import comfy.model_patcher as mp
+        import comfy.utils
+        w, _set_func, _convert = mp.get_key_weight(self.model, key)
+        if not _is_gguf(w):
+            return base.patch_weight_to_device(self, key, device_to, inplace_update)
+        mod_name, pname = key.rsplit(".", 1)
+        m = comfy.utils.get_attr(self.model, mod_name)
+        attr = "weight_function" if pname == "weight" else "bias_function"
+        fns = [f for f in getattr(m, attr, []) if not (isinstance(f, GGUFPatch) and f.key == key)]
+        pt = (self.model_options.get("distorch_gguf") or {}).get("patch_dtype")
+        setattr(m, attr, fns + [GGUFPatch(key, self.patches, pt)])   # a new list: the class default is shared
+        reg = self.model.__dict__.setdefault("_distorch_gguf_patched", [])
+        reg.append((m, attr))
+        return None
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            for m, attr in self.model.__dict__.pop("_distorch_gguf_patched", []):
+                kept = [f for f in getattr(m, attr, []) if not isinstance(f, GGUFPatch)]
+                setattr(m, attr, kept)
+        return base.unpatch_model(self, device_to, unpatch_weights)
+
+    cls = type(f"GGUF{base.__name__}", (base,), {"patch_weight_to_device": patch_weight_to_device,
+                                                 "unpatch_model": unpatch_model, "__module__": __name__})
+    _PATCHER_CLASSES[base] = cls
+    return cls
+
+
 def load_unet(path, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
     """A .gguf diffusion model -> ComfyUI ModelPatcher, through comfy.sd.load_diffusion_model_state_dict."""
     import comfy.sd
@@ -189,6 +253,7 @@ def load_unet(path, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
         model.model_options.setdefault("distorch_gguf", {})["patch_dtype"] = pt
     if patch_on_device:
         model.model_options.setdefault("distorch_gguf", {})["patch_on_device"] = True
+    model.__class__ = gguf_patcher_class(type(model))
     log.info("DisTorch: %s loaded natively (%d quantized tensors: %s; %.2f GiB stored)", path, n_q,
              ", ".join(f"{k} {v}" for k, v in sorted(meta["qtypes"].items())), meta["stored_bytes"] / 2**30)
     return model

@@ -25,7 +25,8 @@ for the chosen set and for "everything quantized"; the choice is kept only when 
 (less compute can never lengthen a simulated step, the check guards the rule).
 
 mode "quantized" dequantizes nothing; mode "dequantized" dequantizes every resident unit that fits,
-in the same order.
+in the same order.  A unit whose layers apply per-call weight patches (a non-empty `weight_function` /
+`bias_function`, ComfyUI's LoRA on GGUF weights) is never dequantized: the patch needs the per-call path.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class UnitQuant:
     largest_dense: int = 0         # the biggest one, dense bytes (transient per-call copy)
     calls: int = 1
     qtypes: dict = field(default_factory=dict)
+    patched: bool = False          # a layer applies per-call weight patches (ComfyUI LoRA): keep quantized
 
     @property
     def extra_bytes(self) -> int:
@@ -88,13 +90,15 @@ def quant_info(module, plan: Plan, graph=None, *, copy_bw: float | None = None) 
     seen: set[int] = set()
     out: dict[str, UnitQuant] = {}
     for u in plan.units:
-        for _m, _pn, p in sites.get(u.name, []):
+        for m, _pn, p in sites.get(u.name, []):
             if id(p) in seen:
                 continue
             seen.add(id(p))
             q = out.get(u.name)
             if q is None:
                 q = out[u.name] = UnitQuant(u.name, calls=calls.get(u.name, 1))
+            if getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
+                q.patched = True
             isz = p.element_size()
             dense = p.numel() * isz
             q.stored_bytes += p.raw.numel()
@@ -170,7 +174,7 @@ def choose_quant(plan: Plan, graph, inventory, info: dict, *, budget_bytes: int 
     if mode != "quantized":
         for n in order:
             q = info[n]
-            if q.dequant_s <= 0 and mode == "auto":
+            if (q.dequant_s <= 0 and mode == "auto") or q.patched:
                 continue
             if used + q.extra_bytes <= budget:
                 chosen.add(n)

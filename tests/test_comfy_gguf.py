@@ -80,14 +80,40 @@ def _write_gguf(path, sd):
     return q
 
 
+def _write_lora(sd, path, rank=4, seed=5):
+    import safetensors.torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2 and k.startswith("joint_blocks."):
+            stem = "diffusion_model." + k[:-len(".weight")]
+            out[stem + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.1
+            out[stem + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.1
+    safetensors.torch.save_file(out, str(path))
+
+
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory):
+    import safetensors.torch
     root = tmp_path_factory.mktemp("comfy_gguf")
-    d = root / "diffusion_models"
+    d, lo = root / "diffusion_models", root / "loras"
     d.mkdir()
-    q = _write_gguf(d / "tiny_sd3_q8.gguf", _mmdit_state())
+    lo.mkdir()
+    sd = _mmdit_state()
+    q = _write_gguf(d / "tiny_sd3_q8.gguf", sd)
+    _write_lora(sd, lo / "tiny_sd3_lora.safetensors")
+    # the same model with the Q8_0 weights dequantized (float32 safetensors): the LoRA reference
+    dense = {}
+    for k, v in sd.items():
+        if k in q:
+            qa = gguf.quants.quantize(v.numpy().astype(np.float32), QT.Q8_0)
+            v = torch.from_numpy(gguf.quants.dequantize(qa, QT.Q8_0))
+        dense[k] = v.contiguous()
+    safetensors.torch.save_file(dense, str(d / "tiny_sd3_q8_dense.safetensors"))
     folder_paths.add_model_folder_path("diffusion_models", str(d))
-    return {"name": "tiny_sd3_q8.gguf", "path": str(d / "tiny_sd3_q8.gguf"), "quantized": q}
+    folder_paths.add_model_folder_path("loras", str(lo))
+    return {"name": "tiny_sd3_q8.gguf", "path": str(d / "tiny_sd3_q8.gguf"), "quantized": q,
+            "dense": "tiny_sd3_q8_dense.safetensors", "lora": "tiny_sd3_lora.safetensors"}
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +198,44 @@ def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vra
     dense = sum(p.numel() * 4 for p in m.model.diffusion_model.parameters())
     assert homes < 0.6 * dense
     assert _gguf_weights(m)
+
+
+def _lora(model, name, strength=1.0):
+    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+
+
+def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
+    m = gguf_native.load_unet(gguf_model["path"])
+    base = _sample(m)
+    mm.unload_all_models()
+    out = _sample(_lora(m, gguf_model["lora"]))
+    assert not torch.equal(out, base)
+    mm.unload_all_models()
+    # the same LoRA on the dequantized weights loaded by ComfyUI's own UNETLoader
+    dense = nodes.UNETLoader().load_unet(gguf_model["dense"], "default")[0]
+    assert torch.equal(_sample(dense), base)      # native GGUF == its dequantized twin, bit for bit
+    mm.unload_all_models()
+    ref = _sample(_lora(dense, gguf_model["lora"]))
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4), f"max diff {(out - ref).abs().max().item()}"
+    mm.unload_all_models()
+    # unpatched: no LoRA function is left behind on the layers
+    assert torch.equal(_sample(m), base)
+    assert len(_gguf_weights(m)) == len(gguf_model["quantized"])
+
+
+def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
+    from distorch.comfy_nodes import adapter, nodes as N
+    if not hasattr(adapter, "load_gguf_unet"):
+        pytest.skip("adapter.load_gguf_unet not wired yet")
+    ref = _sample(_lora(gguf_native.load_unet(gguf_model["path"]), gguf_model["lora"]))
+    mm.unload_all_models()
+    cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
+    (m,) = getattr(cls(), cls.FUNCTION)(unet_name=gguf_model["name"], compute_device="cpu", virtual_vram_gb=0.0005,
+                                        donor_device="cpu", expert_mode_allocations="", eject_models=False)
+    ml = _lora(m, gguf_model["lora"])
+    out = _sample(ml)
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max().item()}"
+    mm.unload_all_models()
+    plain = _sample(m)
+    mm.unload_all_models()
+    assert torch.equal(plain, _sample(gguf_native.load_unet(gguf_model["path"])))
