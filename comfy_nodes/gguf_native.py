@@ -134,9 +134,8 @@ def _conv(self, x):
 
 
 def _embedding(self, x, out_dtype=None):
-    w = self._gw("weight", x, None)
-    out = F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
-    return out if out_dtype is None else out.to(out_dtype)
+    w = self._gw("weight", x, out_dtype)     # dequantized straight into the dtype asked for
+    return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
 
 
 def _layer_norm(self, x):

@@ -61,14 +61,14 @@ def _mmdit_state(seed=0):
     return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}
 
 
-def _write_gguf(path, sd):
-    """2-D weights whose rows split into 32-value blocks -> Q8_0; everything else F32. Returns the
-    quantized keys."""
+def _write_gguf(path, sd, keep=()):
+    """2-D weights whose rows split into 32-value blocks -> Q8_0 (except keys containing a `keep`
+    string); everything else F32. Returns the quantized keys."""
     w = gguf.GGUFWriter(str(path), "sd3")
     q = []
     for k, v in sd.items():
         a = v.numpy().astype(np.float32)
-        if k.endswith(".weight") and a.ndim == 2 and a.shape[1] % 32 == 0:
+        if k.endswith(".weight") and a.ndim == 2 and a.shape[1] % 32 == 0 and not any(s in k for s in keep):
             w.add_tensor(k, gguf.quants.quantize(a, QT.Q8_0), raw_dtype=QT.Q8_0)
             q.append(k)
         else:
@@ -239,3 +239,47 @@ def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
     plain = _sample(m)
     mm.unload_all_models()
     assert torch.equal(plain, _sample(gguf_native.load_unet(gguf_model["path"])))
+
+
+def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
+    import comfy.sd
+    import comfy.sd1_clip
+    import safetensors.torch
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in comfy.sd1_clip.SDClipModel(device="meta").state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for k, shp in sorted(shapes.items()):
+        if not k.startswith("transformer."):
+            continue
+        k = k[len("transformer."):]
+        if k.endswith("position_ids"):
+            continue
+        sd[k] = torch.ones(shp) if ("norm" in k and len(shp) == 1 and k.endswith("weight")) else \
+            torch.randn(shp, generator=g) * 0.02
+    # position_embedding.weight is read directly by ComfyUI's CLIP (not through its layer's forward): a
+    # quantized one is dequantized by GGUFTensor's generic path straight into float32 -- correct, but not
+    # the fp16-rounded values of the dense reference, so it stays F32 here for the bit-for-bit check
+    q = _write_gguf(tmp_path / "clip_l_q8.gguf", sd, keep=("position_embedding",))
+    assert "text_model.embeddings.token_embedding.weight" in q
+    dense = {}
+    for k, v in sd.items():
+        if k in q:
+            qa = gguf.quants.quantize(v.numpy().astype(np.float32), QT.Q8_0)
+            v = torch.from_numpy(gguf.quants.dequantize(qa, QT.Q8_0))
+        dense[k] = v.contiguous()
+    safetensors.torch.save_file(dense, str(tmp_path / "clip_l_dense.safetensors"))
+    ref = comfy.sd.load_clip([str(tmp_path / "clip_l_dense.safetensors")], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    wdt = next(p.dtype for n, p in ref.cond_stage_model.named_parameters() if n.endswith("mlp.fc1.weight"))
+    # ComfyUI keeps the dense weights in `wdt` and casts them per call: dequantizing into `wdt` first
+    # (dequant_dtype) gives the same values, so the same conditioning bit for bit
+    ours = gguf_native.load_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion",
+                                 dequant_dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(wdt, "float32"))
+    assert sum(isinstance(p, GGUFTensor) for p in ours.cond_stage_model.parameters()) == len(q)
+    tok = ref.tokenize("a photo of a cat")
+    a, pa = ours.encode_from_tokens(tok, return_pooled=True)
+    b, pb = ref.encode_from_tokens(tok, return_pooled=True)
+    assert torch.equal(a, b) and torch.equal(pa, pb), f"max diff {(a - b).abs().max().item()}"
+    # default (dequantize straight into the compute dtype): the same within the dense weights' rounding
+    c = gguf_native.load_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
+    assert torch.allclose(c, b, rtol=0, atol=2e-2)

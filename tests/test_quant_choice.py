@@ -157,3 +157,12 @@ def test_quant_info_from_module_and_runtime_honours_choice():
     finally:
         rt.undo()
     assert any(isinstance(q, GGUFTensor) for q in m.get_submodule(one).parameters())
+
+
+def test_units_with_per_call_patches_stay_quantized():
+    graph, inv, plan, info = synthetic()
+    resident = [n for n in info if plan.home(n) == plan.compute]
+    info[resident[0]].patched = True
+    p = choose_quant(plan, graph, inv, info, budget_bytes=10 << 30, mode="dequantized")
+    assert p.quant[resident[0]] == RESIDENT_Q
+    assert all(p.quant[n] == RESIDENT_DQ for n in resident[1:])
