@@ -226,6 +226,11 @@ def _place_expert(graph, inventory, compute, order, expert: str):
         raise AllocationError("empty expert string")
     model = graph.total_bytes
     totals = {d: inventory.devices[d].total_bytes for d in inventory.devices}
+    for e in entries:   # a byte amount larger than the device itself is a typo, not a budget
+        if e.mode == "bytes" and e.value is not None and e.value > totals.get(e.device, 0):
+            raise AllocationError(
+                f"entry {e.text!r} asks for {_gb(e.value)} but {e.device} has {_gb(totals.get(e.device, 0))} in all: "
+                f"lower it, or write {e.device},* to give it whatever is left")
     bud = alloc_budgets(entries, totals, model)
     have = sum(bud.values())
     if have < model:

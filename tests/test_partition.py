@@ -431,3 +431,18 @@ def test_verify_catches_broken_plans():
     assert any("free" in e for e in check(badp, bs))
     with pytest.raises(PlanVerificationError):
         verify(badp, bs)
+
+
+def test_expert_byte_amount_larger_than_device_is_named():
+    from distorch.compiler.inventory import declare
+    from distorch.errors import AllocationError
+    from distorch.passes.partition import partition
+    g = ModuleGraph([Unit(f"blocks.{i}", "Block", param_bytes=1 << 30) for i in range(4)])
+    inv = declare("cuda:0=12GiB,cpu=32GiB")
+    with pytest.raises(AllocationError) as ei:
+        partition(g, inv, "cuda:0", expert="cuda:0,5tb;cpu,*")
+    msg = str(ei.value)
+    assert "cuda:0,5tb" in msg and "12.00" in msg
+    # the same string with a size the card has is fine
+    plan = partition(g, inv, "cuda:0", expert="cuda:0,2gb;cpu,*")
+    assert sum(u.bytes for u in plan.units if u.device == "cuda:0") <= 2 << 30
