@@ -22,6 +22,10 @@ distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_model
 path()                     "classic" (ModelPatcher, ComfyUI 0.3.x) or "dynamic" (ModelPatcherDynamic /
                            comfy-aimdo, 2026 releases) -- logged once.
 release(obj)               unloads obj from ComfyUI (model_unload), which frees its homes.
+load_gguf_unet(path, ...) / load_gguf_clip(paths, type)
+                           .gguf models without ComfyUI-GGUF: our reader + ComfyUI's own loader entry
+                           points with an operations class keeping GGUF weights quantized
+                           (comfy_nodes/gguf_native.py, the GGUF part of this adapter).
 
 How it cooperates with ComfyUI (classic path)
 ---------------------------------------------
@@ -779,3 +783,19 @@ def release(obj) -> bool:
 def state_of(obj):
     """The DisTorch state of obj's model (plan, handle, counters), or None."""
     return _state(_get_patcher(obj).model)
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF without ComfyUI-GGUF (comfy_nodes/gguf_native.py: our reader + ComfyUI's own loader entry points)
+# ------------------------------------------------------------------------------------------------
+def load_gguf_unet(path, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
+    """A .gguf diffusion model -> ModelPatcher; weights stay quantized (dequantized per call)."""
+    from . import gguf_native
+    return gguf_native.load_unet(path, dequant_dtype=dequant_dtype, patch_dtype=patch_dtype,
+                                 patch_on_device=patch_on_device)
+
+
+def load_gguf_clip(paths, clip_type="stable_diffusion", dequant_dtype=None):
+    """Text encoder(s) from .gguf / .safetensors files -> CLIP; GGUF weights stay quantized."""
+    from . import gguf_native
+    return gguf_native.load_clip(list(paths), clip_type, dequant_dtype=dequant_dtype)

@@ -175,8 +175,6 @@ def test_bad_inputs_named(gguf_model, tmp_path):
 @pytest.mark.parametrize("vram_gb", [0.0005, 100.0])
 def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vram_gb):
     from distorch.comfy_nodes import adapter, nodes as N
-    if not hasattr(adapter, "load_gguf_unet"):
-        pytest.skip("adapter.load_gguf_unet not wired yet")
     ref = _sample(gguf_native.load_unet(gguf_model["path"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
@@ -224,9 +222,7 @@ def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
 
 
 def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
-    from distorch.comfy_nodes import adapter, nodes as N
-    if not hasattr(adapter, "load_gguf_unet"):
-        pytest.skip("adapter.load_gguf_unet not wired yet")
+    from distorch.comfy_nodes import nodes as N
     ref = _sample(_lora(gguf_native.load_unet(gguf_model["path"]), gguf_model["lora"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
@@ -283,3 +279,19 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     # default (dequantize straight into the compute dtype): the same within the dense weights' rounding
     c = gguf_native.load_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
     assert torch.allclose(c, b, rtol=0, atol=2e-2)
+
+
+def test_multigpu_gguf_nodes_load_natively(gguf_model):
+    from distorch.comfy_nodes import nodes as N
+    mapping = N.build()
+    ref = _sample(gguf_native.load_unet(gguf_model["path"]))
+    mm.unload_all_models()
+    for name in ("UnetLoaderGGUFMultiGPU", "UnetLoaderGGUFAdvancedMultiGPU"):
+        cls = mapping[name]
+        kw = {"unet_name": gguf_model["name"], "device": "cpu"}
+        if "Advanced" in name:
+            kw.update(dequant_dtype="default", patch_dtype="default", patch_on_device=False)
+        (m,) = getattr(cls(), cls.FUNCTION)(**kw)
+        assert _gguf_weights(m) and m.load_device == torch.device("cpu")
+        assert torch.equal(_sample(m), ref)
+        mm.unload_all_models()
