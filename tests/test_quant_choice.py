@@ -8,7 +8,7 @@ pytest.importorskip("gguf")
 
 from distorch.compiler.graph import ROOT, ModuleGraph, Unit  # noqa: E402
 from distorch.compiler.inventory import declare  # noqa: E402
-from distorch.compiler.plan import Plan, PlacedUnit  # noqa: E402
+from distorch.compiler.plan import Plan  # noqa: E402
 from distorch.passes.partition import partition  # noqa: E402
 from distorch.passes.quant_choice import (RESIDENT_DQ, RESIDENT_Q, STREAMED_Q, QuantChoiceError,  # noqa: E402
                                           UnitQuant, choose_quant, predict, quant_info)
