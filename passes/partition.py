@@ -52,7 +52,8 @@ from .allocation import budgets as alloc_budgets, parse_allocation
 
 POOL = 24
 DEFAULT_SLOTS = 2
-MAX_SLOTS = 3
+MAX_SLOTS = 8        # the runtime's ring holds at most 8 slots (runtime/apply.py); more are taken only
+                     # when the simulated step improves by >= 1 % per slot added
 
 
 # --- ranking --------------------------------------------------------------------------------------
