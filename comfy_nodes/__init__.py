@@ -18,11 +18,11 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = _nodes.display_names(NODE_CLASS_MAPPINGS)
 def _register_late():
     """Register nodes whose base class appeared after this pack loaded (other packs, ComfyUI-GGUF).
 
-    Adds to ComfyUI's node registry (`nodes.NODE_CLASS_MAPPINGS`, the same public dict ComfyUI fills from
-    our NODE_CLASS_MAPPINGS); a node is replaced only when its base class changed."""
-    import nodes as comfy_registry  # ComfyUI's top-level nodes.py
+    ComfyUI's registry is written through the adapter (adapter.register_nodes); a node is replaced
+    only when its base class changed."""
+    from . import adapter
 
-    added = []
+    added = {}
     python_module = getattr(NODE_CLASS_MAPPINGS.get("DeviceSelectorMultiGPU"), "RELATIVE_PYTHON_MODULE", None)
     for name, cls in _nodes.build_late().items():
         old = NODE_CLASS_MAPPINGS.get(name)
@@ -32,10 +32,9 @@ def _register_late():
             cls.RELATIVE_PYTHON_MODULE = python_module
         NODE_CLASS_MAPPINGS[name] = cls
         NODE_DISPLAY_NAME_MAPPINGS[name] = getattr(cls, "TITLE", name)
-        comfy_registry.NODE_CLASS_MAPPINGS[name] = cls
-        comfy_registry.NODE_DISPLAY_NAME_MAPPINGS[name] = NODE_DISPLAY_NAME_MAPPINGS[name]
-        added.append(name)
+        added[name] = cls
     if added:
+        adapter.register_nodes(added, {k: NODE_DISPLAY_NAME_MAPPINGS[k] for k in added})
         log.info("DisTorch: registered %d nodes from other packs: %s", len(added), ", ".join(added))
 
 

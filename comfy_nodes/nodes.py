@@ -70,35 +70,17 @@ GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
 # ---------------------------------------------------------------------------------------------
 # Native GGUF base classes (used when ComfyUI-GGUF is not installed)
 # ---------------------------------------------------------------------------------------------
-def _folder_paths():
-    import folder_paths  # ComfyUI's public model-file API (what every custom node uses)
-    return folder_paths
-
-
 def gguf_filenames(kind):
-    """.gguf files of the diffusion-model ('unet') or text-encoder ('clip') folders.
-
-    Registers the keys `unet_gguf` / `clip_gguf` (shared with ComfyUI-GGUF, same meaning) on first use."""
-    fp = _folder_paths()
-    key, target = {"unet": ("unet_gguf", "diffusion_models"), "clip": ("clip_gguf", "text_encoders")}[kind]
-    if key not in fp.folder_names_and_paths:
-        fp.folder_names_and_paths[key] = (fp.folder_names_and_paths[target][0], {".gguf"})
-    return fp.get_filename_list(key)
+    """.gguf files of the diffusion-model ('unet') or text-encoder ('clip') model folders."""
+    return R._adapter().gguf_filenames(kind)
 
 
 def gguf_clip_filenames():
-    fp = _folder_paths()
-    return sorted(set(fp.get_filename_list("text_encoders")) | set(gguf_filenames("clip")))
+    return R._adapter().gguf_clip_filenames()
 
 
 def _gguf_path(kind, name):
-    gguf_filenames(kind)
-    key = "unet_gguf" if kind == "unet" else "clip_gguf"
-    fp = _folder_paths()
-    path = fp.get_full_path(key, name) or fp.get_full_path("diffusion_models" if kind == "unet" else "text_encoders", name)
-    if path is None:
-        raise FileNotFoundError(f"model file {name!r} not found in the {kind} model folders")
-    return path
+    return R._adapter().gguf_path(kind, name)
 
 
 def _adapter_gguf(fn_name):

@@ -2,7 +2,7 @@
 
 A tiny SD3-style MMDiT (ComfyUI detects SD3 from its keys) is written as a .gguf with Q8_0 linear
 weights (gguf-py's quantizer) and F32 for the rest.  It loads through our native reader and ComfyUI's
-own loader entry point (comfy_nodes/gguf_native.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
+own loader entry point (comfy_nodes/adapter.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
 node function (streamed quantized); both sample through ComfyUI's KSampler and must agree bit for bit.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ mm, nodes, folder_paths = _boot()
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from distorch.comfy_nodes import gguf_native  # noqa: E402
+from distorch.comfy_nodes import adapter  # noqa: E402
 from distorch.runtime.gguf_tensor import GGUFTensor  # noqa: E402
 
 DEPTH = 2
@@ -138,7 +138,7 @@ def _gguf_weights(model):
 
 
 def test_native_load_keeps_weights_quantized_and_samples(gguf_model):
-    m = gguf_native.load_unet(gguf_model["path"])
+    m = adapter.load_gguf_unet(gguf_model["path"])
     assert type(m.model).__name__ == "SD3"
     ws = _gguf_weights(m)
     assert len(ws) == len(gguf_model["quantized"]) > 10
@@ -151,7 +151,7 @@ def test_native_load_keeps_weights_quantized_and_samples(gguf_model):
 
 def test_bad_inputs_named(gguf_model, tmp_path):
     with pytest.raises(ValueError, match="dequant_dtype"):
-        gguf_native.load_unet(gguf_model["path"], dequant_dtype="int4")
+        adapter.load_gguf_unet(gguf_model["path"], dequant_dtype="int4")
     bad = tmp_path / "nothing.gguf"
     w = gguf.GGUFWriter(str(bad), "none")
     w.add_tensor("some.tensor", np.zeros((4, 4), dtype=np.float32))
@@ -160,7 +160,7 @@ def test_bad_inputs_named(gguf_model, tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match="could not detect"):
-        gguf_native.load_unet(str(bad))
+        adapter.load_gguf_unet(str(bad))
     t5 = tmp_path / "t5.gguf"
     w = gguf.GGUFWriter(str(t5), "t5encoder")
     w.add_tensor("enc.blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
@@ -169,13 +169,13 @@ def test_bad_inputs_named(gguf_model, tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match="llama.cpp naming"):
-        gguf_native.load_clip([str(t5)], "sd3")
+        adapter.load_gguf_clip([str(t5)], "sd3")
 
 
 @pytest.mark.parametrize("vram_gb", [0.0005, 100.0])
 def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vram_gb):
     from distorch.comfy_nodes import adapter, nodes as N
-    ref = _sample(gguf_native.load_unet(gguf_model["path"]))
+    ref = _sample(adapter.load_gguf_unet(gguf_model["path"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
     assert cls.BASE_CLASS is N.UnetLoaderGGUFNative        # ComfyUI-GGUF is not installed here
@@ -203,7 +203,7 @@ def _lora(model, name, strength=1.0):
 
 
 def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
-    m = gguf_native.load_unet(gguf_model["path"])
+    m = adapter.load_gguf_unet(gguf_model["path"])
     base = _sample(m)
     mm.unload_all_models()
     out = _sample(_lora(m, gguf_model["lora"]))
@@ -223,7 +223,7 @@ def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
 
 def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
     from distorch.comfy_nodes import nodes as N
-    ref = _sample(_lora(gguf_native.load_unet(gguf_model["path"]), gguf_model["lora"]))
+    ref = _sample(_lora(adapter.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
     (m,) = getattr(cls(), cls.FUNCTION)(unet_name=gguf_model["name"], compute_device="cpu", virtual_vram_gb=0.0005,
@@ -234,7 +234,7 @@ def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
     mm.unload_all_models()
     plain = _sample(m)
     mm.unload_all_models()
-    assert torch.equal(plain, _sample(gguf_native.load_unet(gguf_model["path"])))
+    assert torch.equal(plain, _sample(adapter.load_gguf_unet(gguf_model["path"])))
 
 
 def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
@@ -269,7 +269,7 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     wdt = next(p.dtype for n, p in ref.cond_stage_model.named_parameters() if n.endswith("mlp.fc1.weight"))
     # ComfyUI keeps the dense weights in `wdt` and casts them per call: dequantizing into `wdt` first
     # (dequant_dtype) gives the same values, so the same conditioning bit for bit
-    ours = gguf_native.load_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion",
+    ours = adapter.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion",
                                  dequant_dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(wdt, "float32"))
     assert sum(isinstance(p, GGUFTensor) for p in ours.cond_stage_model.parameters()) == len(q)
     tok = ref.tokenize("a photo of a cat")
@@ -277,14 +277,14 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     b, pb = ref.encode_from_tokens(tok, return_pooled=True)
     assert torch.equal(a, b) and torch.equal(pa, pb), f"max diff {(a - b).abs().max().item()}"
     # default (dequantize straight into the compute dtype): the same within the dense weights' rounding
-    c = gguf_native.load_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
+    c = adapter.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
     assert torch.allclose(c, b, rtol=0, atol=2e-2)
 
 
 def test_multigpu_gguf_nodes_load_natively(gguf_model):
     from distorch.comfy_nodes import nodes as N
     mapping = N.build()
-    ref = _sample(gguf_native.load_unet(gguf_model["path"]))
+    ref = _sample(adapter.load_gguf_unet(gguf_model["path"]))
     mm.unload_all_models()
     for name in ("UnetLoaderGGUFMultiGPU", "UnetLoaderGGUFAdvancedMultiGPU"):
         cls = mapping[name]
