@@ -97,6 +97,21 @@ class ModuleGraph:
         return g
 
 
+def owner_lookup(unit_names):
+    """A function mapping a module's qualified name to the unit that contains it (the longest unit
+    name that is the module's name or a dotted prefix of it), or None outside every unit."""
+    uset = set(unit_names)
+
+    def owner(mname: str):
+        parts = mname.split(".") if mname else []
+        for k in range(len(parts), 0, -1):
+            p = ".".join(parts[:k])
+            if p in uset:
+                return p
+        return None
+    return owner
+
+
 # --- bytes as stored --------------------------------------------------------------------------
 # Quantized tensor types (GGUF) register how many bytes they occupy as stored; plain tensors count
 # numel * element_size, which is right for fp32/bf16/fp16/fp8 and for meta tensors too.

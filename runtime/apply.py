@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from ..compiler.graph import ROOT
+from ..compiler.graph import ROOT, owner_lookup
 from ..compiler.plan import Plan
 from ..errors import DisTorchError
 from .store import Home, HostArena, Layout, SlotPool, Progress, align_up, is_host, parse_device
@@ -491,13 +491,7 @@ def classify(module: torch.nn.Module, plan: Plan) -> Classified:
         root_note = ""
 
     # ---- classify every parameter by the units that reach it
-    def owner_of(mname: str):
-        parts = mname.split(".") if mname else []
-        for k in range(len(parts), 0, -1):
-            p = ".".join(parts[:k])
-            if p in uset:
-                return p
-        return None
+    owner_of = owner_lookup(uset)
 
     info: dict[int, list] = {}     # id(param) -> [param, owners set, first qualified name]
     buffers: dict[int, torch.Tensor] = {}

@@ -124,23 +124,10 @@ def stored_bytes(t) -> int:
 # ------------------------------------------------------------------------------------------------
 # resident dequantized units
 
-def _owner_fn(unit_names):
-    uset = set(unit_names)
-
-    def owner(mname: str):
-        parts = mname.split(".") if mname else []
-        for k in range(len(parts), 0, -1):
-            p = ".".join(parts[:k])
-            if p in uset:
-                return p
-        return None
-    return owner
-
-
 def gguf_sites(module: nn.Module, unit_names) -> dict:
     """unit (ROOT for weights outside every unit) -> [(submodule, param name, GGUF parameter)]."""
-    from ..compiler.graph import ROOT
-    owner = _owner_fn([n for n in unit_names if n != ROOT])
+    from ..compiler.graph import ROOT, owner_lookup
+    owner = owner_lookup([n for n in unit_names if n != ROOT])
     out: dict[str, list] = {}
     for mname, m in module.named_modules(remove_duplicate=False):
         for pn, p in m._parameters.items():

@@ -503,3 +503,47 @@ def spec_problems(name, expected, inputs, outputs, category, devices):
             if key.endswith("device") and list(options) != list(devices):
                 bad.append(f"{name}.{key}: device options {options} != {devices}")
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process ComfyUI (for tests that call node functions directly)
+# ---------------------------------------------------------------------------------------------
+def boot_inprocess():
+    """Skip (or fail under DISTORCH_REQUIRE_COMFYUI=1) without ComfyUI; else import it the way main.py
+    does, on CPU, once per process. Returns (comfy.model_management, nodes, folder_paths)."""
+    import pytest
+    reason = comfy_missing_reason()
+    if reason is not None:
+        if os.environ.get("DISTORCH_REQUIRE_COMFYUI") == "1":
+            raise RuntimeError(f"DISTORCH_REQUIRE_COMFYUI=1 but {reason}")
+        pytest.skip(reason, allow_module_level=True)
+    if "comfy.model_management" not in sys.modules:
+        if str(COMFY_DIR) not in sys.path:
+            sys.path.insert(0, str(COMFY_DIR))
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+        args.cpu = True
+        import utils.extra_config  # noqa: F401  (before `nodes`, else `utils` is comfy/utils.py)
+    import comfy.model_management as mm
+    import nodes
+    import folder_paths
+    return mm, nodes, folder_paths
+
+
+def sd3_conditioning():
+    """Fixed (positive, negative) conditioning for the tiny SD3-style test models (context 32, pooled 64)."""
+    import torch
+    pos = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
+            {"pooled_output": torch.randn(1, 64, generator=torch.Generator().manual_seed(2))}]]
+    neg = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 64)}]]
+    return pos, neg
+
+
+def ksample(model, seed=42, steps=2):
+    """Two euler steps of ComfyUI's own KSampler on a tiny 16-channel latent; returns the latent."""
+    import torch
+    import nodes
+    pos, neg = sd3_conditioning()
+    lat = {"samples": torch.zeros(1, 16, 8, 8)}
+    return nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "normal", pos, neg, lat)[0]["samples"]

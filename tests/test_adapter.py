@@ -17,39 +17,9 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import comfy_harness as H
 
-
-def _comfy_dir():
-    d = os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI")
-    return d if os.path.isfile(os.path.join(d, "comfy", "model_patcher.py")) else None
-
-
-COMFY = _comfy_dir()
-if COMFY is None:
-    if os.environ.get("DISTORCH_REQUIRE_COMFYUI") == "1":
-        raise RuntimeError("DISTORCH_REQUIRE_COMFYUI=1 but no ComfyUI at $DISTORCH_COMFYUI_DIR or .comfy/ComfyUI "
-                           "(run .ci/setup_comfyui.sh VENV)")
-    pytest.skip("no ComfyUI checkout (set DISTORCH_COMFYUI_DIR or run .ci/setup_comfyui.sh)", allow_module_level=True)
-
-
-def _boot():
-    """Import ComfyUI the way main.py does, on CPU (once per process)."""
-    if "comfy.model_management" not in sys.modules:
-        if COMFY not in sys.path:
-            sys.path.insert(0, COMFY)
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args
-        args.cpu = True
-        import utils.extra_config  # noqa: F401  (before `nodes`, else `utils` is comfy/utils.py)
-    import comfy.model_management as mm
-    import nodes
-    import folder_paths
-    return mm, nodes, folder_paths
-
-
-mm, nodes, folder_paths = _boot()
+mm, nodes, folder_paths = H.boot_inprocess()
 import comfy.utils  # noqa: E402
 import safetensors.torch  # noqa: E402
 
@@ -105,14 +75,7 @@ def _clean():
     mm.unload_all_models()
 
 
-POS = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
-        {"pooled_output": torch.randn(1, 64, generator=torch.Generator().manual_seed(2))}]]
-NEG = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 64)}]]
-
-
-def _sample(model, seed=42):
-    lat = {"samples": torch.zeros(1, 16, 8, 8)}
-    return nodes.KSampler().sample(model, seed, 2, 3.0, "euler", "normal", POS, NEG, lat)[0]["samples"]
+_sample = H.ksample
 
 
 def _load(models):

@@ -18,28 +18,7 @@ gguf = pytest.importorskip("gguf")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfy_harness as H  # noqa: E402
 
-if H.comfy_missing_reason() is not None:
-    if os.environ.get("DISTORCH_REQUIRE_COMFYUI") == "1":
-        raise RuntimeError(f"DISTORCH_REQUIRE_COMFYUI=1 but {H.comfy_missing_reason()}")
-    pytest.skip(H.comfy_missing_reason(), allow_module_level=True)
-
-
-def _boot():
-    if "comfy.model_management" not in sys.modules:
-        if str(H.COMFY_DIR) not in sys.path:
-            sys.path.insert(0, str(H.COMFY_DIR))
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args
-        args.cpu = True
-        import utils.extra_config  # noqa: F401  (before `nodes`, else `utils` is comfy/utils.py)
-    import comfy.model_management as mm
-    import nodes
-    import folder_paths
-    return mm, nodes, folder_paths
-
-
-mm, nodes, folder_paths = _boot()
+mm, nodes, folder_paths = H.boot_inprocess()
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
@@ -123,14 +102,7 @@ def _clean():
     mm.unload_all_models()
 
 
-POS = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
-        {"pooled_output": torch.randn(1, 64, generator=torch.Generator().manual_seed(2))}]]
-NEG = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 64)}]]
-
-
-def _sample(model, seed=42):
-    lat = {"samples": torch.zeros(1, 16, 8, 8)}
-    return nodes.KSampler().sample(model, seed, 2, 3.0, "euler", "normal", POS, NEG, lat)[0]["samples"]
+_sample = H.ksample
 
 
 def _gguf_weights(model):
