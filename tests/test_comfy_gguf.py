@@ -121,25 +121,24 @@ def test_native_load_keeps_weights_quantized_and_samples(gguf_model):
     assert len(_gguf_weights(m)) == len(ws)
 
 
+def _write_one(path, arch, name, array):
+    """A GGUF file holding one tensor."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_bad_inputs_named(gguf_model, tmp_path):
     with pytest.raises(ValueError, match="dequant_dtype"):
         adapter.load_gguf_unet(gguf_model["path"], dequant_dtype="int4")
-    bad = tmp_path / "nothing.gguf"
-    w = gguf.GGUFWriter(str(bad), "none")
-    w.add_tensor("some.tensor", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    bad = _write_one(tmp_path / "nothing.gguf", "none", "some.tensor", np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="could not detect"):
         adapter.load_gguf_unet(str(bad))
-    t5 = tmp_path / "t5.gguf"
-    w = gguf.GGUFWriter(str(t5), "t5encoder")
-    w.add_tensor("enc.blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    t5 = _write_one(tmp_path / "t5.gguf", "t5encoder", "enc.blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
     with pytest.raises(ValueError, match="llama.cpp naming"):
         adapter.load_gguf_clip([str(t5)], "sd3")
 
