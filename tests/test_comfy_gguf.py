@@ -71,6 +71,18 @@ def _write_lora(sd, path, rank=4, seed=5):
     safetensors.torch.save_file(out, str(path))
 
 
+def _q8_round_trip(sd, quantized):
+    """sd with the tensors named in `quantized` replaced by their Q8_0 round trip (gguf-py): the dense
+    twin of a Q8_0 GGUF file, for bit-for-bit references."""
+    dense = {}
+    for k, v in sd.items():
+        if k in quantized:
+            qa = gguf.quants.quantize(v.numpy().astype(np.float32), QT.Q8_0)
+            v = torch.from_numpy(gguf.quants.dequantize(qa, QT.Q8_0))
+        dense[k] = v.contiguous()
+    return dense
+
+
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory):
     import safetensors.torch
@@ -82,12 +94,7 @@ def gguf_model(tmp_path_factory):
     q = _write_gguf(d / "tiny_sd3_q8.gguf", sd)
     _write_lora(sd, lo / "tiny_sd3_lora.safetensors")
     # the same model with the Q8_0 weights dequantized (float32 safetensors): the LoRA reference
-    dense = {}
-    for k, v in sd.items():
-        if k in q:
-            qa = gguf.quants.quantize(v.numpy().astype(np.float32), QT.Q8_0)
-            v = torch.from_numpy(gguf.quants.dequantize(qa, QT.Q8_0))
-        dense[k] = v.contiguous()
+    dense = _q8_round_trip(sd, q)
     safetensors.torch.save_file(dense, str(d / "tiny_sd3_q8_dense.safetensors"))
     folder_paths.add_model_folder_path("diffusion_models", str(d))
     folder_paths.add_model_folder_path("loras", str(lo))
@@ -229,12 +236,7 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     # the fp16-rounded values of the dense reference, so it stays F32 here for the bit-for-bit check
     q = _write_gguf(tmp_path / "clip_l_q8.gguf", sd, keep=("position_embedding",))
     assert "text_model.embeddings.token_embedding.weight" in q
-    dense = {}
-    for k, v in sd.items():
-        if k in q:
-            qa = gguf.quants.quantize(v.numpy().astype(np.float32), QT.Q8_0)
-            v = torch.from_numpy(gguf.quants.dequantize(qa, QT.Q8_0))
-        dense[k] = v.contiguous()
+    dense = _q8_round_trip(sd, q)
     safetensors.torch.save_file(dense, str(tmp_path / "clip_l_dense.safetensors"))
     ref = comfy.sd.load_clip([str(tmp_path / "clip_l_dense.safetensors")], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
     wdt = next(p.dtype for n, p in ref.cond_stage_model.named_parameters() if n.endswith("mlp.fc1.weight"))
