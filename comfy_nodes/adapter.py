@@ -939,8 +939,9 @@ class _GGUFLayer:
         else:
             w = t
         fns = self.weight_function if name == "weight" else self.bias_function
-        if fns and w is t:
-            w = t.clone()         # patch functions may work in place: never on the parameter itself
+        if fns and (w is t or w is getattr(t, "_dq", None)):
+            w = w.clone()         # patch functions may work in place: never on the parameter (or the
+            #                       runtime's shared dequantized copy of it) itself
         for f in fns:
             w = f(w)
         return w

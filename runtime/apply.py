@@ -65,7 +65,8 @@ MAX_SLOTS = 8
 
 class Runtime:
     def __init__(self, module: torch.nn.Module, plan: Plan, graph=None, *, window_units: int | None = None,
-                 profile: bool = False, homes: dict | None = None, progress: bool = True):
+                 profile: bool = False, homes: dict | None = None, progress: bool = True,
+                 unit_dequant: bool = True):
         if not isinstance(module, torch.nn.Module):
             raise DisTorchError(f"apply() needs a torch.nn.Module, got {type(module).__name__}")
         if getattr(module, "_distorch_runtime", None) is not None:
@@ -162,6 +163,17 @@ class Runtime:
             for b, v in zip(self.P[i], self.V[i][0]):
                 if b is not _gs.param_of(b):
                     _gs._retag_device(b.param, v)
+        # streamed GGUF units: one dequantization launch per run of same-type tensors, into one scratch
+        self.UD = [_gs.unit_dequant(self.P[i], self.homes[n].layout.entries) if unit_dequant else None
+                   for i, n in enumerate(self.units)]
+        self.dq_scratch_bytes = max((ud.nbytes for ud in self.UD if ud is not None), default=0)
+        self.dq_scratch = None
+        if self.dq_scratch_bytes:
+            from .store import alloc_flat
+            self.dq_scratch = alloc_flat(self.dq_scratch_bytes, dev, pin=False)
+            for ud in self.UD:
+                if ud is not None:
+                    ud.bind(self.dq_scratch, self.pool.flats)
         self.src = [self.homes[n].src for n in self.units]
         self.dst = [[f[:self.homes[n].nbytes] for f in self.pool.flats] for n in self.units] if n_units else []
         self.nbytes = [self.homes[n].nbytes for n in self.units]
@@ -260,6 +272,7 @@ class Runtime:
         copied = self.copied
         P = self.P[i]
         Vi = self.V[i]
+        ud = self.UD[i]
 
         def pre(mod, args):
             if self.depth == 1 and not self.deviated:
@@ -275,6 +288,8 @@ class Runtime:
                     self.recorded.append(i)
                     if self.profile:
                         self._prof_begin()
+                    if ud is not None:
+                        ud.run(s)
                     return None
                 self.deviated = True
                 self.primed = False
@@ -285,11 +300,14 @@ class Runtime:
 
     def _make_post(self, i: int):
         done = self.done
+        ud = self.UD[i]
 
         def post(mod, args, out):
             s = self.cur_s
             mode = self.cur_mode
             self.cur_mode = 0
+            if ud is not None:
+                ud.clear()
             done[s].record(self.cs)
             if self.profile:
                 self._prof_end(self.units[i])
@@ -319,6 +337,9 @@ class Runtime:
         self.primed = False
         if self.profile:
             self._prof_begin()
+        ud = self.UD[i]
+        if ud is not None:
+            ud.run(s)
 
     def _root_pre(self, mod, args):
         self.depth += 1
@@ -432,6 +453,11 @@ class Runtime:
             self.pool.release()
         self.homes = {}
         self.pool = None
+        for ud in self.UD:
+            if ud is not None:
+                ud.clear()
+        self.UD = []
+        self.dq_scratch = None
         self.P = self.V = self.src = self.dst = []
         self.copied = self.done = []
         self.trace = []
@@ -519,6 +545,8 @@ def classify(module: torch.nn.Module, plan: Plan) -> Classified:
                 continue
         resident.append(p)
     shared = [q for p, owners, q in info.values() if len(owners) > 1]
+    for o in streamed:         # GGUF tensors of one type back to back (one dequant launch per run)
+        streamed[o].sort(key=_gs.gguf_order)
 
     return Classified(unit_mods=unit_mods, home_of=home_of, offloaded=offloaded, streamed=streamed,
                       resident=resident, buffers=buffers, shared=shared, root_note=root_note)

@@ -459,11 +459,12 @@ def triton_available() -> bool:
 
 
 def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     triton, kernel = _TRITON
     qb, ts = BLOCK_SIZES[qt]
     n_out = raw.numel() // ts * qb
-    out = torch.empty(n_out, dtype=dtype, device=raw.device)
+    if out is None:
+        out = torch.empty(n_out, dtype=dtype, device=raw.device)
     tile = tile or _TRITON_TILE
     kernel[(triton.cdiv(n_out, tile),)](raw, out, _levels(raw.device), n_out, QT=int(qt), QB=qb, TS=ts,
                                         TILE=tile, num_warps=num_warps or _TRITON_WARPS)
@@ -546,23 +547,37 @@ def _fail(kind: str, qt: QT, e: Exception) -> None:
                 type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
 
-def _run(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Flat dequantized output from flat contiguous uint8 blocks, on raw's device."""
+def _run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat dequantized output from flat contiguous uint8 blocks, on raw's device (written into the
+    flat contiguous `out` when given)."""
     if raw.device.type == "cuda":
         backend = get_backend()
         if backend in ("auto", "triton") and qt not in _failed["triton"] and triton_available():
             try:
-                return _triton_run(qt, raw, dtype)
+                return _triton_run(qt, raw, dtype, out=out)
             except Exception as e:  # a broken Triton install must not break inference
                 _fail("triton", qt, e)
         if backend in ("auto", "compile") and qt not in _failed["compile"]:
             try:
-                return _compiled_run(qt, raw, dtype)
+                r = _compiled_run(qt, raw, dtype)
+                return r if out is None else out.copy_(r.reshape(-1))
             except Exception as e:
                 _fail("compile", qt, e)
     if raw.storage_offset() % 2:
         raw = raw.clone()  # the eager code views fp16 fields: needs 2-byte aligned storage
-    return _eager(qt, raw, dtype)
+    r = _eager(qt, raw, dtype)
+    return r if out is None else out.copy_(r.reshape(-1))
+
+
+def dequantize_into(raw: torch.Tensor, qtype: QT, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize the flat contiguous uint8 blocks `raw` (any number of whole blocks of one quantized
+    type, e.g. several tensors stored back to back) into the flat contiguous floating tensor `out`
+    (same device, one element per weight), in out's dtype.  Unchecked: for the runtime's per-unit
+    batched dequantization, whose layout was validated once.  Element for element the same arithmetic
+    as `dequantize`, so the values are bit-identical to dequantizing each tensor alone."""
+    if out.numel():
+        _run(qtype, raw, out.dtype, out=out)
+    return out
 
 
 def _flat_bytes(raw: torch.Tensor) -> torch.Tensor:

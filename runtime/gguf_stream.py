@@ -122,6 +122,99 @@ def stored_bytes(t) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# streamed units: one dequantization launch per run of same-type tensors (instead of one per layer)
+
+class UnitDequant:
+    """Batched dequantization of one streamed unit, straight from its slot.
+
+    The unit's GGUF tensors sit back to back in its home layout (classify() orders them by type), so
+    a *run* of same-type tensors with no padding between them is one sequence of whole blocks: one
+    kernel launch dequantizes the run into a scratch buffer on the compute device, and each weight is
+    a view of its part (`param._dq`, which runtime.gguf_tensor.materialize / GGUFTensor.dequantize
+    return instead of dequantizing again).  Same kernel, same per-weight arithmetic: the outputs are
+    bit-identical to per-layer dequantization.  For Flux-dev Q8_0 that is 57 launches per step
+    instead of 304 (~40-80 us of host time each).
+
+    `run(s)` (pre-hook, compute stream, after the slot's copy event) launches the runs and sets the
+    views; `clear()` (post-hook) unsets them, so nothing outside the unit's call sees scratch memory.
+    A layer asking for another dtype than the weight's own (GGUFTensor.dtype) falls back to its
+    per-call dequantization.  Plain-typed GGUF tensors (F16/BF16/F32) are left to the per-call path.
+    """
+
+    __slots__ = ("layout", "runs", "params", "nbytes", "slot_raw")
+
+    def __init__(self, binders, entries):
+        from .dequant import QUANTIZED_TYPES
+        from .store import align_up
+        runs = []              # [qtype, byte start, byte end, dtype, [(param, numel, shape)]]
+        for b, e in zip(binders, entries):
+            p = param_of(b)
+            if not is_gguf(p) or p.qtype not in QUANTIZED_TYPES or not p.dtype.is_floating_point:
+                continue
+            r = runs[-1] if runs else None
+            if r is not None and r[0] == p.qtype and r[3] == p.dtype and r[2] == e.offset:
+                r[2] = e.offset + e.nbytes
+                r[4].append(p)
+            else:
+                runs.append([p.qtype, e.offset, e.offset + e.nbytes, p.dtype, [p]])
+        self.runs = []
+        self.params = []
+        off = 0
+        plan = []
+        for qt, a, b, dt, ps in runs:
+            n = sum(p.numel() for p in ps)
+            isz = torch.empty((), dtype=dt).element_size()
+            plan.append((qt, a, b, dt, ps, off, n))
+            off = align_up(off + n * isz)
+            self.params.extend(ps)
+        self.nbytes = off          # scratch bytes this unit needs
+        self.layout = plan         # (qtype, byte start, byte end, dtype, params, scratch offset, numel)
+        self.slot_raw = None
+
+    def bind(self, scratch: torch.Tensor, slot_flats) -> None:
+        """Precompute every view: the runs' bytes in each slot and the weights in `scratch`."""
+        runs = []
+        for qt, a, b, dt, ps, off, n in self.layout:
+            out = scratch[off:off + n * torch.empty((), dtype=dt).element_size()].view(dt)
+            dense, k = [], 0
+            for p in ps:
+                m = p.numel()
+                dense.append((p, out[k:k + m].view(p.shape)))
+                k += m
+            runs.append((qt, a, b, out, dense))
+        self.runs = runs
+        self.slot_raw = [[f[a:b] for _, a, b, _, _ in runs] for f in slot_flats]
+
+    def run(self, s: int) -> None:
+        from .dequant import dequantize_into
+        for (qt, _a, _b, out, dense), raw in zip(self.runs, self.slot_raw[s]):
+            dequantize_into(raw, qt, out)
+            for p, v in dense:
+                p._dq = v
+
+    def clear(self) -> None:
+        for p in self.params:
+            p._dq = None
+
+
+def unit_dequant(binders, entries):
+    """A UnitDequant for a streamed unit with quantized GGUF tensors, else None."""
+    if not any(type(b) is RawBinder for b in binders):
+        return None
+    ud = UnitDequant(binders, entries)
+    return ud if ud.layout else None
+
+
+def gguf_order(item) -> tuple:
+    """Sort key for a unit's (name, parameter) list: dense tensors first, then GGUF ones grouped by
+    type and dequantization dtype (stable), so same-type GGUF tensors sit back to back in the home."""
+    p = item[1]
+    if not is_gguf(p):
+        return (0, 0, "")
+    return (1, int(p.qtype), str(p.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
 # resident dequantized units
 
 def gguf_sites(module: nn.Module, unit_names) -> dict:

@@ -77,6 +77,9 @@ class GGUFTensor(torch.Tensor):
     raw: torch.Tensor
     qtype: object
     gguf_name: str | None
+    # set by the streaming runtime while the weight's unit runs: the weight already dequantized (by one
+    # batched kernel per unit, runtime.gguf_stream.UnitDequant); None otherwise
+    _dq: torch.Tensor | None = None
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -128,6 +131,9 @@ class GGUFTensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense tensor of the logical shape, on the device the bytes sit on."""
+        d = self._dq
+        if d is not None and d.dtype == (dtype or self.dtype):
+            return d
         return _dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype, check=False)
 
     def with_raw(self, raw: torch.Tensor, dtype: torch.dtype | None = None) -> "GGUFTensor":
@@ -279,6 +285,9 @@ def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype
     if t is None:
         return None
     if isinstance(t, GGUFTensor):
+        d = t._dq
+        if d is not None and d.dtype == (dtype or t.dtype) and d.device == device:
+            return d           # dequantized with its whole unit this call (read-only: do not modify)
         raw = t.raw
         if raw.device != device:
             raw = raw.to(device, non_blocking=True)
