@@ -11,7 +11,11 @@ Methods (one process; compare only numbers of the same run):
   resident_bf16        the bf16 model, all on the GPU
   resident_q           GGUF model, quantized bytes resident, dequantized every call (the reference output)
   distorch_q_100       all 57 blocks offloaded to pinned host homes through runtime.apply: quantized
-                       bytes copied into a 3-slot ring on a copy stream, dequantized after the copy event
+                       bytes copied into a --slots ring on a copy stream; after the copy event each
+                       unit's GGUF tensors are dequantized by one launch per run of same-type tensors
+                       (runtime.gguf_stream.UnitDequant)
+  distorch_q_100_perlayer  the same with unit_dequant=False: each layer dequantizes its own weight
+                       (one launch per layer; --ab)
   comfy_gguf_pinned    ComfyUI-GGUF-style: every GGUF weight's bytes in pinned host memory, copied
                        synchronously (non_blocking=False) right before its layer runs, then dequantized;
                        no prefetch (biases/norms stay on the GPU)
@@ -20,6 +24,11 @@ Methods (one process; compare only numbers of the same run):
 
 Outputs: distorch_q_100 and both comfy-style runs are compared bit for bit with resident_q.
 Step time: steps back to back, CUDA events between steps, median of --reps after --warmup.
+After each timed distorch run, 3 more steps run with the runtime's profiling on (events around every
+copy and unit; not in the timed steps): copy time per step (sum over the copy stream), the in-step
+copy rate, the stall of compute waiting for copies, and host time per step (root pre- to post-hook).
+Link probe: pinned host->GPU rate from torch's pinned allocator (2 GiB, the floor's rate) and from a
+runtime.store.HostArena (the homes' memory: one cudaHostRegister), in unit-sized copies back to back.
 
     PYTHONUNBUFFERED=1 python bench/bench_gguf.py --out $OUT            # H100
     python bench/bench_gguf.py --device cpu --small --out /tmp/g        # checks the script on CPU
@@ -124,6 +133,76 @@ class ComfyStyle:
         self.arena = None
 
 
+def link_probe(dev, sizes=(150_000_000, 360_000_000), total=3 * GiB) -> dict:
+    """Back-to-back pinned host->GPU copies of unit-sized chunks on a side stream, from torch's pinned
+    allocator and from a HostArena (bytes/s of the whole sequence, best of 3)."""
+    from distorch.runtime.store import HostArena
+    out = {}
+    if BS._CPU:
+        return out
+    st = torch.cuda.Stream()
+    dst = torch.empty(max(sizes), dtype=torch.uint8, device=dev)
+    arena = HostArena(total, pin=True)
+    arena.flat.fill_(1)
+    srcs = {"torch_pinned": torch.ones(total, dtype=torch.uint8, pin_memory=True), "host_arena": arena.flat}
+    for name, src in srcs.items():
+        for cs in sizes:
+            k = total // cs
+            best = 0.0
+            for _ in range(3):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                with torch.cuda.stream(st):
+                    e0.record(st)
+                    for j in range(k):
+                        dst[:cs].copy_(src[j * cs:(j + 1) * cs], non_blocking=True)
+                    e1.record(st)
+                e1.synchronize()
+                best = max(best, k * cs / (e0.elapsed_time(e1) / 1e3))
+            out[f"{name}_{cs // 1_000_000}MB"] = best
+            log(f"link {name:<13} chunks {cs / 1e6:5.0f} MB: {best / 1e9:6.2f} GB/s")
+    # two copy streams taking alternate chunks (two copy engines busy at once)
+    st2 = [st, torch.cuda.Stream()]
+    dst2 = [dst, torch.empty_like(dst)]
+    cs = sizes[0]
+    k = total // cs
+    best = 0.0
+    for _ in range(3):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record(st2[0])
+        st2[1].wait_event(e0)
+        for j in range(k):
+            with torch.cuda.stream(st2[j % 2]):
+                dst2[j % 2][:cs].copy_(arena.flat[j * cs:(j + 1) * cs], non_blocking=True)
+        st2[0].wait_stream(st2[1])
+        e1.record(st2[0])
+        e1.synchronize()
+        best = max(best, k * cs / (e0.elapsed_time(e1) / 1e3))
+    out[f"host_arena_2streams_{cs // 1_000_000}MB"] = best
+    log(f"link host_arena, 2 streams, chunks {cs / 1e6:5.0f} MB: {best / 1e9:6.2f} GB/s")
+    del dst2
+    del srcs, dst
+    arena.release()
+    return out
+
+
+def profile_steps(rt, model, kw, steps: int = 3) -> dict:
+    """A few steps with the runtime's profiling on: copy/compute/stall/host per step."""
+    from distorch.runtime import stats as rstats
+    rt.trace.clear()
+    rt.profile = True
+    try:
+        BS.run_steps(model, kw, 0, steps)
+        st = rstats.summarize(rt, last=steps)
+        tl = rstats.timeline(rt, steps=1)
+    finally:
+        rt.profile = False
+    streamed = sum(st["bytes_per_step"].values())
+    d = {k: st.get(k) for k in ("copy_s", "compute_busy_s", "stall_s", "measured_host_s", "measured_step_s")}
+    if st.get("copy_s"):
+        d["copy_rate_Bps"] = streamed / st["copy_s"]
+    return d, tl
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -137,6 +216,8 @@ def main(argv=None):
                     help="ring slots of the 100%% run (the H100 result in bench/results/gguf_h100.md used 3)")
     ap.add_argument("--qtypes", default="Q8_0,Q4_K")
     ap.add_argument("--no-pageable", action="store_true")
+    ap.add_argument("--ab", action="store_true",
+                    help="also run the 100%% plan with per-layer dequantization (unit_dequant=False)")
     ap.add_argument("--compile-frac", type=int, default=50,
                     help="also run distorch.compile (trace+partition+quant_choice) offloading this %% (Q8_0; 0: skip)")
     a = ap.parse_args(argv)
@@ -175,6 +256,7 @@ def main(argv=None):
     log(f"model built in {time.perf_counter() - t0:.1f} s: {total / 1e9:.2f} GB bf16")
     bw = BS.pinned_bw(dev)
     results["pinned_h2d_Bps"] = bw
+    results["link"] = link_probe(dev)
     results["dequant_backend"] = dq.get_backend() + (" (triton)" if (not BS._CPU and dq.triton_available()) else "")
     kw = BS.make_inputs(cfg, res, a.txt, dev)
 
@@ -222,28 +304,45 @@ def main(argv=None):
         big = max(u.bytes for u in graph.units if u.kind != "root")
         plan = Plan(compute=dev, units=pu, window_bytes=a.slots * big, source={"bench": "gguf 100%"},
                     quant={u.name: gs.STREAMED_Q for u in graph.units if u.kind != "root"})
-        ta = time.perf_counter()
-        rt = apply(model, plan, progress=True)
-        BS._sync()
-        t_apply = time.perf_counter() - ta
-        try:
-            off_s, out = run("distorch_q_100", qt)
-            eq = same(out, ref)
-            st = rstats.summarize(rt)
-            streamed = sum(st["bytes_per_step"].values())
-            rows[-1].update(equal=eq, streamed_bytes=streamed, slots=st["window_slots"],
-                            deviations=st["deviations"], apply_s=t_apply,
-                            pinned=all(x.pinned for x in rt.arenas.values()))
-        finally:
-            rt.undo()
+        for ud in ([True, False] if a.ab else [True]):
+            label = "distorch_q_100" if ud else "distorch_q_100_perlayer"
+            ta = time.perf_counter()
+            rt = apply(model, plan, progress=True, unit_dequant=ud)
             BS._sync()
-            del rt
-            gc.collect()
-        floor = max(bf16_s, streamed / bw)
-        rows[-1].update(floor_s=floor, x_floor=off_s / floor, x_bf16=off_s / bf16_s)
-        log(f"  distorch {qt}: {off_s * 1e3:.1f} ms = {off_s / bf16_s:.3f}x resident bf16, floor {floor * 1e3:.1f} ms "
-            f"(x{off_s / floor:.3f}), streamed {streamed / 1e9:.2f} GB/step, bit-identical {eq}")
-        save()
+            t_apply = time.perf_counter() - ta
+            try:
+                off_s, out = run(label, qt)
+                eq = same(out, ref)
+                st = rstats.summarize(rt)
+                streamed = sum(st["bytes_per_step"].values())
+                rows[-1].update(equal=eq, streamed_bytes=streamed, slots=st["window_slots"],
+                                deviations=st["deviations"], apply_s=t_apply, unit_dequant=ud,
+                                dq_scratch_bytes=rt.dq_scratch_bytes,
+                                pinned=all(x.pinned for x in rt.arenas.values()))
+                prof, tl = profile_steps(rt, model, kw)
+                rows[-1]["profile"] = prof
+                rows[-1]["timeline"] = tl          # one profiled step (plots.timeline_png can redraw it)
+                if tl and not BS._CPU:
+                    from distorch.runtime import plots
+                    try:
+                        plots.timeline_png(tl, os.path.join(a.out, f"gguf_timeline_{qt}_{label}.png"),
+                                           title=f"{qt} 100 % offloaded, {label}: one step")
+                    except Exception as e:      # plotting is optional (matplotlib)
+                        log("timeline plot skipped:", repr(e))
+            finally:
+                rt.undo()
+                BS._sync()
+                del rt
+                gc.collect()
+            floor = max(bf16_s, streamed / bw)
+            rows[-1].update(floor_s=floor, x_floor=off_s / floor, x_bf16=off_s / bf16_s)
+            cr = prof.get("copy_rate_Bps")
+            log(f"  {label} {qt}: {off_s * 1e3:.1f} ms = {off_s / bf16_s:.3f}x resident bf16, floor "
+                f"{floor * 1e3:.1f} ms (x{off_s / floor:.3f}), streamed {streamed / 1e9:.2f} GB/step, bit-identical "
+                f"{eq}; profiled: copy {1e3 * (prof.get('copy_s') or 0):.1f} ms "
+                f"({(cr or 0) / 1e9:.1f} GB/s), stall {1e3 * (prof.get('stall_s') or 0):.1f} ms, host "
+                f"{1e3 * (prof.get('measured_host_s') or 0):.1f} ms")
+            save()
         # ---- distorch.compile: trace + partition + quant_choice (resident units dequantized if VRAM allows)
         if a.compile_frac and qt == "Q8_0":
             hc = None
@@ -299,6 +398,13 @@ def main(argv=None):
     return 0
 
 
+def prof_cell(p) -> str:
+    if not p or not p.get("copy_s"):
+        return "-"
+    return (f"{p['copy_s'] * 1e3:.1f} / {(p.get('copy_rate_Bps') or 0) / 1e9:.1f} / {(p.get('stall_s') or 0) * 1e3:.1f}"
+            f" / {(p.get('measured_host_s') or 0) * 1e3:.1f}")
+
+
 def table(results: dict) -> str:
     rows = results["rows"]
     bf = next(r for r in rows if r["method"] == "resident_bf16")
@@ -307,14 +413,15 @@ def table(results: dict) -> str:
            f"{results['pinned_h2d_Bps'] / 1e9:.1f} GB/s; dequant backend {results.get('dequant_backend')}; "
            f"median of {results['reps']} steps after {results['warmup']} warm-up", "",
            "| weights | method | step s | x resident bf16 | floor s | x floor | streamed GB/step | peak GiB | "
-           "bit-identical to resident-quantized |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    out.append(f"| bf16 | resident | {bf['step_s']:.3f} | 1.000 | - | - | 0 | {bf['peak_gib']:.1f} | - |")
+           "bit-identical to resident-quantized | profiled: copy ms / GB/s / stall ms / host ms |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    out.append(f"| bf16 | resident | {bf['step_s']:.3f} | 1.000 | - | - | 0 | {bf['peak_gib']:.1f} | - | - |")
     for r in rows:
         if r is bf:
             continue
         name = {"resident_q": "resident quantized (dequant per call)",
-                "distorch_q_100": f"DisTorch, 100 % offloaded (W={r.get('slots')})",
+                "distorch_q_100": f"DisTorch, 100 % offloaded (W={r.get('slots')}), one dequant launch per unit",
+                "distorch_q_100_perlayer": f"DisTorch, 100 % offloaded (W={r.get('slots')}), dequant per layer",
                 "comfy_gguf_pinned": "ComfyUI-GGUF-style, pinned host",
                 "comfy_gguf_pageable": "ComfyUI-GGUF-style, pageable host"}.get(r["method"], r["method"])
         if r["method"].startswith("distorch_compile_"):
@@ -327,11 +434,14 @@ def table(results: dict) -> str:
         out.append(f"| {r['qtype']} | {name} | {r['step_s']:.3f} | {r['step_s'] / bf['step_s']:.3f} | "
                    f"{'-' if fl is None else f'{fl:.3f}'} | {'-' if fl is None else '%.3f' % (r['step_s'] / fl)} | "
                    f"{'-' if sb is None else f'{sb / 1e9:.2f}'} | {r['peak_gib']:.1f} | "
-                   f"{'reference' if r['method'] == 'resident_q' else eq} |")
+                   f"{'reference' if r['method'] == 'resident_q' else eq} | {prof_cell(r.get('profile'))} |")
     q8 = next((r for r in rows if r["method"] == "distorch_q_100" and r["qtype"] == "Q8_0"), None)
     if q8:
         out += ["", f"Target (Q8_0 fully offloaded within 1.3x of resident bf16): {q8['x_bf16']:.3f}x -> "
                 f"{'met' if q8['x_bf16'] <= 1.3 else 'NOT met'}"]
+    if results.get("link"):
+        out += ["", "Link probe (pinned host->GPU, unit-sized copies back to back, best of 3): " +
+                ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in results["link"].items())]
     if results["notes"]:
         out += ["", "notes:"] + [f"- {n}" for n in results["notes"]]
     return "\n".join(out) + "\n"

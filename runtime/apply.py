@@ -66,7 +66,7 @@ MAX_SLOTS = 8
 class Runtime:
     def __init__(self, module: torch.nn.Module, plan: Plan, graph=None, *, window_units: int | None = None,
                  profile: bool = False, homes: dict | None = None, progress: bool = True,
-                 unit_dequant: bool = True):
+                 unit_dequant: bool | None = None):
         if not isinstance(module, torch.nn.Module):
             raise DisTorchError(f"apply() needs a torch.nn.Module, got {type(module).__name__}")
         if getattr(module, "_distorch_runtime", None) is not None:
@@ -163,7 +163,11 @@ class Runtime:
             for b, v in zip(self.P[i], self.V[i][0]):
                 if b is not _gs.param_of(b):
                     _gs._retag_device(b.param, v)
-        # streamed GGUF units: one dequantization launch per run of same-type tensors, into one scratch
+        # streamed GGUF units: one dequantization launch per run of same-type tensors, into one scratch.
+        # Default on for CUDA (saves ~40-80 us of host time per layer); off on a CPU, where the eager
+        # dequantizer is faster layer by layer (cache-sized pieces) and there is no launch cost to save
+        if unit_dequant is None:
+            unit_dequant = be.cuda
         self.UD = [_gs.unit_dequant(self.P[i], self.homes[n].layout.entries) if unit_dequant else None
                    for i, n in enumerate(self.units)]
         self.dq_scratch_bytes = max((ud.nbytes for ud in self.UD if ud is not None), default=0)

@@ -156,7 +156,7 @@ def test_unit_dequant_one_launch_per_type_run_bit_identical(monkeypatch):
     per_layer = len(launches)
     # qkv, down (Q8_0), up (Q4_K) per block (F16 is a cast), and the resident Q8_0 head
     assert per_layer == 4 * 3 + 1
-    rt = apply(m, hand_plan(m, set(names)), progress=False)
+    rt = apply(m, hand_plan(m, set(names)), progress=False, unit_dequant=True)   # default on CUDA only
     try:
         # home layout: dense tensors first, then Q4_K, then Q8_0 back to back (one run each)
         lay = rt.homes["blocks.0"].layout.entries
@@ -177,7 +177,7 @@ def test_unit_dequant_one_launch_per_type_run_bit_identical(monkeypatch):
         assert all(p._dq is None for ud in rt.UD for p in ud.params)
     finally:
         rt.undo()
-    rt = apply(m, hand_plan(m, set(names)), progress=False, unit_dequant=False)
+    rt = apply(m, hand_plan(m, set(names)), progress=False)         # CPU default: per layer
     try:
         assert rt.dq_scratch is None
         launches.clear()
@@ -204,8 +204,9 @@ def test_unit_dequant_other_dtype_falls_back_per_layer():
     with torch.no_grad():
         ref = m(x)
     names = [f"blocks.{i}" for i in range(4)]
-    rt = apply(m, hand_plan(m, set(names)), progress=False)
+    rt = apply(m, hand_plan(m, set(names)), progress=False, unit_dequant=True)
     try:
+        assert any(ud is not None for ud in rt.UD)
         with torch.no_grad():
             out = m(x)
         assert out.dtype == torch.float32 and torch.equal(out, ref)
@@ -226,7 +227,7 @@ def test_unit_dequant_with_fallback_loads_and_unit_called_twice():
         return m.head(h)
     with torch.no_grad():
         ref = twice(x)
-    rt = apply(m, hand_plan(m, set(names), slots=2), progress=False)
+    rt = apply(m, hand_plan(m, set(names), slots=2), progress=False, unit_dequant=True)
     try:
         with torch.no_grad():
             for _ in range(2):
