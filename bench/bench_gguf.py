@@ -361,7 +361,18 @@ def main(argv=None):
                                 slots=st["window_slots"], compile_s=t_c,
                                 predicted_s=hc.plan.predicted.get("step_s"),
                                 dequantized_units=len(qp.get("dequantized_units", [])),
-                                quant_units=len(hc.plan.quant), x_bf16=c_s / bf16_s)
+                                quant_units=len(hc.plan.quant), x_bf16=c_s / bf16_s,
+                                window_slots_chosen=st["window_slots"])
+                # calibration of the compute-rate estimate: the traced FLOPs over the resident bf16 step
+                if hc.graph is not None and not BS._CPU:
+                    from distorch.compiler.inventory import probe
+                    fl = sum(u.flops * max(1, u.calls) for u in hc.graph.units)
+                    rate = probe(progress=False).rate(dev)
+                    results["calibration"] = {"traced_flops": fl, "bf16_step_s": bf16_s,
+                                              "dit_rate_flops": fl / bf16_s, "inventory_rate_flops": rate,
+                                              "predicted_bf16_compute_s": fl / rate}
+                    log(f"  calibration: traced {fl / 1e12:.1f} TFLOP per step, resident bf16 runs at "
+                        f"{fl / bf16_s / 1e12:.0f} TFLOP/s; inventory rate {rate / 1e12:.0f} TFLOP/s")
                 log(f"  compile {a.compile_frac}%: {c_s * 1e3:.1f} ms, predicted "
                     f"{(hc.plan.predicted.get('step_s') or 0) * 1e3:.1f} ms, {rows[-1]['dequantized_units']} of "
                     f"{len(hc.plan.quant)} GGUF units dequantized resident, equal {rows[-1]['equal']}")
@@ -439,6 +450,11 @@ def table(results: dict) -> str:
     if q8:
         out += ["", f"Target (Q8_0 fully offloaded within 1.3x of resident bf16): {q8['x_bf16']:.3f}x -> "
                 f"{'met' if q8['x_bf16'] <= 1.3 else 'NOT met'}"]
+    cal = results.get("calibration")
+    if cal:
+        out += ["", f"Compute-rate calibration: traced {cal['traced_flops'] / 1e12:.1f} TFLOP per step; resident bf16 "
+                f"runs them at {cal['dit_rate_flops'] / 1e12:.0f} TFLOP/s; the probed inventory rate (GEMM x 0.85) is "
+                f"{cal['inventory_rate_flops'] / 1e12:.0f} TFLOP/s"]
     if results.get("link"):
         out += ["", "Link probe (pinned host->GPU, unit-sized copies back to back, best of 3): " +
                 ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in results["link"].items())]

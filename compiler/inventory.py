@@ -29,7 +29,8 @@ Probed inventories
 `probe(cache=True)` looks at the real machine: every CUDA device (total memory and free memory from
 `torch.cuda.mem_get_info`) and host RAM (`/proc/meminfo` MemTotal / MemAvailable, psutil or sysconf as
 fallbacks), then measures the links: pinned host -> each GPU (a 256 MiB copy, median of 5 after a
-warm-up) and GPU -> GPU peer copies where `torch.cuda.can_device_access_peer` says so.  Link speeds are
+warm-up) and GPU -> GPU peer copies where `torch.cuda.can_device_access_peer` says so, and each GPU's
+compute rate: a bf16 8192^3 GEMM's FLOP/s x GEMM_EFFICIENCY (0.85).  Link speeds and rates are
 cached as JSON in ~/.cache/distorch/links.json keyed by the device names, torch's CUDA version and the
 driver version; progress goes to stderr while probing.  A CPU-only machine gives an inventory of `cpu`.
 
@@ -305,6 +306,29 @@ def _time_copy(torch, dst, src, stream, reps: int = 5) -> float:
     return src.numel() * src.element_size() / statistics.median(times)
 
 
+GEMM_N = 8192            # probe GEMM: 8192^3 bf16 (1.1 TFLOP, ~1.5 ms on an H100)
+GEMM_EFFICIENCY = 0.85   # a diffusion transformer step runs at ~this share of a large GEMM's rate (norms,
+#                          softmax, elementwise ops between the matmuls); see bench/results/gguf_h100_r4.md
+
+
+def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:
+    """Median FLOP/s of an n x n x n bf16 matmul on `dev` (one warm-up)."""
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    times = []
+    for i in range(reps + 1):
+        e0 = torch.cuda.Event(enable_timing=True)
+        e1 = torch.cuda.Event(enable_timing=True)
+        e0.record()
+        torch.mm(a, b)
+        e1.record()
+        e1.synchronize()
+        if i:
+            times.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    return 2.0 * n ** 3 / statistics.median(times)
+
+
 def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inventory:
     """Inventory of this machine: CUDA devices + host RAM, link bandwidths measured (cached)."""
     inv = Inventory(source="probed")
@@ -324,7 +348,7 @@ def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inv
         f, t = torch.cuda.mem_get_info(i)
         inv.devices[f"cuda:{i}"] = Device(f"cuda:{i}", int(t), int(f))
         names.append(torch.cuda.get_device_name(i))
-    key = "|".join(names) + f"|cuda{torch.version.cuda}|driver{_driver_version()}|mib{copy_mib}"
+    key = "|".join(names) + f"|cuda{torch.version.cuda}|driver{_driver_version()}|mib{copy_mib}|rate"
     path = _cache_path()
     stored = {}
     if cache:
@@ -335,6 +359,9 @@ def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inv
             stored = {}
         if key in stored:
             for k, bw in stored[key].items():
+                if k.startswith("rate@"):
+                    inv.compute_rate[k[5:]] = float(bw)
+                    continue
                 a, b = k.split(">", 1)
                 inv.links[(a, b)] = float(bw)
             _progress(f"link speeds from cache {path}", progress)
@@ -351,6 +378,14 @@ def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inv
             bw = _time_copy(torch, bufs[i], host, s)
         inv.links[("cpu", dev)] = bw
         _progress(f"  cpu -> {dev}: {bw / 1e9:.1f} GB/s", progress)
+        try:
+            with torch.cuda.device(i):
+                g = _time_gemm(torch, dev)
+            inv.compute_rate[dev] = g * GEMM_EFFICIENCY
+            _progress(f"  {dev}: bf16 GEMM {g / 1e12:.0f} TFLOP/s (effective rate {g * GEMM_EFFICIENCY / 1e12:.0f})",
+                      progress)
+        except Exception as e:       # a device without bf16 matmul keeps the default rate
+            _progress(f"  {dev}: GEMM probe failed ({type(e).__name__}: {e}); default compute rate", progress)
     for i in range(n):
         for j in range(n):
             if i != j and torch.cuda.can_device_access_peer(j, i):
@@ -369,6 +404,7 @@ def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inv
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             stored[key] = {f"{a}>{b}": bw for (a, b), bw in inv.links.items()}
+            stored[key].update({f"rate@{d}": r for d, r in inv.compute_rate.items()})
             tmp = path + f".{os.getpid()}.tmp"
             with open(tmp, "w") as fh:
                 json.dump(stored, fh, indent=1)

@@ -40,6 +40,7 @@ round (fewer past 200 units), so ranking stays ~O(n^2 * POOL) cheap: Flux-dev's 
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from decimal import Decimal, ROUND_CEILING
 
@@ -52,8 +53,7 @@ from .allocation import budgets as alloc_budgets, parse_allocation
 
 POOL = 24
 DEFAULT_SLOTS = 2
-MAX_SLOTS = 8        # the runtime's ring holds at most 8 slots (runtime/apply.py); more are taken only
-                     # when the simulated step improves by >= 1 % per slot added
+MAX_SLOTS = 8        # the runtime's ring holds at most 8 slots (runtime/apply.py); see _default_window
 
 
 # --- ranking --------------------------------------------------------------------------------------
@@ -185,28 +185,40 @@ def _gb(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
 
 
+WINDOW_SCENARIOS = (1.0, 0.5)   # compute-time scales the window must cover when times are estimated
+
+
 def _default_window(graph, homes, compute, inventory, free_for_window: int) -> int:
+    """Slots for the ring: for each compute-time scenario, the fewest slots whose simulated step is within
+    1 % of the best any window (up to MAX_SLOTS, within the free memory) gives; the most any scenario
+    needs.  Scenarios: the estimate itself, and, unless every unit's time is measured, compute twice as
+    fast (a FLOP-rate estimate can be that far off, and faster compute needs more copies in flight: with
+    too few slots a transfer-bound step stalls on every big unit).  Slots only take memory that is free."""
     sizes = [graph[n].bytes for n in homes]
     if not sizes:
         return 0
     slot = max(sizes)
     m = len(sizes)
-    best_w, best_step = None, None
-    for k in range(1, min(MAX_SLOTS, m) + 1):
-        w = k * slot
-        if w > free_for_window:
-            break
-        if k < min(DEFAULT_SLOTS, m):
-            best_w = w
-            continue
-        step = simulate(graph.units, homes, compute, inventory, w)["step_s"]
-        if best_step is None or step < best_step * 0.99:
-            best_w, best_step = w, step
-    if best_w is None:
+    kmax = min(MAX_SLOTS, m, int(free_for_window // slot) if slot > 0 else m)
+    if kmax < 1:
         raise PartitionError(
             f"{compute} has {_gb(free_for_window)} left after the resident units, less than one slot for the "
             f"largest offloaded unit ({_gb(slot)}): offload more (a larger --vram / smaller compute budget)")
-    return best_w
+    kmin = min(DEFAULT_SLOTS, kmax)
+    measured = all(u.time_s is not None for u in graph.units)
+    scales = (1.0,) if measured else WINDOW_SCENARIOS
+    base = [unit_compute_s(u, compute, inventory) for u in graph.units]
+    need = kmin
+    for sc in scales:
+        units = []
+        for u, t in zip(graph.units, base):
+            v = copy.copy(u)
+            v.time_s = t * sc
+            units.append(v)
+        steps = {k: simulate(units, homes, compute, inventory, k * slot)["step_s"] for k in range(kmin, kmax + 1)}
+        best = min(steps.values())
+        need = max(need, min(k for k, st in steps.items() if st <= best * 1.01))
+    return need * slot
 
 
 def _place(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], target: int,
