@@ -453,7 +453,7 @@ def table(results: dict) -> str:
     cal = results.get("calibration")
     if cal:
         out += ["", f"Compute-rate calibration: traced {cal['traced_flops'] / 1e12:.1f} TFLOP per step; resident bf16 "
-                f"runs them at {cal['dit_rate_flops'] / 1e12:.0f} TFLOP/s; the probed inventory rate (GEMM x 0.85) is "
+                f"runs them at {cal['dit_rate_flops'] / 1e12:.0f} TFLOP/s; the probed inventory rate (GEMM x GEMM_EFFICIENCY) is "
                 f"{cal['inventory_rate_flops'] / 1e12:.0f} TFLOP/s"]
     if results.get("link"):
         out += ["", "Link probe (pinned host->GPU, unit-sized copies back to back, best of 3): " +

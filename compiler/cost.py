@@ -29,6 +29,7 @@ from __future__ import annotations
 from .graph import Unit
 
 COPY_FIXED_S = 5e-6
+GROUP_ALIGN = 256      # runtime.store.ALIGN: homes sit in their arena at 256-byte boundaries
 FALLBACK_FLOPS_PER_BYTE = 4096.0
 DEFAULT_STEPS = 3
 
@@ -73,10 +74,35 @@ def slot_gates(m: int, n_slots: int) -> list[tuple[int, int]]:
     return [(0, k - n) if k >= n else (-1, k - n + m) for k in range(m)]
 
 
+def _align(n: int) -> int:
+    return (n + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+
+
+def stream_groups(sizes: list[int], slot_bytes: int, keys: list | None = None) -> list[list[int]]:
+    """Pack consecutive streamed units (positions 0..m-1 in call order) into ring items: a unit joins the
+    previous one's item while the item's bytes (each unit's home aligned to GROUP_ALIGN) stay within
+    `slot_bytes` and `keys` (the home device) match.  Both runtime/apply.py and `simulate` use this, so
+    the ring holds items of about one slot each: small units (embedders, a final norm) travel together
+    instead of taking a slot, and so a share of the ring's look-ahead, each.  Returns [[positions]]."""
+    groups: list[list[int]] = []
+    used = 0
+    for k, b in enumerate(sizes):
+        if groups and used + b <= slot_bytes and (keys is None or keys[k] == keys[groups[-1][-1]]):
+            groups[-1].append(k)
+            used = _align(used + b)
+        else:
+            groups.append([k])
+            used = _align(b)
+    return groups
+
+
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,
-                  steps: int = DEFAULT_STEPS) -> tuple[float, float]:
+                  steps: int = DEFAULT_STEPS, groups: list[list[int]] | None = None) -> tuple[float, float]:
     """Fast inner simulation on arrays. ct: compute s per unit; tt: transfer s per unit; link: link key per
-    unit; offloaded: indices (execution order) of offloaded units; n_slots >= 1 when any is offloaded.
+    unit; offloaded: indices (execution order) of offloaded units; n_slots >= 1 when any is offloaded;
+    groups: ring items as lists of positions in `offloaded` (stream_groups; default one unit per item).
+    An item is one copy (the sum of its units' transfer times) into one slot, gated like a unit; its
+    first unit waits for the copy, and the slot is released when its last unit has computed.
     Returns (last step duration, stall seconds in the last step)."""
     n = len(ct)
     m = len(offloaded)
@@ -84,10 +110,21 @@ def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[
         return sum(ct), 0.0
     if n_slots < 1:
         raise ValueError("a window of at least one slot is needed when units are offloaded")
-    gates = slot_gates(m, n_slots)
-    slot_of = {i: k for k, i in enumerate(offloaded)}
-    release_prev = [0.0] * m      # cold start: the previous step released everything at t=0
-    release_cur = [0.0] * m
+    if groups is None:
+        groups = [[k] for k in range(m)]
+    ng = len(groups)
+    gates = slot_gates(ng, n_slots)
+    item_of = [0] * m
+    for q, grp in enumerate(groups):
+        for k in grp:
+            item_of[k] = q
+    first = [grp[0] for grp in groups]
+    last_k = [grp[-1] for grp in groups]
+    gtt = [sum(tt[offloaded[k]] for k in grp) for grp in groups]
+    pos_of = {i: k for k, i in enumerate(offloaded)}
+    release_prev = [0.0] * ng     # cold start: the previous step released everything at t=0
+    release_cur = [0.0] * ng
+    landed = [0.0] * ng
     link_free: dict = {}
     t = 0.0
     last = 0.0
@@ -96,25 +133,29 @@ def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[
         start_of_step = t
         stall = 0.0
         for i in range(n):
-            k = slot_of.get(i)
+            k = pos_of.get(i)
             if k is not None:
-                ds, g = gates[k]
-                gate = release_prev[g] if ds < 0 else release_cur[g]
-                lk = link[i]
-                cs = link_free.get(lk, 0.0)
-                if gate > cs:
-                    cs = gate
-                ce = cs + tt[i]
-                link_free[lk] = ce
+                q = item_of[k]
+                if k == first[q]:
+                    ds, g = gates[q]
+                    gate = release_prev[g] if ds < 0 else release_cur[g]
+                    lk = link[i]
+                    cs = link_free.get(lk, 0.0)
+                    if gate > cs:
+                        cs = gate
+                    landed[q] = ce = cs + gtt[q]
+                    link_free[lk] = ce
+                ce = landed[q]
                 if ce > t:
                     stall += ce - t
                     t = ce
                 t += ct[i]
-                release_cur[k] = t
+                if k == last_k[q]:
+                    release_cur[q] = t
             else:
                 t += ct[i]
         last = t - start_of_step
-        release_prev, release_cur = release_cur, [0.0] * m
+        release_prev, release_cur = release_cur, [0.0] * ng
     return last, stall
 
 
@@ -145,7 +186,10 @@ def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, in
     if off and n_slots < 1:
         raise ValueError(f"window of {window_bytes} bytes cannot hold the largest offloaded unit "
                          f"({max(sizes)} bytes)")
-    step, stall = simulate_core(ct, tt, link, off, n_slots, steps)
+    groups = stream_groups(sizes, max(sizes), [link[i] for i in off]) if off else None
+    if groups is not None:
+        n_slots = min(n_slots, len(groups))
+    step, stall = simulate_core(ct, tt, link, off, n_slots, steps, groups)
     compute_s = sum(ct)
     floor = max([compute_s] + list(per_link_s.values()))
     if step < floor:

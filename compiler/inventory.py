@@ -30,7 +30,7 @@ Probed inventories
 `torch.cuda.mem_get_info`) and host RAM (`/proc/meminfo` MemTotal / MemAvailable, psutil or sysconf as
 fallbacks), then measures the links: pinned host -> each GPU (a 256 MiB copy, median of 5 after a
 warm-up) and GPU -> GPU peer copies where `torch.cuda.can_device_access_peer` says so, and each GPU's
-compute rate: a bf16 8192^3 GEMM's FLOP/s x GEMM_EFFICIENCY (0.85).  Link speeds and rates are
+compute rate: a bf16 8192^3 GEMM's FLOP/s x GEMM_EFFICIENCY (0.55).  Link speeds and rates are
 cached as JSON in ~/.cache/distorch/links.json keyed by the device names, torch's CUDA version and the
 driver version; progress goes to stderr while probing.  A CPU-only machine gives an inventory of `cpu`.
 
@@ -307,8 +307,10 @@ def _time_copy(torch, dst, src, stream, reps: int = 5) -> float:
 
 
 GEMM_N = 8192            # probe GEMM: 8192^3 bf16 (1.1 TFLOP, ~1.5 ms on an H100)
-GEMM_EFFICIENCY = 0.85   # a diffusion transformer step runs at ~this share of a large GEMM's rate (norms,
-#                          softmax, elementwise ops between the matmuls); see bench/results/gguf_h100_r4.md
+GEMM_EFFICIENCY = 0.55   # traced FLOPs (compiler.trace, FlopCounterMode) per second of a real step, over a
+#                          large GEMM's rate: diffusers Flux-dev at 1024x1024 on an H100 runs its 74.4 traced
+#                          TFLOP at 409 TFLOP/s against a 736 TFLOP/s 8192^3 GEMM (bench/results/gguf_h100_r4.md:
+#                          norms, softmax, elementwise work and uncounted ops sit between the matmuls)
 
 
 def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:

@@ -185,15 +185,17 @@ def _gb(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
 
 
-WINDOW_SCENARIOS = (1.0, 0.5)   # compute-time scales the window must cover when times are estimated
+WINDOW_SCENARIOS = (0.5, 1.0, 1.5)   # compute-time scales the window must cover when times are estimated
 
 
 def _default_window(graph, homes, compute, inventory, free_for_window: int) -> int:
     """Slots for the ring: for each compute-time scenario, the fewest slots whose simulated step is within
     1 % of the best any window (up to MAX_SLOTS, within the free memory) gives; the most any scenario
-    needs.  Scenarios: the estimate itself, and, unless every unit's time is measured, compute twice as
-    fast (a FLOP-rate estimate can be that far off, and faster compute needs more copies in flight: with
-    too few slots a transfer-bound step stalls on every big unit).  Slots only take memory that is free."""
+    needs.  Scenarios: the estimate itself and, unless every unit's time is measured, compute 2x faster
+    and 1.5x slower (a FLOP-rate estimate can be that far off; how many slots a step needs depends on how
+    compute and copy times interleave, e.g. Flux's double blocks copy longer than they compute and its
+    single blocks the reverse, so the ring must bank copies during the singles).  Slots only take memory
+    that is free."""
     sizes = [graph[n].bytes for n in homes]
     if not sizes:
         return 0

@@ -158,9 +158,12 @@ class Runtime:
         self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
         # params per unit (a GGUF parameter as its RawBinder: `.data = view` rebinds its blocks)
         self.P = [[_gs.binder(p) for _, p in streamed[n]] for n in self.units]
-        self.V = [self.pool.views(self.homes[n].layout) for n in self.units] if n_units else []
+        # views of each unit at the start of each slot (fallback loads); self.V (set by _group) holds
+        # them where the ring places the unit inside its item
+        self.V0 = [self.pool.views(self.homes[n].layout) for n in self.units] if n_units else []
+        self.V = self.V0
         for i in range(n_units):       # GGUF parameters report the compute device, like bound dense ones
-            for b, v in zip(self.P[i], self.V[i][0]):
+            for b, v in zip(self.P[i], self.V0[i][0]):
                 if b is not _gs.param_of(b):
                     _gs._retag_device(b.param, v)
         # streamed GGUF units: one dequantization launch per run of same-type tensors, into one scratch.
@@ -181,6 +184,7 @@ class Runtime:
         self.src = [self.homes[n].src for n in self.units]
         self.dst = [[f[:self.homes[n].nbytes] for f in self.pool.flats] for n in self.units] if n_units else []
         self.nbytes = [self.homes[n].nbytes for n in self.units]
+        self.home_dev = [home_of[n] for n in self.units]
         self.index = {n: i for i, n in enumerate(self.units)}
         links: dict[str, Any] = {}
         for n in self.units:
@@ -191,11 +195,12 @@ class Runtime:
         self.link_of = [links[home_of[n]] for n in self.units]
         self.copied = [be.event() for _ in range(W)]
         self.done = [be.event() for _ in range(W)]
-        self.content = [-1] * W
+        self.content = [-1] * W    # ring item (group index) whose bytes a slot holds; -1: none / fallback
 
         # ---- ring state
         self.seq: list[int] = list(range(n_units))
         self.n = n_units
+        self._group()
         self.g = 0
         self.g0 = 0
         self.primed = False
@@ -236,13 +241,106 @@ class Runtime:
             self._prime()
 
     # ------------------------------------------------------------------ ring
-    def _issue(self, j: int, s: int, hazard: bool):
-        """Copy unit j into slot s on its link's stream, after slot s is free."""
-        link = self.link_of[j]
+    def _group(self):
+        """Ring items from `seq`: consecutive units packed into one copy and one slot while they fit a
+        slot (compiler.cost.stream_groups, which the cost model simulates too), come from the same home
+        device and sit back to back in it; a unit called more than once per forward travels alone."""
+        from collections import Counter
+        from ..compiler.cost import stream_groups
+        seq = self.seq
+        n = len(seq)
+        self.gpos = [0] * n
+        self.gfirst = [True] * n
+        self.glast = [True] * n
+        self.gitems: list[list[int]] = []
+        if not n:
+            self.ng = 0
+            self.gsrc, self.gdst, self.gbytes, self.glink, self.gname = [], [], [], [], []
+            return
+        cnt = Counter(seq)
+        cand = stream_groups([self.nbytes[i] for i in seq], self.slot_bytes, [self.home_dev[i] for i in seq])
+        items: list[list[int]] = []
+        for grp in cand:
+            cur = [grp[0]]
+            for k in grp[1:]:
+                a, b = seq[cur[-1]], seq[k]
+                if cnt[a] == 1 and cnt[b] == 1 and self._adjacent(a, b) and \
+                        self._span(seq[cur[0]], b) <= self.pool.slot_bytes:
+                    cur.append(k)
+                else:
+                    items.append(cur)
+                    cur = [k]
+            items.append(cur)
+        flats = self.pool.flats
+        V = list(self.V0)
+        self.gsrc, self.gdst, self.gbytes, self.glink, self.gname = [], [], [], [], []
+        for q, ks in enumerate(items):
+            first = seq[ks[0]]
+            base = self.homes[self.units[first]].flat
+            span = self._span(first, seq[ks[-1]])
+            for k in ks:
+                self.gpos[k] = q
+                self.gfirst[k] = k == ks[0]
+                self.glast[k] = k == ks[-1]
+                i = seq[k]
+                off = self.homes[self.units[i]].flat.data_ptr() - base.data_ptr()
+                if len(ks) > 1:
+                    V[i] = [[e.view(f[off:]) for e in self.homes[self.units[i]].layout.entries] for f in flats]
+                ud = self.UD[i]
+                if ud is not None:
+                    ud.rebase(flats, off)
+            self.gsrc.append(self.src[first] if len(ks) == 1 else
+                             base.as_strided((span,), (1,), base.storage_offset()))
+            self.gdst.append([f[:span] for f in flats])
+            self.gbytes.append(span)
+            self.glink.append(self.link_of[first])
+            self.gname.append(self.units[first])
+            self.gitems.append([seq[k] for k in ks])
+        self.V = V
+        self.ng = len(items)
+        self._regroup = False
+
+    def _adjacent(self, a: int, b: int) -> bool:
+        """Unit b's home starts where unit a's ends (same buffer, the arena's 256-byte step)."""
+        ha, hb = self.homes[self.units[a]].flat, self.homes[self.units[b]].flat
+        if self.home_dev[a] != self.home_dev[b] or ha.device != hb.device:
+            return False
+        if ha.untyped_storage().data_ptr() != hb.untyped_storage().data_ptr():
+            return False
+        return hb.data_ptr() == ha.data_ptr() + align_up(max(self.nbytes[a], 1))
+
+    def _span(self, a: int, b: int) -> int:
+        return self.homes[self.units[b]].flat.data_ptr() + self.nbytes[b] - self.homes[self.units[a]].flat.data_ptr()
+
+    def _issue(self, q: int, s: int, hazard: bool):
+        """Copy ring item q (one or more units back to back) into slot s on its link's stream, after
+        slot s is free."""
+        link = self.glink[q]
         st = link.stream
         st.wait_event(self.done[s])
         if hazard:
             st.wait_event(self.copied[s])
+        prof = self.profile
+        with link.ctx():
+            if prof:
+                e0 = self.be.event(True)
+                e0.record(st)
+            self.gdst[q][s].copy_(self.gsrc[q], non_blocking=True)
+            self.copied[s].record(st)
+            if prof:
+                e1 = self.be.event(True)
+                e1.record(st)
+                self.trace.append(("copy:" + link.src, self.gname[q], e0, e1, self.steps))
+        self.content[s] = q
+        self.copies += 1
+        self.bytes_moved[link.src] += self.gbytes[q]
+
+    def _issue_unit(self, j: int, s: int):
+        """Fallback: copy unit j alone to the start of slot s, after slot s is free and its last copy landed."""
+        link = self.link_of[j]
+        st = link.stream
+        st.wait_event(self.done[s])
+        st.wait_event(self.copied[s])
         prof = self.profile
         with link.ctx():
             if prof:
@@ -254,28 +352,28 @@ class Runtime:
                 e1 = self.be.event(True)
                 e1.record(st)
                 self.trace.append(("copy:" + link.src, self.units[j], e0, e1, self.steps))
-        self.content[s] = j
+        self.content[s] = -1
         self.copies += 1
         self.bytes_moved[link.src] += self.nbytes[j]
 
     def _prime(self):
         self.g = 0
         self.g0 = 0
-        n = self.n
-        if n:
-            seq = self.seq
+        if self.n:
+            if self._regroup:
+                self._group()
+            ng = self.ng
             for k in range(self.W):
-                self._issue(seq[k % n], k, hazard=True)
+                self._issue(k % ng, k, hazard=True)
         self.primed = True
 
-    def _bind(self, i: int, s: int):
-        for p, v in zip(self.P[i], self.V[i][s]):
+    def _bind0(self, i: int, s: int):
+        for p, v in zip(self.P[i], self.V0[i][s]):
             p.data = v
 
     def _make_pre(self, i: int):
         copied = self.copied
         P = self.P[i]
-        Vi = self.V[i]
         ud = self.UD[i]
 
         def pre(mod, args):
@@ -283,9 +381,11 @@ class Runtime:
                 g = self.g
                 n = self.n
                 if g - self.g0 < n and self.seq[g % n] == i:
-                    s = g % self.W
-                    self.cs.wait_event(copied[s])
-                    for p, v in zip(P, Vi[s]):
+                    k = g % n
+                    s = ((g // n) * self.ng + self.gpos[k]) % self.W
+                    if self.gfirst[k]:
+                        self.cs.wait_event(copied[s])
+                    for p, v in zip(P, self.V[i][s]):
                         p.data = v
                     self.cur_s = s
                     self.cur_mode = 1
@@ -312,15 +412,20 @@ class Runtime:
             self.cur_mode = 0
             if ud is not None:
                 ud.clear()
+            # recorded after every unit, not only an item's last: a forward that leaves the expected
+            # order mid-item reuses slots through fallback loads, which must wait for this unit too
             done[s].record(self.cs)
             if self.profile:
                 self._prof_end(self.units[i])
             if mode == 1:
-                g = self.g + self.W
-                self.g += 1
-                j = self.seq[g % self.n]
-                if self.content[s] != j:
-                    self._issue(j, s, False)
+                g = self.g
+                n = self.n
+                k = g % n
+                self.g = g + 1
+                if self.glast[k]:
+                    q = ((g // n) * self.ng + self.gpos[k] + self.W) % self.ng
+                    if self.content[s] != q:
+                        self._issue(q, s, False)
             return None
         return post
 
@@ -330,9 +435,9 @@ class Runtime:
         W = self.W
         s = self.fb % W
         self.fb += 1
-        self._issue(i, s, hazard=True)
+        self._issue_unit(i, s)
         self.cs.wait_event(self.copied[s])
-        self._bind(i, s)
+        self._bind0(i, s)
         self.cur_s = s
         self.cur_mode = 2
         self.fallback_loads += 1
@@ -343,7 +448,7 @@ class Runtime:
             self._prof_begin()
         ud = self.UD[i]
         if ud is not None:
-            ud.run(s)
+            ud.run(s, fallback=True)
 
     def _root_pre(self, mod, args):
         self.depth += 1
@@ -374,6 +479,7 @@ class Runtime:
             if self.recorded and self.recorded != self.seq:
                 self.seq = list(self.recorded)
                 self.n = len(self.seq)
+                self._regroup = True
             self.primed = False
         self.steps += 1
         return None
@@ -462,7 +568,8 @@ class Runtime:
                 ud.clear()
         self.UD = []
         self.dq_scratch = None
-        self.P = self.V = self.src = self.dst = []
+        self.P = self.V = self.V0 = self.src = self.dst = []
+        self.gsrc = self.gdst = []
         self.copied = self.done = []
         self.trace = []
         m = self._module_ref()

@@ -141,7 +141,7 @@ class UnitDequant:
     per-call dequantization.  Plain-typed GGUF tensors (F16/BF16/F32) are left to the per-call path.
     """
 
-    __slots__ = ("layout", "runs", "params", "nbytes", "slot_raw")
+    __slots__ = ("layout", "runs", "params", "nbytes", "slot_raw", "slot_raw0")
 
     def __init__(self, binders, entries):
         from .dequant import QUANTIZED_TYPES
@@ -169,10 +169,12 @@ class UnitDequant:
             self.params.extend(ps)
         self.nbytes = off          # scratch bytes this unit needs
         self.layout = plan         # (qtype, byte start, byte end, dtype, params, scratch offset, numel)
-        self.slot_raw = None
+        self.slot_raw = None       # per slot: the runs' bytes where the ring puts the unit
+        self.slot_raw0 = None      # per slot: the same at the slot's start (a fallback load)
 
-    def bind(self, scratch: torch.Tensor, slot_flats) -> None:
-        """Precompute every view: the runs' bytes in each slot and the weights in `scratch`."""
+    def bind(self, scratch: torch.Tensor, slot_flats, offset: int = 0) -> None:
+        """Precompute every view: the runs' bytes in each slot (the unit at byte `offset` of the slot,
+        where the ring places it, and at 0 for fallback loads) and the weights in `scratch`."""
         runs = []
         for qt, a, b, dt, ps, off, n in self.layout:
             out = scratch[off:off + n * torch.empty((), dtype=dt).element_size()].view(dt)
@@ -183,11 +185,16 @@ class UnitDequant:
                 k += m
             runs.append((qt, a, b, out, dense))
         self.runs = runs
-        self.slot_raw = [[f[a:b] for _, a, b, _, _ in runs] for f in slot_flats]
+        self.slot_raw0 = [[f[a:b] for _, a, b, _, _ in runs] for f in slot_flats]
+        self.rebase(slot_flats, offset)
 
-    def run(self, s: int) -> None:
+    def rebase(self, slot_flats, offset: int) -> None:
+        """The unit now sits at byte `offset` of its slot (the ring regrouped its items)."""
+        self.slot_raw = [[f[offset + a:offset + b] for _, a, b, _, _ in self.runs] for f in slot_flats]
+
+    def run(self, s: int, fallback: bool = False) -> None:
         from .dequant import dequantize_into
-        for (qt, _a, _b, out, dense), raw in zip(self.runs, self.slot_raw[s]):
+        for (qt, _a, _b, out, dense), raw in zip(self.runs, (self.slot_raw0 if fallback else self.slot_raw)[s]):
             dequantize_into(raw, qt, out)
             for p, v in dense:
                 p._dq = v

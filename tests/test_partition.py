@@ -446,3 +446,24 @@ def test_expert_byte_amount_larger_than_device_is_named():
     # the same string with a size the card has is fine
     plan = partition(g, inv, "cuda:0", expert="cuda:0,2gb;cpu,*")
     assert sum(u.bytes for u in plan.units if u.device == "cuda:0") <= 2 << 30
+
+
+def test_simulate_ring_items_small_units_do_not_eat_look_ahead():
+    """Flux-like step: 8 tiny units, 4 big units whose copies outlast their compute, 8 units the reverse.
+    One item per unit: the ring's look-ahead at the step boundary is spent on the tiny units, the big
+    ones stall.  Packed into items (compiler.cost.stream_groups), the same window runs at the link floor."""
+    from distorch.compiler.cost import simulate_core, stream_groups
+    ct = [0.0] * 8 + [3.0] * 4 + [3.2] * 8
+    tt = [0.1] * 8 + [6.7] * 4 + [2.8] * 8
+    sizes = [10] * 8 + [2_000_000] * 4 + [800_000] * 8
+    off = list(range(20))
+    link = ["cpu"] * 20
+    floor = sum(tt)
+    groups = stream_groups(sizes, max(sizes))
+    assert groups[0] == list(range(8)) and len(groups) == 1 + 4 + 4
+    single, _ = simulate_core(ct, tt, link, off, 4, steps=4)
+    packed, _ = simulate_core(ct, tt, link, off, 4, steps=4, groups=groups)
+    assert packed == pytest.approx(floor, rel=1e-9)
+    assert single > floor * 1.05
+    # one unit per item is the default
+    assert simulate_core(ct, tt, link, off, 4, steps=4, groups=[[k] for k in off])[0] == single
