@@ -309,8 +309,9 @@ def _time_copy(torch, dst, src, stream, reps: int = 5) -> float:
 GEMM_N = 8192            # probe GEMM: 8192^3 bf16 (1.1 TFLOP, ~1.5 ms on an H100)
 GEMM_EFFICIENCY = 0.55   # traced FLOPs (compiler.trace, FlopCounterMode) per second of a real step, over a
 #                          large GEMM's rate: diffusers Flux-dev at 1024x1024 on an H100 runs its 74.4 traced
-#                          TFLOP at 409 TFLOP/s against a 736 TFLOP/s 8192^3 GEMM (bench/results/gguf_h100_r4.md:
-#                          norms, softmax, elementwise work and uncounted ops sit between the matmuls)
+#                          TFLOP at 409 TFLOP/s against a 736 TFLOP/s 8192^3 GEMM (bench/results/gguf_h100_unitdq_b.md;
+#                          checked on another H100 in gguf_h100_r4.md: 777 x 0.55 = 427 predicted, 410 reached).
+#                          Norms, softmax, elementwise work and uncounted ops sit between the matmuls
 
 
 def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:

@@ -31,7 +31,7 @@ def timeline_png(events: list[dict], path: str, title: str = "distorch timeline"
     plt = _plt()
     lanes = ["compute"] + sorted({e["lane"] for e in events if e["lane"] != "compute"})
     fig, ax = plt.subplots(figsize=(14, 1.2 + 0.8 * len(lanes)))
-    streamed = {e["unit"] for e in events if e["lane"].startswith("copy")}
+    streamed = {u for e in events if e["lane"].startswith("copy") for u in e.get("units", [e["unit"]])}
     for li, lane in enumerate(lanes):
         for e in events:
             if e["lane"] != lane:

@@ -41,12 +41,17 @@ def timeline(rt, steps: int | None = 1) -> list[dict]:
         d = _ms(ref, t[2])
         if d is not None and d < 0:
             ref = t[2]
+    # a copy moves one ring item, named after its first unit; "units" lists every unit it carries
+    members = {rt.units[it[0]]: [rt.units[i] for i in it] for it in getattr(rt, "gitems", []) if it}
     out = []
     for lane, unit, e0, e1, step in tr:
         a, b = _ms(ref, e0), _ms(ref, e1)
         if a is None or b is None:
             continue
-        out.append({"lane": lane, "unit": unit, "start_ms": a, "end_ms": b, "step": step})
+        ev = {"lane": lane, "unit": unit, "start_ms": a, "end_ms": b, "step": step}
+        if lane != "compute":
+            ev["units"] = members.get(unit, [unit])
+        out.append(ev)
     out.sort(key=lambda d: d["start_ms"])
     return out
 
