@@ -16,12 +16,13 @@ copy per unit, its weights gathered in one flat pinned buffer).
 
 `simulate` replays the step as the runtime executes it: one compute stream running the units in
 order; one copy engine per link (src -> compute), FIFO in execution order; a window of equal slots on the
-compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest), used
-as a ring exactly like runtime/apply.py: the offloaded units form a periodic sequence, item g runs
-from slot g % n_slots, and the copy of item g + n_slots is issued when item g has computed (for the
-first units of a step that item belongs to the previous step: prefetch wraps across the step
-boundary; see slot_gates); a copy starts when it is issued and its link is free.  A unit computes when the previous
-unit is done and its copy has landed.  Several steps are simulated (the first starts cold) and the last
+compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest, at most
+one per ring item), used as a ring exactly like runtime/apply.py: the offloaded units form a periodic
+sequence packed into ring items (`stream_groups`: consecutive units from one home that fit one slot
+together share one copy), item g runs from slot g % n_slots, and the copy of item g + n_slots is issued
+when item g's last unit has computed (for the first items of a step that item belongs to the previous
+step: prefetch wraps across the step boundary; see slot_gates); a copy starts when it is issued and its
+link is free.  A unit computes when the previous unit is done and its item's copy has landed.  Several steps are simulated (the first starts cold) and the last
 is reported.  The reported step time is never below the floor max(compute, bytes_l / bandwidth_l).
 """
 from __future__ import annotations

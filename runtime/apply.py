@@ -14,13 +14,20 @@ What it does
   a buffer; a streamed copy would lose the write).
 * The compute device holds W slots (flat buffers as large as the largest streamed unit). The
   streamed units form a periodic sequence `seq` (their call order in one forward, learned from
-  the calls themselves); item g of the infinite sequence seq[g % n] runs from slot g % W.
-  Before item g runs, the compute stream waits for the event `copied[slot]`; after it runs, the
-  event `done[slot]` is recorded and the copy of item g+W is issued into the same slot on its
-  link's copy stream (which first waits `done[slot]`). Items past the end of the step are the
-  next step's first units, so the ring wraps across the step boundary. No synchronize on the
-  hot path; per unit the host does one event wait, one `param.data = view` per tensor (views
-  precomputed for every (unit, slot) pair), one event record, one copy.
+  the calls themselves), packed into ring *items*: consecutive units that fit one slot together,
+  come from one home device and sit back to back in it travel as one copy into one slot
+  (compiler.cost.stream_groups, which the cost model simulates too; a unit called twice per
+  forward travels alone). Item o of the infinite item sequence runs from slot o % W. Before an
+  item's first unit runs, the compute stream waits for the event `copied[slot]`; after each unit
+  the event `done[slot]` is recorded, and after the item's last unit the copy of item o+W is
+  issued into the same slot on its link's copy stream (which first waits `done[slot]`). Items past
+  the end of the step are the next step's first items, so the ring wraps across the step
+  boundary. No synchronize on the hot path; per unit the host does at most one event wait, one
+  `param.data = view` per tensor (views precomputed for every (unit, slot) pair), one event
+  record, and per item one copy.
+* A streamed GGUF unit is dequantized right after its slot's copy event by one kernel launch per
+  run of same-type tensors into a scratch buffer (runtime.gguf_stream.UnitDequant; CUDA default),
+  instead of one launch per layer.
 * Deviations (a unit skipped, called twice, called out of order, called outside the model's
   forward) never deadlock: the first unexpected call switches the rest of that forward to
   *fallback* loads (copy into the next slot, wait, run -- still ordered by events, just not
@@ -154,7 +161,12 @@ class Runtime:
                 window_units = 2
         if window_units is not None and int(window_units) < 1 and n_units:
             raise DisTorchError(f"window_units={window_units!r}: need at least 1 slot to stream {n_units} unit(s)")
-        self.W = W = max(1, min(int(window_units), MAX_SLOTS, max(n_units, 1))) if n_units else 0
+        # never more slots than ring items (consecutive small units share one: compiler.cost.stream_groups,
+        # as the cost model counts them)
+        from ..compiler.cost import stream_groups
+        n_items = len(stream_groups([self.homes[n].nbytes for n in self.units], self.slot_bytes,
+                                    [home_of[n] for n in self.units]))
+        self.W = W = max(1, min(int(window_units), MAX_SLOTS, max(n_items, 1))) if n_units else 0
         self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
         # params per unit (a GGUF parameter as its RawBinder: `.data = view` rebinds its blocks)
         self.P = [[_gs.binder(p) for _, p in streamed[n]] for n in self.units]
