@@ -13,7 +13,8 @@ Policy ("auto"): the placement (passes/partition.py) is kept.  Resident GGUF uni
 while the VRAM budget allows, biggest per-step dequantization cost first (a unit that does not fit is
 skipped, smaller ones may still fit).  The budget is what the compute device has left after the plan's
 resident weights and window (`plan.predicted["peak_bytes"]`), less `reserve_bytes` for activations
-and less the transient dense copies of the per-call dequantization (two of the largest GGUF tensor);
+and less the transient dense copies of the per-call dequantization (two of the largest GGUF tensor) and
+the dequantization scratch of streamed units (the dense size of the largest one, CUDA);
 `budget_bytes` overrides it.  Each dequantized unit costs (dense - stored) bytes more: apply() sends
 the quantized bytes of those units back to the host while the dense copy is in use.
 
@@ -144,8 +145,17 @@ def default_budget(plan: Plan, inventory, info: dict, reserve_bytes: int | None 
     if peak is None:
         peak = sum(u.bytes for u in plan.units if u.device == plan.compute) + int(plan.window_bytes or 0)
     reserve = DEFAULT_RESERVE_BYTES if reserve_bytes is None else int(reserve_bytes)
-    work = 2 * max((q.largest_dense for q in info.values()), default=0)
+    work = 2 * max((q.largest_dense for q in info.values()), default=0) + scratch_bytes(plan, info)
     return max(0, int(dev.free_bytes) - int(peak) - reserve - work)
+
+
+def scratch_bytes(plan: Plan, info: dict) -> int:
+    """VRAM of the runtime's per-unit dequantization scratch (runtime.gguf_stream.UnitDequant, on CUDA):
+    the dense size of the largest streamed unit's GGUF tensors."""
+    if str(plan.compute).startswith("cpu"):
+        return 0
+    homes = {u.name: u.device for u in plan.units}
+    return max((q.dense_bytes for n, q in info.items() if homes.get(n, plan.compute) != plan.compute), default=0)
 
 
 def choose_quant(plan: Plan, graph, inventory, info: dict, *, budget_bytes: int | None = None,
@@ -194,10 +204,11 @@ def choose_quant(plan: Plan, graph, inventory, info: dict, *, budget_bytes: int 
     predicted["step_s"] = pred["step_s"]
     predicted["compute_s"] = pred["compute_s"]
     predicted["stall_s"] = pred["stall_s"]
+    scratch = scratch_bytes(plan, info)
     if "peak_bytes" in predicted:
-        predicted["peak_bytes"] = predicted["peak_bytes"] + used
+        predicted["peak_bytes"] = predicted["peak_bytes"] + used + scratch
     predicted["quant"] = {
-        "mode": mode, "budget_bytes": budget, "extra_bytes": used,
+        "mode": mode, "budget_bytes": budget, "extra_bytes": used, "dequant_scratch_bytes": scratch,
         "dequantized_units": sorted(chosen, key=lambda n: [u.name for u in plan.units].index(n)),
         "step_s_all_quantized": base["step_s"],
         "dequant_s_per_step": sum(q.dequant_s for n, q in info.items() if n not in chosen),

@@ -166,3 +166,21 @@ def test_units_with_per_call_patches_stay_quantized():
     p = choose_quant(plan, graph, inv, info, budget_bytes=10 << 30, mode="dequantized")
     assert p.quant[resident[0]] == RESIDENT_Q
     assert all(p.quant[n] == RESIDENT_DQ for n in resident[1:])
+
+
+def test_dequant_scratch_of_streamed_units_counted_in_peak_and_budget():
+    from distorch.passes.quant_choice import default_budget, scratch_bytes
+    graph, inv, plan, info = synthetic()
+    off = [u.name for u in plan.units if u.device != plan.compute and u.name in info]
+    want = max(info[n].dense_bytes for n in off)
+    assert scratch_bytes(plan, info) == want
+    p = choose_quant(plan, graph, inv, info, budget_bytes=0)
+    assert p.predicted["quant"]["dequant_scratch_bytes"] == want
+    assert p.predicted["peak_bytes"] == plan.predicted["peak_bytes"] + want
+    # the default budget leaves room for it (and for two transient per-call copies)
+    work = 2 * max(q.largest_dense for q in info.values())
+    assert default_budget(plan, inv, info, reserve_bytes=0) == (
+        inv.devices[GPU].free_bytes - plan.predicted["peak_bytes"] - work - want)
+    # computing on the host: per-layer dequantization, no scratch
+    from dataclasses import replace
+    assert scratch_bytes(replace(plan, compute="cpu:0"), info) == 0
