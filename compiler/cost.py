@@ -18,8 +18,8 @@ copy per unit, its weights gathered in one flat pinned buffer).
 order; one copy engine per link (src -> compute), FIFO in execution order; a window of equal slots on the
 compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest, at most
 one per ring item), used as a ring exactly like runtime/apply.py: the offloaded units form a periodic
-sequence packed into ring items (`stream_groups`: consecutive units from one home that fit one slot
-together share one copy), item g runs from slot g % n_slots, and the copy of item g + n_slots is issued
+sequence packed into ring items (`stream_groups`: units from one home that run back to back and fit one
+slot together share one copy), item g runs from slot g % n_slots, and the copy of item g + n_slots is issued
 when item g's last unit has computed (for the first items of a step that item belongs to the previous
 step: prefetch wraps across the step boundary; see slot_gates); a copy starts when it is issued and its
 link is free.  A unit computes when the previous unit is done and its item's copy has landed.  Several steps are simulated (the first starts cold) and the last
@@ -95,6 +95,18 @@ def stream_groups(sizes: list[int], slot_bytes: int, keys: list | None = None) -
             groups.append([k])
             used = _align(b)
     return groups
+
+
+def item_keys(homes: list, orders: list[int]) -> list:
+    """Keys for stream_groups: units may share a ring item only when they come from the same home and
+    run back to back (no unit kept on the compute device runs between them: its compute would sit
+    between the item's units while the item holds the slot and its copy delays the first of them)."""
+    keys, run = [], 0
+    for k, (h, o) in enumerate(zip(homes, orders)):
+        if k and o != orders[k - 1] + 1:
+            run += 1
+        keys.append((h, run))
+    return keys
 
 
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,
@@ -187,7 +199,7 @@ def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, in
     if off and n_slots < 1:
         raise ValueError(f"window of {window_bytes} bytes cannot hold the largest offloaded unit "
                          f"({max(sizes)} bytes)")
-    groups = stream_groups(sizes, max(sizes), [link[i] for i in off]) if off else None
+    groups = stream_groups(sizes, max(sizes), item_keys([link[i] for i in off], off)) if off else None
     if groups is not None:
         n_slots = min(n_slots, len(groups))
     step, stall = simulate_core(ct, tt, link, off, n_slots, steps, groups)

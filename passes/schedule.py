@@ -2,7 +2,8 @@
 
 Ring ITEMS.  The offloaded units of a step, in execution order, are packed greedily into ring items
 (`compiler.cost.stream_groups`, as runtime/apply.py `_group` and compiler/cost.simulate do): a unit joins
-the previous unit's item while it has the same home device and the item's bytes, each unit's size
+the previous unit's item while it has the same home device, runs right after it (no resident unit
+between them in the plan's order: `compiler.cost.item_keys`) and the item's bytes, each unit's size
 aligned up to 256 bytes (`compiler.cost._align`, the arena's alignment), plus its own size still fit
 one slot; otherwise it starts a new item.  Small units (embedders, a final norm) thus travel together
 instead of taking a slot each.  One item = one copy (on the copy stream of link home>compute) into one
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
 
-from ..compiler.cost import _align, n_slots_for, slot_gates, stream_groups
+from ..compiler.cost import _align, item_keys, n_slots_for, slot_gates, stream_groups
 from ..compiler.plan import Plan
 
 
@@ -113,7 +114,7 @@ def schedule(plan: Plan, graph=None) -> Schedule:
     if off and n_slots < 1:
         raise ValueError(f"plan window {plan.window_bytes} bytes cannot hold the largest offloaded unit "
                          f"({slot_bytes} bytes)")
-    groups = stream_groups(sizes, slot_bytes, [u.device for u in off]) if off else []
+    groups = stream_groups(sizes, slot_bytes, item_keys([u.device for u in off], [u.order for u in off])) if off else []
     n_items = len(groups)
     n_slots = min(n_slots, n_items)
     gates = slot_gates(n_items, n_slots)

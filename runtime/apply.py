@@ -15,7 +15,8 @@ What it does
 * The compute device holds W slots (flat buffers as large as the largest streamed unit). The
   streamed units form a periodic sequence `seq` (their call order in one forward, learned from
   the calls themselves), packed into ring *items*: consecutive units that fit one slot together,
-  come from one home device and sit back to back in it travel as one copy into one slot
+  come from one home device, run back to back (no resident unit between them in the plan's order)
+  and sit back to back in their home travel as one copy into one slot
   (compiler.cost.stream_groups, which the cost model simulates too; a unit called twice per
   forward travels alone). Item o of the infinite item sequence runs from slot o % W. Before an
   item's first unit runs, the compute stream waits for the event `copied[slot]`; after each unit
@@ -163,9 +164,11 @@ class Runtime:
             raise DisTorchError(f"window_units={window_units!r}: need at least 1 slot to stream {n_units} unit(s)")
         # never more slots than ring items (consecutive small units share one: compiler.cost.stream_groups,
         # as the cost model counts them)
-        from ..compiler.cost import stream_groups
+        from ..compiler.cost import item_keys, stream_groups
+        pos = {u.name: k for k, u in enumerate(sorted(plan.units, key=lambda u: u.order))}
+        self.plan_pos = [pos[n] for n in self.units]
         n_items = len(stream_groups([self.homes[n].nbytes for n in self.units], self.slot_bytes,
-                                    [home_of[n] for n in self.units]))
+                                    item_keys([home_of[n] for n in self.units], self.plan_pos)))
         self.W = W = max(1, min(int(window_units), MAX_SLOTS, max(n_items, 1))) if n_units else 0
         self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
         # params per unit (a GGUF parameter as its RawBinder: `.data = view` rebinds its blocks)
@@ -258,7 +261,7 @@ class Runtime:
         slot (compiler.cost.stream_groups, which the cost model simulates too), come from the same home
         device and sit back to back in it; a unit called more than once per forward travels alone."""
         from collections import Counter
-        from ..compiler.cost import stream_groups
+        from ..compiler.cost import item_keys, stream_groups
         seq = self.seq
         n = len(seq)
         self.gpos = [0] * n
@@ -270,7 +273,8 @@ class Runtime:
             self.gsrc, self.gdst, self.gbytes, self.glink, self.gname = [], [], [], [], []
             return
         cnt = Counter(seq)
-        cand = stream_groups([self.nbytes[i] for i in seq], self.slot_bytes, [self.home_dev[i] for i in seq])
+        cand = stream_groups([self.nbytes[i] for i in seq], self.slot_bytes,
+                             item_keys([self.home_dev[i] for i in seq], [self.plan_pos[i] for i in seq]))
         items: list[list[int]] = []
         for grp in cand:
             cur = [grp[0]]

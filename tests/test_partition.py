@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from distorch.compiler.cost import (COPY_FIXED_S, FALLBACK_FLOPS_PER_BYTE, simulate, slot_gates, stream_groups,
+from distorch.compiler.cost import (COPY_FIXED_S, item_keys, FALLBACK_FLOPS_PER_BYTE, simulate, slot_gates, stream_groups,
                                     unit_compute_s, unit_transfer_s)
 from distorch.compiler.graph import ModuleGraph, Unit, ROOT
 from distorch.compiler.inventory import declare
@@ -74,7 +74,7 @@ def check_invariants(plan, graph, inv):
     verify(plan, sched)
     # the schedule's ring is the one the cost model simulated
     off = plan.offloaded()
-    groups = stream_groups([u.bytes for u in off], max((u.bytes for u in off), default=0), [u.device for u in off])
+    groups = stream_groups([u.bytes for u in off], max((u.bytes for u in off), default=0), item_keys([u.device for u in off], [u.order for u in off]))
     assert sched.items == [[off[k].name for k in grp] for grp in groups]
     assert sched.n_slots == plan.predicted["n_slots"]
     # plain data: JSON round trips
@@ -396,7 +396,7 @@ def test_schedule_shape():
     assert s.n_slots == p.predicted["n_slots"] >= 1
     assert s.slot_bytes == max(u.bytes for u in off)
     # items: the greedy packing of compiler.cost.stream_groups, consecutive offloaded units, each once
-    groups = stream_groups([u.bytes for u in off], s.slot_bytes, [u.device for u in off])
+    groups = stream_groups([u.bytes for u in off], s.slot_bytes, item_keys([u.device for u in off], [u.order for u in off]))
     assert s.items == [[off[k].name for k in grp] for grp in groups]
     assert [n for it in s.items for n in it] == [u.name for u in off]
     n_items = len(s.items)
@@ -444,7 +444,7 @@ def test_schedule_packs_tiny_units_into_one_item(slots):
     off = p.offloaded()
     assert len(off) == 15
     s = schedule(p, g)
-    groups = stream_groups([u.bytes for u in off], max(u.bytes for u in off), [u.device for u in off])
+    groups = stream_groups([u.bytes for u in off], max(u.bytes for u in off), item_keys([u.device for u in off], [u.order for u in off]))
     assert s.items == [[off[k].name for k in grp] for grp in groups]
     assert s.items[0] == [f"embed.{i}" for i in range(6)]          # all tiny units: one item, one copy
     assert s.items[1:] == [[f"blocks.{i}"] for i in range(8)] + [["final_layer"]]   # blocks fill a slot each
@@ -477,13 +477,20 @@ def test_verify_catches_broken_plans():
     bad = copy.deepcopy(s)                  # a slot never released
     bad.ops = [o for o in bad.ops if not (o["op"] == "release" and o["item"] == 0)]
     assert any("still holds" in e or "never released" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # a slot released after the first unit of a multi-unit item
-    q = next(q for q, it in enumerate(s.items) if len(it) > 1)
+    # a slot released after the first unit of a multi-unit item (everything offloaded: the leaves and
+    # single blocks share items; at 5 GiB the offloaded units are spread between resident ones, which
+    # never share an item)
+    pa = partition(g, INV, "cuda:0", vram_gb=1000)
+    sa = schedule(pa, g)
+    assert check(pa, sa) == []
+    assert all(len(it) == 1 for it in s.items)
+    bad = copy.deepcopy(sa)
+    q = next(q for q, it in enumerate(sa.items) if len(it) > 1)
     i = next(j for j, o in enumerate(bad.ops) if o["op"] == "release" and o["item"] == q)
     op = bad.ops.pop(i)
-    c = next(j for j, o in enumerate(bad.ops) if o["op"] == "compute" and o["unit"] == s.items[q][0])
+    c = next(j for j, o in enumerate(bad.ops) if o["op"] == "compute" and o["unit"] == sa.items[q][0])
     bad.ops.insert(c + 1, op)
-    assert any(f"released before {s.items[q][1]} computed" in e for e in check(p, bad))
+    assert any(f"released before {sa.items[q][1]} computed" in e for e in check(pa, bad))
     bad = copy.deepcopy(s)                  # an item's wait dropped: its first unit computes on an unfinished copy
     bad.ops = [o for o in bad.ops if not (o["op"] == "wait" and o["item"] == 2)]
     assert any("before waiting" in e for e in check(p, bad))

@@ -746,3 +746,27 @@ def test_ring_items_regroup_after_order_change_and_partial_item():
                 assert torch.equal(m(x), ref)
     finally:
         rt.undo()
+
+
+def test_ring_items_never_span_a_resident_unit():
+    torch.manual_seed(2)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = m(x)
+    plan, names = _mixed_plan(m, 3)
+    keep = {"singles.1", "e2"}
+    for u in plan.units:
+        if u.name in keep:
+            u.device = C
+    rt = apply(m, plan, progress=False)
+    try:
+        items = [[rt.units[i] for i in it] for it in rt.gitems]
+        assert ["e1"] in items and not any("e1" in it and "e3" in it for it in items)
+        assert not any("singles.0" in it and "singles.2" in it for it in items)
+        assert any(it[:2] == ["singles.2", "singles.3"] for it in items)
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(x), ref)
+    finally:
+        rt.undo()
