@@ -1009,20 +1009,44 @@ def gguf_operations(dequant_dtype=None):
     return ops
 
 
+def patches_to(obj, device):
+    """A copy of a ComfyUI patch list (tuples / lists / dicts of tensors, weight adapters holding their
+    tensors in `.weights`) with every tensor on `device`; anything else is kept as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(patches_to(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [patches_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: patches_to(v, device) for k, v in obj.items()}
+    w = getattr(obj, "weights", None)
+    if isinstance(w, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in w):
+        import copy as _copy
+        c = _copy.copy(obj)              # an adapter object: same class and fields, weights moved
+        c.weights = patches_to(w, device)
+        return c
+    return obj
+
+
 class GGUFPatch:
     """A weight patch (LoRA ...) of a GGUF weight, applied to the dequantized weight at every call
-    (the layer's weight_function), computed in `patch_dtype` (default: the weight's float dtype)."""
+    (the layer's weight_function), computed in `patch_dtype` (default: the weight's float dtype).
+    With `device` (the GGUF loaders' patch_on_device), the patch tensors are copied there once instead
+    of being cast to the weight's device by every call."""
 
-    def __init__(self, key, patches, patch_dtype=None):
+    def __init__(self, key, patches, patch_dtype=None, device=None):
         self.key = key
         self.patches = patches
         self.patch_dtype = patch_dtype
+        self.local = patches_to(patches[key], device) if device is not None else None
 
     def __call__(self, weight):
         import comfy.lora
         dt = self.patch_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                   else torch.float32)
-        out = comfy.lora.calculate_weight(self.patches[self.key], weight.to(dt), self.key, intermediate_dtype=dt)
+        p = self.local if self.local is not None else self.patches[self.key]
+        out = comfy.lora.calculate_weight(p, weight.to(dt), self.key, intermediate_dtype=dt)
         return out.to(weight.dtype)
 
 
@@ -1048,8 +1072,12 @@ def gguf_patcher_class(base):
         m = comfy.utils.get_attr(self.model, mod_name)
         attr = "weight_function" if pname == "weight" else "bias_function"
         fns = [f for f in getattr(m, attr, []) if not (isinstance(f, GGUFPatch) and f.key == key)]
-        pt = (self.model_options.get("distorch_gguf") or {}).get("patch_dtype")
-        setattr(m, attr, fns + [GGUFPatch(key, self.patches, pt)])   # a new list: the class default is shared
+        opt = self.model_options.get("distorch_gguf") or {}
+        dev = None
+        if opt.get("patch_on_device"):
+            dev = torch.device(device_to) if device_to is not None else torch.device(self.load_device)
+        # a new list: the class default is shared
+        setattr(m, attr, fns + [GGUFPatch(key, self.patches, opt.get("patch_dtype"), dev)])
         reg = self.model.__dict__.setdefault("_distorch_gguf_patched", [])
         reg.append((m, attr))
         return None

@@ -410,3 +410,24 @@ def test_vae_same_image(tmp_path):
     assert torch.equal(img2, img)
     (enc2,) = nodes.VAEEncode().encode(vae, img)
     assert torch.equal(enc2["samples"], enc["samples"])
+
+
+def test_patches_to_moves_every_tensor_and_keeps_structure():
+    import torch
+    from distorch.comfy_nodes.adapter import patches_to
+
+    class Adapter:                       # the shape of ComfyUI's weight adapters: tensors in .weights
+        def __init__(self, weights):
+            self.loaded_keys = {"k"}
+            self.weights = weights
+    a, b = torch.ones(3, 2), torch.ones(2, 3)
+    patches = [(1.0, Adapter((a, b, None)), 1.0, None, None), (0.5, (a,), 1.0, None, None), (1.0, {"w": b})]
+    moved = patches_to(patches, torch.device("meta"))
+    assert isinstance(moved, list) and len(moved) == 3
+    ad = moved[0][1]
+    assert type(ad) is Adapter and ad is not patches[0][1] and ad.loaded_keys == {"k"}
+    assert [t.device.type for t in ad.weights[:2]] == ["meta", "meta"] and ad.weights[2] is None
+    assert moved[1][1][0].device.type == "meta" and moved[2][1]["w"].device.type == "meta"
+    assert moved[0][0] == 1.0 and moved[0][3] is None
+    # the original is untouched
+    assert patches[0][1].weights[0] is a and a.device.type == "cpu"

@@ -268,3 +268,18 @@ def test_multigpu_gguf_nodes_load_natively(gguf_model):
         assert _gguf_weights(m) and m.load_device == torch.device("cpu")
         assert torch.equal(_sample(m), ref)
         mm.unload_all_models()
+
+
+def test_patch_on_device_keeps_a_moved_copy_of_the_lora_and_same_output(gguf_model):
+    ref = _sample(_lora(adapter.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
+    mm.unload_all_models()
+    m = _lora(adapter.load_gguf_unet(gguf_model["path"], patch_on_device=True), gguf_model["lora"])
+    out = _sample(m)
+    assert torch.equal(out, ref)
+    fns = [f for mod in m.model.modules() for f in getattr(mod, "weight_function", [])
+           if type(f).__name__ == "GGUFPatch"]
+    assert fns and all(f.local is not None for f in fns)
+    # the copy is its own (on the load device): not the patcher's tensors
+    f = fns[0]
+    assert f.local is not m.patches[f.key]
+    mm.unload_all_models()
