@@ -863,15 +863,15 @@ def load_gguf_clip(paths, clip_type="stable_diffusion", dequant_dtype=None):
 # removes it.  The DisTorch2 nodes place it like any model (streamed units move their quantized bytes:
 # runtime/gguf_stream.py); units whose layers carry such patches stay quantized (passes/quant_choice.py).
 #
-# Text encoders: .safetensors files and .gguf files whose tensors keep their original (transformers)
-# names load through `comfy.sd.load_text_encoder_state_dicts` with the same operations class.  GGUF
-# text encoders in llama.cpp naming (`enc.blk.0.attn_q.weight`, `token_embd.weight`...) would need a key
-# map that this reader does not have: they are refused with a clear error.
+# Text encoders: .safetensors files and .gguf files load through `comfy.sd.load_text_encoder_state_dicts`
+# with the same operations class.  GGUF text encoders in llama.cpp naming (`enc.blk.0.attn_q.weight`,
+# `token_embd.weight`...: T5/UMT5, llama, qwen2, gemma families) get their original names back first
+# (runtime/gguf_names.py: the gguf package's own name map, llama Q/K rows un-permuted on the quantized
+# bytes, gemma norms un-shifted); the LM head and decoder tensors an encoder does not use are dropped.
 #
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LLAMA_CPP_KEYS = ("enc.blk.", "blk.", "token_embd.", "output_norm.", "dec.blk.")
 
 
 class GGUFLoadError(DisTorchError):
@@ -1125,6 +1125,7 @@ def _gguf_load_clip(paths, clip_type="stable_diffusion", dequant_dtype=None):
     import comfy.utils
     import folder_paths
     from ..runtime.gguf_loader import load_gguf
+    from ..runtime.gguf_names import GGUFNameError, is_llama_cpp_named, to_original_names
     ops = gguf_operations(dequant_dtype)
     ct = getattr(comfy.sd.CLIPType, str(clip_type).upper(), None)
     if ct is None:
@@ -1133,12 +1134,14 @@ def _gguf_load_clip(paths, clip_type="stable_diffusion", dequant_dtype=None):
     sds = []
     for p in paths:
         if str(p).lower().endswith(".gguf"):
-            sd, _meta = load_gguf(p, prefix=None)
-            odd = [k for k in sd if k.startswith(LLAMA_CPP_KEYS)]
-            if odd:
-                raise GGUFLoadError(f"{p}: tensors in llama.cpp naming (e.g. {odd[0]!r}); DisTorch's native GGUF "
-                                    "reader loads text encoders whose tensors keep their original names. Install "
-                                    "ComfyUI-GGUF for this file, or use a .safetensors text encoder")
+            sd, meta = load_gguf(p, prefix=None)
+            if is_llama_cpp_named(sd):
+                try:
+                    sd, info = to_original_names(sd, meta, drop_lm_head=True)
+                except GGUFNameError as e:
+                    raise GGUFLoadError(f"{p}: {e}") from None
+                log.info("DisTorch: %s: %d tensors renamed from llama.cpp names (%s)%s", p, info["mapped"],
+                         info["architecture"], f", {len(info['dropped'])} unused dropped" if info["dropped"] else "")
         else:
             sd = comfy.utils.load_torch_file(p, safe_load=True)
         sds.append(sd)

@@ -145,9 +145,50 @@ def test_bad_inputs_named(gguf_model, tmp_path):
     bad = _write_one(tmp_path / "nothing.gguf", "none", "some.tensor", np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="could not detect"):
         adapter.load_gguf_unet(str(bad))
-    t5 = _write_one(tmp_path / "t5.gguf", "t5encoder", "enc.blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
-    with pytest.raises(ValueError, match="llama.cpp naming"):
+    t5 = _write_one(tmp_path / "t5.gguf", "t5encoder", "enc.blk.0.attn_zzz.weight", np.zeros((4, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="attn_zzz"):
         adapter.load_gguf_clip([str(t5)], "sd3")
+
+
+def test_llama_cpp_named_t5_reaches_comfyui_with_original_names(tmp_path, monkeypatch):
+    """A T5 encoder GGUF in llama.cpp naming is renamed before ComfyUI sees it (runtime/gguf_names.py)."""
+    import comfy.sd
+    from gguf.quants import quantize, dequantize as gdq
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp_path / "t5q.gguf"), "t5encoder")
+    src = {}
+    for name, shape in [("token_embd.weight", (32, 64)), ("enc.output_norm.weight", (64,)),
+                        ("enc.blk.0.attn_q.weight", (64, 64)), ("enc.blk.0.attn_rel_b.weight", (32, 2)),
+                        ("enc.blk.0.ffn_gate.weight", (128, 64)), ("enc.blk.0.ffn_up.weight", (128, 64))]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 2 and shape[1] % 32 == 0:
+            q = quantize(a, QT.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=QT.Q8_0)
+            src[name] = gdq(q, QT.Q8_0)
+        else:
+            w.add_tensor(name, a)
+            src[name] = a
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    seen = {}
+
+    def fake(sds, **kw):
+        seen.update(sds[0])
+        return "clip"
+    monkeypatch.setattr(comfy.sd, "load_text_encoder_state_dicts", fake)
+    assert adapter.load_gguf_clip([str(tmp_path / "t5q.gguf")], "sd3") == "clip"
+    want = {"shared.weight": "token_embd.weight", "encoder.final_layer_norm.weight": "enc.output_norm.weight",
+            "encoder.block.0.layer.0.SelfAttention.q.weight": "enc.blk.0.attn_q.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "enc.blk.0.attn_rel_b.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": "enc.blk.0.ffn_gate.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_1.weight": "enc.blk.0.ffn_up.weight"}
+    assert set(seen) == set(want)
+    for hf, g in want.items():
+        t = seen[hf]
+        dense = t.dequantize(torch.float32) if hasattr(t, "qtype") else t.float()
+        assert torch.equal(dense, torch.from_numpy(src[g]).reshape(dense.shape)), hf
 
 
 @pytest.mark.parametrize("vram_gb", [0.0005, 100.0])
