@@ -5,7 +5,13 @@ bandwidth), then at 1024x1024 the resident step and distorch.compile with vram_g
 model on donor cuda:1, and 100 % with donors [cuda:1, cpu] where cuda:1 is given only part of the model
 (expert string), each checked bit-identical to the resident output. Needs 2 GPUs.
 
-    python bench/bench_donor.py --res 1024 --reps 5
+    python bench/bench_donor.py --res 1024 --reps 5 [--diagnose]
+
+--diagnose adds, in the same process: the resident step while copies stream into cuda:0 in the
+background (peer copies cuda:1 -> cuda:0, then pinned host -> cuda:0: does incoming traffic slow the
+compute?), and for each distorch config a few profiled steps (runtime events around every copy and
+unit): copy time per step, compute busy time, stall, host time, and compute per unit against the
+resident model's (where the extra time goes).
 """
 from __future__ import annotations
 
@@ -19,10 +25,52 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import bench_stream as bs  # noqa: E402
 
 
+def with_background_copies(model, kw, reps, src, dst, chunk=256 << 20, seconds=None):
+    """Median step of `model` while `src` -> `dst` copies of `chunk` bytes run back to back on a side
+    stream of the source's device (the way torch runs a cross-device copy) for about `seconds`."""
+    dev = torch.device("cuda:0")
+    a = src if src.device.type == "cuda" else src.pin_memory()
+    side = torch.cuda.Stream(device=a.device if a.device.type == "cuda" else dev)
+    n_bytes = a.numel()
+    # enough copies to outlast the steps: time one first
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(side):
+        e0.record(side)
+        dst[:chunk].copy_(a[:chunk], non_blocking=True)
+        e1.record(side)
+    e1.synchronize()
+    per = e0.elapsed_time(e1) / 1e3
+    total = seconds or 2.0
+    k = int(total / per) + 1
+    with torch.cuda.stream(side):
+        for j in range(k):
+            o = (j * chunk) % max(n_bytes - chunk, 1)
+            dst[:chunk].copy_(a[o:o + chunk], non_blocking=True)
+    med, ts, _, _ = bs.run_steps(model, kw, 1, reps)
+    busy = side.query() is False           # still copying when the steps ended: they overlapped throughout
+    torch.cuda.synchronize()
+    return med, chunk / per, busy
+
+
+def profile_runtime(h, model, kw, steps=3):
+    from distorch.runtime import stats as rstats
+    rt = h.runtime
+    rt.trace.clear()
+    rt.profile = True
+    try:
+        bs.run_steps(model, kw, 0, steps)
+        st = rstats.summarize(rt, last=steps)
+        ut = rstats.unit_times(rt, steps=1)
+    finally:
+        rt.profile = False
+    return st, ut
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--diagnose", action="store_true")
     a = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         sys.exit("needs two GPUs")
@@ -39,6 +87,26 @@ def main(argv=None):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     res_s, _, ref, _ = bs.run_steps(model, kw, 2, a.reps)
     ref = ref.clone()
+    res_units = {}
+    if a.diagnose:
+        big = torch.empty(4 << 30, dtype=torch.uint8, device="cuda:1")
+        sink = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+        m_peer, r_peer, busy = with_background_copies(model, kw, a.reps, big, sink)
+        print(f"diagnose: resident step alone {res_s * 1e3:.1f} ms; with peer copies cuda:1->cuda:0 running "
+              f"({r_peer / 1e9:.0f} GB/s, still running at the end: {busy}) {m_peer * 1e3:.1f} ms "
+              f"(x{m_peer / res_s:.3f})", flush=True)
+        del big
+        host = torch.empty(2 << 30, dtype=torch.uint8).pin_memory()
+        m_h2d, r_h2d, busy = with_background_copies(model, kw, a.reps, host, sink)
+        print(f"diagnose: with pinned host->cuda:0 copies running ({r_h2d / 1e9:.0f} GB/s, still running: {busy}) "
+              f"{m_h2d * 1e3:.1f} ms (x{m_h2d / res_s:.3f})", flush=True)
+        del host, sink
+        torch.cuda.empty_cache()
+        # resident per-unit compute (a plan with nothing offloaded, profiled)
+        h0 = distorch.compile(model, compute=dev, example_kwargs=ex, vram_gb=0, donors=["cuda:1"], profile=True)
+        bs.run_steps(model, kw, 1, 2)
+        _, res_units = profile_runtime(h0, model, kw)
+        h0.undo()
     rows = [("resident", 0.0, res_s, True, "", "")]
     gib = total / 2**30
     configs = [("donor cuda:1, 50 %", dict(vram_gb=gib * 0.5, donors=["cuda:1"])),
@@ -47,7 +115,7 @@ def main(argv=None):
     for name, kwargs in configs:
         torch.cuda.reset_peak_memory_stats(0)
         t0 = time.perf_counter()
-        h = distorch.compile(model, compute=dev, example_kwargs=ex, **kwargs)
+        h = distorch.compile(model, compute=dev, example_kwargs=ex, profile=a.diagnose, **kwargs)
         t_apply = time.perf_counter() - t0
         med, _, out, _ = bs.run_steps(model, kw, 2, a.reps)
         eq = torch.equal(out, ref)
@@ -57,6 +125,17 @@ def main(argv=None):
                      ", ".join(f"{d} {v:.1f}" for d, v in per.items()), f"{pred:.3f}"))
         print(f"{name}: {med * 1e3:.1f} ms (predicted {pred * 1e3:.1f}) eq={eq} placement {per} "
               f"peak cuda:0 {torch.cuda.max_memory_allocated(0) / 2**30:.1f} GiB compile {t_apply:.1f} s", flush=True)
+        if a.diagnose:
+            st, ut = profile_runtime(h, model, kw)
+            streamed = {n for n in h.runtime.units}
+            d_str = sum(ut.get(n, 0) - res_units.get(n, 0) for n in streamed if n in res_units)
+            d_res = sum(ut.get(n, 0) - res_units.get(n, 0) for n in ut if n not in streamed and n in res_units)
+            print(f"  profiled: step {1e3 * (st.get('measured_step_s') or 0):.1f} ms, copy {1e3 * st['copy_s']:.1f} ms "
+                  f"({sum(st['bytes_per_step'].values()) / max(st['copy_s'], 1e-9) / 1e9:.0f} GB/s), compute busy "
+                  f"{1e3 * st['compute_busy_s']:.1f} ms (resident units summed: {1e3 * sum(res_units.values()):.1f}), "
+                  f"stall {1e3 * st['stall_s']:.1f} ms, host {1e3 * (st.get('measured_host_s') or 0):.1f} ms; "
+                  f"compute of streamed units {1e3 * d_str:+.1f} ms vs resident, of resident units {1e3 * d_res:+.1f} ms; "
+                  f"slots {st['window_slots']}", flush=True)
         h.undo()
     print(f"\n{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {a.res}x{a.res}, model {total / 1e9:.2f} GB bf16")
