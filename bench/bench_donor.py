@@ -101,6 +101,21 @@ def main(argv=None):
         print(f"diagnose: with pinned host->cuda:0 copies running ({r_h2d / 1e9:.0f} GB/s, still running: {busy}) "
               f"{m_h2d * 1e3:.1f} ms (x{m_h2d / res_s:.3f})", flush=True)
         del host, sink
+        # host cost of one cross-device copy_ (torch's path), 64 MiB, the call alone
+        x1 = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:1")
+        x0 = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
+        ls = torch.cuda.Stream(device=dev)
+        hs = []
+        for _ in range(30):
+            with torch.cuda.stream(ls):
+                t0 = time.perf_counter()
+                x0.copy_(x1, non_blocking=True)
+                hs.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        hs.sort()
+        print(f"diagnose: host time of one cuda:1->cuda:0 copy_ call (64 MiB): median {hs[15] * 1e6:.0f} us, "
+              f"max {hs[-1] * 1e6:.0f} us", flush=True)
+        del x0, x1
         torch.cuda.empty_cache()
         # resident per-unit compute (a plan with nothing offloaded, profiled)
         h0 = distorch.compile(model, compute=dev, example_kwargs=ex, vram_gb=0, donors=["cuda:1"], profile=True)
@@ -136,6 +151,19 @@ def main(argv=None):
                   f"stall {1e3 * st['stall_s']:.1f} ms, host {1e3 * (st.get('measured_host_s') or 0):.1f} ms; "
                   f"compute of streamed units {1e3 * d_str:+.1f} ms vs resident, of resident units {1e3 * d_res:+.1f} ms; "
                   f"slots {st['window_slots']}", flush=True)
+            if "100" in name and "cpu" not in name:
+                import cProfile
+                import io
+                import pstats
+                pr = cProfile.Profile()
+                torch.cuda.synchronize()
+                pr.enable()
+                bs.run_steps(model, kw, 0, 2)
+                pr.disable()
+                sio = io.StringIO()
+                pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(14)
+                print("  host profile of 2 steps (tottime):\n" + "\n".join(
+                    ln for ln in sio.getvalue().splitlines() if ln.strip())[-2400:], flush=True)
         h.undo()
     print(f"\n{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {a.res}x{a.res}, model {total / 1e9:.2f} GB bf16")
