@@ -16,6 +16,7 @@ resident model's (where the extra time goes).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -71,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--diagnose", action="store_true")
+    ap.add_argument("--peer-modes", default="", help="comma list of runtime.stream.PEER_COPY_MODES to compare")
     a = ap.parse_args(argv)
     if torch.cuda.device_count() < 2:
         sys.exit("needs two GPUs")
@@ -127,7 +129,14 @@ def main(argv=None):
     configs = [("donor cuda:1, 50 %", dict(vram_gb=gib * 0.5, donors=["cuda:1"])),
                ("donor cuda:1, 100 %", dict(vram_gb=gib, donors=["cuda:1"])),
                ("cuda:1 40 % + cpu 60 %", dict(expert="cuda:0,0%;cuda:1,40%;cpu,60%"))]
-    for name, kwargs in configs:
+    if a.peer_modes:
+        configs = [(f"donor cuda:1, {f} %, peer copy {m}", dict(vram_gb=gib * f / 100, donors=["cuda:1"]), m)
+                   for m in a.peer_modes.split(",") for f in (50, 100)] + [configs[2] + ("memcpy",)]
+    else:
+        configs = [c + (None,) for c in configs]
+    for name, kwargs, mode in configs:
+        if mode:
+            os.environ["DISTORCH_PEER_COPY"] = mode
         torch.cuda.reset_peak_memory_stats(0)
         t0 = time.perf_counter()
         h = distorch.compile(model, compute=dev, example_kwargs=ex, profile=a.diagnose, **kwargs)
@@ -151,7 +160,7 @@ def main(argv=None):
                   f"stall {1e3 * st['stall_s']:.1f} ms, host {1e3 * (st.get('measured_host_s') or 0):.1f} ms; "
                   f"compute of streamed units {1e3 * d_str:+.1f} ms vs resident, of resident units {1e3 * d_res:+.1f} ms; "
                   f"slots {st['window_slots']}", flush=True)
-            if "100" in name and "cpu" not in name:
+            if "100" in name and "cpu" not in name and not a.peer_modes:
                 import cProfile
                 import io
                 import pstats

@@ -341,7 +341,7 @@ class Runtime:
             if prof:
                 e0 = self.be.event(True)
                 e0.record(st)
-            self.gdst[q][s].copy_(self.gsrc[q], non_blocking=True)
+            link.copy(self.gdst[q][s], self.gsrc[q])
             self.copied[s].record(st)
             if prof:
                 e1 = self.be.event(True)
@@ -362,7 +362,7 @@ class Runtime:
             if prof:
                 e0 = self.be.event(True)
                 e0.record(st)
-            self.dst[j][s].copy_(self.src[j], non_blocking=True)
+            link.copy(self.dst[j][s], self.src[j])
             self.copied[s].record(st)
             if prof:
                 e1 = self.be.event(True)
