@@ -770,3 +770,15 @@ def test_ring_items_never_span_a_resident_unit():
                 assert torch.equal(m(x), ref)
     finally:
         rt.undo()
+
+
+def test_peer_copy_modes_and_cudart_lookup_are_safe_without_cuda():
+    from distorch.runtime import stream as S
+    assert S.PEER_COPY_MODES[0] == "memcpy"          # the default
+    fn = S._cudart_memcpy()                          # None where no CUDA runtime is loaded, never raises
+    assert fn is None or callable(fn)
+    link = S.Link("cpu", "cpu:0", cuda=False)         # host links copy with torch, synchronously here
+    a, b = torch.arange(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    with link.ctx():
+        link.copy(b, a)
+    assert torch.equal(a, b) and not link.peer and link.mode == "host"
