@@ -338,6 +338,7 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
             unit_fam[uname] = fam
             fam_first.setdefault(fam, len(fam_first))
         u.param_bytes += int(i.nbytes)
+        u.params += int(i.numel)
         u.tensors.append(i.name)
     # family order: known ranks; unknown families keep first-appearance order, right after the known
     # family that appeared before them (or first, when none did)

@@ -27,6 +27,8 @@ class Unit:
     calls: int = 1            # times it runs per forward
     kind: str = "block"       # "block" | "leaf" | "root"
     time_s: float | None = None  # measured compute time per forward, when known (fed back by runtime)
+    params: int = 0           # parameter elements (0 when unknown): the compute estimate's size when
+    #                           FLOPs are unknown (stored bytes under-count quantized weights)
 
     @property
     def bytes(self) -> int:

@@ -315,6 +315,7 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
             unit.tensors.append(qn)
             if is_param:
                 unit.param_bytes += stored_nbytes(t)
+                unit.params += int(t.numel())
             else:
                 unit.buffer_bytes += stored_nbytes(t)
         if traced != "registration" and u.calls:

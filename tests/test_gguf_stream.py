@@ -399,3 +399,19 @@ def test_home_views_of_gguf_parameters_are_gguf_tensors_over_home_bytes():
         assert type(hv[id(b)]) in (torch.Tensor, nn.Parameter) and hv[id(b)].dtype == BF
     finally:
         rt.undo()
+
+
+def test_bytes_fallback_estimates_a_quantized_unit_like_its_bf16_original():
+    from distorch.compiler.cost import unit_compute_s
+    from distorch.compiler.inventory import declare
+    from distorch.compiler.trace import trace
+    dense = Toy().to(BF).eval()
+    q = make("Q8_0")
+    gd, gq = trace(dense), trace(q)
+    inv = declare("cuda:0=80GiB@400TF,cpu=64GiB")
+    for ud, uq in zip(gd.units, gq.units):
+        assert ud.name == uq.name and ud.params == uq.params > 0
+        if uq.name.startswith("blocks."):
+            assert uq.bytes < 0.6 * ud.bytes                   # stored quantized ...
+            # ... but the same compute estimate (no FLOPs known: the bytes fallback, sized as bf16)
+            assert unit_compute_s(uq, "cuda:0", inv) == pytest.approx(unit_compute_s(ud, "cuda:0", inv))
