@@ -387,6 +387,7 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
     pred = simulate(graph.units, homes, compute, inventory, window)
     pred["peak_bytes"] = resident + window
     pred["resident_bytes"] = resident
+    pred["window_max_bytes"] = max(window, int(cdev.free_bytes - resident))   # the runtime's autotune limit
     pred["basis"] = ("measured" if all(u.time_s is not None for u in graph.units) else
                      "flops" if all(u.flops > 0 or u.time_s is not None for u in graph.units) else
                      "bytes-fallback")

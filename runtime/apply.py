@@ -34,6 +34,11 @@ What it does
   *fallback* loads (copy into the next slot, wait, run -- still ordered by events, just not
   prefetched), the order actually seen is adopted as the new `seq`, and the ring is primed again
   at the next forward.
+* Window autotune (default on CUDA when the plan's unit times are estimates): the step after the
+  warm-up runs profiled (events around every unit and copy); from those measured times and link
+  rates compiler.cost.simulate re-evaluates the slot count, and the ring grows between steps when
+  more slots shorten the step by more than 1 % (within the plan's window limit and the device's free
+  memory less 2 GiB). `tune_result` records what was measured and decided.
 * Without CUDA the streams/events are host objects (runtime.stream), so the very same code runs
   synchronously: homes, slots, ring, fallback, statistics, timeline.
 
@@ -69,12 +74,13 @@ from . import gguf_stream as _gs
 from .stream import Backend
 
 MAX_SLOTS = 8
+TUNE_RESERVE_BYTES = 2 << 30     # autotune leaves this much of the device free (activations)
 
 
 class Runtime:
     def __init__(self, module: torch.nn.Module, plan: Plan, graph=None, *, window_units: int | None = None,
                  profile: bool = False, homes: dict | None = None, progress: bool = True,
-                 unit_dequant: bool | None = None):
+                 unit_dequant: bool | None = None, autotune: bool | None = None):
         if not isinstance(module, torch.nn.Module):
             raise DisTorchError(f"apply() needs a torch.nn.Module, got {type(module).__name__}")
         if getattr(module, "_distorch_runtime", None) is not None:
@@ -237,6 +243,18 @@ class Runtime:
         self._step_i = 0
         self.trace: list[tuple] = []          # profile: (lane, unit, ev0, ev1, step)
         self._t_host0 = 0.0
+        self._unit_mods = unit_mods
+
+        # ---- window autotune: one profiled step after the warm-up; more slots if the measured times say so
+        basis = (plan.predicted or {}).get("basis")
+        if autotune is None:
+            autotune = be.cuda and basis != "measured"
+        self._tune = 1 if (autotune and n_units) else 0      # 1 wait for warm-up, 2 measuring, 0 off / done
+        self._tune_tries = 0
+        self._tune_hooks: list = []
+        self._tune_profile = False
+        self.tune_result: dict | None = None
+        self.window_max_bytes = (plan.predicted or {}).get("window_max_bytes")
 
         # ---- hooks
         self.hooks = []
@@ -470,6 +488,8 @@ class Runtime:
         self.depth += 1
         if self.depth > 1:
             return None
+        if self._tune and self.steps >= 1 and self._tune == 1:
+            self._tune_begin()
         self.cs = cs = self.be.compute_stream()
         if self.n and not self.primed:
             self._prime()
@@ -491,14 +511,126 @@ class Runtime:
         self._step_host.append(time.perf_counter() - self._t_host0)
         if len(self._step_host) > 64:
             del self._step_host[:32]
-        if self.deviated or (self.g - self.g0) != self.n:
+        ok = not (self.deviated or (self.g - self.g0) != self.n)
+        if not ok:
             if self.recorded and self.recorded != self.seq:
                 self.seq = list(self.recorded)
                 self.n = len(self.seq)
                 self._regroup = True
             self.primed = False
         self.steps += 1
+        if self._tune == 2:
+            self._tune_end(ok)
         return None
+
+    # ------------------------------------------------------------------ window autotune
+    def _tune_begin(self):
+        """Profile the next step: events around every unit (temporary hooks on resident units) and copy."""
+        self._tune = 2
+        self._tune_profile = self.profile
+        self.profile = True
+        self.trace.clear()
+        if not self._tune_profile:     # resident units have profiling hooks only with profile=True
+            for n, m in self._unit_mods.items():
+                if n not in self.index:
+                    self._tune_hooks.append(m.register_forward_pre_hook(self._make_prof_pre(n)))
+                    self._tune_hooks.append(m.register_forward_hook(self._make_prof_post(n), always_call=True))
+
+    def _tune_end(self, ok: bool):
+        from . import stats as _stats
+        self._tune_tries += 1
+        if not ok and self._tune_tries < 3:
+            self.trace.clear()
+            return                     # an irregular step: measure the next one
+        try:
+            ev = _stats.timeline(self, steps=1) if ok else []
+            step = _stats.step_times(self)[-1:] if ok else []
+        finally:
+            for h in self._tune_hooks:
+                h.remove()
+            self._tune_hooks = []
+            self.profile = self._tune_profile
+            if not self.profile:
+                self.trace.clear()
+            self._tune = 0
+        if not ev or not step:
+            return
+        times: dict[str, float] = {}
+        copy_s: dict[str, float] = {}
+        for e in ev:
+            d = (e["end_ms"] - e["start_ms"]) / 1e3
+            if e["lane"] == "compute":
+                times[e["unit"]] = times.get(e["unit"], 0.0) + d
+            else:
+                copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + d
+        per_link: dict[str, int] = {}
+        for i in self.seq:
+            per_link[self.link_of[i].src] = per_link.get(self.link_of[i].src, 0) + self.nbytes[i]
+        rates = {k: per_link[k] / v for k, v in copy_s.items() if v > 0 and k in per_link}
+        self._autotune_window(times, rates, step[0])
+
+    def _autotune_window(self, times: dict, rates: dict, step_s: float) -> dict:
+        """Choose the slot count from measured unit times and link rates (compiler.cost.simulate over the
+        plan); grow the ring when more slots shorten the simulated step by more than 1 %.  Slots come only
+        from the plan's window limit and the device's free memory (less TUNE_RESERVE_BYTES)."""
+        from ..compiler.cost import simulate
+        from ..compiler.graph import Unit
+        from ..compiler.inventory import Inventory
+        plan = self.plan
+        placed = sorted(plan.units, key=lambda u: u.order)
+        root_t = max(0.0, step_s - sum(times.values()))
+        units = [Unit(u.name, u.type, param_bytes=u.bytes, kind=u.kind,
+                      time_s=root_t if u.name == ROOT else times.get(u.name, 0.0)) for u in placed]
+        homes = {u.name: u.device for u in placed}
+        inv = Inventory(source="measured")
+        for src, r in rates.items():
+            inv.links[(src, plan.compute)] = r
+        slot = self.pool.slot_bytes
+        big = max((u.bytes for u in placed if u.name in self.index), default=0) or slot
+        cap = self.window_max_bytes
+        cur = self.W * slot
+        if self.be.cuda:
+            free = torch.cuda.mem_get_info(self.device)[0] - TUNE_RESERVE_BYTES
+            cap = min(cap if cap is not None else float("inf"), cur + max(0, free))
+        kmax = min(MAX_SLOTS, max(self.ng, 1), int(cap // slot) if cap is not None else MAX_SLOTS)
+        pred = {k: simulate(units, homes, plan.compute, inv, k * big)["step_s"]
+                for k in range(1, max(kmax, self.W) + 1)}
+        best = min(pred[k] for k in pred if k >= self.W)
+        k = min(k for k in pred if k >= self.W and pred[k] <= best * 1.01)
+        res = {"measured_step_s": step_s, "slots_before": self.W, "slots": k, "predicted_by_slots": pred,
+               "link_rates": rates}
+        if k > self.W:
+            self._resize(k)
+            import logging
+            logging.getLogger("distorch").info(
+                "distorch: ring grown from %d to %d slots from measured unit times (simulated step %.1f -> %.1f ms)",
+                res["slots_before"], k, pred[res["slots_before"]] * 1e3, pred[k] * 1e3)
+        self.tune_result = res
+        return res
+
+    def _resize(self, k: int):
+        """A ring of k slots (between steps): new pool, views, item copies; prefetch restarts next forward."""
+        self.be.synchronize()
+        dev = self.device
+        old = self.pool
+        self.pool = SlotPool(dev, k, self.slot_bytes)
+        old.release()
+        flats = self.pool.flats
+        self.W = k
+        self.copied[:] = [self.be.event() for _ in range(k)]
+        self.done[:] = [self.be.event() for _ in range(k)]
+        self.content = [-1] * k
+        self.fb = 0
+        self.V0 = [self.pool.views(self.homes[n].layout) for n in self.units]
+        self.dst = [[f[:self.homes[n].nbytes] for f in flats] for n in self.units]
+        for ud in self.UD:
+            if ud is not None:
+                ud.bind(self.dq_scratch, flats)
+        self._group()
+        if self.plan.window_bytes is not None:
+            self.plan.window_bytes = k * (max((u.bytes for u in self.plan.units if u.name in self.index), default=0)
+                                          or self.slot_bytes)
+        self.primed = False
 
     # ------------------------------------------------------------------ profiling
     def _prof_begin(self):

@@ -92,6 +92,7 @@ def summarize(rt, last: int = 5) -> dict:
         "measured_host_s": statistics.median(rt._step_host[-last:]) if rt._step_host else None,
         "predicted_step_s": pred.get("step_s"),
         "predicted_compute_s": pred.get("compute_s"),
+        "autotune": getattr(rt, "tune_result", None),
     }
     if d["measured_step_s"] and d["predicted_step_s"]:
         d["measured_over_predicted"] = d["measured_step_s"] / d["predicted_step_s"]

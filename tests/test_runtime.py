@@ -782,3 +782,58 @@ def test_peer_copy_modes_and_cudart_lookup_are_safe_without_cuda():
     with link.ctx():
         link.copy(b, a)
     assert torch.equal(a, b) and not link.peer and link.mode == "host"
+
+
+def test_autotune_grows_the_ring_when_measured_times_need_it():
+    """Measured times with Flux's shape (big units whose copy outlasts their compute, then small units
+    that compute longer than they copy): more slots let the link bank copies; the ring grows and the
+    outputs stay bit-identical."""
+    torch.manual_seed(3)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = m(x)
+    plan, names = _mixed_plan(m, 2)
+    rt = apply(m, plan, progress=False, autotune=False)
+    try:
+        assert rt.W == 2
+        big = max(rt.nbytes)
+        times = {n: 0.0 for n in ("e1", "e2", "e3", "h1", "h2")}
+        times.update({f"blocks.{i}": 0.5 for i in range(3)})
+        times.update({f"singles.{i}": 0.8 for i in range(4)})
+        res = rt._autotune_window(times, {"cpu": big / 1.0}, step_s=sum(times.values()))
+        assert res["slots_before"] == 2 and res["slots"] > 2
+        p = res["predicted_by_slots"]
+        assert p[res["slots"]] < p[2] * 0.99
+        assert rt.W == res["slots"] and len(rt.copied) == len(rt.done) == rt.W and len(rt.pool.flats) == rt.W
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(x), ref)
+        assert rt.deviations == 0
+        # nothing to gain: the ring stays as it is
+        times2 = {n: 5.0 for n in times}
+        res2 = rt._autotune_window(times2, {"cpu": big / 1.0}, step_s=sum(times2.values()))
+        assert res2["slots"] == rt.W == res["slots"]
+    finally:
+        rt.undo()
+
+
+def test_autotune_measures_one_step_and_keeps_outputs():
+    torch.manual_seed(4)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = m(x)
+    plan, _ = _mixed_plan(m, 2)
+    rt = apply(m, plan, progress=False, autotune=True)
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                assert torch.equal(m(x), ref)
+        r = rt.tune_result
+        assert r is not None and r["slots"] >= r["slots_before"] == 2
+        assert set(r["predicted_by_slots"]) >= {1, 2}
+        assert not rt.profile and not rt._tune_hooks and rt._tune == 0
+        assert rstats.summarize(rt)["autotune"] is r
+    finally:
+        rt.undo()
