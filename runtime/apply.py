@@ -542,9 +542,16 @@ class Runtime:
         if not ok and self._tune_tries < 3:
             self.trace.clear()
             return                     # an irregular step: measure the next one
+        gap = 0.0
         try:
             ev = _stats.timeline(self, steps=1) if ok else []
             step = _stats.step_times(self)[-1:] if ok else []
+            se = self.step_events()
+            if ok and len(se) >= 2:          # GPU time between the previous step's end and this one's start
+                try:
+                    gap = max(0.0, se[-2][1].elapsed_time(se[-1][0]) / 1e3)
+                except Exception:
+                    gap = 0.0
         finally:
             for h in self._tune_hooks:
                 h.remove()
@@ -567,11 +574,13 @@ class Runtime:
         for i in self.seq:
             per_link[self.link_of[i].src] = per_link.get(self.link_of[i].src, 0) + self.nbytes[i]
         rates = {k: per_link[k] / v for k, v in copy_s.items() if v > 0 and k in per_link}
-        self._autotune_window(times, rates, step[0])
+        self._autotune_window(times, rates, step[0], gap)
 
-    def _autotune_window(self, times: dict, rates: dict, step_s: float) -> dict:
+    def _autotune_window(self, times: dict, rates: dict, step_s: float, gap_s: float = 0.0) -> dict:
         """Choose the slot count from measured unit times and link rates (compiler.cost.simulate over the
-        plan); grow the ring when more slots shorten the simulated step by more than 1 %.  Slots come only
+        plan); grow the ring when more slots shorten the simulated step by more than 1 %.  `gap_s`, the
+        measured time between steps (the sampler's own work, a preview's synchronize), is simulated as
+        compute after the last unit: copies can run through it only into free slots.  Slots come only
         from the plan's window limit and the device's free memory (less TUNE_RESERVE_BYTES)."""
         from ..compiler.cost import simulate
         from ..compiler.graph import Unit
@@ -581,6 +590,8 @@ class Runtime:
         root_t = max(0.0, step_s - sum(times.values()))
         units = [Unit(u.name, u.type, param_bytes=u.bytes, kind=u.kind,
                       time_s=root_t if u.name == ROOT else times.get(u.name, 0.0)) for u in placed]
+        if gap_s > 0:
+            units.append(Unit("(between steps)", "gap", kind="leaf", time_s=gap_s))
         homes = {u.name: u.device for u in placed}
         inv = Inventory(source="measured")
         for src, r in rates.items():
@@ -597,8 +608,8 @@ class Runtime:
                 for k in range(1, max(kmax, self.W) + 1)}
         best = min(pred[k] for k in pred if k >= self.W)
         k = min(k for k in pred if k >= self.W and pred[k] <= best * 1.01)
-        res = {"measured_step_s": step_s, "slots_before": self.W, "slots": k, "predicted_by_slots": pred,
-               "link_rates": rates}
+        res = {"measured_step_s": step_s, "gap_s": gap_s, "slots_before": self.W, "slots": k,
+               "predicted_by_slots": pred, "link_rates": rates}
         if k > self.W:
             self._resize(k)
             import logging

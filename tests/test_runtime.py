@@ -837,3 +837,26 @@ def test_autotune_measures_one_step_and_keeps_outputs():
         assert rstats.summarize(rt)["autotune"] is r
     finally:
         rt.undo()
+
+
+def test_autotune_counts_the_time_between_steps():
+    """Copy-bound big units: a measured pause between steps (the sampler's work, a preview's synchronize)
+    leaves the link idle unless more items can be banked during it, so it asks for more slots."""
+    torch.manual_seed(5)
+    m = Mixed().eval()
+    plan, _ = _mixed_plan(m, 2)
+    times = {n: 0.01 for n in ("e1", "e2", "e3", "h1", "h2")}
+    times.update({f"blocks.{i}": 0.5 for i in range(3)})          # copy 1.0 s each: copy-bound
+    times.update({f"singles.{i}": 0.01 for i in range(4)})
+    res = []
+    for gap in (0.0, 2.0):
+        rt = apply(m, plan, progress=False, autotune=False)
+        try:
+            big = max(rt.nbytes)
+            res.append(rt._autotune_window(times, {"cpu": big / 1.0}, step_s=sum(times.values()), gap_s=gap))
+        finally:
+            rt.undo()
+    r0, r1 = res
+    assert r0["slots"] == 2 and r1["slots"] > 2
+    p1 = r1["predicted_by_slots"]
+    assert p1[r1["slots"]] < p1[r0["slots"]] * 0.99
