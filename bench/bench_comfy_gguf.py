@@ -181,6 +181,15 @@ def main():
                                             donor_device="cpu", expert_mode_allocations="", eject_models=False)
         r = run(m, f"DisTorch2 GGUF {v:g} GB")
         st = adapter.state_of(m)
+        rt = getattr(st.handle, "runtime", None)
+        tune = getattr(rt, "tune_result", None) if rt is not None else None
+        if tune:
+            say(f"  autotune: slots {tune['slots_before']} -> {tune['slots']}, measured step "
+                f"{tune['measured_step_s'] * 1e3:.1f} ms, between steps {tune['gap_s'] * 1e3:.1f} ms, simulated "
+                + ", ".join(f"{k}: {t * 1e3:.0f}" for k, t in tune["predicted_by_slots"].items()) + " ms")
+            r["slots"] = f"{tune['slots_before']} -> {tune['slots']}"
+        elif rt is not None:
+            r["slots"] = str(rt.W)
         plan = st.plan
         off = plan.offloaded_bytes()
         pred = (plan.predicted or {}).get("step_s")
@@ -202,12 +211,12 @@ def main():
              f"Command: `python bench/bench_comfy_gguf.py {' '.join(sys.argv[1:])}`",
              "" if bw is None else f"Pinned host->GPU bandwidth probed by distorch: {bw / 1e9:.1f} GB/s.", "",
              "| configuration | GiB off GPU | s/it | x bf16 resident | floor s/it | predicted s/it | peak VRAM GiB | "
-             "same latent as GGUF resident |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "slots (autotune) | same latent as GGUF resident |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         f, p, same = r.get("floor"), r.get("pred"), r.get("same")
         lines.append(f"| {r['name']} | {r['gb']:.2f} | {r['s_it']:.3f} | {r['s_it'] / bf16_s:.3f} | "
                      f"{'' if f is None else f'{f:.3f}'} | {'' if not p else f'{p:.3f}'} | {r['peak'] / GiB:.1f} | "
-                     f"{'' if same is None else ('yes' if same else 'NO')} |")
+                     f"{r.get('slots', '')} | {'' if same is None else ('yes' if same else 'NO')} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = a.out or os.path.join(BC.REPO, "bench", "results", f"comfy_gguf_{'cpu' if cpu else 'gpu'}.md")
