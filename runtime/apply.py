@@ -38,7 +38,8 @@ What it does
   warm-up runs profiled (events around every unit and copy); from those measured times and link
   rates compiler.cost.simulate re-evaluates the slot count, and the ring grows between steps when
   more slots shorten the step by more than 1 % (within the plan's window limit and the device's free
-  memory less 2 GiB). `tune_result` records what was measured and decided.
+  memory less 2 GiB); the measured time between steps is added to predictions (no copy is issued
+  while the host is away, so slots cannot buy it back). `tune_result` records what was measured.
 * Without CUDA the streams/events are host objects (runtime.stream), so the very same code runs
   synchronously: homes, slots, ring, fallback, statistics, timeline.
 
@@ -579,9 +580,11 @@ class Runtime:
     def _autotune_window(self, times: dict, rates: dict, step_s: float, gap_s: float = 0.0) -> dict:
         """Choose the slot count from measured unit times and link rates (compiler.cost.simulate over the
         plan); grow the ring when more slots shorten the simulated step by more than 1 %.  `gap_s`, the
-        measured time between steps (the sampler's own work, a preview's synchronize), is simulated as
-        compute after the last unit: copies can run through it only into free slots.  Slots come only
-        from the plan's window limit and the device's free memory (less TUNE_RESERVE_BYTES)."""
+        measured GPU time between steps (the sampler's own work, a preview's synchronize), is added to
+        every prediction but does not change the choice: the host issues no copy while it is away, and
+        the copies it issued before (the next step's first items, one per slot) finish in it whatever the
+        slot count.  Slots come only from the plan's window limit and the device's free memory (less
+        TUNE_RESERVE_BYTES)."""
         from ..compiler.cost import simulate
         from ..compiler.graph import Unit
         from ..compiler.inventory import Inventory
@@ -590,8 +593,6 @@ class Runtime:
         root_t = max(0.0, step_s - sum(times.values()))
         units = [Unit(u.name, u.type, param_bytes=u.bytes, kind=u.kind,
                       time_s=root_t if u.name == ROOT else times.get(u.name, 0.0)) for u in placed]
-        if gap_s > 0:
-            units.append(Unit("(between steps)", "gap", kind="leaf", time_s=gap_s))
         homes = {u.name: u.device for u in placed}
         inv = Inventory(source="measured")
         for src, r in rates.items():
@@ -604,7 +605,7 @@ class Runtime:
             free = torch.cuda.mem_get_info(self.device)[0] - TUNE_RESERVE_BYTES
             cap = min(cap if cap is not None else float("inf"), cur + max(0, free))
         kmax = min(MAX_SLOTS, max(self.ng, 1), int(cap // slot) if cap is not None else MAX_SLOTS)
-        pred = {k: simulate(units, homes, plan.compute, inv, k * big)["step_s"]
+        pred = {k: simulate(units, homes, plan.compute, inv, k * big)["step_s"] + gap_s
                 for k in range(1, max(kmax, self.W) + 1)}
         best = min(pred[k] for k in pred if k >= self.W)
         k = min(k for k in pred if k >= self.W and pred[k] <= best * 1.01)
