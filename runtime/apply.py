@@ -704,9 +704,11 @@ class Runtime:
         slots freed."""
         if self.hooks is None:
             return
-        for h in self.hooks:
+        for h in self.hooks + self._tune_hooks:
             h.remove()
         self.hooks = None
+        self._tune_hooks = []
+        self._tune = 0
         self.be.synchronize()
         dev = self.device if device is None else parse_device(device)
         with torch.no_grad():

@@ -861,3 +861,27 @@ def test_autotune_adds_the_time_between_steps_without_buying_slots_for_it():
     assert r0["slots"] == r1["slots"] and r1["gap_s"] == 2.0
     for k, t in r0["predicted_by_slots"].items():
         assert r1["predicted_by_slots"][k] == pytest.approx(t + 2.0)
+
+
+def test_undo_while_autotune_measures_leaves_no_hooks():
+    torch.manual_seed(6)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = m(x)
+    plan, _ = _mixed_plan(m, 2)
+    for u in plan.units:                      # a resident unit gets a temporary profiling hook
+        if u.name == "singles.1":
+            u.device = C
+    before = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
+    rt = apply(m, plan, progress=False, autotune=True)
+    rt._tune_end = lambda ok: None            # keep it measuring: as if the profiled step never finished
+    with torch.no_grad():
+        m(x)
+        m(x)
+    assert rt._tune == 2 and rt._tune_hooks
+    rt.undo()
+    after = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
+    assert after == before
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
