@@ -709,6 +709,7 @@ class Runtime:
         self.hooks = None
         self._tune_hooks = []
         self._tune = 0
+        self._unit_mods = {}
         self.be.synchronize()
         dev = self.device if device is None else parse_device(device)
         with torch.no_grad():

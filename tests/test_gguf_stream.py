@@ -175,8 +175,14 @@ def test_unit_dequant_one_launch_per_type_run_bit_identical(monkeypatch):
                 assert sum(o for _, _, o in launches) == 4 * 2 and len(launches) == 4 * 2 + 1
         # nothing outside a unit's call sees scratch memory
         assert all(p._dq is None for ud in rt.UD for p in ud.params)
+        import gc
+        import weakref
+        held = [weakref.ref(f) for f in rt.pool.flats] + [weakref.ref(rt.dq_scratch)]
+        del ud                                   # the test's own reference to a unit's views
     finally:
         rt.undo()
+    gc.collect()
+    assert all(w() is None for w in held), "slots and the dequant scratch must be freed by undo"
     rt = apply(m, hand_plan(m, set(names)), progress=False)         # CPU default: per layer
     try:
         assert rt.dq_scratch is None
