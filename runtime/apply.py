@@ -29,6 +29,11 @@ What it does
 * A streamed GGUF unit is dequantized right after its slot's copy event by one kernel launch per
   run of same-type tensors into a scratch buffer (runtime.gguf_stream.UnitDequant; CUDA default),
   instead of one launch per layer.
+* Units called outside any forward of the module (a wrapper calling inner modules itself, as
+  ComfyUI's CLIP encode and VAE decode do) are loaded on demand while the runtime records their
+  order; when the first recorded unit is called again, the calls since are the period: it becomes
+  `seq`, the ring is primed and those calls stream like a forward ("free run") until the order
+  changes (learned again) or the module's own forward runs.
 * Deviations (a unit skipped, called twice, called out of order, called outside the model's
   forward) never deadlock: the first unexpected call switches the rest of that forward to
   *fallback* loads (copy into the next slot, wait, run -- still ordered by events, just not
@@ -232,6 +237,8 @@ class Runtime:
         self.cur_s = 0
         self.cur_mode = 0          # 0 idle, 1 streamed, 2 fallback
         self.fb = 0
+        self.free_run = False      # streaming calls made outside the module's forward (see _free_learn)
+        self.free_rec: list[int] = []
         self.cs = be.compute_stream()
         # statistics
         self.steps = 0
@@ -412,9 +419,20 @@ class Runtime:
         ud = self.UD[i]
 
         def pre(mod, args):
-            if self.depth == 1 and not self.deviated:
+            depth = self.depth
+            if depth == 0 and not self.free_run:
+                # called outside the model's forward (a wrapper calls inner modules directly): learn the
+                # period of these calls; once one repeats, stream them like a forward
+                if not self._free_learn(i):
+                    self._fallback(i)
+                    return None
+            if (depth == 1 and not self.deviated) or depth == 0:
                 g = self.g
                 n = self.n
+                if depth == 0:
+                    self.cs = self.be.compute_stream()
+                    if g - self.g0 >= n:           # free running: the next period begins
+                        self.g0 += n
                 if g - self.g0 < n and self.seq[g % n] == i:
                     k = g % n
                     s = ((g // n) * self.ng + self.gpos[k]) % self.W
@@ -424,18 +442,42 @@ class Runtime:
                         p.data = v
                     self.cur_s = s
                     self.cur_mode = 1
-                    self.recorded.append(i)
+                    if depth:
+                        self.recorded.append(i)
                     if self.profile:
                         self._prof_begin()
                     if ud is not None:
                         ud.run(s)
                     return None
-                self.deviated = True
                 self.primed = False
                 self.deviations += 1
+                if depth:
+                    self.deviated = True
+                else:                              # the period changed: learn it again from this call
+                    self.free_run = False
+                    self.free_rec = [i]
             self._fallback(i)
             return None
         return pre
+
+    def _free_learn(self, i: int) -> bool:
+        """Calls outside any forward of the compiled module: record them; when the first recorded unit
+        comes again, the calls since are the period: adopt it as `seq`, prime the ring and stream from
+        this call on (True).  Until then the calls are fallback loads (False)."""
+        rec = self.free_rec
+        if rec and i == rec[0]:
+            if rec != self.seq:
+                self.seq = list(rec)
+                self.n = len(rec)
+                self._regroup = True
+            self.free_rec = []
+            self._prime()
+            self.free_run = True
+            return True
+        rec.append(i)
+        if len(rec) > 4 * max(self.n, 1) + 64:     # no period in sight: keep the record bounded
+            del rec[:-1]
+        return False
 
     def _make_post(self, i: int):
         done = self.done
@@ -491,6 +533,10 @@ class Runtime:
             return None
         if self._tune and self.steps >= 1 and self._tune == 1:
             self._tune_begin()
+        if self.free_run:          # the module's own forward again: its order, primed afresh
+            self.free_run = False
+            self.free_rec = []
+            self.primed = False
         self.cs = cs = self.be.compute_stream()
         if self.n and not self.primed:
             self._prime()

@@ -335,6 +335,16 @@ def test_clip_encoder_same_conditioning(tmp_path):
     assert st.handle is not None and 0 < st.plan.offloaded_bytes() < st.plan.model_bytes
     assert torch.equal(out[0][0], ref[0][0])
     assert torch.equal(out[0][1]["pooled_output"], ref[0][1]["pooled_output"])
+    # ComfyUI encodes through the inner encoder, never the compiled module's forward: the first encode
+    # loads units on demand, later encodes stream them (the calls' period learned: runtime free-run)
+    rt = st.handle.runtime
+    f1 = None
+    for k in range(3):
+        (again,) = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
+        assert torch.equal(again[0][0], ref[0][0])
+        if k == 1:
+            f1 = rt.fallback_loads
+    assert rt.free_run and rt.fallback_loads == f1
     mm.unload_all_models()
     assert st.handle is None
 

@@ -885,3 +885,52 @@ def test_undo_while_autotune_measures_leaves_no_hooks():
     assert after == before
     with torch.no_grad():
         assert torch.equal(m(x), ref)
+
+
+def test_units_called_outside_the_forward_stream_once_their_period_repeats():
+    """A wrapper that calls the units itself (ComfyUI's CLIP encode calls the inner encoder, not the
+    compiled module): the first pass loads each unit on demand, the calls' period is learned when the
+    first unit comes again, and from then on the units stream like a forward, bit-identically."""
+    torch.manual_seed(7)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    order = ["e1", "e2", "e3", "blocks.0", "blocks.1", "blocks.2", "singles.0", "singles.1", "singles.2",
+             "singles.3", "h1", "h2"]
+
+    def by_hand(x, names):
+        h = torch.tanh(m.e2(m.e1(x)))
+        h = m.e3(h)
+        for b in m.blocks:
+            h = h + b(h)
+        for s in (m.singles if names is order else reversed(m.singles)):
+            h = torch.tanh(s(h))
+        return m.h2(m.h1(h))
+    with torch.no_grad():
+        ref = by_hand(x, order)
+        ref_rev = by_hand(x, None)
+        ref_fwd = m(x)
+    plan, _ = _mixed_plan(m, 3)
+    rt = apply(m, plan, progress=False, autotune=False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(by_hand(x, order), ref)          # first pass: on-demand loads, recorded
+            f1 = rt.fallback_loads
+            assert f1 == len(order) and not rt.free_run
+            for _ in range(3):
+                assert torch.equal(by_hand(x, order), ref)
+            assert rt.free_run and rt.fallback_loads == f1      # the period repeated: streamed since
+            assert [rt.units[i] for i in rt.seq] == order
+            # another period: one pass of on-demand loads (from the first unexpected call), then streamed
+            d0 = rt.deviations
+            for _ in range(3):
+                assert torch.equal(by_hand(x, None), ref_rev)
+            f2 = rt.fallback_loads
+            assert rt.deviations > d0 and rt.free_run
+            assert torch.equal(by_hand(x, None), ref_rev)
+            assert rt.fallback_loads == f2
+            # the module's own forward takes over again
+            for _ in range(3):
+                assert torch.equal(m(x), ref_fwd)
+            assert not rt.free_run
+    finally:
+        rt.undo()
