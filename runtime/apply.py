@@ -62,7 +62,8 @@ no hooks keeps torch's fast call path), and each hook is a few attribute reads a
 Limits: inference only (a backward through streamed weights raises torch's in-place
 modification error instead of using overwritten slots); nested units are refused; parameters
 read between calls (state_dict during streaming) see whichever slot they were last bound to --
-call `undo()` first, or read the homes.
+call `undo()` first, or read the homes (`home_views()`). On CUDA, dense streamed parameters are
+bound to a slot from the start, so that they report the compute device before their first call.
 """
 from __future__ import annotations
 
@@ -280,6 +281,14 @@ class Runtime:
         module._distorch_runtime = self
         if n_units:
             self._prime()
+            if be.cuda:
+                # dense streamed parameters report the compute device from the start (code that picks
+                # the device of its inputs from a weight, e.g. ComfyUI's text encoders, must not pick the
+                # host): bound to a slot view now, to their real bytes when their unit runs
+                for i in range(n_units):
+                    for b, v in zip(self.P[i], self.V0[i][0]):
+                        if b is _gs.param_of(b):
+                            b.data = v
 
     # ------------------------------------------------------------------ ring
     def _group(self):
@@ -420,6 +429,10 @@ class Runtime:
 
         def pre(mod, args):
             depth = self.depth
+            if depth == 0 and self.free_run and not self.primed:
+                # slots were invalidated (homes rewritten) or the ring was reset: learn the period again
+                self.free_run = False
+                self.free_rec = []
             if depth == 0 and not self.free_run:
                 # called outside the model's forward (a wrapper calls inner modules directly): learn the
                 # period of these calls; once one repeats, stream them like a forward
@@ -744,6 +757,8 @@ class Runtime:
         self.be.synchronize()
         self.content = [-1] * len(self.content)
         self.primed = False
+        self.free_run = False
+        self.free_rec = []
 
     def undo(self, device=None):
         """All weights back resident (on the compute device, or `device`), hooks removed, homes and

@@ -934,3 +934,54 @@ def test_units_called_outside_the_forward_stream_once_their_period_repeats():
             assert not rt.free_run
     finally:
         rt.undo()
+
+
+def test_free_run_survives_invalidate_and_undo_of_slots_content():
+    """Homes rewritten between calls (a LoRA change, ComfyUI reloading the model: invalidate()) while the
+    runtime streams calls made outside the forward: the next calls must see the new weights, not a slot's
+    old bytes."""
+    torch.manual_seed(8)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+
+    def by_hand(x):
+        h = m.e3(torch.tanh(m.e2(m.e1(x))))
+        for b in m.blocks:
+            h = h + b(h)
+        for s in m.singles:
+            h = torch.tanh(s(h))
+        return m.h2(m.h1(h))
+    with torch.no_grad():
+        ref = by_hand(x)
+    plan, _ = _mixed_plan(m, 3)
+    rt = apply(m, plan, progress=False, autotune=False)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(by_hand(x), ref)
+            assert rt.free_run
+            # rewrite a streamed unit's weights in its home (what a LoRA patch does), then invalidate
+            views = rt.home_views()
+            w = m.blocks[1][0].weight
+            views[id(w)].mul_(0.5)
+            rt.invalidate()
+            with torch.no_grad():
+                m.blocks[1][0].weight.data = views[id(w)]        # the reference model, by hand
+            rt.undo()
+            ref2 = by_hand(x)
+            rt = apply(m, plan, progress=False, autotune=False)
+            for _ in range(3):
+                assert torch.equal(by_hand(x), ref2)
+            assert rt.free_run
+            views = rt.home_views()
+            views[id(m.blocks[0][0].weight)].mul_(2.0)          # a unit the ring has already prefetched
+            rt.invalidate()
+            outs = [by_hand(x) for _ in range(3)]
+        assert not torch.equal(outs[0], ref2)
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        rt.undo()
+        with torch.no_grad():
+            assert torch.equal(by_hand(x), outs[0])
+    finally:
+        if rt.active:
+            rt.undo()
