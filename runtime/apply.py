@@ -701,6 +701,11 @@ class Runtime:
         if self.plan.window_bytes is not None:
             self.plan.window_bytes = k * (max((u.bytes for u in self.plan.units if u.name in self.index), default=0)
                                           or self.slot_bytes)
+        if self.be.cuda:               # off the released pool (dense params: see __init__)
+            for i in range(len(self.units)):
+                for b, v in zip(self.P[i], self.V0[i][0]):
+                    if b is _gs.param_of(b):
+                        b.data = v
         self.primed = False
 
     # ------------------------------------------------------------------ profiling
