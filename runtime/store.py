@@ -41,7 +41,7 @@ def _span(t: torch.Tensor) -> int:
     """Elements covered by t's strides (== numel for a dense tensor, contiguous or not)."""
     if t.numel() == 0:
         return 0
-    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return 1 + sum((s - 1) * st for s, st in zip(t.size(), t.stride()))
 
 
 @dataclass
@@ -78,8 +78,11 @@ class Layout:
                 and isinstance(getattr(t, "raw", None), torch.Tensor):
             t = t.raw      # a quantized GGUF tensor: its home holds the stored blocks (runtime.gguf_stream)
         dense = _span(t) == t.numel()
-        stride = tuple(t.stride()) if dense else tuple(torch.empty(t.shape, device="meta").stride())
-        e = Entry(name, t.dtype, tuple(t.shape), stride, align_up(self.nbytes), t.numel() * t.element_size())
+        # size(), not .shape: a tensor subclass may answer .shape with a logical shape that is not its
+        # storage's (other packs' quantized byte tensors); the home holds the storage as it is
+        size = tuple(t.size())
+        stride = tuple(t.stride()) if dense else tuple(torch.empty(size, device="meta").stride())
+        e = Entry(name, t.dtype, size, stride, align_up(self.nbytes), t.numel() * t.element_size())
         self.entries.append(e)
         self.nbytes = e.offset + e.nbytes
         return e

@@ -421,3 +421,82 @@ def test_bytes_fallback_estimates_a_quantized_unit_like_its_bf16_original():
             assert uq.bytes < 0.6 * ud.bytes                   # stored quantized ...
             # ... but the same compute estimate (no FLOPs known: the bytes fallback, sized as bf16)
             assert unit_compute_s(uq, "cuda:0", inv) == pytest.approx(unit_compute_s(ud, "cuda:0", inv))
+
+
+class _ByteWeight(torch.Tensor):
+    """Stand-in for the quantized weights other GGUF packs put in ComfyUI models (ComfyUI-GGUF's design, as
+    a fact: a plain torch.Tensor subclass whose storage is the raw blocks, uint8 [rows, bytes per row], with
+    the GGUF type and logical shape as Python attributes and `.shape` answering the logical shape)."""
+
+    def __new__(cls, data, *, qtype, logical_shape):
+        t = torch.Tensor._make_subclass(cls, data, False)
+        t.qtype_ = qtype
+        t.logical_shape = torch.Size(logical_shape)
+        return t
+
+    @property
+    def shape(self):
+        return getattr(self, "logical_shape", self.size())
+
+    def detach(self, *a, **k):          # keeps the attributes through nn.Parameter (the pack does the same)
+        return self
+
+    def clone(self, *a, **k):
+        return self
+
+
+class _ByteLinear(nn.Module):
+    """Dequantizes its byte weight per call, the way such packs' layers do (from the attributes)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.weight = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        w = self.weight
+        dense = dequantize(w.data.reshape(-1), w.qtype_, tuple(w.logical_shape), torch.float32)
+        return x @ dense.t()
+
+
+def test_other_packs_byte_weights_stream_bit_identical():
+    """Weights whose `.shape` is not their storage's size (ComfyUI-GGUF-style byte tensors) stream as their
+    raw bytes: homes and slots are laid out by `size()`, the Python attributes survive the rebinding."""
+    torch.manual_seed(0)
+    layers = []
+    for i in range(4):
+        q = gs.quantize_q8_0(torch.randn(64, 96) * 0.1)
+        raw = q.raw.reshape(64, -1)                         # [rows, bytes per row]
+        layers.append(_ByteLinear(_ByteWeight(raw.clone(), qtype=QT.Q8_0, logical_shape=(64, 96))))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 96)
+            self.blocks = nn.ModuleList(nn.Sequential(l, nn.Linear(64, 96)) for l in layers)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for b in self.blocks:
+                h = torch.tanh(b(h))
+            return h
+    m = M().eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref = m(x)
+    w0 = m.blocks[0][0].weight
+    assert tuple(w0.shape) == (64, 96) and tuple(w0.size()) == (64, 102)
+    pu = [PlacedUnit(ROOT, "M", 0, C, 0, "root")]
+    pu += [PlacedUnit(f"blocks.{i}", "Seq", stored_nbytes(m.blocks[i][0].weight) + 64 * 96 * 4, "cpu", i + 1)
+           for i in range(4)]
+    rt = apply(m, Plan(compute=C, units=pu, window_bytes=2 * 64 * 200 * 4), progress=False)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(x), ref)
+        w = m.blocks[2][0].weight
+        assert type(w) is _ByteWeight and w.qtype_ == QT.Q8_0 and tuple(w.size()) == (64, 102)
+        assert rt.deviations == 0
+    finally:
+        rt.undo()
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
