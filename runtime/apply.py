@@ -168,7 +168,7 @@ class Runtime:
         if window_units is None:
             # the planner sizes the window as n_slots x largest offloaded unit (compiler.cost.n_slots_for);
             # read it back the same way (slots carry a little alignment padding on top)
-            big = max((u.bytes for u in plan.units if u.name in self.index_set), default=0) or self.slot_bytes
+            big = self._largest_streamed()
             if plan.window_bytes and big:
                 window_units = max(1, int(plan.window_bytes // big))
             else:
@@ -186,14 +186,6 @@ class Runtime:
         self.pool = SlotPool(dev, W, self.slot_bytes) if n_units else None
         # params per unit (a GGUF parameter as its RawBinder: `.data = view` rebinds its blocks)
         self.P = [[_gs.binder(p) for _, p in streamed[n]] for n in self.units]
-        # views of each unit at the start of each slot (fallback loads); self.V (set by _group) holds
-        # them where the ring places the unit inside its item
-        self.V0 = [self.pool.views(self.homes[n].layout) for n in self.units] if n_units else []
-        self.V = self.V0
-        for i in range(n_units):       # GGUF parameters report the compute device, like bound dense ones
-            for b, v in zip(self.P[i], self.V0[i][0]):
-                if b is not _gs.param_of(b):
-                    _gs._retag_device(b.param, v)
         # streamed GGUF units: one dequantization launch per run of same-type tensors, into one scratch.
         # Default on for CUDA (saves ~40-80 us of host time per layer); off on a CPU, where the eager
         # dequantizer is faster layer by layer (cache-sized pieces) and there is no launch cost to save
@@ -206,11 +198,11 @@ class Runtime:
         if self.dq_scratch_bytes:
             from .store import alloc_flat
             self.dq_scratch = alloc_flat(self.dq_scratch_bytes, dev, pin=False)
-            for ud in self.UD:
-                if ud is not None:
-                    ud.bind(self.dq_scratch, self.pool.flats)
+        self.V0, self.dst = [], []
+        if n_units:
+            self._slot_views()
+        self.V = self.V0               # set per ring item by _group
         self.src = [self.homes[n].src for n in self.units]
-        self.dst = [[f[:self.homes[n].nbytes] for f in self.pool.flats] for n in self.units] if n_units else []
         self.nbytes = [self.homes[n].nbytes for n in self.units]
         self.home_dev = [home_of[n] for n in self.units]
         self.index = {n: i for i, n in enumerate(self.units)}
@@ -274,21 +266,37 @@ class Runtime:
             self.hooks.append(m.register_forward_pre_hook(self._make_pre(i)))
             self.hooks.append(m.register_forward_hook(self._make_post(i), always_call=True))
         if self.profile:
-            for n, m in unit_mods.items():
-                if n not in self.index:
-                    self.hooks.append(m.register_forward_pre_hook(self._make_prof_pre(n)))
-                    self.hooks.append(m.register_forward_hook(self._make_prof_post(n), always_call=True))
+            self._add_prof_hooks(self.hooks)
         module._distorch_runtime = self
         if n_units:
+            self._report_compute_device()
             self._prime()
-            if be.cuda:
-                # dense streamed parameters report the compute device from the start (code that picks
-                # the device of its inputs from a weight, e.g. ComfyUI's text encoders, must not pick the
-                # host): bound to a slot view now, to their real bytes when their unit runs
-                for i in range(n_units):
-                    for b, v in zip(self.P[i], self.V0[i][0]):
-                        if b is _gs.param_of(b):
-                            b.data = v
+
+    def _largest_streamed(self) -> int:
+        """The plan's largest streamed unit (its slot unit: window_bytes = slots x this), else the slot size."""
+        return max((u.bytes for u in self.plan.units if u.name in self.index_set), default=0) or self.slot_bytes
+
+    def _slot_views(self):
+        """Every unit's views at the start of every slot (fallback loads; `_group` derives the ring's
+        views from the pool), the copy targets, and the dequant runs' bytes in each slot."""
+        flats = self.pool.flats
+        self.V0 = [self.pool.views(self.homes[n].layout) for n in self.units]
+        self.dst = [[f[:self.homes[n].nbytes] for f in flats] for n in self.units]
+        if self.dq_scratch is not None:
+            for ud in self.UD:
+                if ud is not None:
+                    ud.bind(self.dq_scratch, flats)
+
+    def _report_compute_device(self):
+        """Streamed parameters report the compute device before their unit first runs: a GGUF one by its
+        device tag; on CUDA a dense one is bound to a view of slot 0 (its real bytes come when its unit
+        runs), since code may pick its inputs' device from a weight (ComfyUI's text encoders do)."""
+        for i in range(len(self.units)):
+            for b, v in zip(self.P[i], self.V0[i][0]):
+                if b is not _gs.param_of(b):
+                    _gs._retag_device(b.param, v)
+                elif self.be.cuda:
+                    b.data = v
 
     # ------------------------------------------------------------------ ring
     def _group(self):
@@ -363,10 +371,9 @@ class Runtime:
     def _span(self, a: int, b: int) -> int:
         return self.homes[self.units[b]].flat.data_ptr() + self.nbytes[b] - self.homes[self.units[a]].flat.data_ptr()
 
-    def _issue(self, q: int, s: int, hazard: bool):
-        """Copy ring item q (one or more units back to back) into slot s on its link's stream, after
-        slot s is free."""
-        link = self.glink[q]
+    def _copy(self, link, s: int, dst, src, name: str, nbytes: int, hazard: bool):
+        """src -> dst (a view of slot s) on `link`'s stream, after slot s is free (and, with `hazard`,
+        after the slot's last copy landed); `copied[s]` marks the end."""
         st = link.stream
         st.wait_event(self.done[s])
         if hazard:
@@ -376,36 +383,24 @@ class Runtime:
             if prof:
                 e0 = self.be.event(True)
                 e0.record(st)
-            link.copy(self.gdst[q][s], self.gsrc[q])
+            link.copy(dst, src)
             self.copied[s].record(st)
             if prof:
                 e1 = self.be.event(True)
                 e1.record(st)
-                self.trace.append(("copy:" + link.src, self.gname[q], e0, e1, self.steps))
-        self.content[s] = q
+                self.trace.append(("copy:" + link.src, name, e0, e1, self.steps))
         self.copies += 1
-        self.bytes_moved[link.src] += self.gbytes[q]
+        self.bytes_moved[link.src] += nbytes
+
+    def _issue(self, q: int, s: int, hazard: bool):
+        """Copy ring item q (one or more units back to back) into slot s."""
+        self._copy(self.glink[q], s, self.gdst[q][s], self.gsrc[q], self.gname[q], self.gbytes[q], hazard)
+        self.content[s] = q
 
     def _issue_unit(self, j: int, s: int):
-        """Fallback: copy unit j alone to the start of slot s, after slot s is free and its last copy landed."""
-        link = self.link_of[j]
-        st = link.stream
-        st.wait_event(self.done[s])
-        st.wait_event(self.copied[s])
-        prof = self.profile
-        with link.ctx():
-            if prof:
-                e0 = self.be.event(True)
-                e0.record(st)
-            link.copy(self.dst[j][s], self.src[j])
-            self.copied[s].record(st)
-            if prof:
-                e1 = self.be.event(True)
-                e1.record(st)
-                self.trace.append(("copy:" + link.src, self.units[j], e0, e1, self.steps))
+        """Fallback: copy unit j alone to the start of slot s (after the slot's last copy landed)."""
+        self._copy(self.link_of[j], s, self.dst[j][s], self.src[j], self.units[j], self.nbytes[j], True)
         self.content[s] = -1
-        self.copies += 1
-        self.bytes_moved[link.src] += self.nbytes[j]
 
     def _prime(self):
         self.g = 0
@@ -591,10 +586,7 @@ class Runtime:
         self.profile = True
         self.trace.clear()
         if not self._tune_profile:     # resident units have profiling hooks only with profile=True
-            for n, m in self._unit_mods.items():
-                if n not in self.index:
-                    self._tune_hooks.append(m.register_forward_pre_hook(self._make_prof_pre(n)))
-                    self._tune_hooks.append(m.register_forward_hook(self._make_prof_post(n), always_call=True))
+            self._add_prof_hooks(self._tune_hooks)
 
     def _tune_end(self, ok: bool):
         from . import stats as _stats
@@ -630,9 +622,7 @@ class Runtime:
                 times[e["unit"]] = times.get(e["unit"], 0.0) + d
             else:
                 copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + d
-        per_link: dict[str, int] = {}
-        for i in self.seq:
-            per_link[self.link_of[i].src] = per_link.get(self.link_of[i].src, 0) + self.nbytes[i]
+        per_link = _stats.bytes_per_link(self)
         rates = {k: per_link[k] / v for k, v in copy_s.items() if v > 0 and k in per_link}
         self._autotune_window(times, rates, step[0], gap)
 
@@ -657,7 +647,7 @@ class Runtime:
         for src, r in rates.items():
             inv.links[(src, plan.compute)] = r
         slot = self.pool.slot_bytes
-        big = max((u.bytes for u in placed if u.name in self.index), default=0) or slot
+        big = self._largest_streamed()
         cap = self.window_max_bytes
         cur = self.W * slot
         if self.be.cuda:
@@ -686,26 +676,16 @@ class Runtime:
         old = self.pool
         self.pool = SlotPool(dev, k, self.slot_bytes)
         old.release()
-        flats = self.pool.flats
         self.W = k
         self.copied[:] = [self.be.event() for _ in range(k)]
         self.done[:] = [self.be.event() for _ in range(k)]
         self.content = [-1] * k
         self.fb = 0
-        self.V0 = [self.pool.views(self.homes[n].layout) for n in self.units]
-        self.dst = [[f[:self.homes[n].nbytes] for f in flats] for n in self.units]
-        for ud in self.UD:
-            if ud is not None:
-                ud.bind(self.dq_scratch, flats)
+        self._slot_views()
         self._group()
         if self.plan.window_bytes is not None:
-            self.plan.window_bytes = k * (max((u.bytes for u in self.plan.units if u.name in self.index), default=0)
-                                          or self.slot_bytes)
-        if self.be.cuda:               # off the released pool (dense params: see __init__)
-            for i in range(len(self.units)):
-                for b, v in zip(self.P[i], self.V0[i][0]):
-                    if b is _gs.param_of(b):
-                        b.data = v
+            self.plan.window_bytes = k * self._largest_streamed()
+        self._report_compute_device()  # off the released pool
         self.primed = False
 
     # ------------------------------------------------------------------ profiling
@@ -720,6 +700,13 @@ class Runtime:
         self.trace.append(("compute", name, self._prof_e0, e, self.steps))
         if len(self.trace) > 20000:
             del self.trace[:10000]
+
+    def _add_prof_hooks(self, hooks: list):
+        """Event hooks on every unit the ring does not stream (its own units are timed by the ring's hooks)."""
+        for n, m in self._unit_mods.items():
+            if n not in self.index:
+                hooks.append(m.register_forward_pre_hook(self._make_prof_pre(n)))
+                hooks.append(m.register_forward_hook(self._make_prof_post(n), always_call=True))
 
     def _make_prof_pre(self, name):
         def pre(mod, args):

@@ -65,14 +65,19 @@ def unit_times(rt, steps: int | None = None) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in per.items()}
 
 
+def bytes_per_link(rt) -> dict[str, int]:
+    """Bytes one step moves over each link (the streamed units of the learned call order)."""
+    per_link: dict[str, int] = {}
+    for i in rt.seq if rt.n else ():
+        src = rt.link_of[i].src
+        per_link[src] = per_link.get(src, 0) + rt.nbytes[i]
+    return per_link
+
+
 def summarize(rt, last: int = 5) -> dict:
     """Per-step statistics: bytes per link, copy and stall time, measured vs predicted step time."""
     times = step_times(rt)[-last:] if rt.active else []
-    per_link: dict[str, int] = {}
-    if rt.n:
-        for i in rt.seq:
-            src = rt.link_of[i].src
-            per_link[src] = per_link.get(src, 0) + rt.nbytes[i]
+    per_link = bytes_per_link(rt)
     pred = rt.plan.predicted or {}
     d = {
         "steps": rt.steps,
