@@ -63,10 +63,9 @@ def flux_params(double: int, single: int) -> dict:
                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def make_flux_file(path: str, double: int, single: int, dev):
-    """Random bf16 Flux-dev-shaped weights with ComfyUI's own key names, built on `dev`, saved to `path`."""
+def flux_state_dict(double: int, single: int, dev) -> dict:
+    """Random bf16 Flux-dev-shaped weights with ComfyUI's own key names (its Flux class), on `dev`."""
     import torch
-    import safetensors.torch
     import comfy.ops
     from comfy.ldm.flux.model import Flux
     with torch.device("meta"):
@@ -74,17 +73,78 @@ def make_flux_file(path: str, double: int, single: int, dev):
                  **flux_params(double, single))
     m = m.to_empty(device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    sd = {}
     with torch.no_grad():
-        for k, v in m.state_dict().items():
+        for v in m.state_dict().values():
             v.normal_(0.0, 0.02, generator=g) if v.dtype.is_floating_point else v.zero_()
-            sd[k] = v.to("cpu")
-    del m
+    return dict(m.state_dict())
+
+
+def make_flux_file(path: str, double: int, single: int, dev):
+    """flux_state_dict(...) saved to `path` (a .safetensors file)."""
+    import safetensors.torch
+    sd = {k: v.to("cpu") for k, v in flux_state_dict(double, single, dev).items()}
     nbytes = sum(v.numel() * v.element_size() for v in sd.values())
     safetensors.torch.save_file(sd, path)
     del sd
     gc.collect()
     return nbytes
+
+
+def import_distorch():
+    """(adapter, nodes) of distorch.comfy_nodes; where distorch is not pip-installed (the GPU machine), the
+    repo root, which IS the package, is put on the path under the name distorch."""
+    try:
+        from distorch.comfy_nodes import adapter, nodes
+    except ImportError:
+        import tempfile
+        d = tempfile.mkdtemp(prefix="distorch_pkg_")
+        os.symlink(REPO, os.path.join(d, "distorch"))
+        sys.path.insert(0, d)
+        from distorch.comfy_nodes import adapter, nodes
+    return adapter, nodes
+
+
+def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool) -> dict:
+    """ComfyUI's sampler (euler, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it = median
+    step after the first (which includes loading), peak VRAM, the latent."""
+    import torch
+    import comfy.sample
+    times = []
+
+    def cb(step, x0, x, total_steps):
+        if not cpu:
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter())
+
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats(dev)
+    lat = comfy.sample.fix_empty_latent_channels(m, latent)
+    noise = comfy.sample.prepare_noise(lat, 42)
+    t0 = time.perf_counter()
+    out = comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", cond, cond, lat,
+                              callback=cb, disable_pbar=True, seed=42)
+    first = times[0] - t0
+    dts = [b - a_ for a_, b in zip(times, times[1:])]
+    sit = statistics.median(dts)
+    try:
+        peak = torch.cuda.max_memory_allocated(dev) if not cpu else 0
+    except Exception:
+        peak = 0
+    finite = bool(torch.isfinite(out).all())
+    say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load {first:.1f}s, "
+        f"peak {peak / GiB:.1f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
+    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "out": out}
+
+
+def write_result(text: str, out: str | None, default_name: str) -> str:
+    """The results table to `out` (default bench/results/<default_name>; under $OUT when set)."""
+    out = out or os.path.join(REPO, "bench", "results", default_name)
+    if os.environ.get("OUT"):
+        out = os.path.join(os.environ["OUT"], os.path.basename(out))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        fh.write(text)
+    return out
 
 
 # ComfyUI-MultiGPU v2.5.11 (DisTorch2, pageable donor memory), same model, same machine kind, measured
@@ -183,16 +243,8 @@ def main():
     cpu = a.device == "cpu"
     mm, nodes, folder_paths = boot(a.comfy, cpu)
     import torch
-    import comfy.sample
     import comfyui_version
-    try:
-        from distorch.comfy_nodes import adapter
-    except ImportError:                   # not pip-installed (the GPU machine): the repo root IS the package
-        import tempfile
-        d = tempfile.mkdtemp(prefix="distorch_pkg_")
-        os.symlink(REPO, os.path.join(d, "distorch"))
-        sys.path.insert(0, d)
-        from distorch.comfy_nodes import adapter
+    adapter, _ = import_distorch()
 
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
@@ -217,31 +269,7 @@ def main():
     latent = torch.zeros(1, 16, a.res // 8, a.res // 8)
 
     def run(m, label):
-        times = []
-
-        def cb(step, x0, x, total_steps):
-            if not cpu:
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter())
-
-        if not cpu:
-            torch.cuda.reset_peak_memory_stats(dev)
-        lat = comfy.sample.fix_empty_latent_channels(m, latent)
-        noise = comfy.sample.prepare_noise(lat, 42)
-        t0 = time.perf_counter()
-        out = comfy.sample.sample(m, noise, a.steps, 1.0, "euler", "simple", cond, cond, lat,
-                                  callback=cb, disable_pbar=True, seed=42)
-        first = times[0] - t0
-        dts = [b - a_ for a_, b in zip(times, times[1:])]
-        sit = statistics.median(dts)
-        try:
-            peak = torch.cuda.max_memory_allocated(dev) if not cpu else 0
-        except Exception:
-            peak = 0
-        finite = bool(torch.isfinite(out).all())
-        say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load {first:.1f}s, "
-            f"peak {peak / GiB:.1f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
-        return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "out": out}
+        return sample_timed(m, label, latent, cond, a.steps, dev, cpu)
 
     rows = []
     lora_rows = []
@@ -358,11 +386,7 @@ def main():
                   f"{100.0 * (r1 - r0) / r0:+.2f} %, device {(v1 - v0) / 2**20:+.0f} MiB."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = a.out or os.path.join(REPO, "bench", "results", f"comfy_{'cpu' if cpu else 'gpu'}.md")
-    if os.environ.get("OUT"):
-        out = os.path.join(os.environ["OUT"], os.path.basename(out))
-    with open(out, "w") as fh:
-        fh.write(text)
+    out = write_result(text, a.out, f"comfy_{'cpu' if cpu else 'gpu'}.md")
     import json
     with open(os.path.splitext(out)[0] + ".json", "w") as fh:
         json.dump({"gpu": gpu, "total_bytes": total, "cycles": cyc, "lora": lora_rows,

@@ -69,14 +69,7 @@ def main():
     import torch
     import comfy.sd
     import comfyui_version
-    try:
-        from distorch.comfy_nodes import adapter
-    except ImportError:
-        import tempfile
-        d = tempfile.mkdtemp(prefix="distorch_pkg_")
-        os.symlink(BC.REPO, os.path.join(d, "distorch"))
-        sys.path.insert(0, d)
-        from distorch.comfy_nodes import adapter
+    adapter, _ = BC.import_distorch()
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
     say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
@@ -147,12 +140,7 @@ def main():
                      f"{same} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = a.out or os.path.join(BC.REPO, "bench", "results", f"comfy_clip_{'cpu' if cpu else 'gpu'}.md")
-    if os.environ.get("OUT"):
-        out = os.path.join(os.environ["OUT"], os.path.basename(out))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(text)
+    BC.write_result(text, a.out, f"comfy_clip_{'cpu' if cpu else 'gpu'}.md")
 
 
 if __name__ == "__main__":

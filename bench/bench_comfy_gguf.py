@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -36,22 +35,6 @@ GiB = 1 << 30
 
 def say(*a):
     print("[bench_comfy_gguf %6.1fs]" % (time.perf_counter() - BC.T0), *a, file=sys.stderr, flush=True)
-
-
-def flux_state_dict(double: int, single: int, dev):
-    """Random bf16 Flux-dev-shaped weights with ComfyUI's key names, on `dev`."""
-    import torch
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-    with torch.device("meta"):
-        m = Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init,
-                 **BC.flux_params(double, single))
-    m = m.to_empty(device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for v in m.state_dict().values():
-            v.normal_(0.0, 0.02, generator=g) if v.dtype.is_floating_point else v.zero_()
-    return {k: v for k, v in m.state_dict().items()}
 
 
 def write_gguf_q8(sd: dict, path: str) -> tuple[int, int]:
@@ -93,23 +76,15 @@ def main():
     cpu = a.device == "cpu"
     mm, nodes, folder_paths = BC.boot(a.comfy, cpu)
     import torch
-    import comfy.sample
     import comfy.sd
     import comfyui_version
-    try:
-        from distorch.comfy_nodes import adapter, nodes as N
-    except ImportError:                   # the GPU machine: the repo root IS the package
-        import tempfile
-        d = tempfile.mkdtemp(prefix="distorch_pkg_")
-        os.symlink(BC.REPO, os.path.join(d, "distorch"))
-        sys.path.insert(0, d)
-        from distorch.comfy_nodes import adapter, nodes as N
+    adapter, N = BC.import_distorch()
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
     say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
 
     os.makedirs(a.model_dir, exist_ok=True)
-    sd = flux_state_dict(a.double, a.single, dev)
+    sd = BC.flux_state_dict(a.double, a.single, dev)
     bf16_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     fname = f"flux_q8_{a.double}x{a.single}.gguf"
     path = os.path.join(a.model_dir, fname)
@@ -125,25 +100,7 @@ def main():
     latent = torch.zeros(1, 16, a.res // 8, a.res // 8)
 
     def run(m, label):
-        times = []
-
-        def cb(step, x0, x, total_steps):
-            if not cpu:
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter())
-        if not cpu:
-            torch.cuda.reset_peak_memory_stats(dev)
-        lat = comfy.sample.fix_empty_latent_channels(m, latent)
-        noise = comfy.sample.prepare_noise(lat, 42)
-        t0 = time.perf_counter()
-        out = comfy.sample.sample(m, noise, a.steps, 1.0, "euler", "simple", cond, cond, lat,
-                                  callback=cb, disable_pbar=True, seed=42)
-        dts = [b - a_ for a_, b in zip(times, times[1:])]
-        sit = statistics.median(dts)
-        peak = torch.cuda.max_memory_allocated(dev) if not cpu else 0
-        say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load "
-            f"{times[0] - t0:.1f}s, peak {peak / GiB:.1f} GiB")
-        return {"s_it": sit, "first_s": times[0] - t0, "peak": peak, "steps": dts, "out": out}
+        return BC.sample_timed(m, label, latent, cond, a.steps, dev, cpu)
 
     rows = []
     # 1. bf16 resident (in memory, ComfyUI's own loader function)
@@ -219,12 +176,7 @@ def main():
                      f"{r.get('slots', '')} | {'' if same is None else ('yes' if same else 'NO')} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = a.out or os.path.join(BC.REPO, "bench", "results", f"comfy_gguf_{'cpu' if cpu else 'gpu'}.md")
-    if os.environ.get("OUT"):
-        out = os.path.join(os.environ["OUT"], os.path.basename(out))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(text)
+    out = BC.write_result(text, a.out, f"comfy_gguf_{'cpu' if cpu else 'gpu'}.md")
     say(f"wrote {out}")
 
 
