@@ -54,17 +54,10 @@ def with_background_copies(model, kw, reps, src, dst, chunk=256 << 20, seconds=N
 
 
 def profile_runtime(h, model, kw, steps=3):
+    """bench_stream.profiled_steps, plus the last step's compute per unit."""
     from distorch.runtime import stats as rstats
-    rt = h.runtime
-    rt.trace.clear()
-    rt.profile = True
-    try:
-        bs.run_steps(model, kw, 0, steps)
-        st = rstats.summarize(rt, last=steps)
-        ut = rstats.unit_times(rt, steps=1)
-    finally:
-        rt.profile = False
-    return st, ut
+    st, _ = bs.profiled_steps(h.runtime, model, kw, steps)
+    return st, rstats.unit_times(h.runtime, steps=1)
 
 
 def main(argv=None):

@@ -187,15 +187,7 @@ def link_probe(dev, sizes=(150_000_000, 360_000_000), total=3 * GiB) -> dict:
 
 def profile_steps(rt, model, kw, steps: int = 3) -> dict:
     """A few steps with the runtime's profiling on: copy/compute/stall/host per step."""
-    from distorch.runtime import stats as rstats
-    rt.trace.clear()
-    rt.profile = True
-    try:
-        BS.run_steps(model, kw, 0, steps)
-        st = rstats.summarize(rt, last=steps)
-        tl = rstats.timeline(rt, steps=1)
-    finally:
-        rt.profile = False
+    st, tl = BS.profiled_steps(rt, model, kw, steps)
     streamed = sum(st["bytes_per_step"].values())
     d = {k: st.get(k) for k in ("copy_s", "compute_busy_s", "stall_s", "measured_host_s", "measured_step_s")}
     if st.get("copy_s"):

@@ -123,6 +123,22 @@ def run_steps(model, kw, warmup: int, reps: int):
     return statistics.median(ts), ts, out, wall
 
 
+def profiled_steps(rt, model, kw, steps: int = 3):
+    """`steps` more steps with the runtime's profiling on (events around every copy and unit, not in any
+    timed step): (runtime.stats.summarize over them, the last step's timeline).  rt.trace keeps the events
+    (runtime.stats.unit_times reads them)."""
+    from distorch.runtime import stats as rstats
+    rt.trace.clear()
+    rt.profile = True
+    try:
+        run_steps(model, kw, 0, steps)
+        st = rstats.summarize(rt, last=steps)
+        tl = rstats.timeline(rt, steps=1)
+    finally:
+        rt.profile = False
+    return st, tl
+
+
 def pinned_bw(dev: str, nbytes: int = 2 * GiB, reps: int = 8) -> float:
     """Best pinned host->GPU copy rate of `reps` copies of `nbytes` (the floor uses the best the link gives)."""
     if _CPU:
