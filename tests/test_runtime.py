@@ -673,6 +673,35 @@ def _mixed_plan(m, window_units):
     return Plan(compute=C, units=pu, window_bytes=window_units * max(u.bytes for u in pu)), names
 
 
+def _mixed_case(seed, window_units):
+    """A seeded Mixed model, an input, its resident output, and a plan streaming every unit."""
+    torch.manual_seed(seed)
+    m = Mixed().eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ref = m(x)
+    plan, names = _mixed_plan(m, window_units)
+    return m, x, ref, plan, names
+
+
+def _mixed_by_hand(m, x, reverse_singles=False):
+    """Mixed's forward written out, calling the units outside the module's own forward."""
+    h = m.e3(torch.tanh(m.e2(m.e1(x))))
+    for b in m.blocks:
+        h = h + b(h)
+    for s in (reversed(m.singles) if reverse_singles else m.singles):
+        h = torch.tanh(s(h))
+    return m.h2(m.h1(h))
+
+
+def _mixed_times(edge, block, single):
+    """Compute seconds per unit of Mixed: embedders and head `edge`, blocks `block`, singles `single`."""
+    times = {n: edge for n in ("e1", "e2", "e3", "h1", "h2")}
+    times.update({f"blocks.{i}": block for i in range(3)})
+    times.update({f"singles.{i}": single for i in range(4)})
+    return times
+
+
 def test_stream_groups_pack_consecutive_units_within_a_slot():
     from distorch.compiler.cost import stream_groups
     assert stream_groups([256, 256, 1024, 512, 256, 512, 256], 1024) == [[0, 1], [2], [3, 4], [5, 6]]
@@ -684,12 +713,7 @@ def test_stream_groups_pack_consecutive_units_within_a_slot():
 
 
 def test_ring_items_group_small_units_bit_identical_and_one_copy_each():
-    torch.manual_seed(0)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = m(x)
-    plan, names = _mixed_plan(m, 3)
+    m, x, ref, plan, names = _mixed_case(0, 3)
     rt = apply(m, plan, progress=False)
     try:
         items = [[rt.units[i] for i in it] for it in rt.gitems]
@@ -749,12 +773,7 @@ def test_ring_items_regroup_after_order_change_and_partial_item():
 
 
 def test_ring_items_never_span_a_resident_unit():
-    torch.manual_seed(2)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = m(x)
-    plan, names = _mixed_plan(m, 3)
+    m, x, ref, plan, names = _mixed_case(2, 3)
     keep = {"singles.1", "e2"}
     for u in plan.units:
         if u.name in keep:
@@ -788,19 +807,12 @@ def test_autotune_grows_the_ring_when_measured_times_need_it():
     """Measured times with Flux's shape (big units whose copy outlasts their compute, then small units
     that compute longer than they copy): more slots let the link bank copies; the ring grows and the
     outputs stay bit-identical."""
-    torch.manual_seed(3)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = m(x)
-    plan, names = _mixed_plan(m, 2)
+    m, x, ref, plan, names = _mixed_case(3, 2)
     rt = apply(m, plan, progress=False, autotune=False)
     try:
         assert rt.W == 2
         big = max(rt.nbytes)
-        times = {n: 0.0 for n in ("e1", "e2", "e3", "h1", "h2")}
-        times.update({f"blocks.{i}": 0.5 for i in range(3)})
-        times.update({f"singles.{i}": 0.8 for i in range(4)})
+        times = _mixed_times(0.0, 0.5, 0.8)
         res = rt._autotune_window(times, {"cpu": big / 1.0}, step_s=sum(times.values()))
         assert res["slots_before"] == 2 and res["slots"] > 2
         p = res["predicted_by_slots"]
@@ -819,12 +831,7 @@ def test_autotune_grows_the_ring_when_measured_times_need_it():
 
 
 def test_autotune_measures_one_step_and_keeps_outputs():
-    torch.manual_seed(4)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = m(x)
-    plan, _ = _mixed_plan(m, 2)
+    m, x, ref, plan, _ = _mixed_case(4, 2)
     rt = apply(m, plan, progress=False, autotune=True)
     try:
         with torch.no_grad():
@@ -846,9 +853,7 @@ def test_autotune_adds_the_time_between_steps_without_buying_slots_for_it():
     torch.manual_seed(5)
     m = Mixed().eval()
     plan, _ = _mixed_plan(m, 2)
-    times = {n: 0.01 for n in ("e1", "e2", "e3", "h1", "h2")}
-    times.update({f"blocks.{i}": 0.5 for i in range(3)})          # copy 1.0 s each: copy-bound
-    times.update({f"singles.{i}": 0.01 for i in range(4)})
+    times = _mixed_times(0.01, 0.5, 0.01)                       # blocks copy 1.0 s each: copy-bound
     res = []
     for gap in (0.0, 2.0):
         rt = apply(m, plan, progress=False, autotune=False)
@@ -864,12 +869,7 @@ def test_autotune_adds_the_time_between_steps_without_buying_slots_for_it():
 
 
 def test_undo_while_autotune_measures_leaves_no_hooks():
-    torch.manual_seed(6)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    with torch.no_grad():
-        ref = m(x)
-    plan, _ = _mixed_plan(m, 2)
+    m, x, ref, plan, _ = _mixed_case(6, 2)
     for u in plan.units:                      # a resident unit gets a temporary profiling hook
         if u.name == "singles.1":
             u.device = C
@@ -891,42 +891,27 @@ def test_units_called_outside_the_forward_stream_once_their_period_repeats():
     """A wrapper that calls the units itself (ComfyUI's CLIP encode calls the inner encoder, not the
     compiled module): the first pass loads each unit on demand, the calls' period is learned when the
     first unit comes again, and from then on the units stream like a forward, bit-identically."""
-    torch.manual_seed(7)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-    order = ["e1", "e2", "e3", "blocks.0", "blocks.1", "blocks.2", "singles.0", "singles.1", "singles.2",
-             "singles.3", "h1", "h2"]
-
-    def by_hand(x, names):
-        h = torch.tanh(m.e2(m.e1(x)))
-        h = m.e3(h)
-        for b in m.blocks:
-            h = h + b(h)
-        for s in (m.singles if names is order else reversed(m.singles)):
-            h = torch.tanh(s(h))
-        return m.h2(m.h1(h))
+    m, x, ref_fwd, plan, order = _mixed_case(7, 3)
     with torch.no_grad():
-        ref = by_hand(x, order)
-        ref_rev = by_hand(x, None)
-        ref_fwd = m(x)
-    plan, _ = _mixed_plan(m, 3)
+        ref = _mixed_by_hand(m, x)
+        ref_rev = _mixed_by_hand(m, x, reverse_singles=True)
     rt = apply(m, plan, progress=False, autotune=False)
     try:
         with torch.no_grad():
-            assert torch.equal(by_hand(x, order), ref)          # first pass: on-demand loads, recorded
+            assert torch.equal(_mixed_by_hand(m, x), ref)          # first pass: on-demand loads, recorded
             f1 = rt.fallback_loads
             assert f1 == len(order) and not rt.free_run
             for _ in range(3):
-                assert torch.equal(by_hand(x, order), ref)
+                assert torch.equal(_mixed_by_hand(m, x), ref)
             assert rt.free_run and rt.fallback_loads == f1      # the period repeated: streamed since
             assert [rt.units[i] for i in rt.seq] == order
             # another period: one pass of on-demand loads (from the first unexpected call), then streamed
             d0 = rt.deviations
             for _ in range(3):
-                assert torch.equal(by_hand(x, None), ref_rev)
+                assert torch.equal(_mixed_by_hand(m, x, reverse_singles=True), ref_rev)
             f2 = rt.fallback_loads
             assert rt.deviations > d0 and rt.free_run
-            assert torch.equal(by_hand(x, None), ref_rev)
+            assert torch.equal(_mixed_by_hand(m, x, reverse_singles=True), ref_rev)
             assert rt.fallback_loads == f2
             # the module's own forward takes over again
             for _ in range(3):
@@ -940,25 +925,14 @@ def test_free_run_survives_invalidate_and_undo_of_slots_content():
     """Homes rewritten between calls (a LoRA change, ComfyUI reloading the model: invalidate()) while the
     runtime streams calls made outside the forward: the next calls must see the new weights, not a slot's
     old bytes."""
-    torch.manual_seed(8)
-    m = Mixed().eval()
-    x = torch.randn(4, 8)
-
-    def by_hand(x):
-        h = m.e3(torch.tanh(m.e2(m.e1(x))))
-        for b in m.blocks:
-            h = h + b(h)
-        for s in m.singles:
-            h = torch.tanh(s(h))
-        return m.h2(m.h1(h))
+    m, x, _, plan, _ = _mixed_case(8, 3)
     with torch.no_grad():
-        ref = by_hand(x)
-    plan, _ = _mixed_plan(m, 3)
+        ref = _mixed_by_hand(m, x)
     rt = apply(m, plan, progress=False, autotune=False)
     try:
         with torch.no_grad():
             for _ in range(3):
-                assert torch.equal(by_hand(x), ref)
+                assert torch.equal(_mixed_by_hand(m, x), ref)
             assert rt.free_run
             # rewrite a streamed unit's weights in its home (what a LoRA patch does), then invalidate
             views = rt.home_views()
@@ -968,20 +942,20 @@ def test_free_run_survives_invalidate_and_undo_of_slots_content():
             with torch.no_grad():
                 m.blocks[1][0].weight.data = views[id(w)]        # the reference model, by hand
             rt.undo()
-            ref2 = by_hand(x)
+            ref2 = _mixed_by_hand(m, x)
             rt = apply(m, plan, progress=False, autotune=False)
             for _ in range(3):
-                assert torch.equal(by_hand(x), ref2)
+                assert torch.equal(_mixed_by_hand(m, x), ref2)
             assert rt.free_run
             views = rt.home_views()
             views[id(m.blocks[0][0].weight)].mul_(2.0)          # a unit the ring has already prefetched
             rt.invalidate()
-            outs = [by_hand(x) for _ in range(3)]
+            outs = [_mixed_by_hand(m, x) for _ in range(3)]
         assert not torch.equal(outs[0], ref2)
         assert all(torch.equal(o, outs[0]) for o in outs)
         rt.undo()
         with torch.no_grad():
-            assert torch.equal(by_hand(x), outs[0])
+            assert torch.equal(_mixed_by_hand(m, x), outs[0])
     finally:
         if rt.active:
             rt.undo()
