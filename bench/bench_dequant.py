@@ -3,7 +3,7 @@
     PYTHONPATH=<dir holding the package as distorch> python bench/bench_dequant.py [--types Q8_0,Q4_K]
 
 For each type: one Flux-size layer (3072 x 12288, random valid blocks) dequantized to bf16 by each
-backend of runtime.dequant: the hand-written Triton kernel (default on CUDA; several tile sizes for
+backend of formats.dequant: the hand-written Triton kernel (default on CUDA; several tile sizes for
 the common types), the torch code compiled by torch.compile, and the eager torch code.  Throughput =
 (blocks read + bf16 written) / device time, beside a large device-to-device copy (read + write).
 Device time is taken with CUDA events while the GPU is kept busy ahead of the host (a sleep kernel
@@ -32,7 +32,7 @@ import time
 import torch
 
 try:
-    from distorch.runtime import dequant as dq
+    from distorch.formats import dequant as dq
 except ImportError:  # pragma: no cover - run from a checkout whose folder is not named distorch
     sys.exit("put the folder holding this package (as `distorch`) on PYTHONPATH")
 from gguf import GGMLQuantizationType as QT
@@ -128,7 +128,7 @@ def cuda_module_check() -> str:
     """GGUFTensor parameters through nn.Module.to('cuda'), GGUF ops, and the per-call CPU->GPU path."""
     try:
         import torch.nn as nn
-        from distorch.runtime.gguf_tensor import GGUFTensor, gguf_ops
+        from distorch.formats.gguf_tensor import GGUFTensor, gguf_ops
         out = []
         for qt in (QT.Q8_0, QT.Q4_K):
             bsz, _ = dq.BLOCK_SIZES[qt]
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             y = y_comp
             if have_triton:
                 best = None
-                for tile in (tiles if qt in COMMON else [dq._TRITON_TILE]):
+                for tile in (tiles if qt in COMMON else [dq._TRITON.TILE]):
                     r = raw
                     f = (lambda r=r, tile=tile: dq._triton_run(qt, r, torch.bfloat16, tile=tile))
                     f()
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if any(tile_best.values()):
         notes.append("- Triton tile (weights per program) vs device time summed over the common types: " +
                      ", ".join(f"{t}: {sum(v) * 1e6:.0f} us" for t, v in tile_best.items() if v) +
-                     f" (default tile {dq._TRITON_TILE})")
+                     f" (default tile {dq._TRITON.TILE})")
     # small-tensor cost of one call (the runtime calls it per weight per step)
     try:
         small = random_blocks(QT.Q8_0, 3072 * 3072 // 32, device, gen)

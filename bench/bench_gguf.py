@@ -3,8 +3,8 @@
 Model: diffusers FluxTransformer2DModel default config (guidance_embeds=True; 19 + 38 blocks), built on
 meta, to_empty on the GPU, random bf16 weights (bench_stream's setup).  Every nn.Linear whose
 in_features is a multiple of 256 gets GGUF weights (x_embedder, 64 inputs, stays bf16; biases and norms
-stay bf16): Q8_0 quantized from the bf16 weights in torch on the GPU (runtime.gguf_stream.quantize_q8_0),
-Q4_K random valid blocks built on the GPU (gguf_stream.random_blocks).  The layers become GGUF ops
+stay bf16): Q8_0 quantized from the bf16 weights in torch on the GPU (formats.testing.quantize_q8_0),
+Q4_K random valid blocks built on the GPU (formats.testing.random_blocks).  The layers become GGUF ops
 (dequantize on the compute device at every call).
 
 Methods (one process; compare only numbers of the same run):
@@ -76,12 +76,13 @@ def block_graph(model):
 
 def requantize(model, qtype, gen):
     """GGUF weights of every GGUF layer replaced by random valid `qtype` blocks (same shapes)."""
+    from distorch.formats import testing as ft
     from distorch.runtime import gguf_stream as gs
     n = 0
     for _, m in model.named_modules():
         w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
         if w is not None and gs.is_gguf(w):
-            g = gs.random_blocks(qtype, tuple(w.shape), device=w.raw.device, generator=gen, dtype=w.dtype,
+            g = ft.random_blocks(qtype, tuple(w.shape), device=w.raw.device, generator=gen, dtype=w.dtype,
                                  name=w.gguf_name)
             m._parameters["weight"] = torch.nn.Parameter(g, requires_grad=False)
             n += 1
@@ -117,7 +118,7 @@ class ComfyStyle:
     @staticmethod
     def _override(module, name, t, device, dtype):
         from distorch.runtime import gguf_stream as gs
-        from distorch.runtime.dequant import dequantize
+        from distorch.formats.dequant import dequantize
         if gs.is_gguf(t):
             raw = t.raw.to(device, non_blocking=False)          # synchronous copy, every call
             return dequantize(raw, t.qtype, t.shape, dtype or t.dtype, check=False)
@@ -217,7 +218,8 @@ def main(argv=None):
     BS._CPU = a.device == "cpu"
     dev = "cpu:0" if BS._CPU else "cuda:0"
     from distorch.compiler.plan import Plan, PlacedUnit
-    from distorch.runtime import dequant as dq
+    from distorch.formats import dequant as dq
+    from distorch.formats import testing as ft
     from distorch.runtime import gguf_stream as gs
     from distorch.runtime import stats as rstats
     from distorch.runtime.apply import apply
@@ -271,8 +273,8 @@ def main(argv=None):
     for qt in [q.strip() for q in a.qtypes.split(",") if q.strip()]:
         tq = time.perf_counter()
         if first:
-            n = gs.quantize_module(model, qt, min_in=256, generator=gen, progress=True) if qt == "Q8_0" else \
-                gs.quantize_module(model, "Q8_0", min_in=256, progress=True) and requantize(model, qt, gen)
+            n = ft.quantize_module(model, qt, min_in=256, generator=gen, progress=True) if qt == "Q8_0" else \
+                ft.quantize_module(model, "Q8_0", min_in=256, progress=True) and requantize(model, qt, gen)
             first = False
         else:
             n = requantize(model, qt, gen)

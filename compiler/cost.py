@@ -17,20 +17,25 @@ copy per unit, its weights gathered in one flat pinned buffer).
 `simulate` replays the step as the runtime executes it: one compute stream running the units in
 order; one copy engine per link (src -> compute), FIFO in execution order; a window of equal slots on the
 compute device, each the size of the largest offloaded unit (n_slots = window_bytes // largest, at most
-one per ring item), used as a ring exactly like runtime/apply.py: the offloaded units form a periodic
-sequence packed into ring items (`stream_groups`: units from one home that run back to back and fit one
-slot together share one copy), item g runs from slot g % n_slots, and the copy of item g + n_slots is issued
-when item g's last unit has computed (for the first items of a step that item belongs to the previous
-step: prefetch wraps across the step boundary; see slot_gates); a copy starts when it is issued and its
-link is free.  A unit computes when the previous unit is done and its item's copy has landed.  Several steps are simulated (the first starts cold) and the last
-is reported.  The reported step time is never below the floor max(compute, bytes_l / bandwidth_l).
+one per ring item), used as a ring exactly like runtime/ring.py, with the geometry of
+compiler/ring_layout.py: the offloaded units form a periodic sequence packed into ring items
+(`stream_groups`: units from one home that run back to back and fit one slot together share one copy),
+item g runs from slot g % n_slots, and the copy of item g + n_slots is issued when item g's last unit has
+computed (for the first items of a step that item belongs to the previous step: prefetch wraps across
+the step boundary; see slot_gates); a copy starts when it is issued and its link is free.  A unit
+computes when the previous unit is done and its item's copy has landed.  Several steps are simulated
+(the first starts cold) and the last is reported.  The reported step time is never below the floor
+max(compute, bytes_l / bandwidth_l).
+
+`best_window` is the runtime's autotune policy: given measured unit times and link rates, the slot count.
 """
 from __future__ import annotations
 
-from .graph import Unit
+from .graph import ROOT, Unit
+from .inventory import Inventory
+from .ring_layout import item_keys, n_slots_for, slot_gates, stream_groups
 
 COPY_FIXED_S = 5e-6
-GROUP_ALIGN = 256      # runtime.store.ALIGN: homes sit in their arena at 256-byte boundaries
 FALLBACK_FLOPS_PER_BYTE = 4096.0
 DEFAULT_STEPS = 3
 
@@ -54,60 +59,23 @@ def unit_transfer_s(nbytes: int, src: str, dst: str, inventory) -> float:
     return nbytes / inventory.bandwidth(src, dst) + COPY_FIXED_S
 
 
-def n_slots_for(window_bytes: int, offloaded_sizes: list[int]) -> int:
-    """Slots a window of `window_bytes` holds: equal slots the size of the largest offloaded unit."""
-    if not offloaded_sizes:
-        return 0
-    big = max(offloaded_sizes)
-    if big <= 0:
-        return len(offloaded_sizes)
-    return min(len(offloaded_sizes), int(window_bytes // big))
+# Dequantization of GGUF weights (bench/results/dequant_h100.md, H100, Triton backend): throughput of
+# the kernel as a fraction of the device's copy bandwidth (read + write), counting blocks read + bf16
+# written; 3072 x 12288 layer on an H100 (copy 3025 GB/s).  By GGML type name; plain types (F16 ...)
+# cost a cast at copy bandwidth.
+DEQUANT_EFFICIENCY: dict[str, float] = {
+    "Q8_0": 0.91, "Q4_K": 0.82, "Q5_K": 0.67, "Q6_K": 0.66, "Q4_0": 0.96, "Q5_0": 0.89,
+    "Q5_1": 0.89, "Q4_1": 0.92, "Q3_K": 0.58, "Q2_K": 0.96, "IQ4_NL": 0.91, "IQ4_XS": 0.86,
+}
+DEQUANT_HOST_S = 60e-6     # Python cost of one dequantize() call on the host (Triton launch + checks)
 
 
-def slot_gates(m: int, n_slots: int) -> list[tuple[int, int]]:
-    """Ring of n_slots slots over the periodic sequence of the m offloaded units of a step: item
-    g = step * m + k runs from slot g % n_slots, and its copy is issued right after item g - n_slots
-    has computed.  Returns, per k, that trigger as (step offset, k'): offset -1 = the previous step
-    (prefetch wrapping across the step boundary).  Triggers are increasing in k, so copies are issued
-    in execution order."""
-    if m == 0:
-        return []
-    n = max(1, min(n_slots, m))
-    return [(0, k - n) if k >= n else (-1, k - n + m) for k in range(m)]
-
-
-def _align(n: int) -> int:
-    return (n + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
-
-
-def stream_groups(sizes: list[int], slot_bytes: int, keys: list | None = None) -> list[list[int]]:
-    """Pack consecutive streamed units (positions 0..m-1 in call order) into ring items: a unit joins the
-    previous one's item while the item's bytes (each unit's home aligned to GROUP_ALIGN) stay within
-    `slot_bytes` and `keys` (the home device) match.  Both runtime/apply.py and `simulate` use this, so
-    the ring holds items of about one slot each: small units (embedders, a final norm) travel together
-    instead of taking a slot, and so a share of the ring's look-ahead, each.  Returns [[positions]]."""
-    groups: list[list[int]] = []
-    used = 0
-    for k, b in enumerate(sizes):
-        if groups and used + b <= slot_bytes and (keys is None or keys[k] == keys[groups[-1][-1]]):
-            groups[-1].append(k)
-            used = _align(used + b)
-        else:
-            groups.append([k])
-            used = _align(b)
-    return groups
-
-
-def item_keys(homes: list, orders: list[int]) -> list:
-    """Keys for stream_groups: units may share a ring item only when they come from the same home and
-    run back to back (no unit kept on the compute device runs between them: its compute would sit
-    between the item's units while the item holds the slot and its copy delays the first of them)."""
-    keys, run = [], 0
-    for k, (h, o) in enumerate(zip(homes, orders)):
-        if k and o != orders[k - 1] + 1:
-            run += 1
-        keys.append((h, run))
-    return keys
+def dequant_seconds(qtype, stored_bytes: int, dense_bytes: int, *, copy_bw: float = 3.0e12) -> float:
+    """Predicted device time to dequantize tensors of GGML type `qtype` (name, or an enum with .name)
+    holding `stored_bytes` of blocks into `dense_bytes` of output, on a device whose device-to-device
+    copy moves `copy_bw` bytes/s (read + write counted): (stored + dense) / (efficiency * copy_bw)."""
+    eff = DEQUANT_EFFICIENCY.get(getattr(qtype, "name", qtype), 1.0)
+    return (stored_bytes + dense_bytes) / (eff * copy_bw)
 
 
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,
@@ -211,3 +179,32 @@ def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, in
     return {"step_s": step, "compute_s": compute_s, "stall_s": step - compute_s if step > compute_s else 0.0,
             "overhead_s": step - compute_s, "floor_s": floor, "per_link_bytes": per_link_bytes,
             "per_link_s": per_link_s, "n_slots": n_slots, "offloaded_bytes": sum(sizes)}
+
+
+WINDOW_GAIN = 0.01     # best_window takes the fewest slots within 1 % of the best step
+
+
+def best_window(plan, times: dict, rates: dict, step_s: float, *, unit_bytes: int, current: int, limit: int,
+                gap_s: float = 0.0) -> tuple[int, dict]:
+    """The runtime's autotune policy: the slot count for `plan` from measured times.
+
+    times: unit name -> measured compute seconds per step (ROOT gets the rest of `step_s`); rates:
+    home device -> measured bytes/s of its link to the compute device; unit_bytes: one slot's share of
+    the window (the largest streamed unit); current: the slots the ring has; limit: the most it may get
+    (memory, MAX_SLOTS, ring items).  Simulates every count from 1 to max(limit, current), adds `gap_s`
+    (the measured GPU time between steps, which no slot count buys back: no copy is issued while the host
+    is away) to each, and returns (k, {count: predicted step seconds}): the fewest slots, never fewer than
+    `current`, within WINDOW_GAIN of the best."""
+    placed = sorted(plan.units, key=lambda u: u.order)
+    root_t = max(0.0, step_s - sum(times.values()))
+    units = [Unit(u.name, u.type, param_bytes=u.bytes, kind=u.kind,
+                  time_s=root_t if u.name == ROOT else times.get(u.name, 0.0)) for u in placed]
+    homes = {u.name: u.device for u in placed}
+    inv = Inventory(source="measured")
+    for src, r in rates.items():
+        inv.links[(src, plan.compute)] = r
+    pred = {k: simulate(units, homes, plan.compute, inv, k * unit_bytes)["step_s"] + gap_s
+            for k in range(1, max(limit, current) + 1)}
+    best = min(pred[k] for k in pred if k >= current)
+    k = min(k for k in pred if k >= current and pred[k] <= best * (1 + WINDOW_GAIN))
+    return k, pred

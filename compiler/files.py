@@ -8,222 +8,31 @@ known architectures; `graph_from_file(path_or_builtin)` does both, or uses a bui
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
-from dataclasses import dataclass
 
-from ..errors import DisTorchError, FileFormatError
-from .graph import ModuleGraph, Unit
+from ..errors import DisTorchError
+from ..formats.gguf_reader import read_gguf_header
+from ..formats.safetensors import read_safetensors_header
+from ..formats.tensor_info import TensorInfo
+from . import shapes
+from .graph import ROOT, ModuleGraph, Unit
 
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 GGUF_EXTS = (".gguf",)
 SUPPORTED_EXTS = SAFETENSORS_EXTS + GGUF_EXTS
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str                 # key as stored in the file
-    shape: tuple              # torch order (outermost first); GGUF dims are reversed to match
-    dtype_str: str            # "BF16", "F16", "F32", "F8_E4M3" (safetensors) / "Q8_0", "F16" (GGUF)
-    nbytes: int               # bytes as stored (quantized size for GGUF)
-    offset: int = 0           # absolute byte offset of the data in the file (0 for built-in shapes)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-# --- safetensors ------------------------------------------------------------------------------
-# bits per element (sub-byte types are packed)
-_ST_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
-    "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "C64": 64,
-    "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
-}
-_ST_MAX_HEADER = 100 * 1000 * 1000  # the safetensors format caps its header at 100 MB
-
-
-def _read_safetensors(path: str) -> list[TensorInfo]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FileFormatError(f"{path}: truncated safetensors file ({size} bytes; a valid file starts "
-                                  f"with an 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise FileFormatError(f"{path}: safetensors header length {n} runs past the end of the file "
-                                  f"({size} bytes): the file is truncated or not a safetensors file")
-        if n > _ST_MAX_HEADER:
-            raise FileFormatError(f"{path}: safetensors header length {n} exceeds the format's 100 MB limit")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise FileFormatError(f"{path}: safetensors header is not a JSON object")
-    base = 8 + n
-    data_len = size - base
-    infos: list[TensorInfo] = []
-    spans = []
-    for name, ent in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = str(ent["dtype"])
-            shape = tuple(int(d) for d in ent["shape"])
-            b, e = (int(x) for x in ent["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FileFormatError(f"{path}: tensor {name!r} has a malformed header entry {ent!r} "
-                                  f"(needs dtype, shape, data_offsets)") from None
-        if b < 0 or e < b or any(d < 0 for d in shape):
-            raise FileFormatError(f"{path}: tensor {name!r} has invalid data_offsets [{b}, {e}] or shape {shape}")
-        if e > data_len:
-            raise FileFormatError(f"{path}: tensor {name!r} data [{b}, {e}) lies beyond the end of the file "
-                                  f"(data section holds {data_len} bytes): the file is truncated")
-        bits = _ST_BITS.get(dtype)
-        if bits is not None:
-            want = (math.prod(shape) * bits + 7) // 8
-            if want != e - b:
-                raise FileFormatError(f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) needs {want} bytes "
-                                      f"but its data_offsets span {e - b}")
-        infos.append(TensorInfo(name, shape, dtype, e - b, base + b))
-        spans.append((b, e, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FileFormatError(f"{path}: tensor {n1!r} data [{b1}, {e1}) overlaps tensor {n0!r} [{b0}, {e0})")
-    return infos
-
-
-# --- gguf -------------------------------------------------------------------------------------
-# GGUF metadata value types -> struct format (fixed-size ones)
-_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _Reader:
-    def __init__(self, f, path: str, size: int):
-        self.f, self.path, self.size = f, path, size
-
-    def read(self, n: int, what: str) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise FileFormatError(f"{self.path}: truncated GGUF header while reading {what} "
-                                  f"(file is {self.size} bytes)")
-        return b
-
-    def unpack(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self.read(struct.calcsize("<" + fmt), what))
-
-    def string(self, what: str) -> str:
-        (n,) = self.unpack("Q", what)
-        if n > self.size:
-            raise FileFormatError(f"{self.path}: corrupt GGUF header: {what} claims a length of {n} bytes")
-        return self.read(n, what).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int, what: str):
-        if vtype in _GGUF_SCALAR:
-            return self.unpack(_GGUF_SCALAR[vtype], what)[0]
-        if vtype == _GGUF_STRING:
-            return self.string(what)
-        if vtype == _GGUF_ARRAY:
-            etype, count = self.unpack("IQ", what)
-            if etype in _GGUF_SCALAR:  # skip fixed-size arrays in one read
-                sz = struct.calcsize("<" + _GGUF_SCALAR[etype]) * count
-                if sz > self.size:
-                    raise FileFormatError(f"{self.path}: corrupt GGUF header: array {what} of {count} items")
-                self.read(sz, what)
-                return None
-            if count > self.size:
-                raise FileFormatError(f"{self.path}: corrupt GGUF header: array {what} of {count} items")
-            for _ in range(count):
-                self.value(etype, what)
-            return None
-        raise FileFormatError(f"{self.path}: corrupt GGUF header: unknown metadata type {vtype} for {what}")
-
-
-def _ggml_types():
-    try:
-        import gguf
-        return {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType
-                if t in gguf.GGML_QUANT_SIZES}
-    except Exception:  # pragma: no cover - gguf is a dependency; keep the common types working without it
-        return {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
-                2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24)}
-
-
-def read_gguf(path: str) -> tuple[list[TensorInfo], dict]:
-    """Tensor infos and the scalar/string metadata of a GGUF file (header only)."""
-    size = os.path.getsize(path)
-    types = _ggml_types()
-    with open(path, "rb") as f:
-        r = _Reader(f, path, size)
-        magic = r.read(4, "magic")
-        if magic != b"GGUF":
-            raise FileFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        (version,) = r.unpack("I", "version")
-        if version not in (2, 3):
-            hint = " (a big-endian file? only little-endian GGUF is supported)" if version in (2 << 24, 3 << 24) else ""
-            raise FileFormatError(f"{path}: unsupported GGUF version {version} (supported: 2, 3){hint}")
-        n_tensors, n_kv = r.unpack("QQ", "tensor/metadata counts")
-        if n_tensors > size or n_kv > size:
-            raise FileFormatError(f"{path}: corrupt GGUF header: {n_tensors} tensors, {n_kv} metadata entries")
-        meta: dict = {}
-        for _ in range(n_kv):
-            key = r.string("metadata key")
-            (vtype,) = r.unpack("I", f"type of {key}")
-            v = r.value(vtype, key)
-            if v is not None:
-                meta[key] = v
-        raw = []
-        for _ in range(n_tensors):
-            name = r.string("tensor name")
-            (nd,) = r.unpack("I", f"dims of {name}")
-            if nd > 8:
-                raise FileFormatError(f"{path}: corrupt GGUF header: tensor {name!r} has {nd} dimensions")
-            dims = r.unpack("Q" * nd, f"shape of {name}") if nd else ()
-            ttype, off = r.unpack("IQ", f"type/offset of {name}")
-            raw.append((name, dims, ttype, off))
-        pos = f.tell()
-    align = int(meta.get("general.alignment", 32)) or 32
-    data_start = (pos + align - 1) // align * align
-    infos, spans = [], []
-    for name, dims, ttype, off in raw:
-        if ttype not in types:
-            raise FileFormatError(f"{path}: tensor {name!r} has unknown GGML type {ttype}")
-        tname, block, tsize = types[ttype]
-        numel = math.prod(dims)
-        if dims and dims[0] % block:
-            raise FileFormatError(f"{path}: tensor {name!r} ({tname}) row length {dims[0]} is not a multiple "
-                                  f"of its block size {block}")
-        nbytes = numel // block * tsize
-        start = data_start + off
-        if start + nbytes > size:
-            raise FileFormatError(f"{path}: tensor {name!r} data [{start}, {start + nbytes}) lies beyond the end "
-                                  f"of the file ({size} bytes): the file is truncated")
-        infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), tname, nbytes, start))
-        spans.append((start, start + nbytes, name))
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FileFormatError(f"{path}: tensor {n1!r} data [{b1}, {e1}) overlaps tensor {n0!r} [{b0}, {e0})")
-    return infos, meta
-
-
 def read_header(path) -> list[TensorInfo]:
-    """List the tensors of a .safetensors / .gguf file from its header; no weight bytes are read."""
+    """List the tensors of a .safetensors / .gguf file from its header; no weight bytes are read
+    (formats/safetensors.py, formats/gguf_reader.py: the same parsers the loaders use)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DisTorchError(f"weights file {path!r} does not exist (or is not a file)")
     low = path.lower()
     if low.endswith(SAFETENSORS_EXTS):
-        return _read_safetensors(path)
+        return read_safetensors_header(path)
     if low.endswith(GGUF_EXTS):
-        return read_gguf(path)[0]
+        return read_gguf_header(path).infos
     raise DisTorchError(f"{path!r}: unsupported weights file type; supported extensions: {', '.join(SUPPORTED_EXTS)}")
 
 
@@ -313,7 +122,6 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
     `graph.excluded` lists them and `graph.excluded_bytes` counts them.
     Bare top-level tensors (a key without a dot) go to one unit named ROOT ("<root>", kind "root").
     """
-    from .graph import ROOT
     infos = list(infos)
     stripped = [(strip_prefix(i.name), i) for i in infos]
     has_prefix = any(p for (p, _), _ in stripped)
@@ -372,7 +180,6 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
 
 def graph_from_file(path_or_builtin) -> ModuleGraph:
     """ModuleGraph of a .safetensors / .gguf file (header only) or of a built-in shape ('flux-dev' ...)."""
-    from . import shapes
     name = os.fspath(path_or_builtin) if not isinstance(path_or_builtin, str) else path_or_builtin
     if name in shapes.BUILTINS:
         return graph_from_tensors(shapes.builtin_infos(name), source=f"builtin:{name}")

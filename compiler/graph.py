@@ -29,6 +29,9 @@ class Unit:
     time_s: float | None = None  # measured compute time per forward, when known (fed back by runtime)
     params: int = 0           # parameter elements (0 when unknown): the compute estimate's size when
     #                           FLOPs are unknown (stored bytes under-count quantized weights)
+    gguf: dict = field(default_factory=dict)  # GGUF parameters it owns (compiler.trace), empty when none:
+    #   {"tensors", "stored_bytes", "dense_bytes", "largest_dense", "patched" (a layer applies per-call
+    #    weight patches), "qtypes" {type: count}, "bytes_by_type" {type: [stored, dense]}}
 
     @property
     def bytes(self) -> int:
@@ -115,8 +118,10 @@ def owner_lookup(unit_names):
 
 
 # --- bytes as stored --------------------------------------------------------------------------
-# Quantized tensor types (GGUF) register how many bytes they occupy as stored; plain tensors count
-# numel * element_size, which is right for fp32/bf16/fp16/fp8 and for meta tensors too.
+# A quantized tensor type says how many bytes it occupies as stored: with a `stored_nbytes` attribute
+# (formats.gguf_tensor.GGUFTensor has one, so the compiler needs no import of it) or through
+# register_nbytes (other packs' types); plain tensors count numel * element_size, which is right for
+# fp32/bf16/fp16/fp8 and for meta tensors too.
 _NBYTES_HOOKS: list[tuple[type, Callable[[object], int]]] = []
 
 
@@ -129,4 +134,7 @@ def stored_nbytes(t) -> int:
     for typ, fn in _NBYTES_HOOKS:
         if isinstance(t, typ):
             return int(fn(t))
+    n = getattr(t, "stored_nbytes", None)
+    if n is not None:
+        return int(n)
     return int(t.numel()) * int(t.element_size())

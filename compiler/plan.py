@@ -7,6 +7,13 @@ from dataclasses import dataclass, field, asdict
 PLAN_VERSION = 1
 GiB = 1 << 30
 
+# Plan.quant values: how a unit's GGUF weights are kept (passes/quant_choice.py chooses,
+# runtime/gguf_stream.py carries it out)
+STREAMED_Q = "streamed_q"      # offloaded: quantized bytes cross the bus, dequantized after the copy
+RESIDENT_Q = "resident_q"      # resident, quantized: dequantized on every call
+RESIDENT_DQ = "resident_dq"    # resident, dequantized once at apply()
+CHOICES = (STREAMED_Q, RESIDENT_Q, RESIDENT_DQ)
+
 
 @dataclass
 class PlacedUnit:
@@ -28,8 +35,8 @@ class Plan:
     predicted: dict = field(default_factory=dict)  # compute_s, step_s, overhead_s, peak_bytes, ...
     source: dict = field(default_factory=dict)     # how it was asked for (vram_gb/donors or expert)
     version: int = PLAN_VERSION
-    # GGUF units: unit name -> "streamed_q" | "resident_q" | "resident_dq" (passes/quant_choice.py,
-    # runtime/gguf_stream.py); units not named: streamed when offloaded, else resident quantized
+    # GGUF units: unit name -> one of CHOICES (passes/quant_choice.py, runtime/gguf_stream.py);
+    # units not named: streamed when offloaded, else resident quantized
     quant: dict = field(default_factory=dict)
 
     @property

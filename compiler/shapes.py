@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from ..errors import DisTorchError
-from .files import TensorInfo
+from ..formats.tensor_info import TensorInfo
 
 _ELEM = {"BF16": 2, "F16": 2, "F32": 4}
 

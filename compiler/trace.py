@@ -20,6 +20,9 @@ first; the graph records the sharing:
 Other attributes set on the returned graph: graph.traced ("meta" | "real" | "registration"),
 graph.granularity, graph.outside_flops (FLOPs of ops that ran outside every unit, when there is
 no ROOT unit to take them), graph.module_names ({unit name: module qualified name}, "" for ROOT).
+GGUF parameters a unit owns (formats.gguf_tensor.GGUFTensor) are summed up in `Unit.gguf` (stored and
+dense bytes, types, whether a layer patches them per call): the facts passes/quant_choice.py decides
+from, so that pass needs no live module.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map, tree_leaves
 
 from ..errors import DisTorchError
+from ..formats.gguf_tensor import is_gguf
 from .graph import ROOT, ModuleGraph, Unit, stored_nbytes
 
 GRANULARITIES = ("block", "leaf")
@@ -44,7 +48,7 @@ class _UnitInfo:
 
     def __init__(self, name, module, kind):
         self.name, self.module, self.kind = name, module, kind
-        self.entries = []      # (qualified tensor name, tensor, is_param)
+        self.entries = []      # (qualified tensor name, tensor, is_param, owning module)
         self.calls = 0
         self.first = None      # position of the first call among all unit calls
         self.flops = 0.0
@@ -92,7 +96,7 @@ def _find_units(module: nn.Module, granularity: str) -> dict[str, _UnitInfo]:
                 target = units[q] = _UnitInfo(q, m, "leaf")
             else:
                 target = root
-            target.entries += [(f"{q}.{n}" if q else n, t, p) for n, t, p in direct]
+            target.entries += [(f"{q}.{n}" if q else n, t, p, m) for n, t, p in direct]
         is_list = isinstance(m, _LISTS)
         for cname, c in m._modules.items():
             if c is None or not holds.get(id(c), False):
@@ -222,6 +226,24 @@ def _traced_call(module, units, args, kwargs, on_meta: bool, *, timed: bool = Fa
     return state
 
 
+def _gguf_facts(unit: Unit, t, module) -> None:
+    """Add a GGUF parameter to its unit's facts (Unit.gguf), which passes/quant_choice.py reads."""
+    f = unit.gguf or {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0, "largest_dense": 0, "patched": False,
+                      "qtypes": {}, "bytes_by_type": {}}
+    stored, dense, q = stored_nbytes(t), int(t.numel()) * int(t.element_size()), t.qtype.name
+    f["tensors"] += 1
+    f["stored_bytes"] += stored
+    f["dense_bytes"] += dense
+    f["largest_dense"] = max(f["largest_dense"], dense)
+    f["qtypes"][q] = f["qtypes"].get(q, 0) + 1
+    b = f["bytes_by_type"].setdefault(q, [0, 0])
+    b[0] += stored
+    b[1] += dense
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        f["patched"] = True    # per-call weight patches (ComfyUI's LoRA on GGUF weights)
+    unit.gguf = f
+
+
 def _order(units: dict[str, _UnitInfo]) -> list[_UnitInfo]:
     """Called units by first call; uncalled ones right after their registration-order predecessor."""
     reg = list(units.values())
@@ -301,7 +323,7 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
     timed = record and traced == "real"
     for u in ordered:
         unit = Unit(name=u.name, type=type(u.module).__name__, kind=u.kind, calls=u.calls)
-        for qn, t, is_param in u.entries:
+        for qn, t, is_param, mod in u.entries:
             k = id(t)
             if k in owner_of:
                 oname, ounit = owner_of[k]
@@ -316,6 +338,8 @@ def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "b
             if is_param:
                 unit.param_bytes += stored_nbytes(t)
                 unit.params += int(t.numel())
+                if is_gguf(t):
+                    _gguf_facts(unit, t, mod)
             else:
                 unit.buffer_bytes += stored_nbytes(t)
         if traced != "registration" and u.calls:

@@ -1,9 +1,12 @@
 """Quant-choice pass: for every unit with GGUF weights, how they are kept on the compute device.
 
-    info = quant_info(module, plan, graph)                  # per unit: stored / dense bytes, dequant s
-    plan = choose_quant(plan, graph, inventory, info, budget_bytes=None, mode="auto")
+    plan = choose_quant(plan, graph, inventory, budget_bytes=None, mode="auto")
+    info = quant_info(plan, graph)        # per unit: stored / dense bytes, dequant s (what choose_quant weighs)
 
-Choices (runtime/gguf_stream.py carries them out; Plan.quant records them):
+Plain data in and out: the GGUF facts come from the graph (`Unit.gguf`, recorded by compiler/trace.py),
+the dequantization cost per type from compiler/cost.py (`dequant_seconds`); no live module, no runtime.
+
+Choices (compiler/plan.py names them; runtime/gguf_stream.py carries them out; Plan.quant records them):
   streamed_q   the unit is offloaded: its quantized bytes cross the bus, dequantized after the copy,
                every call (the only choice for an offloaded unit: moving bf16 would move 2-4x the bytes)
   resident_q   resident, quantized: dequantized on every call (stored bytes of VRAM)
@@ -19,29 +22,27 @@ the dequantization scratch of streamed units (the dense size of the largest one,
 the quantized bytes of those units back to the host while the dense copy is in use.
 
 Cost model: a unit's compute per step is its compute time (compiler/cost.py) plus, when it
-dequantizes per call, `runtime.dequant.dequant_seconds` for each of its GGUF tensors x calls.  A
+dequantizes per call, `compiler.cost.dequant_seconds` for its GGUF bytes of each type x calls.  A
 measured `Unit.time_s` is taken as measured with per-call dequantization (the default state of a
 GGUF model), so dequantizing subtracts instead.  The step is simulated with compiler.cost.simulate
 for the chosen set and for "everything quantized"; the choice is kept only when it is not slower
 (less compute can never lengthen a simulated step, the check guards the rule).
 
 mode "quantized" dequantizes nothing; mode "dequantized" dequantizes every resident unit that fits,
-in the same order.  A unit whose layers apply per-call weight patches (a non-empty `weight_function` /
-`bias_function`, ComfyUI's LoRA on GGUF weights) is never dequantized: the patch needs the per-call path.
+in the same order.  A unit whose layers apply per-call weight patches (`Unit.gguf["patched"]`: a
+non-empty `weight_function` / `bias_function`, ComfyUI's LoRA on GGUF weights) is never dequantized:
+the patch needs the per-call path.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
 
-from ..compiler.cost import simulate, unit_compute_s
+from ..compiler.cost import dequant_seconds, simulate, unit_compute_s
 from ..compiler.graph import ROOT
-from ..compiler.plan import Plan
-from ..errors import DisTorchError
+from ..compiler.plan import RESIDENT_DQ, RESIDENT_Q, STREAMED_Q, Plan
+from ..errors import QuantChoiceError
 
-STREAMED_Q = "streamed_q"
-RESIDENT_Q = "resident_q"
-RESIDENT_DQ = "resident_dq"
 MODES = ("auto", "quantized", "dequantized")
 GiB = 1 << 30
 DEFAULT_RESERVE_BYTES = 2 * GiB      # activations etc. on the compute device
@@ -49,13 +50,9 @@ GPU_COPY_BW = 3.0e12                 # device-to-device copy, H100 (bench/result
 HOST_COPY_BW = 2.0e10                # a CPU computing: memory bandwidth the eager dequantizer sees
 
 
-class QuantChoiceError(DisTorchError):
-    pass
-
-
 @dataclass
 class UnitQuant:
-    """GGUF facts of one unit (quantized tensors only)."""
+    """GGUF facts of one unit, and what dequantizing them per call costs per step."""
     name: str
     stored_bytes: int = 0          # their bytes as stored (blocks)
     dense_bytes: int = 0           # their dequantized size
@@ -78,36 +75,25 @@ def _copy_bw(compute: str, copy_bw: float | None) -> float:
     return HOST_COPY_BW if str(compute).startswith("cpu") else GPU_COPY_BW
 
 
-def quant_info(module, plan: Plan, graph=None, *, copy_bw: float | None = None) -> dict[str, UnitQuant]:
-    """unit name -> UnitQuant for every unit of `plan` holding GGUF parameters (ROOT: weights outside
-    every unit).  A tensor shared by several units counts for the first."""
-    from ..runtime import gguf_stream as gs
-    bw = _copy_bw(plan.compute, copy_bw)
-    sites = gs.gguf_sites(module, [u.name for u in plan.units])
-    if not sites:
+def quant_info(plan: Plan, graph, *, copy_bw: float | None = None) -> dict[str, UnitQuant]:
+    """unit name -> UnitQuant for every unit of `plan` whose graph unit owns GGUF parameters (`Unit.gguf`;
+    ROOT: weights outside every unit).  Dequantization seconds per step: compiler.cost.dequant_seconds
+    per type at the compute device's copy bandwidth (`copy_bw` overrides it), x the unit's calls."""
+    if graph is None:
         return {}
-    from ..runtime.dequant import dequant_seconds
-    calls = {u.name: max(1, int(u.calls or 1)) for u in graph.units} if graph is not None else {}
-    seen: set[int] = set()
+    bw = _copy_bw(plan.compute, copy_bw)
+    units = {u.name: u for u in graph.units}
     out: dict[str, UnitQuant] = {}
-    for u in plan.units:
-        for m, _pn, p in sites.get(u.name, []):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            q = out.get(u.name)
-            if q is None:
-                q = out[u.name] = UnitQuant(u.name, calls=calls.get(u.name, 1))
-            if getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
-                q.patched = True
-            isz = p.element_size()
-            dense = p.numel() * isz
-            q.stored_bytes += p.raw.numel()
-            q.dense_bytes += dense
-            q.tensors += 1
-            q.largest_dense = max(q.largest_dense, dense)
-            q.dequant_s += dequant_seconds(p.qtype, p.numel(), copy_bw=bw, out_itemsize=isz) * q.calls
-            q.qtypes[p.qtype.name] = q.qtypes.get(p.qtype.name, 0) + 1
+    for pu in plan.units:
+        u = units.get(pu.name)
+        f = getattr(u, "gguf", None)
+        if not f:
+            continue
+        calls = max(1, int(u.calls or 1))
+        dq = sum(dequant_seconds(t, s, d, copy_bw=bw) for t, (s, d) in f["bytes_by_type"].items())
+        out[pu.name] = UnitQuant(pu.name, stored_bytes=f["stored_bytes"], dense_bytes=f["dense_bytes"],
+                                 dequant_s=dq * calls, tensors=f["tensors"], largest_dense=f["largest_dense"],
+                                 calls=calls, qtypes=dict(f["qtypes"]), patched=bool(f["patched"]))
     return out
 
 
@@ -150,7 +136,7 @@ def default_budget(plan: Plan, inventory, info: dict, reserve_bytes: int | None 
 
 
 def scratch_bytes(plan: Plan, info: dict) -> int:
-    """VRAM of the runtime's per-unit dequantization scratch (runtime.gguf_stream.UnitDequant, on CUDA):
+    """VRAM of the runtime's per-unit dequantization scratch (runtime/gguf_stream.py's UnitDequant, on CUDA):
     the dense size of the largest streamed unit's GGUF tensors."""
     if str(plan.compute).startswith("cpu"):
         return 0
@@ -158,14 +144,17 @@ def scratch_bytes(plan: Plan, info: dict) -> int:
     return max((q.dense_bytes for n, q in info.items() if homes.get(n, plan.compute) != plan.compute), default=0)
 
 
-def choose_quant(plan: Plan, graph, inventory, info: dict, *, budget_bytes: int | None = None,
+def choose_quant(plan: Plan, graph, inventory, info: dict | None = None, *, budget_bytes: int | None = None,
                  reserve_bytes: int | None = None, mode: str = "auto") -> Plan:
-    """A copy of `plan` with `quant` set for every unit in `info` (see module docstring), and
-    predicted["step_s"] / ["peak_bytes"] updated; predicted["quant"] says what was weighed."""
+    """A copy of `plan` with `quant` set for every unit in `info` (default: quant_info(plan, graph); see
+    the module docstring), and predicted["step_s"] / ["peak_bytes"] updated; predicted["quant"] says
+    what was weighed."""
     if mode not in MODES:
         raise QuantChoiceError(f"quant mode {mode!r}: expected one of {', '.join(MODES)}")
     if graph is None:
         raise QuantChoiceError("choose_quant needs the ModuleGraph the plan was made from")
+    if info is None:
+        info = quant_info(plan, graph)
     names = {u.name for u in graph.units}
     missing = [u.name for u in plan.units if u.name not in names]
     if missing:

@@ -1,6 +1,6 @@
 """GGUF weights in the streaming runtime: quantized bytes in the homes, across the bus, in the slots.
 
-How a GGUF parameter (runtime.gguf_tensor.GGUFTensor: a wrapper whose only storage is `raw`, the
+How a GGUF parameter (formats.gguf_tensor.GGUFTensor: a wrapper whose only storage is `raw`, the
 blocks as stored) goes through runtime/apply.py:
 
 * streamed quantized ("streamed_q"): the unit's home holds `p.raw` (stored bytes, not numel x 2);
@@ -16,40 +16,32 @@ blocks as stored) goes through runtime/apply.py:
   per-call work.  undo() puts the original GGUF parameter back.  Outputs equal the resident-quantized
   ones when the layer computes in that dtype (the GGUF ops dequantize into the input's dtype).
 
-The choice per unit is `Plan.quant` (unit name -> one of CHOICES), made by passes/quant_choice.py.
+The choice per unit is `Plan.quant` (unit name -> one of CHOICES, defined in compiler/plan.py), made by
+passes/quant_choice.py.
 Units not named there: streamed when offloaded, resident quantized otherwise.
 
-Dequantization is deterministic (runtime.dequant), so a streamed unit computes bit-identical outputs
+Dequantization is deterministic (formats/dequant.py), so a streamed unit computes bit-identical outputs
 to the same unit resident-quantized on the same device.
 
-Also here, for tests and benchmarks: `quantize_q8_0` (torch, on any device) and `random_blocks`
-(random valid blocks of any supported type, scales finite) and `quantize_module`.
+`gguf_sites` walks a live module for its GGUF parameters (the runtime's view; the compiler records
+the same facts per unit at trace time, compiler/trace.py).  Test and benchmark helpers that make
+GGUF weights without a file live in formats/testing.py.
 """
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn as nn
 
-STREAMED_Q = "streamed_q"
-RESIDENT_Q = "resident_q"
-RESIDENT_DQ = "resident_dq"
-CHOICES = (STREAMED_Q, RESIDENT_Q, RESIDENT_DQ)
+from ..compiler.graph import ROOT, owner_lookup
+from ..compiler.plan import CHOICES, RESIDENT_DQ, RESIDENT_Q, STREAMED_Q
+from ..compiler.ring_layout import align as align_up
+from ..errors import DisTorchError
+from ..formats.dequant import QUANTIZED_TYPES, dequantize_into
+from ..formats.gguf_tensor import is_gguf, materialize
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
-def _gguf_module():
-    # no import of gguf_tensor (and so of the `gguf` package) unless a GGUF tensor can exist at all
-    return sys.modules.get(__package__ + ".gguf_tensor")
-
-
-def is_gguf(t) -> bool:
-    if type(t) in _PLAIN:
-        return False
-    m = _gguf_module()
-    return m is not None and isinstance(t, m.GGUFTensor)
+__all__ = ["RawBinder", "binder", "param_of", "set_raw", "home_bytes", "rebind", "to_device", "stored_bytes",
+           "UnitDequant", "unit_dequant", "gguf_order", "gguf_sites", "Dequantized", "dequantize_units",
+           "is_gguf", "CHOICES", "STREAMED_Q", "RESIDENT_Q", "RESIDENT_DQ"]
 
 
 class RawBinder:
@@ -77,7 +69,7 @@ def param_of(b):
     return b.param if type(b) is RawBinder else b
 
 
-def _retag_device(p, raw: torch.Tensor) -> None:
+def retag_device(p, raw: torch.Tensor) -> None:
     """Make the wrapper report raw's device (p.device), keeping the same parameter object."""
     if p.device != raw.device:
         try:
@@ -88,7 +80,7 @@ def _retag_device(p, raw: torch.Tensor) -> None:
 
 def set_raw(p, raw: torch.Tensor) -> None:
     """Rebind GGUF parameter `p` to bytes `raw` (same count), device tag included."""
-    _retag_device(p, raw)
+    retag_device(p, raw)
     p.raw = raw
 
 
@@ -112,7 +104,7 @@ def to_device(p, dev: torch.device) -> None:
         if p.raw.device != dev:
             set_raw(p, p.raw.to(dev))
         else:
-            _retag_device(p, p.raw)
+            retag_device(p, p.raw)
     elif p.device != dev:
         p.data = p.data.to(dev)
 
@@ -130,7 +122,7 @@ class UnitDequant:
     The unit's GGUF tensors sit back to back in its home layout (classify() orders them by type), so
     a *run* of same-type tensors with no padding between them is one sequence of whole blocks: one
     kernel launch dequantizes the run into a scratch buffer on the compute device, and each weight is
-    a view of its part (`param._dq`, which runtime.gguf_tensor.materialize / GGUFTensor.dequantize
+    a view of its part (`param._dq`, which formats.gguf_tensor.materialize / GGUFTensor.dequantize
     return instead of dequantizing again).  Same kernel, same per-weight arithmetic: the outputs are
     bit-identical to per-layer dequantization.  For Flux-dev Q8_0 that is 57 launches per step
     instead of 304 (~40-80 us of host time each).
@@ -144,8 +136,6 @@ class UnitDequant:
     __slots__ = ("layout", "runs", "params", "nbytes", "slot_raw", "slot_raw0")
 
     def __init__(self, binders, entries):
-        from .dequant import QUANTIZED_TYPES
-        from .store import align_up
         runs = []              # [qtype, byte start, byte end, dtype, [(param, numel, shape)]]
         for b, e in zip(binders, entries):
             p = param_of(b)
@@ -193,7 +183,6 @@ class UnitDequant:
         self.slot_raw = [[f[offset + a:offset + b] for _, a, b, _, _ in self.runs] for f in slot_flats]
 
     def run(self, s: int, fallback: bool = False) -> None:
-        from .dequant import dequantize_into
         for (qt, _a, _b, out, dense), raw in zip(self.runs, (self.slot_raw0 if fallback else self.slot_raw)[s]):
             dequantize_into(raw, qt, out)
             for p, v in dense:
@@ -226,7 +215,6 @@ def gguf_order(item) -> tuple:
 
 def gguf_sites(module: nn.Module, unit_names) -> dict:
     """unit (ROOT for weights outside every unit) -> [(submodule, param name, GGUF parameter)]."""
-    from ..compiler.graph import ROOT, owner_lookup
     owner = owner_lookup([n for n in unit_names if n != ROOT])
     out: dict[str, list] = {}
     for mname, m in module.named_modules(remove_duplicate=False):
@@ -257,7 +245,6 @@ class Dequantized:
 def dequantize_units(module: nn.Module, plan, device) -> Dequantized:
     """Honour plan.quant == RESIDENT_DQ: dense copies on `device` for the GGUF parameters of those
     units (which must be resident).  Checks every choice in plan.quant."""
-    from ..errors import DisTorchError
     rec = Dequantized()
     quant = dict(getattr(plan, "quant", None) or {})
     if not quant:
@@ -278,9 +265,6 @@ def dequantize_units(module: nn.Module, plan, device) -> Dequantized:
     want = [n for n, c in quant.items() if c == RESIDENT_DQ]
     if not want:
         return rec
-    gt = _gguf_module()
-    if gt is None:
-        return rec
     sites = gguf_sites(module, [u.name for u in plan.units])
     dense_of: dict[int, nn.Parameter] = {}
     dev = torch.device(str(device)) if not str(device).startswith("cpu") else torch.device("cpu")
@@ -289,7 +273,7 @@ def dequantize_units(module: nn.Module, plan, device) -> Dequantized:
             for m, pn, p in sites.get(name, []):
                 d = dense_of.get(id(p))
                 if d is None:
-                    d = nn.Parameter(gt.materialize(p, dev, p.dtype), requires_grad=False)
+                    d = nn.Parameter(materialize(p, dev, p.dtype), requires_grad=False)
                     dense_of[id(p)] = d
                     rec.dense_bytes += d.numel() * d.element_size()
                     rec.stored_bytes += p.raw.numel()
@@ -299,115 +283,3 @@ def dequantize_units(module: nn.Module, plan, device) -> Dequantized:
                 rec.sites.append((m, pn, p))
             rec.units.append(name)
     return rec
-
-
-# ------------------------------------------------------------------------------------------------
-# making GGUF weights without a file (tests, benchmarks)
-
-def quantize_q8_0(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, name: str | None = None):
-    """Q8_0 blocks of `w` (last dim a multiple of 32) computed in torch on w's device -> GGUFTensor.
-    Scale d = amax / 127 (fp16), q = round(w / d): the ggml reference rounding."""
-    from .dequant import GGUFError
-    from .gguf_tensor import GGUFTensor
-    from gguf import GGMLQuantizationType as QT
-    if w.shape[-1] % 32:
-        raise GGUFError(f"quantize_q8_0: last dimension {w.shape[-1]} of {name or 'tensor'} is not a multiple of 32")
-    shape = tuple(w.shape)
-    x = w.detach().reshape(-1, 32).float()
-    amax = x.abs().amax(dim=1, keepdim=True)
-    d = amax / 127.0
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = torch.round(x * inv).clamp_(-127, 127).to(torch.int8)
-    d16 = d.to(torch.float16)
-    raw = torch.cat([d16.view(torch.uint8).reshape(-1, 2), q.view(torch.uint8)], dim=1).reshape(-1)
-    return GGUFTensor(raw, QT.Q8_0, shape, dtype, name=name)
-
-
-def random_blocks(qtype, shape, *, device="cpu", generator=None, scale: float = 0.02,
-                  dtype: torch.dtype = torch.bfloat16, name: str | None = None):
-    """A GGUFTensor of `shape` with random but valid blocks (finite fp16 scales, weights roughly
-    within +-3*scale), built on `device` without a dense copy."""
-    from .dequant import BLOCK_SIZES, as_qtype, quantized_nbytes
-    from .gguf_tensor import GGUFTensor
-    from gguf import GGMLQuantizationType as QT
-    qt = as_qtype(qtype)
-    nbytes = quantized_nbytes(qt, shape, name)
-    block, tsize = BLOCK_SIZES[qt]
-    dev = torch.device(device)
-    raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev, generator=generator)
-    if qt in (QT.F32, QT.F16, QT.BF16):
-        t = torch.randn(tuple(shape), device=dev, generator=generator) * scale
-        pd = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[qt]
-        raw = t.to(pd).reshape(-1).view(torch.uint8).clone()
-        return GGUFTensor(raw, qt, shape, dtype, name=name)
-    b = raw.view(-1, tsize)
-    nb = b.shape[0]
-
-    def f16(vals):
-        return vals.to(torch.float16).view(torch.uint8).reshape(nb, 2)
-
-    def rnd(lo, hi):
-        return lo + (hi - lo) * torch.rand(nb, device=dev, generator=generator)
-    # (offset of d, max |q| the type's integer part reaches); dmin where the type has one
-    if qt == QT.Q8_0:
-        b[:, 0:2] = f16(rnd(0.5, 1.0) * 3 * scale / 127)
-    elif qt in (QT.Q4_0, QT.IQ4_NL):
-        b[:, 0:2] = f16(rnd(0.5, 1.0) * 3 * scale / (8 if qt == QT.Q4_0 else 127))
-    elif qt == QT.Q5_0:
-        b[:, 0:2] = f16(rnd(0.5, 1.0) * 3 * scale / 16)
-    elif qt in (QT.Q4_1, QT.Q5_1):
-        top = 15 if qt == QT.Q4_1 else 31
-        d = rnd(0.5, 1.0) * 6 * scale / top
-        b[:, 0:2] = f16(d)
-        b[:, 2:4] = f16(-d * top / 2)
-    elif qt in (QT.Q4_K, QT.Q5_K):
-        top = 15 if qt == QT.Q4_K else 31
-        d = rnd(0.5, 1.0) * 6 * scale / (top * 63)
-        b[:, 0:2] = f16(d)
-        b[:, 2:4] = f16(d * top / 2)      # scale ~ min in expectation: values centred near 0
-    elif qt == QT.Q6_K:
-        b[:, 208:210] = f16(rnd(0.5, 1.0) * 3 * scale / (32 * 127))
-    elif qt == QT.Q3_K:
-        b[:, 108:110] = f16(rnd(0.5, 1.0) * 3 * scale / (4 * 32))
-    elif qt == QT.Q2_K:
-        d = rnd(0.5, 1.0) * 6 * scale / (3 * 15)
-        b[:, 80:82] = f16(d)
-        b[:, 82:84] = f16(d * 1.5)
-    elif qt == QT.IQ4_XS:
-        b[:, 0:2] = f16(rnd(0.5, 1.0) * 3 * scale / (127 * 32))
-    return GGUFTensor(raw, qt, shape, dtype, name=name)
-
-
-def quantize_module(module: nn.Module, qtype="Q8_0", *, min_in: int = 0, generator=None,
-                    ops: bool = True, progress: bool = False) -> int:
-    """Replace the weight of every nn.Linear whose in_features is a multiple of the type's block (and
-    >= min_in) by a GGUF parameter: Q8_0 is quantized from the current weight (in torch, on its
-    device); other types get random valid blocks of the same shape.  The dense weight is freed.
-    With `ops`, the layers become GGUF ops (runtime.gguf_tensor.gguf_ops).  Returns the count."""
-    from .dequant import BLOCK_SIZES, as_qtype
-    from .gguf_tensor import gguf_ops
-    qt = as_qtype(qtype)
-    block = BLOCK_SIZES[qt][0]
-    lins = [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear]
-    k = 0
-    for i, (n, m) in enumerate(lins):
-        w = m.weight
-        if w is None or w.shape[-1] % block or w.shape[-1] < min_in or is_gguf(w):
-            continue
-        with torch.no_grad():
-            if qt.name == "Q8_0":
-                g = quantize_q8_0(w.data, dtype=w.dtype, name=n + ".weight")
-            else:
-                g = random_blocks(qt, tuple(w.shape), device=w.device, generator=generator,
-                                  dtype=w.dtype, name=n + ".weight")
-        m.weight = nn.Parameter(g, requires_grad=False)
-        del w
-        k += 1
-        if progress and (i % 32 == 0 or i == len(lins) - 1):
-            sys.stderr.write(f"\rquantize {qt.name}: {i + 1}/{len(lins)} linear layers")
-            sys.stderr.flush()
-    if progress:
-        sys.stderr.write("\n")
-    if ops:
-        gguf_ops(module)
-    return k

@@ -2,7 +2,9 @@
 
     rt = load_into(module, path, plan)      # module may live on the meta device (no memory yet)
 
-Tensor by tensor: the file's header is read, every offloaded unit gets its place in one exact-size
+Tensor by tensor: the file's header is read and checked (formats/safetensors.py, the same parser
+planning uses: offsets inside the file, sizes equal to shape x dtype, no overlaps) before anything is
+allocated, every offloaded unit gets its place in one exact-size
 host arena (pinned with one registration when CUDA is there) or a buffer on its donor GPU, and each
 tensor's bytes are read from the file directly into that place (`readinto`, no intermediate tensor)
 when its dtype matches; resident tensors are read into a small reusable staging buffer and copied to
@@ -12,14 +14,13 @@ every weight resident on the compute device).
 """
 from __future__ import annotations
 
-import json
-import struct
 import warnings
 
 import torch
 
 from ..compiler.plan import Plan
 from ..errors import DisTorchError, FileFormatError
+from ..formats.safetensors import read_range, read_safetensors_header
 from .apply import Runtime, classify
 from .store import HostArena, Home, Layout, Progress, align_up, is_host, parse_device
 
@@ -33,29 +34,10 @@ for _n, _a in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_n] = getattr(torch, _a)
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    """(header dict without __metadata__, byte offset where tensor data starts)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise FileFormatError(f"{path}: too short for a safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
-                raise FileFormatError(f"{path}: header length {n} is implausible (not a safetensors file?)")
-            hdr = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        if isinstance(e, DisTorchError):
-            raise
-        raise FileFormatError(f"{path}: cannot read a safetensors header ({e})") from e
-    hdr.pop("__metadata__", None)
-    return hdr, 8 + n
-
-
 def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, strict: bool = True,
               progress: bool = True, **apply_kw) -> Runtime:
     """Read `path` into the homes of `plan` and apply the plan to `module` (see module docstring)."""
-    hdr, base = read_header(path)
+    hdr = {i.name: i for i in read_safetensors_header(path)}
     c = classify(module, plan)
     compute = parse_device(plan.compute)
     # every place a tensor object is referenced from (tied weights have several)
@@ -115,34 +97,30 @@ def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, str
         for (q, p), v in zip(c.streamed[n], h.views()):
             place[id(p)] = v
 
-    total = sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in hdr.items() if k in by_name)
+    total = sum(i.nbytes for k, i in hdr.items() if k in by_name)
     prog = Progress(total if progress else 0, f"distorch: loading {path.rsplit('/', 1)[-1]}")
     done = set()
     with open(path, "rb", buffering=0) as f, torch.no_grad():
-        for key, meta in sorted(hdr.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for key, info in sorted(hdr.items(), key=lambda kv: kv[1].offset):
             t = by_name.get(key)
             if t is None or id(t) in done:
                 continue
             done.add(id(t))
-            fdt = _DTYPES.get(meta["dtype"])
+            fdt = _DTYPES.get(info.dtype_str)
             if fdt is None:
-                raise FileFormatError(f"{path}: tensor {key!r} has dtype {meta['dtype']!r}, which is not supported")
-            shape = tuple(meta["shape"])
+                raise FileFormatError(f"{path}: tensor {key!r} has dtype {info.dtype_str!r}, which is not supported")
+            shape = info.shape
             if shape != tuple(t.shape):
                 raise DisTorchError(f"{path}: tensor {key!r} has shape {list(shape)} but the module expects "
                                     f"{list(t.shape)}")
-            a, b = (int(x) for x in meta["data_offsets"])
-            f.seek(base + a)
             dst = place.get(id(t))
             if dst is not None and fdt == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
-                mv = memoryview(dst.view(torch.uint8).reshape(-1).numpy()) if dst.numel() else None
-                if mv is not None and f.readinto(mv) != b - a:
-                    raise FileFormatError(f"{path}: truncated while reading {key!r}")
+                if dst.numel():      # straight into its home
+                    read_range(f, info.offset, dst.view(torch.uint8).reshape(-1).numpy(), path, repr(key))
             else:
-                buf = bytearray(b - a)
-                if f.readinto(buf) != b - a:
-                    raise FileFormatError(f"{path}: truncated while reading {key!r}")
-                src = torch.frombuffer(buf, dtype=fdt).reshape(shape) if b > a else torch.empty(shape, dtype=fdt)
+                buf = bytearray(info.nbytes)      # bounded: the header was checked against the file size
+                read_range(f, info.offset, buf, path, repr(key))
+                src = torch.frombuffer(buf, dtype=fdt).reshape(shape) if info.nbytes else torch.empty(shape, dtype=fdt)
                 if dst is not None:                      # donor GPU home, or a dtype cast
                     dst.copy_(src)
                 else:                                    # resident: straight onto the compute device
@@ -150,8 +128,8 @@ def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, str
                     new = torch.empty(shape, dtype=tgt_dtype, device=compute)
                     new.copy_(src)
                     rebind(t, new)
-            prog.update(b - a)
+            prog.update(info.nbytes)
             if dst is not None:
                 rebind(t, dst)
     prog.close()
-    return Runtime(module, plan, graph, homes=homes, progress=False, **apply_kw)._adopt_arenas(arenas)
+    return Runtime(module, plan, graph, homes=homes, progress=False, **apply_kw).adopt_arenas(arenas)

@@ -1,4 +1,4 @@
-"""runtime.dequant against gguf-py's numpy dequantizer (the reference), on random valid blocks.
+"""formats.dequant against gguf-py's numpy dequantizer (the reference), on random valid blocks.
 
 Tolerance per type (stated, and asserted):
   float32 output: EXACT (bit-identical) for every type.  Every product in these formats is of an
@@ -19,9 +19,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from distorch.errors import DisTorchError  # noqa: E402
-from distorch.runtime import dequant as dq  # noqa: E402
-from distorch.runtime.dequant import GGUFError, dequantize  # noqa: E402
+from distorch.compiler import cost  # noqa: E402
+from distorch.errors import DisTorchError, GGUFError  # noqa: E402
+from distorch.formats import dequant as dq  # noqa: E402
+from distorch.formats.dequant import dequantize  # noqa: E402
 
 # types gguf-py can quantize: we quantize random float data with it
 QUANTIZABLE = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
@@ -201,7 +202,12 @@ def test_dequant_cost_model_data():
     """dequant_seconds reproduces the H100 layer measurement it was taken from (42 us for Q8_0 and
     39 us for Q4_K on 3072 x 12288 at 3025 GB/s copy) and orders types by bytes moved / efficiency."""
     n = 3072 * 12288
-    assert dq.dequant_seconds(QT.Q8_0, n, copy_bw=3025e9) == pytest.approx(42e-6, rel=0.03)
-    assert dq.dequant_seconds(QT.Q4_K, n, copy_bw=3025e9) == pytest.approx(39e-6, rel=0.03)
-    assert dq.dequant_seconds(QT.Q6_K, n) > dq.dequant_seconds(QT.Q4_0, n)
-    assert set(dq.DEQUANT_EFFICIENCY) == set(dq.QUANTIZED_TYPES)
+
+    def secs(qt, **kw):           # the layer's blocks as stored, bf16 written
+        block, tsize = dq.BLOCK_SIZES[qt]
+        return cost.dequant_seconds(qt.name, n // block * tsize, 2 * n, **kw)
+    assert secs(QT.Q8_0, copy_bw=3025e9) == pytest.approx(42e-6, rel=0.03)
+    assert secs(QT.Q4_K, copy_bw=3025e9) == pytest.approx(39e-6, rel=0.03)
+    assert secs(QT.Q6_K) > secs(QT.Q4_0)
+    assert cost.dequant_seconds(QT.Q8_0, 34, 64) == cost.dequant_seconds("Q8_0", 34, 64)   # enum or name
+    assert set(cost.DEQUANT_EFFICIENCY) == {t.name for t in dq.QUANTIZED_TYPES}

@@ -1,4 +1,4 @@
-"""runtime.gguf_loader and runtime.gguf_tensor: GGUF files written here with gguf.GGUFWriter."""
+"""formats.gguf_loader and formats.gguf_tensor: GGUF files written here with gguf.GGUFWriter."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +13,9 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from distorch.compiler.graph import stored_nbytes  # noqa: E402
-from distorch.errors import DisTorchError, FileFormatError  # noqa: E402
-from distorch.runtime.dequant import GGUFError  # noqa: E402
-from distorch.runtime.gguf_loader import GGUFFileError, inspect_gguf, load_gguf  # noqa: E402
-from distorch.runtime.gguf_tensor import GGUFLinear, GGUFTensor, gguf_ops, materialize  # noqa: E402
+from distorch.errors import DisTorchError, FileFormatError, GGUFError, GGUFFileError  # noqa: E402
+from distorch.formats.gguf_loader import inspect_gguf, load_gguf  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFLinear, GGUFTensor, gguf_ops, materialize  # noqa: E402
 
 P = "model.diffusion_model."
 

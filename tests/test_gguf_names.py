@@ -1,4 +1,4 @@
-"""runtime.gguf_names: llama.cpp-named GGUF text encoders (written here with gguf.GGUFWriter) mapped
+"""formats.gguf_names: llama.cpp-named GGUF text encoders (written here with gguf.GGUFWriter) mapped
 back to the original Hugging Face names."""
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from distorch.errors import DisTorchError  # noqa: E402
-from distorch.runtime.gguf_loader import load_gguf  # noqa: E402
-from distorch.runtime.gguf_names import (GGUFNameError, is_llama_cpp_named,  # noqa: E402
+from distorch.formats.gguf_loader import load_gguf  # noqa: E402
+from distorch.formats.gguf_names import (GGUFNameError, is_llama_cpp_named,  # noqa: E402
                                          supported_architectures, to_original_names)
-from distorch.runtime.gguf_tensor import GGUFTensor  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFTensor  # noqa: E402
 
 H, FF, VOCAB, NB = 64, 128, 32, 2
 N_HEAD, N_HEAD_KV = 4, 2
@@ -284,3 +284,22 @@ def test_head_count_not_fitting_rows():
     with pytest.raises(GGUFNameError, match=r"not divisible.*head"):
         to_original_names({"blk.0.attn_q.weight": torch.zeros(12, 4)},
                           {"architecture": "llama", "metadata": {"llama.attention.head_count": 4}})
+
+
+def test_huge_block_number_costs_nothing_extra():
+    """A block number of 99999 (or any) maps in constant work: the name map is built for one block."""
+    import time
+    import tracemalloc
+    sd = {"enc.blk.99999.attn_q.weight": torch.zeros(4, 4), "enc.blk.3.ffn_up.weight": torch.zeros(4, 4),
+          "token_embd.weight": torch.zeros(8, 4)}
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out, info = to_original_names(sd, {"architecture": "t5encoder", "metadata": {}})
+    took, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert set(out) == {"encoder.block.99999.layer.0.SelfAttention.q.weight",
+                        "encoder.block.3.layer.1.DenseReluDense.wi.weight", "shared.weight"}
+    assert info["n_blocks"] == 100000
+    assert took < 1.0 and peak < 8 * 2 ** 20, (took, peak)
+    with pytest.raises(GGUFNameError, match=r"blk\.5\.attn_qq\.weight"):
+        to_original_names({"enc.blk.5.attn_qq.weight": torch.zeros(2)}, {"architecture": "t5encoder"})

@@ -17,11 +17,12 @@ import distorch.runtime.api as api  # noqa: E402
 from distorch.compiler.graph import ROOT, stored_nbytes  # noqa: E402
 from distorch.compiler.plan import Plan, PlacedUnit  # noqa: E402
 from distorch.errors import DisTorchError  # noqa: E402
+from distorch.formats import testing as ft  # noqa: E402
+from distorch.formats.dequant import SUPPORTED_TYPES, dequantize  # noqa: E402
+from distorch.formats.gguf_loader import load_gguf  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFLinear, GGUFTensor, gguf_ops  # noqa: E402
 from distorch.runtime import gguf_stream as gs  # noqa: E402
 from distorch.runtime.apply import apply  # noqa: E402
-from distorch.runtime.dequant import SUPPORTED_TYPES, dequantize  # noqa: E402
-from distorch.runtime.gguf_loader import load_gguf  # noqa: E402
-from distorch.runtime.gguf_tensor import GGUFLinear, GGUFTensor, gguf_ops  # noqa: E402
 
 C = "cpu:0"
 BF = torch.bfloat16
@@ -61,7 +62,7 @@ def make(qtype="Q8_0", d=256, depth=4, seed=0):
     torch.manual_seed(seed)
     m = Toy(d, depth).to(BF).eval()
     g = torch.Generator().manual_seed(seed + 1)
-    n = gs.quantize_module(m, qtype, generator=g)
+    n = ft.quantize_module(m, qtype, generator=g)
     assert n == 1 + 4 * depth    # embed (in 16) stays dense for K types; Q8_0 too (16 % 32 != 0)
     return m
 
@@ -130,15 +131,15 @@ def _mixed_block_model(seed=0):
     m = make("Q8_0", seed=seed)
     g = torch.Generator().manual_seed(seed + 5)
     for b in m.blocks:
-        b.up.weight = nn.Parameter(gs.random_blocks("Q4_K", tuple(b.up.weight.shape), generator=g, dtype=BF,
+        b.up.weight = nn.Parameter(ft.random_blocks("Q4_K", tuple(b.up.weight.shape), generator=g, dtype=BF,
                                                     name="up"), requires_grad=False)
-        b.proj.weight = nn.Parameter(gs.random_blocks("F16", tuple(b.proj.weight.shape), generator=g, dtype=BF,
+        b.proj.weight = nn.Parameter(ft.random_blocks("F16", tuple(b.proj.weight.shape), generator=g, dtype=BF,
                                                       name="proj"), requires_grad=False)
     return m
 
 
 def test_unit_dequant_one_launch_per_type_run_bit_identical(monkeypatch):
-    from distorch.runtime import dequant as dq
+    from distorch.formats import dequant as dq
     m = _mixed_block_model()
     x = x_in()
     names = [f"blocks.{i}" for i in range(4)]
@@ -376,7 +377,7 @@ def test_plain_linear_with_gguf_weight_streams_through_dispatch():
 
 @pytest.mark.parametrize("qt", sorted(SUPPORTED_TYPES - {QT.F32, QT.F16, QT.BF16}, key=int))
 def test_random_blocks_valid(qt):
-    t = gs.random_blocks(qt, (4, 512), generator=torch.Generator().manual_seed(int(qt)))
+    t = ft.random_blocks(qt, (4, 512), generator=torch.Generator().manual_seed(int(qt)))
     v = dequantize(t.raw, qt, (4, 512), torch.float32)
     assert torch.isfinite(v).all()
     assert 0 < v.abs().max() < 0.2, (qt.name, float(v.abs().max()))
@@ -385,7 +386,7 @@ def test_random_blocks_valid(qt):
 
 def test_quantize_q8_0_matches_gguf_reference():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    t = gs.quantize_q8_0(w, dtype=torch.float32)
+    t = ft.quantize_q8_0(w, dtype=torch.float32)
     ref = gguf.quants.quantize(w.numpy(), QT.Q8_0)
     assert np.array_equal(t.raw.numpy(), ref.reshape(-1))
 
@@ -464,7 +465,7 @@ def test_other_packs_byte_weights_stream_bit_identical():
     torch.manual_seed(0)
     layers = []
     for i in range(4):
-        q = gs.quantize_q8_0(torch.randn(64, 96) * 0.1)
+        q = ft.quantize_q8_0(torch.randn(64, 96) * 0.1)
         raw = q.raw.reshape(64, -1)                         # [rows, bytes per row]
         layers.append(_ByteLinear(_ByteWeight(raw.clone(), qtype=QT.Q8_0, logical_shape=(64, 96))))
 

@@ -8,12 +8,12 @@ pytest.importorskip("gguf")
 
 from distorch.compiler.graph import ROOT, ModuleGraph, Unit  # noqa: E402
 from distorch.compiler.inventory import declare  # noqa: E402
-from distorch.compiler.plan import Plan  # noqa: E402
+from distorch.compiler.plan import Plan, PlacedUnit  # noqa: E402
 from distorch.passes.partition import partition  # noqa: E402
 from distorch.passes.quant_choice import (RESIDENT_DQ, RESIDENT_Q, STREAMED_Q, QuantChoiceError,  # noqa: E402
                                           UnitQuant, choose_quant, predict, quant_info)
 from distorch.runtime.apply import apply  # noqa: E402
-from distorch.runtime.gguf_tensor import GGUFTensor  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFTensor  # noqa: E402
 
 MiB = 1 << 20
 GPU = "cuda:0"
@@ -132,7 +132,7 @@ def test_quant_info_from_module_and_runtime_honours_choice():
     graph = trace(m, (x,))
     inv = declare("cpu:0=64GiB,cpu=64GiB")
     plan = partition(graph, inv, "cpu:0", vram_gb=0.5 * graph.total_bytes / 2**30, donors=["cpu"])
-    info = quant_info(m, plan, graph)
+    info = quant_info(plan, graph)
     blk = m.blocks[0]
     ws = [blk.qkv.weight, blk.proj.weight, blk.up.weight, blk.down.weight]
     assert info["blocks.0"].stored_bytes == sum(w.raw.numel() for w in ws)
@@ -184,3 +184,32 @@ def test_dequant_scratch_of_streamed_units_counted_in_peak_and_budget():
     # computing on the host: per-layer dequantization, no scratch
     from dataclasses import replace
     assert scratch_bytes(replace(plan, compute="cpu:0"), info) == 0
+
+
+def test_quant_info_reads_graph_facts_without_a_module():
+    """The pass reads Unit.gguf (recorded by trace) and compiler.cost's dequant cost: plain data only."""
+    from distorch.compiler.cost import dequant_seconds
+    facts = {"tensors": 3, "stored_bytes": 3400 + 2100, "dense_bytes": 6400 + 4 * 2560, "largest_dense": 6400,
+             "patched": False, "qtypes": {"Q8_0": 2, "Q6_K": 1},
+             "bytes_by_type": {"Q8_0": [3400, 6400], "Q6_K": [2100, 4 * 2560]}}
+    units = [Unit(ROOT, "M", param_bytes=1000, kind="root"),
+             Unit("blocks.0", "Block", param_bytes=5500, calls=2, gguf=facts),
+             Unit("blocks.1", "Block", param_bytes=5500, gguf=dict(facts, patched=True)),
+             Unit("head", "Linear", param_bytes=64, kind="leaf")]
+    graph = ModuleGraph(units)
+    inv = declare(f"{GPU}=80GiB,cpu=128GiB;cpu>{GPU}=50GB/s")
+    plan = Plan(GPU, [PlacedUnit(u.name, u.type, u.bytes, GPU, i, u.kind) for i, u in enumerate(units)],
+                predicted={"peak_bytes": graph.total_bytes})
+    info = quant_info(plan, graph, copy_bw=1e12)
+    assert set(info) == {"blocks.0", "blocks.1"}
+    q = info["blocks.0"]
+    want = (dequant_seconds("Q8_0", 3400, 6400, copy_bw=1e12) + dequant_seconds("Q6_K", 2100, 10240, copy_bw=1e12)) * 2
+    assert q.dequant_s == pytest.approx(want) and q.calls == 2
+    assert (q.stored_bytes, q.dense_bytes, q.tensors, q.largest_dense) == (5500, 16640, 3, 6400)
+    assert q.qtypes == {"Q8_0": 2, "Q6_K": 1} and not q.patched and info["blocks.1"].patched
+    # choose_quant computes the same info itself when none is given; the patched unit stays quantized
+    p = choose_quant(plan, graph, inv, budget_bytes=10 << 30, mode="dequantized")
+    assert p.quant == {"blocks.0": RESIDENT_DQ, "blocks.1": RESIDENT_Q}
+    # the facts survive the graph's JSON round trip
+    assert ModuleGraph.from_dict(graph.to_dict())["blocks.0"].gguf == facts
+    assert quant_info(plan, None) == {}

@@ -354,7 +354,7 @@ def test_diffusers_flux_tiny_on_meta():
 
 def test_gguf_tensor_parameters_count_quantized_bytes():
     gguf = pytest.importorskip("gguf")
-    gt = pytest.importorskip("distorch.runtime.gguf_tensor")
+    gt = pytest.importorskip("distorch.formats.gguf_tensor")
     import numpy as np
     q8 = gguf.GGMLQuantizationType.Q8_0
     raw = gguf.quants.quantize(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32), q8)
@@ -364,3 +364,10 @@ def test_gguf_tensor_parameters_count_quantized_bytes():
     g = trace(m, (torch.randn(2, 64),))
     assert g["0"].param_bytes == 32 * 2 * 34 + 32 * 4      # Q8_0 blocks + fp32 bias
     assert g["0"].flops == 2 * 2 * 64 * 32 and g["0"].act_bytes == 2 * 32 * 4
+    # the GGUF facts passes/quant_choice.py reads (no live module needed there)
+    assert g["0"].gguf == {"tensors": 1, "stored_bytes": 32 * 2 * 34, "dense_bytes": 32 * 64 * 4,
+                           "largest_dense": 32 * 64 * 4, "patched": False, "qtypes": {"Q8_0": 1},
+                           "bytes_by_type": {"Q8_0": [32 * 2 * 34, 32 * 64 * 4]}}
+    assert g["1"].gguf == {}
+    m[0].weight_function = [lambda w: w]          # a per-call patch (ComfyUI's LoRA on a GGUF weight)
+    assert trace(m)["0"].gguf["patched"] is True

@@ -7,15 +7,19 @@ row-major, any shape as long as its bytes are contiguous); `shape` is the logica
 (outermost first, the last dimension is the one cut into blocks).  The result is a new contiguous
 tensor of `shape` and `dtype` on `raw_uint8.device`.
 
-Every type is written as a handful of vectorised tensor ops over all blocks at once (no Python
-loop over blocks).  Arithmetic is done in float32 in the same order as the reference (ggml /
-gguf-py), so float32 results match `gguf.quants.dequantize` bit for bit on CPU; other dtypes are
-one rounding of that float32 value.
+One table, `_KERNELS`, maps each GGML type to its block kernel; every kernel has one signature,
+(n_blocks, type_size) uint8 -> (n_blocks, weights_per_block) float32, written as a handful of
+vectorised tensor ops over all blocks at once (no Python loop over blocks).  `_run` is the one
+wrapper (the shared block reshape and the backend choice).  Arithmetic is done in float32 in the
+same order as the reference (ggml / gguf-py), so float32 results match `gguf.quants.dequantize` bit
+for bit on CPU; other dtypes are one rounding of that float32 value.
 
-On CUDA, a hand-written Triton kernel (one per type, below) reads the blocks once and writes the
-output once; where Triton is missing or fails, each type's torch function compiled with
-`torch.compile` runs, else the eager torch code (correct everywhere, several kernels, slower).
-`set_backend("auto" | "triton" | "compile" | "eager")` or DISTORCH_DEQUANT_BACKEND choose.
+On CUDA, the hand-written Triton kernel (formats/dequant_triton.py, imported on first use) reads the
+blocks once and writes the output once; where Triton is missing or fails, each type's torch function
+compiled with `torch.compile` runs, else the eager torch code (correct everywhere, several kernels,
+slower).  A fallback is logged once per type and kind (visible, never silent).
+`set_backend("auto" | "triton" | "compile" | "eager")` or DISTORCH_DEQUANT_BACKEND choose.  What a
+dequantization costs (for the planner) is data in compiler/cost.py (`dequant_seconds`).
 
 Block layouts (facts from ggml's ggml-common.h / gguf-py; QK_K = 256), bytes in order:
   Q8_0   (32 w, 34 B):  d f16 | qs int8[32]                           w = d*q
@@ -36,49 +40,32 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 from typing import Callable, Sequence
 
 import torch
-from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from ..errors import DisTorchError, FileFormatError
+from ..errors import DisTorchError, GGUFError, UnsupportedQuantError
 
-log = logging.getLogger(__name__)
+__all__ = ["dequantize", "dequantize_into", "quantized_nbytes", "check_supported", "as_qtype", "supported_names",
+           "set_backend", "get_backend", "triton_available", "warmup", "BLOCK_SIZES", "PLAIN_TYPES",
+           "QUANTIZED_TYPES", "SUPPORTED_TYPES", "BACKENDS", "GGUFError", "UnsupportedQuantError"]
+
+log = logging.getLogger("distorch.formats.dequant")
 
 QK_K = 256
 
-# qtype -> (weights per block, bytes per block)
+# qtype -> (weights per block, bytes per block): the types DisTorch dequantizes, sizes from gguf's table
 BLOCK_SIZES: dict[QT, tuple[int, int]] = {
-    QT.F32: (1, 4),
-    QT.F16: (1, 2),
-    QT.BF16: (1, 2),
-    QT.Q8_0: (32, 34),
-    QT.Q4_0: (32, 18),
-    QT.Q4_1: (32, 20),
-    QT.Q5_0: (32, 22),
-    QT.Q5_1: (32, 24),
-    QT.Q2_K: (QK_K, 84),
-    QT.Q3_K: (QK_K, 110),
-    QT.Q4_K: (QK_K, 144),
-    QT.Q5_K: (QK_K, 176),
-    QT.Q6_K: (QK_K, 210),
-    QT.IQ4_NL: (32, 18),
-    QT.IQ4_XS: (QK_K, 136),
-}
+    qt: GGML_QUANT_SIZES[qt] for qt in (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
+                                        QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS)}
 PLAIN_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 QUANTIZED_TYPES = frozenset(BLOCK_SIZES) - frozenset(PLAIN_TYPES)
 SUPPORTED_TYPES = frozenset(BLOCK_SIZES)
 
 # the 16 non-linear levels of IQ4_NL / IQ4_XS
 _IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
-
-class GGUFError(FileFormatError):
-    """A GGUF tensor or file that cannot be read or dequantized."""
-
-
-class UnsupportedQuantError(GGUFError):
-    pass
 
 
 def as_qtype(qtype) -> QT:
@@ -312,146 +299,18 @@ def _eager(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton path (CUDA): one hand-written kernel for all types, specialised per type at compile time.
-# Each program dequantizes a tile of TILE consecutive output weights (see the kernel's comment);
-# neighbouring weights share cache lines, so the blocks are read from DRAM once, and the tile is
-# written once, in the output dtype, with vector stores.  Same fp32 arithmetic as the torch code above; all
-# products are exact in fp32, so a fused multiply-add cannot change a result: bit-identical.
+# Triton path (CUDA): formats/dequant_triton.py, imported on first use (Triton is an optional
+# dependency, and importing it costs time); same fp32 arithmetic as the torch code above, bit-identical.
 
-_TRITON = None          # (triton module, kernel) once built; False when unavailable
-_TRITON_TILE = 1024     # weights per program
-_TRITON_WARPS = 4
-
-
-def _build_triton():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _tl_u8(ptr, idx, mask):
-        return tl.load(ptr + idx, mask=mask, other=0).to(tl.int32)
-
-    @triton.jit
-    def _tl_f16(ptr, base, OFF: tl.constexpr, mask):
-        v = _tl_u8(ptr, base + OFF, mask) | (_tl_u8(ptr, base + (OFF + 1), mask) << 8)
-        v = v - ((v >> 15) << 16)
-        return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-    @triton.jit
-    def _tl_k_scales(ptr, base, cg, gmask):
-        # Q4_K / Q5_K: 8 six-bit scales and mins packed in the 12 bytes at offset 4
-        j = cg // 32
-        a = _tl_u8(ptr, base + 4 + j % 4, gmask)
-        mm = _tl_u8(ptr, base + 8 + j % 4, gmask)
-        md = _tl_u8(ptr, base + 12 + j % 4, gmask)
-        low = j < 4
-        sc = tl.where(low, a & 63, (md & 15) | ((a >> 6) << 4))
-        mn = tl.where(low, mm & 63, (md >> 4) | ((mm >> 6) << 4))
-        return sc, mn
-
-    @triton.jit
-    def _kernel(raw, out, lv, n_out, QT: tl.constexpr, QB: tl.constexpr, TS: tl.constexpr,
-                TILE: tl.constexpr):
-        # A program writes TILE consecutive output weights as [TILE // 8, 8]: rows are groups of 8
-        # weights that share every scale (all formats change scale/shift at multiples of 8), so the
-        # per-group quantities are loaded once per row ([G, 1]), the quants once per weight
-        # ([G, 8]), and each row is written with one 16-byte store.
-        G: tl.constexpr = TILE // 8
-        g = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)[:, None]      # [G, 1]
-        k = tl.arange(0, 8)[None, :]                                           # [1, 8]
-        offs = g * 8 + k                                                       # [G, 8]
-        mask = offs < n_out
-        gmask = g * 8 < n_out
-        base = (g * 8 // QB) * TS                                              # block start byte
-        cg = ((g * 8) % QB).to(tl.int32)                                       # group's first column
-        ce = cg + k                                                            # each weight's column
-        if QT == 8:      # Q8_0
-            d = _tl_f16(raw, base, 0, gmask)
-            q = _tl_u8(raw, base + 2 + ce, mask)
-            q = q - ((q >> 7) << 8)
-            y = q.to(tl.float32) * d
-        elif QT == 2:    # Q4_0
-            d = _tl_f16(raw, base, 0, gmask)
-            q = (_tl_u8(raw, base + 2 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
-            y = d * (q - 8).to(tl.float32)
-        elif QT == 3:    # Q4_1
-            d = _tl_f16(raw, base, 0, gmask)
-            m = _tl_f16(raw, base, 2, gmask)
-            q = (_tl_u8(raw, base + 4 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
-            y = d * q.to(tl.float32) + m
-        elif QT == 6:    # Q5_0
-            d = _tl_f16(raw, base, 0, gmask)
-            hb = (_tl_u8(raw, base + 2 + cg // 8, gmask) >> k) & 1
-            lo = (_tl_u8(raw, base + 6 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
-            y = d * ((lo | (hb << 4)) - 16).to(tl.float32)
-        elif QT == 7:    # Q5_1
-            d = _tl_f16(raw, base, 0, gmask)
-            m = _tl_f16(raw, base, 2, gmask)
-            hb = (_tl_u8(raw, base + 4 + cg // 8, gmask) >> k) & 1
-            lo = (_tl_u8(raw, base + 8 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
-            y = d * (lo | (hb << 4)).to(tl.float32) + m
-        elif QT == 10:   # Q2_K
-            d = _tl_f16(raw, base, 80, gmask)
-            dmin = _tl_f16(raw, base, 82, gmask)
-            sc = _tl_u8(raw, base + cg // 16, gmask)
-            q = (_tl_u8(raw, base + 16 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
-            dl = d * (sc & 15).to(tl.float32)
-            ml = dmin * (sc >> 4).to(tl.float32)
-            y = dl * q.to(tl.float32) - ml
-        elif QT == 11:   # Q3_K
-            d = _tl_f16(raw, base, 108, gmask)
-            j = cg // 16
-            lsc = (_tl_u8(raw, base + 96 + j % 8, gmask) >> ((j // 8) * 4)) & 15
-            hsc = (_tl_u8(raw, base + 104 + j % 4, gmask) >> ((j // 4) * 2)) & 3
-            dl = d * ((lsc | (hsc << 4)) - 32).to(tl.float32)
-            ql = (_tl_u8(raw, base + 32 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
-            hm = (_tl_u8(raw, base + ce % 32, mask) >> (cg // 32)) & 1
-            y = dl * (ql - 4 * (1 - hm)).to(tl.float32)
-        elif QT == 12:   # Q4_K
-            d = _tl_f16(raw, base, 0, gmask)
-            dmin = _tl_f16(raw, base, 2, gmask)
-            sc, mn = _tl_k_scales(raw, base, cg, gmask)
-            q = (_tl_u8(raw, base + 16 + (cg // 64) * 32 + ce % 32, mask) >> (((cg // 32) % 2) * 4)) & 15
-            y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
-        elif QT == 13:   # Q5_K
-            d = _tl_f16(raw, base, 0, gmask)
-            dmin = _tl_f16(raw, base, 2, gmask)
-            sc, mn = _tl_k_scales(raw, base, cg, gmask)
-            hb = (_tl_u8(raw, base + 16 + ce % 32, mask) >> (cg // 32)) & 1
-            lo = (_tl_u8(raw, base + 48 + (cg // 64) * 32 + ce % 32, mask) >> (((cg // 32) % 2) * 4)) & 15
-            q = lo | (hb << 4)
-            y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
-        elif QT == 14:   # Q6_K
-            d = _tl_f16(raw, base, 208, gmask)
-            sc = _tl_u8(raw, base + 192 + cg // 16, gmask)
-            sc = sc - ((sc >> 7) << 8)
-            lo = (_tl_u8(raw, base + (cg // 128) * 64 + ce % 64, mask) >> (((cg // 64) % 2) * 4)) & 15
-            hi = (_tl_u8(raw, base + 128 + (cg // 128) * 32 + ce % 32, mask) >> (((cg // 32) % 4) * 2)) & 3
-            y = (d * sc.to(tl.float32)) * ((lo | (hi << 4)) - 32).to(tl.float32)
-        elif QT == 20:   # IQ4_NL
-            d = _tl_f16(raw, base, 0, gmask)
-            idx = (_tl_u8(raw, base + 2 + ce % 16, mask) >> ((cg // 16) * 4)) & 15
-            y = d * tl.load(lv + idx, mask=mask, other=0.0)
-        else:            # IQ4_XS (23)
-            d = _tl_f16(raw, base, 0, gmask)
-            j = cg // 32
-            sl = (_tl_u8(raw, base + 4 + j // 2, gmask) >> ((j % 2) * 4)) & 15
-            sh = (_tl_u8(raw, base + 2 + j // 4, gmask) >> ((j % 4) * 2)) & 3
-            dl = d * ((sl | (sh << 4)) - 32).to(tl.float32)
-            idx = (_tl_u8(raw, base + 8 + j * 16 + ce % 16, mask) >> (((cg // 16) % 2) * 4)) & 15
-            y = dl * tl.load(lv + idx, mask=mask, other=0.0)
-        tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
-
-    # the JIT resolves helper names through the module's globals
-    globals().update(_tl_u8=_tl_u8, _tl_f16=_tl_f16, _tl_k_scales=_tl_k_scales)
-    return triton, _kernel
+_TRITON = None          # the dequant_triton module once imported; False when unavailable
 
 
 def triton_available() -> bool:
     global _TRITON
     if _TRITON is None:
         try:
-            _TRITON = _build_triton()
+            from . import dequant_triton
+            _TRITON = dequant_triton
         except Exception as e:  # no triton, or a triton we cannot use
             log.info("distorch: Triton dequantizer unavailable (%s: %s)", type(e).__name__, e)
             _TRITON = False
@@ -460,14 +319,11 @@ def triton_available() -> bool:
 
 def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None = None,
                 num_warps: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    triton, kernel = _TRITON
     qb, ts = BLOCK_SIZES[qt]
     n_out = raw.numel() // ts * qb
     if out is None:
         out = torch.empty(n_out, dtype=dtype, device=raw.device)
-    tile = tile or _TRITON_TILE
-    kernel[(triton.cdiv(n_out, tile),)](raw, out, _levels(raw.device), n_out, QT=int(qt), QB=qb, TS=ts,
-                                        TILE=tile, num_warps=num_warps or _TRITON_WARPS)
+    _TRITON.launch(raw, out, _levels(raw.device), n_out, int(qt), qb, ts, tile=tile, num_warps=num_warps)
     return out
 
 
@@ -511,7 +367,6 @@ def compile_enabled() -> bool:
 
 
 def _make_compiled(qt: QT) -> Callable:
-    import types
     tsize = BLOCK_SIZES[qt][1]
     kernel = _KERNELS[qt]
     if qt in _NEEDS_LEVELS:
@@ -534,11 +389,6 @@ def _compiled_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
             fn = _compiled.get(qt) or _make_compiled(qt)
             _compiled[qt] = fn
     return fn(raw, _levels(raw.device), dtype)
-
-
-def _use_compiled(qt: QT, raw: torch.Tensor) -> bool:
-    return (raw.device.type == "cuda" and get_backend() in ("auto", "compile")
-            and qt not in _failed["compile"])
 
 
 def _fail(kind: str, qt: QT, e: Exception) -> None:
@@ -636,29 +486,6 @@ def _plain(raw: torch.Tensor, qt: QT, shape, dtype: torch.dtype) -> torch.Tensor
     if raw.storage_offset() % src.itemsize:
         raw = raw.clone()
     return raw.view(src).view(shape).to(dtype, copy=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# cost data for the placement / cost model (bench/results/dequant_h100.md, H100, Triton backend)
-
-# device throughput of the Triton kernel, as a fraction of the device's copy bandwidth (read+write),
-# counting blocks read + bf16 written; 3072 x 12288 layer on an H100 (copy 3025 GB/s)
-DEQUANT_EFFICIENCY: dict[QT, float] = {
-    QT.Q8_0: 0.91, QT.Q4_K: 0.82, QT.Q5_K: 0.67, QT.Q6_K: 0.66, QT.Q4_0: 0.96, QT.Q5_0: 0.89,
-    QT.Q5_1: 0.89, QT.Q4_1: 0.92, QT.Q3_K: 0.58, QT.Q2_K: 0.96, QT.IQ4_NL: 0.91, QT.IQ4_XS: 0.86,
-}
-# Python cost of one dequantize() call on the host (Triton launch + checks), seconds
-DEQUANT_HOST_S = 60e-6
-
-
-def dequant_seconds(qtype, numel: int, *, copy_bw: float = 3.0e12, out_itemsize: int = 2) -> float:
-    """Predicted device time to dequantize `numel` weights of `qtype` on a GPU whose device-to-device
-    copy moves `copy_bw` bytes/s (read + write counted): (stored + written bytes) / (eff * copy_bw).
-    Plain types cost a cast (read + write at copy bandwidth)."""
-    qt = as_qtype(qtype)
-    block, tsize = BLOCK_SIZES.get(qt, (1, 2))
-    moved = numel * tsize / block + numel * out_itemsize
-    return moved / (DEQUANT_EFFICIENCY.get(qt, 1.0) * copy_bw)
 
 
 def warmup(qtypes=None, device="cuda", dtype: torch.dtype = torch.bfloat16) -> None:

@@ -11,11 +11,11 @@ memory it owns is `raw`, a flat contiguous uint8 tensor holding the GGUF blocks 
 - `t.qtype`       gguf.GGMLQuantizationType
 - `t.shape`       logical torch shape (outermost first)
 - `t.dtype`       dtype `dequantize()` produces by default (bfloat16 unless set)
-- `t.stored_nbytes` = raw.numel(); registered with compiler.graph.register_nbytes, so the cost model
-  counts stored bytes, not numel * 2.
+- `t.stored_nbytes` = raw.numel(); compiler.graph.stored_nbytes reads it, so the cost model counts
+  stored bytes, not numel * 2.
 - `t.to(device, non_blocking=...)` / `.cuda()` / `.cpu()` / `.pin_memory()` move/pin the RAW BYTES
   (quantized bytes cross the bus); `.to(dtype)` only changes the dequantization target.
-- `t.dequantize(dtype=None)` dequantizes on the device the bytes sit on (runtime.dequant).
+- `t.dequantize(dtype=None)` dequantizes on the device the bytes sit on (formats/dequant.py).
 - `t.with_raw(buf)` is the SAME weight over other storage (e.g. a view into a GPU slot the runtime
   filled): no copy, checks the byte count.  The runtime streams a unit by
   `slot[a:b].copy_(t.raw, non_blocking=True)` and then either swaps the parameter for
@@ -27,28 +27,26 @@ as a parameter), `module.to(...)`, `module.state_dict()`, `load_state_dict(sd, a
 `copy.deepcopy`.  Any other torch op applied to it (e.g. an unmodified nn.Linear's F.linear) falls
 back to dequantizing on the fly, so results stay correct even where no GGUF op layer was installed;
 `load_state_dict` without assign into a dense parameter copies the dequantized values.
-
-Ops layer: `GGUFLinear`, `GGUFConv1d/2d/3d`, `GGUFEmbedding`, `GGUFLayerNorm`, `GGUFGroupNorm` are
-the torch modules whose forward dequantizes GGUF parameters ON THE COMPUTE DEVICE (the input's) on
-every call — the per-call path ("resident quantized" or "streamed quantized").
-`gguf_ops(module)` switches the matching submodules of a built model to these classes in place
-(class swap only; no tensor copied).  Dequantization per call can be overridden for the runtime by
-setting `module.gguf_dequant_override = fn(module, name, tensor, device, dtype) -> Tensor`.
+Ops layer, in the shape of ComfyUI-GGUF's ops.py: one mixin, `GGUFLayer`, does "parameter -> dense
+weight on the input's device (+ per-call patches)" (`gguf_weight`) and takes GGUF tensors from a
+state dict as they are; each op (`GGUFLinear`, `GGUFConv1d/2d/3d`, `GGUFEmbedding`, `GGUFLayerNorm`,
+`GGUFGroupNorm`) only writes its `forward_gguf` in a line or two.  They dequantize GGUF parameters
+ON THE COMPUTE DEVICE (the input's) on every call: the per-call path ("resident quantized" or
+"streamed quantized").  `gguf_ops(module)` switches the matching submodules of a built model to
+these classes in place (class swap only; no tensor copied).  A host framework subclasses an op with
+its own layer class (ComfyUI: `class Linear(GGUFLinear, comfy.ops.manual_cast.Linear)`) and may
+override `forward` to take its own path when the layer holds no GGUF parameter.  Dequantization per
+call can be overridden by setting `module.gguf_dequant_override = fn(module, name, tensor, device,
+dtype) -> Tensor`.
 
 For the runtime (moving GGUF weights)
 - `raw` from `load_gguf` is a read-only view of the file mapping: copy it into the pinned host arena
   (`arena[a:b].copy_(t.raw)`) and re-home the parameter as `t.with_raw(arena[a:b])`.  Any byte
-  offset works for the CUDA kernel; 16-byte aligned offsets let it use wider loads; the CPU (eager)
-  path copies odd-offset slices once.
+  offset works for the CUDA kernel; the CPU (eager) path copies odd-offset slices once.
 - Streaming: `slot[a:b].copy_(t.raw, non_blocking=True)` on the copy stream, then on the compute
-  stream after the copy event: `dequantize(slot[a:b], t.qtype, t.shape, dtype, check=False)` (kernels
-  run on the current stream).  Size a slot by `t.stored_nbytes`; the dense result (numel x 2 bytes
-  for bf16) is a transient allocation of the compute stream unless the runtime keeps it (the
-  "resident dequantized" choice).
-- `gguf_ops` converts exact nn.Linear/Conv/... only: ComfyUI's `comfy.ops` classes are subclasses
-  and stay as they are; with GGUFTensor weights they still compute correctly through
-  `__torch_dispatch__` (one dequantization per aten op, the weight in the module's dtype), but the
-  adapter should route them through `materialize()` / an override for speed.
+  stream after the copy event: `dequantize(slot[a:b], t.qtype, t.shape, dtype, check=False)`.  Size
+  a slot by `t.stored_nbytes`; the dense result is a transient allocation of the compute stream
+  unless the runtime keeps it (the "resident dequantized" choice).
 - Parameters must keep requires_grad=False; `torch.load(weights_only=True)` cannot rebuild a
   GGUFTensor (pickling works with weights_only=False).
 """
@@ -61,13 +59,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from ..compiler.graph import register_nbytes
-from .dequant import (GGUFError, check_supported, dequantize as _dequantize, quantized_nbytes,
-                      PLAIN_TYPES)
+from ..errors import GGUFError
+from .dequant import PLAIN_TYPES, check_supported, dequantize as _dequantize, quantized_nbytes
 
 aten = torch.ops.aten
 
-__all__ = ["GGUFTensor", "is_gguf", "materialize", "GGUFLinear", "GGUFConv1d", "GGUFConv2d",
+__all__ = ["GGUFTensor", "is_gguf", "materialize", "GGUFLayer", "GGUFLinear", "GGUFConv1d", "GGUFConv2d",
            "GGUFConv3d", "GGUFEmbedding", "GGUFLayerNorm", "GGUFGroupNorm", "gguf_ops"]
 
 
@@ -78,7 +75,7 @@ class GGUFTensor(torch.Tensor):
     qtype: object
     gguf_name: str | None
     # set by the streaming runtime while the weight's unit runs: the weight already dequantized (by one
-    # batched kernel per unit, runtime.gguf_stream.UnitDequant); None otherwise
+    # batched kernel per unit, runtime/gguf_stream.py's UnitDequant); None otherwise
     _dq: torch.Tensor | None = None
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -273,11 +270,14 @@ _HANDLERS = {
     aten.is_same_size.default: _h_meta_only,
 }
 
-register_nbytes(GGUFTensor, lambda t: t.raw.numel())
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def is_gguf(t) -> bool:
-    return isinstance(t, GGUFTensor)
+    """True for a GGUFTensor (parameter or not); cheap for plain tensors (the runtime asks per tensor)."""
+    return type(t) not in _PLAIN and isinstance(t, GGUFTensor)
 
 
 def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None):
@@ -296,63 +296,119 @@ def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype
         return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=True)
     return t
 
-
 # ------------------------------------------------------------------------------------------------
-# ops layer
+# ops layer: one mixin, thin ops
 
-class _GGUFOps:
-    """Mixin: `self._w(name, x)` is parameter `name` dense, on x's device, in x's floating dtype."""
+class GGUFLayer:
+    """Op mixin: parameter -> dense weight on the input's device (+ per-call patches).  See the module
+    docstring; an op class only writes `forward_gguf`."""
 
+    dequant_dtype: torch.dtype | None = None     # dequantize into this, then cast (None: straight)
     gguf_dequant_override: Callable | None = None
+    gguf_params = ("weight", "bias")
 
-    def _w(self, name: str, x: torch.Tensor):
+    def has_gguf(self) -> bool:
+        return any(is_gguf(self._parameters.get(n)) for n in self.gguf_params)
+
+    def gguf_weight(self, name: str, x: torch.Tensor, dtype: torch.dtype | None):
+        """Parameter `name` dense on x's device in `dtype` (None: its own), the layer's patch functions
+        (`weight_function` / `bias_function`, ComfyUI's per-call LoRA patches) applied."""
         t = getattr(self, name)
         if t is None:
             return None
-        dtype = x.dtype if x.dtype.is_floating_point else None
         ov = self.gguf_dequant_override
         if ov is not None:
-            return ov(self, name, t, x.device, dtype)
-        return materialize(t, x.device, dtype)
+            w = ov(self, name, t, x.device, dtype)
+        elif self.dequant_dtype is not None and is_gguf(t):
+            w = materialize(t, x.device, self.dequant_dtype)
+            if dtype is not None and w.dtype != dtype:
+                w = w.to(dtype)
+        else:
+            w = materialize(t, x.device, dtype)
+        fns = getattr(self, "weight_function" if name == "weight" else "bias_function", None)
+        if fns:
+            if w is t or w is getattr(t, "_dq", None):
+                w = w.clone()      # patches may work in place: never on the parameter (or the runtime's
+                #                    shared dequantized copy of it) itself
+            for f in fns:
+                w = f(w)
+        return w
+
+    def forward(self, *args, **kwargs):
+        return self.forward_gguf(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a GGUF tensor becomes the parameter as it is (no dequantization) where the layer holds no GGUF
+        # parameter yet; onto a GGUF parameter torch copies the bytes (the parameter object stays)
+        taken = []
+        for name in self.gguf_params:
+            key = prefix + name
+            v = state_dict.get(key)
+            cur = self._parameters.get(name)
+            if v is None or not is_gguf(v) or is_gguf(cur):
+                continue
+            if cur is not None and tuple(cur.shape) != tuple(v.shape):
+                error_msgs.append(f"size mismatch for {key}: GGUF tensor of shape {list(v.shape)}, the model "
+                                  f"expects {list(cur.shape)}")
+                continue
+            self._parameters[name] = nn.Parameter(v, requires_grad=False)
+            taken.append(key)
+        rest = {k: v for k, v in state_dict.items() if k not in taken} if taken else state_dict
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in taken:
+            if key in missing_keys:
+                missing_keys.remove(key)
 
 
-class GGUFLinear(_GGUFOps, nn.Linear):
-    def forward(self, x):
-        return F.linear(x, self._w("weight", x), self._w("bias", x))
+def _float(x: torch.Tensor):
+    return x.dtype if x.dtype.is_floating_point else None
 
 
-class GGUFConv1d(_GGUFOps, nn.Conv1d):
-    def forward(self, x):
-        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+class GGUFLinear(GGUFLayer, nn.Linear):
+    def forward_gguf(self, x):
+        d = _float(x)
+        return F.linear(x, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d))
 
 
-class GGUFConv2d(_GGUFOps, nn.Conv2d):
-    def forward(self, x):
-        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+class _GGUFConv(GGUFLayer):
+    def forward_gguf(self, x):
+        d = _float(x)
+        return self._conv_forward(x, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d))
 
 
-class GGUFConv3d(_GGUFOps, nn.Conv3d):
-    def forward(self, x):
-        return self._conv_forward(x, self._w("weight", x), self._w("bias", x))
+class GGUFConv1d(_GGUFConv, nn.Conv1d):
+    pass
 
 
-class GGUFEmbedding(_GGUFOps, nn.Embedding):
-    def forward(self, x):
-        w = getattr(self, "weight")
-        dense = materialize(w, x.device, None) if self.gguf_dequant_override is None else \
-            self.gguf_dequant_override(self, "weight", w, x.device, None)
-        return F.embedding(x, dense, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+class GGUFConv2d(_GGUFConv, nn.Conv2d):
+    pass
 
 
-class GGUFLayerNorm(_GGUFOps, nn.LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x, self.normalized_shape, self._w("weight", x), self._w("bias", x), self.eps)
+class GGUFConv3d(_GGUFConv, nn.Conv3d):
+    pass
 
 
-class GGUFGroupNorm(_GGUFOps, nn.GroupNorm):
-    def forward(self, x):
-        return F.group_norm(x, self.num_groups, self._w("weight", x), self._w("bias", x), self.eps)
+class GGUFEmbedding(GGUFLayer, nn.Embedding):
+    def forward_gguf(self, x, out_dtype=None):
+        w = self.gguf_weight("weight", x, out_dtype)     # dequantized straight into the dtype asked for
+        return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+
+
+class GGUFLayerNorm(GGUFLayer, nn.LayerNorm):
+    def forward_gguf(self, x):
+        d = _float(x)
+        return F.layer_norm(x, self.normalized_shape, self.gguf_weight("weight", x, d),
+                            self.gguf_weight("bias", x, d), self.eps)
+
+
+class GGUFGroupNorm(GGUFLayer, nn.GroupNorm):
+    def forward_gguf(self, x):
+        d = _float(x)
+        return F.group_norm(x, self.num_groups, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d),
+                            self.eps)
 
 
 _SWAP = [(nn.Linear, GGUFLinear), (nn.Conv1d, GGUFConv1d), (nn.Conv2d, GGUFConv2d),

@@ -4,16 +4,17 @@ Why: text encoders converted with llama.cpp's tools store their tensors under ll
 (`enc.blk.0.attn_q.weight`, `blk.0.ffn_up.weight`, `token_embd.weight`, ...), while ComfyUI's
 text-encoder modules load the original names (`encoder.block.0.layer.0.SelfAttention.q.weight`,
 `model.layers.0.mlp.up_proj.weight`, `shared.weight`, ...).  `to_original_names` renames a state dict
-from `runtime.gguf_loader.load_gguf(path, prefix=None)` and undoes the value changes the converter
+from `formats.gguf_loader.load_gguf(path, prefix=None)` and undoes the value changes the converter
 made, so the result loads like the original checkpoint.  Quantized tensors stay quantized.
 
     is_llama_cpp_named(sd) -> bool
     to_original_names(sd, meta, *, drop_lm_head=None) -> (new_sd, info)
 
 How the names are found: no big table here.  For the file's architecture a short list of original
-name templates (per family, `{bid}` = block number) is expanded for the number of blocks present and
-each candidate is given to the `gguf` package's own `TensorNameMap.get_name`; the answers, inverted,
-are the map.  Where two originals give one GGUF name (T5's `wi`, v1.0, and `wi_1`, v1.1 gated, both
+name templates (per family, `{bid}` = block number) is expanded for block 0 and each candidate is
+given to the `gguf` package's own `TensorNameMap.get_name`; the answers, inverted, are the map.  A
+block tensor (`blk.N.`) is looked up as block 0 and N is put back into the original name, so the work
+does not grow with the block numbers a file claims.  Where two originals give one GGUF name (T5's `wi`, v1.0, and `wi_1`, v1.1 gated, both
 become `ffn_up`) the choice is made from the file: `wi_1` when the block has `ffn_gate` (`wi_0`),
 `wi` otherwise.
 
@@ -44,21 +45,18 @@ import logging
 import re
 from typing import Any, Mapping
 
+import gguf
 import torch
 
-from ..errors import DisTorchError
+from ..errors import GGUFNameError
 from .gguf_tensor import GGUFTensor
 
 __all__ = ["GGUFNameError", "is_llama_cpp_named", "to_original_names", "supported_architectures",
            "LLAMA_CPP_PREFIXES"]
 
-log = logging.getLogger("distorch")
+log = logging.getLogger("distorch.formats.gguf_names")
 
 LLAMA_CPP_PREFIXES = ("enc.blk.", "dec.blk.", "blk.", "token_embd.", "output_norm.", "enc.output_norm.")
-
-
-class GGUFNameError(DisTorchError):
-    """A GGUF state dict whose llama.cpp tensor names cannot be mapped back to the original names."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,37 +125,26 @@ _ARCHS: dict[str, tuple[str, _Family]] = {
 }
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is a dependency
-        raise GGUFNameError("mapping GGUF tensor names needs the `gguf` package: pip install gguf") from e
-    return gguf
-
-
 def supported_architectures() -> list[str]:
     """general.architecture values this module maps (those the installed gguf package knows)."""
-    gguf = _gguf()
     return [a for a, (member, _) in _ARCHS.items() if hasattr(gguf.MODEL_ARCH, member)]
 
 
 @functools.lru_cache(maxsize=32)
-def _reverse_map(arch: str, n_blocks: int) -> dict[str, tuple[str, ...]]:
-    """{GGUF name: original candidates, template order} built from gguf's TensorNameMap."""
-    gguf = _gguf()
+def _reverse_map(arch: str) -> dict[str, tuple[str, ...]]:
+    """{GGUF name: original name templates ({bid}: block number)}, template order, from gguf's
+    TensorNameMap for ONE block: block tensors are looked up with their number replaced by 0
+    (`_candidates`), so the map's size never depends on the block numbers a file claims."""
     member, fam = _ARCHS[arch]
-    nmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, member), n_blocks)
+    nmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, member), 1)
     rev: dict[str, list[str]] = {}
     for tmpl in fam.templates:
-        bids = range(n_blocks) if "{bid}" in tmpl else (None,)
-        for bid in bids:
-            base = tmpl if bid is None else tmpl.format(bid=bid)
-            for suffix in (".weight", ".bias"):
-                name = nmap.get_name(base + suffix, try_suffixes=(".weight", ".bias"))
-                if name is not None:
-                    lst = rev.setdefault(name, [])
-                    if base + suffix not in lst:
-                        lst.append(base + suffix)
+        for suffix in (".weight", ".bias"):
+            name = nmap.get_name(tmpl.format(bid=0) + suffix, try_suffixes=(".weight", ".bias"))
+            if name is not None:
+                lst = rev.setdefault(name, [])
+                if tmpl + suffix not in lst:
+                    lst.append(tmpl + suffix)
     return {k: tuple(v) for k, v in rev.items()}
 
 
@@ -168,7 +155,7 @@ def is_llama_cpp_named(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith(LLAMA_CPP_PREFIXES) for k in sd)
 
 
-_BLK = re.compile(r"(?:^|\.)blk\.(\d+)\.")
+_BLK = re.compile(r"(?:^|\.)blk\.([0-9]+)\.")
 
 
 def _n_blocks(keys) -> int:
@@ -183,6 +170,15 @@ def _n_blocks(keys) -> int:
 def _block_of(name: str) -> int | None:
     m = _BLK.search(name)
     return int(m.group(1)) if m else None
+
+
+def _candidates(rev: dict, gname: str) -> tuple[str, ...] | None:
+    """Original names GGUF name `gname` may stand for (its block number put into the templates)."""
+    m = _BLK.search(gname)
+    if m is None:
+        return rev.get(gname)
+    tmpls = rev.get(gname[:m.start(1)] + "0" + gname[m.end(1):])
+    return None if tmpls is None else tuple(t.format(bid=int(m.group(1))) for t in tmpls)
 
 
 def _resolve(gname: str, cands: tuple[str, ...], sd: Mapping[str, Any], arch: str) -> str:
@@ -280,7 +276,7 @@ def to_original_names(sd: Mapping[str, Any], meta: Mapping[str, Any] | None, *,
     if drop_lm_head is None:
         drop_lm_head = fam.encoder
     n_blocks = _n_blocks(sd)
-    rev = _reverse_map(arch, n_blocks)
+    rev = _reverse_map(arch)
 
     out: dict[str, Any] = {}
     dropped: list[str] = []
@@ -293,7 +289,7 @@ def to_original_names(sd: Mapping[str, Any], meta: Mapping[str, Any] | None, *,
         if any(p.match(gname) for p in fam.converter_only):
             dropped.append(gname)
             continue
-        cands = rev.get(gname)
+        cands = _candidates(rev, gname)
         if cands is None:
             raise GGUFNameError(
                 f"GGUF tensor {gname!r} of architecture {arch!r} has no known original name; mapped here: "
