@@ -1,6 +1,7 @@
 """DisTorch demo: no download, no diffusers -- a small Flux-like DiT in pure torch, compiled with a budget.
 
     python -m distorch.demo [--offload 0.5] [--steps 4] [--device cuda:0|cpu]
+    python -m distorch.demo --plots OUT_DIR [--offload 0.5]     # timeline.png + placement.png (matplotlib)
 
 Builds the DiT from a built-in config (random weights, fixed seed), runs a few Euler denoising steps
 with every weight resident (the reference), then `distorch.compile`s the same module with half of it
@@ -9,11 +10,15 @@ with every weight resident (the reference), then `distorch.compile`s the same mo
 measured per-unit times back into the graph and shows the re-planned placement's prediction.
 On a CUDA machine the compute device is the GPU and the offloaded units stream from pinned host
 memory; elsewhere the very same machinery runs on the CPU, synchronously.
+
+With --plots the compiled demo runs three profiled steps and writes the transfer/compute timeline and
+the placement per unit as PNGs (runtime/plots.py; needs the `plot` extra).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -21,6 +26,10 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .passes.partition import partition
+from .runtime import plots
+from .runtime.api import compile as dt_compile, inventory_for, norm_compute
 
 CONFIGS = {
     # small enough for a 2-core CPU in seconds
@@ -216,13 +225,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--offload", type=float, default=0.5, help="share of the model kept off the compute device")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--plots", metavar="OUT_DIR", help="write timeline.png and placement.png here instead")
     a = ap.parse_args(argv)
-    from .runtime.api import compile as dt_compile
-    from .passes.partition import partition
     dev = a.device
     if not 0 <= a.offload <= 1:
         print(f"--offload {a.offload}: give a share between 0 and 1", file=sys.stderr)
         return 2
+    if a.plots:
+        for p in write_plots(a.plots, a.offload, dev):
+            print(p)
+        return 0
     t0 = time.perf_counter()
     model = build_demo_model(dev)
     inputs = demo_inputs(dev)
@@ -248,7 +260,7 @@ def main(argv=None) -> int:
     # feed measured per-unit compute times back and re-plan
     n = handle.feedback()
     g = handle.graph
-    inv = _inventory_for(dev)
+    inv = inventory_for(norm_compute(dev), ["cpu"])
     plan2 = partition(g, inv, handle.plan.compute, vram_gb=a.offload * total / 2**30, donors=["cpu"])
     p2 = (plan2.predicted or {}).get("step_s")
     moved = sum(1 for u, v in zip(sorted(handle.plan.units, key=lambda u: u.order),
@@ -260,9 +272,23 @@ def main(argv=None) -> int:
     return 0 if same else 1
 
 
-def _inventory_for(dev):
-    from .runtime.api import _inventory, _norm_compute
-    return _inventory(_norm_compute(dev), ["cpu"])
+def write_plots(out_dir: str, offload: float = 0.5, device: str | None = None) -> list[str]:
+    """The demo DiT compiled with `offload` of its weights off the device, three profiled steps, then
+    OUT_DIR/timeline.png (copies vs compute, the last step) and OUT_DIR/placement.png."""
+    dev = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    model = build_demo_model(device=dev)
+    args = demo_inputs(device=dev)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    h = dt_compile(model, compute=dev, vram_gb=offload * total / 2**30, donors=["cpu"],
+                   example_args=args, profile=True, progress=False)
+    with torch.no_grad():
+        for _ in range(3):
+            model(*args)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plots.timeline_png(h.timeline(), os.path.join(out_dir, "timeline.png"), f"demo DiT on {dev}"),
+             plots.placement_png(h.plan, os.path.join(out_dir, "placement.png"))]
+    h.undo()
+    return paths
 
 
 if __name__ == "__main__":

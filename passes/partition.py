@@ -48,12 +48,11 @@ from ..compiler.cost import simulate, simulate_core, unit_compute_s, unit_transf
 from ..compiler.graph import ModuleGraph, Unit
 from ..compiler.inventory import Inventory, InventoryError, normalize_device
 from ..compiler.plan import GiB, Plan, PlacedUnit
+from ..compiler.ring_layout import DEFAULT_SLOTS, MAX_SLOTS
 from ..errors import AllocationError, PartitionError
 from .allocation import budgets as alloc_budgets, parse_allocation
 
 POOL = 24
-DEFAULT_SLOTS = 2
-MAX_SLOTS = 8        # the runtime's ring holds at most 8 slots (runtime/apply.py); see _default_window
 
 
 # --- ranking --------------------------------------------------------------------------------------
@@ -347,14 +346,20 @@ def expert_string_for(graph, homes, inventory, compute, order) -> tuple[str, boo
 
 
 def _vram_bytes(vram_gb) -> int:
+    if isinstance(vram_gb, bool):
+        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is a bool, not a number of GiB: give e.g. 4 or 12.5 "
+                             f"(0 keeps the model resident)")
     try:
         v = float(vram_gb)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a number: give GiB to offload, e.g. 4 or 12.5")
     if math.isnan(v) or math.isinf(v):
         raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a finite number: give e.g. 4 or 12.5")
     if v < 0:
         raise PartitionError(f"virtual_vram_gb {vram_gb!r} is negative: give 0 (all resident) or more GiB")
+    if v > 2 ** 30:
+        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is more than 1 EiB (2^30 GiB): give the GiB to offload, "
+                             f"e.g. 4 or 12.5")
     return int(math.ceil(v * GiB))
 
 

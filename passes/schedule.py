@@ -1,10 +1,10 @@
 """Schedule pass: the transfer / prefetch / release operations that execute a Plan (plain data).
 
 Ring ITEMS.  The offloaded units of a step, in execution order, are packed greedily into ring items
-(`compiler.cost.stream_groups`, as runtime/apply.py `_group` and compiler/cost.simulate do): a unit joins
+(`compiler.ring_layout.stream_groups`, as runtime/ring.py and compiler/cost.simulate do): a unit joins
 the previous unit's item while it has the same home device, runs right after it (no resident unit
-between them in the plan's order: `compiler.cost.item_keys`) and the item's bytes, each unit's size
-aligned up to 256 bytes (`compiler.cost._align`, the arena's alignment), plus its own size still fit
+between them in the plan's order: `compiler.ring_layout.item_keys`) and the item's bytes, each unit's size
+aligned up to 256 bytes (`compiler.ring_layout.align`, the arena's alignment), plus its own size still fit
 one slot; otherwise it starts a new item.  Small units (embedders, a final norm) thus travel together
 instead of taking a slot each.  One item = one copy (on the copy stream of link home>compute) into one
 slot; its units sit back to back in the slot, unit j at byte `item_offset` = sum of the aligned sizes of
@@ -16,7 +16,7 @@ n_slots = min(n_slots_for(window_bytes, sizes), n_items), used as a RING over th
 step repeat every step; item ordinal o = step * n_items + q (q-th of the n_items items of a step) runs
 from slot o % n_slots (`item_slot(q, step)`; when n_items is a multiple of n_slots an item keeps its
 slot every step, `LoadOp.slot` is the slot in the first step).  The copy of item o is issued right
-after the LAST unit of item o - n_slots has computed (`issue_after`, `compiler.cost.slot_gates`), which
+after the LAST unit of item o - n_slots has computed (`issue_after`, `compiler.ring_layout.slot_gates`), which
 for the first n_slots items of a step is an item of the PREVIOUS step (`next_step` loads: prefetch wraps
 across the step boundary, since a denoising loop calls the same forward again).  The first unit of an
 item waits for the item's copy; the slot is released after the item's last unit has computed.  Issue
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
 
-from ..compiler.cost import _align, item_keys, n_slots_for, slot_gates, stream_groups
+from ..compiler.ring_layout import align, item_keys, n_slots_for, slot_gates, stream_groups
 from ..compiler.plan import Plan
 
 
@@ -131,7 +131,7 @@ def schedule(plan: Plan, graph=None) -> Schedule:
                                 bytes=u.bytes, item=q, item_offset=used, slot=slot,
                                 slot_offset=slot * slot_bytes + used, issue_after=trigger, next_step=ds < 0,
                                 use_order=u.order, release_after=last))
-            used = _align(used + u.bytes)
+            used = align(used + u.bytes)
     items = [[off[k].name for k in grp] for grp in groups]
     first_of = {grp[0]: q for q, grp in enumerate(groups)}
     last_of = {grp[-1]: q for q, grp in enumerate(groups)}

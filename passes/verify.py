@@ -22,14 +22,12 @@ Checks (each failure is one readable line):
 """
 from __future__ import annotations
 
-from ..compiler.cost import _align, slot_gates
 from ..compiler.plan import Plan
-from ..errors import DisTorchError
+from ..compiler.ring_layout import align, slot_gates
+from ..errors import PlanVerificationError
 from .schedule import Schedule
 
-
-class PlanVerificationError(DisTorchError):
-    """A Plan/Schedule breaks an invariant (memory, conservation, load-before-use)."""
+__all__ = ["check", "verify", "PlanVerificationError"]
 
 
 def check(plan: Plan, sched: Schedule) -> list[str]:
@@ -135,7 +133,7 @@ def _check_items(off, sched: Schedule) -> list[str]:
                 errs.append(f"unit {n}: copy issued after {ld.issue_after} (next_step={ld.next_step}), the ring "
                             f"issues item {q} after {items[g][-1]} (next_step={ds < 0})")
             end = used + size[n]
-            used = _align(end)
+            used = align(end)
         if end > sched.slot_bytes:
             errs.append(f"item {q} ({it[0]}..{it[-1]}, {end} bytes) does not fit a slot of {sched.slot_bytes}")
     return errs

@@ -1,4 +1,4 @@
-"""distorch.compile: trace -> partition -> apply, and the Handle it returns.
+"""distorch.compile: trace -> partition -> quant_choice -> schedule -> verify -> apply, and its Handle.
 
     handle = distorch.compile(model, compute="cuda:0", vram_gb=8, donors=["cpu"])
     out = model(x)                       # the same module, now streaming its offloaded units
@@ -13,20 +13,38 @@ expert = an allocation string that overrides both. `plan=` skips tracing and pla
 On a machine without CUDA, `compute="cpu", donors=["cpu"]` runs the same machinery synchronously.
 The plan then names the compute device "cpu:0" and the host home "cpu" (two names for one memory),
 so offloaded units still get homes, slots and the ring.
+
+The passes run one after the other, each a function of plain data (compiler/trace.py, passes/*.py);
+the plan is verified (passes/verify.py) before the module is changed, and a pass that fails re-raises
+its error with its name and the passes that ran before it.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
+from ..compiler import inventory as _inv
 from ..compiler.plan import Plan
+from ..compiler.trace import trace
 from ..errors import DisTorchError
+from ..passes.partition import partition
+from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
+from ..passes.schedule import schedule
+from ..passes.verify import verify
 from . import stats as _stats
 from .apply import Runtime, apply
+
+__all__ = ["compile", "Handle", "placement_table", "norm_compute", "inventory_for", "HOST_COMPUTE"]
+
+log = logging.getLogger("distorch.runtime.api")
 
 HOST_COMPUTE = "cpu:0"   # the compute device's name when computing on the host with host donors
 
 
-def _norm_compute(compute) -> str:
+def norm_compute(compute) -> str:
+    """'cuda' -> 'cuda:0', 'cpu' / 'cpu:0' -> HOST_COMPUTE; DisTorchError for what cannot compute here."""
     s = str(compute)
     if s == "cuda":
         s = "cuda:0"
@@ -39,19 +57,19 @@ def _norm_compute(compute) -> str:
     return s
 
 
-def _inventory(compute: str, donors):
-    from ..compiler import inventory as inv_mod
+def inventory_for(compute: str, donors) -> "_inv.Inventory":
+    """The devices to plan over for `compute` (a norm_compute name): probed, or for HOST_COMPUTE the host
+    declared under both its names (no link to measure)."""
     if compute == HOST_COMPUTE:
-        # the host computes and donates: declare both names over host RAM (no link to measure)
-        import os
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 16 << 30
-        inv = inv_mod.declare(f"cpu={total}b")
-        inv.devices[HOST_COMPUTE] = inv_mod.Device(HOST_COMPUTE, total, total)
+        inv = _inv.declare(f"cpu={total}b")
+        inv.devices[HOST_COMPUTE] = _inv.Device(HOST_COMPUTE, total, total)
         return inv
-    return inv_mod.probe()
+    return _inv.probe()
+
 
 
 class Handle:
@@ -138,34 +156,64 @@ def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None,
             quant_budget_gb=None) -> Handle:
     """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring).
 
-    GGUF weights (runtime.gguf_tensor): `quant` = "auto" | "quantized" | "dequantized" picks, for the
-    resident units of a traced plan, per-call dequantization or a dense copy within the VRAM left
-    (passes/quant_choice.py; `quant_budget_gb` caps the extra GiB); offloaded units always stream
-    quantized. A given `plan=` is used as it is (its `quant` field, if any)."""
+    Without `plan=`: trace the model (on `example_args` / `example_kwargs`), place its units over the
+    inventory (`vram_gb`, `donors` or `expert`; the inventory is probed unless given), choose how GGUF
+    units are kept, build and verify the schedule, and only then change the module.  GGUF weights
+    (formats.gguf_tensor): `quant` = "auto" | "quantized" | "dequantized" picks, for the resident units of
+    a traced plan, per-call dequantization or a dense copy within the VRAM left (passes/quant_choice.py;
+    `quant_budget_gb` caps the extra GiB); offloaded units always stream quantized.  A given `plan=` is
+    used as it is (its `quant` field, if any), without the passes."""
     if not isinstance(model, torch.nn.Module):
         raise DisTorchError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
-    from ..passes.quant_choice import MODES as _QMODES
-    if quant not in _QMODES:
-        raise DisTorchError(f"quant={quant!r}: expected one of {', '.join(_QMODES)}")
+    if quant not in QUANT_MODES:
+        raise DisTorchError(f"quant={quant!r}: expected one of {', '.join(QUANT_MODES)}")
     graph = None
     if plan is None:
-        from ..compiler.trace import trace
-        from ..passes.partition import partition
-        comp = _norm_compute(compute)
-        if isinstance(donors, str):
-            donors = [d.strip() for d in donors.split(",") if d.strip()]
-        donors = list(donors or [])
+        comp = norm_compute(compute)
+        donors = _donor_list(donors)
         if example_args is not None and not isinstance(example_args, (tuple, list)):
             example_args = (example_args,)
-        graph = trace(model, tuple(example_args or ()), example_kwargs, granularity=granularity)
-        inv = inventory if inventory is not None else _inventory(comp, donors)
-        plan = partition(graph, inv, comp, vram_gb=vram_gb, donors=donors or None, expert=expert)
-        from ..passes.quant_choice import choose_quant, quant_info
-        info = quant_info(model, plan, graph)
-        if info:
-            budget = None if quant_budget_gb is None else int(float(quant_budget_gb) * 2**30)
-            plan = choose_quant(plan, graph, inv, info, budget_bytes=budget, mode=quant)
+        ran: list[str] = []
+        graph = _run(ran, "trace", trace, model, tuple(example_args or ()), example_kwargs,
+                     granularity=granularity)
+        inv = inventory if inventory is not None else inventory_for(comp, donors)
+        plan = _run(ran, "partition", partition, graph, inv, comp, vram_gb=vram_gb, donors=donors or None,
+                    expert=expert)
+        plan = _run(ran, "quant_choice", _quant_choice, plan, graph, inv, quant, quant_budget_gb)
+        sched = _run(ran, "schedule", schedule, plan, graph)
+        _run(ran, "verify", verify, plan, sched)
+        log.debug("passes ran: %s", " -> ".join(ran))
     elif not isinstance(plan, Plan):
         raise DisTorchError(f"plan= must be a distorch Plan, got {type(plan).__name__}")
     rt = apply(model, plan, graph, window_units=window_units, profile=profile, progress=progress)
     return Handle(rt, plan, graph)
+
+
+def _run(ran: list[str], name: str, fn, *args, **kw):
+    """fn(*args, **kw) as the pass `name`; its error re-raised (same type) with the pass named and the ones
+    that ran before it, like torch.fx's PassManager.  `ran` collects the passes that finished."""
+    try:
+        out = fn(*args, **kw)
+    except Exception as e:
+        if e.args and isinstance(e.args[0], str):
+            before = ", ".join(ran) if ran else "none"
+            e.args = (f"{name} pass failed (passes run before it: {before}): {e.args[0]}",) + e.args[1:]
+        raise
+    ran.append(name)
+    log.debug("pass %s done", name)
+    return out
+
+
+def _donor_list(donors) -> list[str]:
+    if isinstance(donors, str):
+        return [d.strip() for d in donors.split(",") if d.strip()]
+    return list(donors or [])
+
+
+def _quant_choice(plan: Plan, graph, inv, quant: str, quant_budget_gb) -> Plan:
+    """passes.quant_choice for a traced plan: the plan unchanged when the graph records no GGUF weights."""
+    info = quant_info(plan, graph)
+    if not info:
+        return plan
+    budget = None if quant_budget_gb is None else int(float(quant_budget_gb) * 2**30)
+    return choose_quant(plan, graph, inv, info, budget_bytes=budget, mode=quant)

@@ -2,14 +2,14 @@
 
     timeline_png(events, path)     copy streams vs compute, one bar per unit, from handle.timeline()
     placement_png(plan, path)      bytes per unit, coloured by home device
+    bench_png(rows, path)          step time vs offloaded fraction per method (bench/bench_stream.py rows)
 
-Command (builds the built-in demo DiT, compiles it with a budget, profiles one step, writes both PNGs):
+For the built-in demo DiT (compiled with a budget, one step profiled, both PNGs written):
 
-    python -m distorch.runtime.plots --demo OUT_DIR [--vram-fraction 0.5]
+    python -m distorch.demo --plots OUT_DIR [--offload 0.5]
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 
@@ -100,37 +100,3 @@ def bench_png(rows: list[dict], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def demo(out_dir: str, vram_fraction: float = 0.5) -> list[str]:
-    import torch
-    from ..demo import build_demo_model, demo_inputs
-    from .api import compile as dt_compile
-    dev = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = build_demo_model(device=dev)
-    args = demo_inputs(device=dev)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    h = dt_compile(model, compute=dev, vram_gb=vram_fraction * total / 2**30, donors=["cpu"],
-                   example_args=args, profile=True, progress=False)
-    with torch.no_grad():
-        for _ in range(3):
-            model(*args)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [timeline_png(h.timeline(), os.path.join(out_dir, "timeline.png"), f"demo DiT on {dev}"),
-             placement_png(h.plan, os.path.join(out_dir, "placement.png"))]
-    h.undo()
-    return paths
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m distorch.runtime.plots", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", metavar="OUT_DIR", required=True, help="write timeline.png and placement.png here")
-    ap.add_argument("--vram-fraction", type=float, default=0.5, help="share of the model to offload (0..1)")
-    a = ap.parse_args(argv)
-    for p in demo(a.demo, a.vram_fraction):
-        print(p)
-
-
-if __name__ == "__main__":
-    main()

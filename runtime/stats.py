@@ -2,6 +2,9 @@
 
 Everything here synchronizes the compute device first (reading CUDA event times needs the events
 to have completed), so call it between steps, never inside the model's forward.
+
+It reads the runtime's parts (runtime/apply.py): `clock` and `profiler` (runtime/profile.py), `ring`
+and its learner `learn` (runtime/ring.py, runtime/learn.py), `resident`, `autotune`.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def step_times(rt) -> list[float]:
     """Seconds per step for the most recent steps (GPU time between the root's pre and post hooks)."""
     rt.be.synchronize()
     out = []
-    for e0, e1 in rt.step_events():
+    for e0, e1 in rt.clock.step_events():
         ms = _ms(e0, e1)
         if ms is not None:
             out.append(ms / 1e3)
@@ -29,12 +32,13 @@ def step_times(rt) -> list[float]:
 def timeline(rt, steps: int | None = 1) -> list[dict]:
     """Profiled events as dicts {lane, unit, start_ms, end_ms, step}, times relative to the first event
     of the earliest step returned. Needs profile=True; `steps` = how many of the latest steps."""
-    if not rt.trace:
+    trace = rt.profiler.trace
+    if not trace:
         return []
     rt.be.synchronize()
-    last = max(t[4] for t in rt.trace)
-    first = last - (steps - 1) if steps else min(t[4] for t in rt.trace)
-    tr = [t for t in rt.trace if t[4] >= first]
+    last = max(t[4] for t in trace)
+    first = last - (steps - 1) if steps else min(t[4] for t in trace)
+    tr = [t for t in trace if t[4] >= first]
     # earliest event of the window as reference
     ref = tr[0][2]
     for t in tr:
@@ -42,7 +46,7 @@ def timeline(rt, steps: int | None = 1) -> list[dict]:
         if d is not None and d < 0:
             ref = t[2]
     # a copy moves one ring item, named after its first unit; "units" lists every unit it carries
-    members = {rt.units[it[0]]: [rt.units[i] for i in it] for it in getattr(rt, "gitems", []) if it}
+    members = {rt.units[it[0]]: [rt.units[i] for i in it] for it in rt.ring.items if it}
     out = []
     for lane, unit, e0, e1, step in tr:
         a, b = _ms(ref, e0), _ms(ref, e1)
@@ -67,10 +71,11 @@ def unit_times(rt, steps: int | None = None) -> dict[str, float]:
 
 def bytes_per_link(rt) -> dict[str, int]:
     """Bytes one step moves over each link (the streamed units of the learned call order)."""
+    ring, learn = rt.ring, rt.learn
     per_link: dict[str, int] = {}
-    for i in rt.seq if rt.n else ():
-        src = rt.link_of[i].src
-        per_link[src] = per_link.get(src, 0) + rt.nbytes[i]
+    for i in learn.seq if learn.n else ():
+        src = ring.link_of[i].src
+        per_link[src] = per_link.get(src, 0) + ring.nbytes[i]
     return per_link
 
 
@@ -79,29 +84,30 @@ def summarize(rt, last: int = 5) -> dict:
     times = step_times(rt)[-last:] if rt.active else []
     per_link = bytes_per_link(rt)
     pred = rt.plan.predicted or {}
+    ring, clock, prof = rt.ring, rt.clock, rt.profiler
     d = {
-        "steps": rt.steps,
+        "steps": clock.steps,
         "streamed_units": len(rt.units),
-        "window_slots": rt.W,
-        "slot_bytes": rt.slot_bytes,
-        "window_bytes": rt.W * rt.slot_bytes,
-        "resident_bytes": rt.resident_bytes,
-        "home_bytes": {k: sum(rt.homes[n].nbytes for n in rt.units if rt.link_of[rt.index[n]].src == k)
-                       for k in rt.links} if rt.active else {},
+        "window_slots": ring.W,
+        "slot_bytes": ring.slot_bytes,
+        "window_bytes": ring.W * ring.slot_bytes,
+        "resident_bytes": rt.resident.nbytes,
+        "home_bytes": {k: sum(b for b, link in zip(ring.nbytes, ring.link_of) if link.src == k)
+                       for k in ring.links} if rt.active else {},
         "bytes_per_step": per_link,
-        "bytes_moved_total": dict(rt.bytes_moved),
-        "copies_total": rt.copies,
-        "deviations": rt.deviations,
-        "fallback_loads": rt.fallback_loads,
+        "bytes_moved_total": dict(ring.bytes_moved),
+        "copies_total": ring.copies,
+        "deviations": rt.learn.deviations,
+        "fallback_loads": ring.fallback_loads,
         "measured_step_s": statistics.median(times) if times else None,
-        "measured_host_s": statistics.median(rt._step_host[-last:]) if rt._step_host else None,
+        "measured_host_s": statistics.median(clock.host_s[-last:]) if clock.host_s else None,
         "predicted_step_s": pred.get("step_s"),
         "predicted_compute_s": pred.get("compute_s"),
-        "autotune": getattr(rt, "tune_result", None),
+        "autotune": rt.autotune.result,
     }
     if d["measured_step_s"] and d["predicted_step_s"]:
         d["measured_over_predicted"] = d["measured_step_s"] / d["predicted_step_s"]
-    if rt.profile and rt.trace:
+    if prof.on and prof.trace:
         tl = timeline(rt, steps=1)
         copy_ms = sum(e["end_ms"] - e["start_ms"] for e in tl if e["lane"].startswith("copy"))
         comp = sorted((e for e in tl if e["lane"] == "compute"), key=lambda e: e["start_ms"])

@@ -1,5 +1,8 @@
 """Where the bytes of offloaded units live: one flat buffer per unit (its *home*), and the slot pool.
 
+    store = HomeStore(units, streamed, home_of, pin=True, progress=True)   # every streamed unit's home
+    store.homes[name], store.params[i], store.home_views(), store.detach(rt)
+
 A unit's home is ONE contiguous uint8 buffer on its home device -- pinned host memory when the home is
 "cpu" and CUDA is there to copy from it, a plain host buffer on a CUDA-less machine, or a buffer on a
 donor GPU. The unit's parameters are views into it (the original storages are released, so host RAM
@@ -18,11 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-ALIGN = 256  # bytes; keeps every view aligned for any dtype and for vectorised kernels
-
-
-def align_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
+from ..compiler.ring_layout import ALIGN, align as align_up   # one alignment for homes, slots and ring items
+from ..errors import DisTorchError
+from . import gguf_stream as _gs
+from .hooks import UnitPart
 
 
 def parse_device(dev) -> torch.device:
@@ -235,3 +237,86 @@ class Progress:
         if self.on:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class HomeStore(UnitPart):
+    """The homes of the streamed units (a part: runtime/hooks.py; its detach puts the weights back).
+
+    units      the streamed units' names; unit i of every per-unit list of the runtime is units[i]
+    homes      name -> Home; a home given in `given` whose views are the parameters already (runtime.loading
+               read the file straight into it) is adopted as it is
+    params     params[i]: unit i's parameters as the ring binds them (a GGUF one as its RawBinder)
+    arenas     one exact-size host arena per host home device (pinned with one registration when `pin`)
+
+    Allocating moves every streamed parameter into its home and releases its original storage, so the
+    host holds one copy.
+    """
+
+    def __init__(self, units: list[str], streamed: dict, home_of: dict, given: dict | None = None, *,
+                 pin: bool, progress: bool):
+        self.units = units
+        self.homes: dict[str, Home] = {}
+        given = given or {}
+        todo: dict[str, Layout] = {}
+        for n in units:
+            h = given.get(n)
+            tensors = streamed[n]
+            if h is not None and len(h.layout.entries) == len(tensors) and all(
+                    p.data_ptr() == v.data_ptr() for (_, p), v in zip(tensors, h.views())):
+                self.homes[n] = h          # loaded straight into its home (runtime.loading)
+            else:
+                for q, p in tensors:
+                    if p.is_meta:
+                        raise DisTorchError(f"parameter {q!r} is on the meta device (no data); load weights "
+                                            "with distorch.runtime.loading.load_into(module, path, plan) first")
+                todo[n] = Layout.of(tensors)
+        self.arenas: dict[str, HostArena] = {}
+        for hd in sorted({home_of[n] for n in todo if is_host(home_of[n])}):
+            need = sum(align_up(max(todo[n].nbytes, 1)) for n in todo if home_of[n] == hd)
+            self.arenas[hd] = HostArena(need, pin=pin)
+        total = sum(sum(_gs.stored_bytes(p) for _, p in streamed[n]) for n in units)
+        prog = Progress(total if progress else 0, "distorch: weights -> homes")
+        for n in units:
+            if n not in todo:
+                prog.update(self.homes[n].nbytes)
+                continue
+            h = Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(home_of[n]))
+            with torch.no_grad():
+                for (_, p), v in zip(streamed[n], h.views()):
+                    if _gs.is_gguf(p):     # quantized: the home holds the stored blocks
+                        v.copy_(p.raw)
+                        _gs.set_raw(p, v)
+                        continue
+                    v.copy_(p.data)
+                    p.data = v             # the original storage is released here
+            self.homes[n] = h
+            prog.update(h.nbytes)
+        prog.close()
+        self.params = [[_gs.binder(p) for _, p in streamed[n]] for n in units]
+
+    def home_views(self) -> dict:
+        """id(parameter) -> its tensor in its home, for every streamed parameter (a GGUF parameter's entry
+        is a GGUFTensor over its quantized bytes in the home)."""
+        out = {}
+        for i, n in enumerate(self.units):
+            for p, v in zip(self.params[i], self.homes[n].views()):
+                q = _gs.param_of(p)
+                out[id(q)] = v if q is p else q.with_raw(v)    # GGUF: the same weight over its home bytes
+        return out
+
+    def adopt_arenas(self, arenas: dict) -> None:
+        """Keep host arenas filled elsewhere (runtime.loading), to be freed with the rest."""
+        for k, a in arenas.items():
+            self.arenas[f"{k}#loaded" if k in self.arenas else k] = a
+
+    def detach(self, rt) -> None:
+        """Every streamed parameter back on `rt.undo_device` (copied out of its home); homes and arenas freed."""
+        with torch.no_grad():
+            for i, n in enumerate(self.units):
+                for p, v in zip(self.params[i], self.homes[n].views()):
+                    _gs.rebind(p, v.to(rt.undo_device, copy=True))
+        for h in self.homes.values():
+            h.release()
+        for a in self.arenas.values():
+            a.release()
+        self.homes, self.arenas, self.params = {}, {}, []

@@ -1,6 +1,6 @@
 """Streams and events, CUDA or host, behind one duck-typed face.
 
-The scheduler in apply.py calls `stream.wait_event(ev)`, `ev.record(stream)`, `with link.ctx():` and
+The ring (runtime/ring.py) calls `stream.wait_event(ev)`, `ev.record(stream)`, `with link.ctx():` and
 `dst.copy_(src, non_blocking=True)`. On CUDA those are real streams and events (no device-wide
 synchronize anywhere on the hot path). On a machine without CUDA the very same calls go to
 `HostStream` / `HostEvent`: copies run synchronously, waits are no-ops (everything already

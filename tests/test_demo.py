@@ -32,12 +32,14 @@ def test_demo_rejects_bad_offload(capsys):
     assert "--offload 1.5" in capsys.readouterr().err
 
 
-def test_plots_command_writes_pngs(tmp_path):
+def test_plots_command_writes_pngs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from distorch.runtime import plots
-    paths = plots.demo(str(tmp_path), vram_fraction=0.5)
+    from distorch import demo
+    paths = demo.write_plots(str(tmp_path), offload=0.5)
     assert [os.path.basename(p) for p in paths] == ["timeline.png", "placement.png"]
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert os.path.getsize(p) > 5000
+    assert demo.main(["--device", "cpu", "--plots", str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "cli" / n) for n in ("timeline.png", "placement.png")]

@@ -154,7 +154,7 @@ def test_ring_wraps_across_steps(toy):
     for st, u in copies:
         per_step.setdefault(st, []).append(u)
     assert per_step[1] == [f"blocks.{i}" for i in range(2, 6)] + ["blocks.0", "blocks.1"]
-    assert rt.copies == 2 + 6 * 3          # primed 2, then one copy per unit call
+    assert rt.ring.copies == 2 + 6 * 3          # primed 2, then one copy per unit call
     rt.undo()
 
 
@@ -199,7 +199,7 @@ def test_called_twice_and_branches():
             for _ in range(3):
                 assert torch.equal(m(x), ref_a)
         assert (rt.deviations, rt.fallback_loads) == (d0, f0)
-        assert [rt.units[i] for i in rt.seq] == ["blocks.0", "blocks.1", "blocks.1", "blocks.2", "blocks.3"]
+        assert [rt.units[i] for i in rt.learn.seq] == ["blocks.0", "blocks.1", "blocks.1", "blocks.2", "blocks.3"]
         # a unit called directly (outside the model's forward) still gets its weights
         with torch.no_grad():
             assert torch.equal(m.blocks[2](x), nn.functional.linear(x, rt.homes["blocks.2"].views()[0],
@@ -387,7 +387,7 @@ def test_stats_and_timeline(toy):
     s = rstats.summarize(rt)
     assert s["steps"] == 3 and s["measured_step_s"] > 0 and s["predicted_step_s"] == 0.01
     assert s["bytes_moved_total"]["cpu"] == s["bytes_per_step"]["cpu"] * 3 + \
-        sum(rt.nbytes[i] for i in rt.seq[:2])     # three steps plus the two primed into the next
+        sum(rt.ring.nbytes[i] for i in rt.learn.seq[:2])     # three steps plus the two primed into the next
     tl = rstats.timeline(rt)
     lanes = {e["lane"] for e in tl}
     assert lanes == {"compute", "copy:cpu"}
@@ -595,7 +595,7 @@ def test_cuda_donor_gpu_home():
         assert m.blocks[1].attn.weight.device.type == "cuda"
         for o in run(m, (x, t), 3):
             assert torch.equal(o, ref)
-        assert set(rt.links) == {"cuda:1"}
+        assert set(rt.ring.links) == {"cuda:1"}
     finally:
         rt.undo()
 
@@ -622,7 +622,7 @@ def test_compile_plans_with_trace_and_partition(toy):
 def test_compile_expert_string_and_feedback(toy):
     import distorch
     from distorch.passes.partition import partition
-    from distorch.runtime.api import _inventory
+    from distorch.runtime.api import inventory_for
     m, args, ref = toy
     h = distorch.compile(m, compute="cpu", expert="cpu:0,40%;cpu,60%", example_args=args, profile=True,
                          progress=False)
@@ -632,12 +632,21 @@ def test_compile_expert_string_and_feedback(toy):
         run(m, args, 2)
         assert h.feedback() >= 6          # measured unit times written into the graph
         assert all(u.time_s and u.time_s > 0 for u in h.graph.units if u.name.startswith("blocks."))
-        plan2 = partition(h.graph, _inventory("cpu:0", ["cpu"]), "cpu:0", vram_gb=0.6 * nbytes(m) / 2**30)
+        plan2 = partition(h.graph, inventory_for("cpu:0", ["cpu"]), "cpu:0", vram_gb=0.6 * nbytes(m) / 2**30)
         assert plan2.predicted["step_s"] > 0
     finally:
         h.undo()
     with pytest.raises(DisTorchError, match="compute"):
         distorch.compile(m, compute="tpu:3")
+
+
+def test_compile_names_the_failing_pass_and_the_ones_before_it(toy):
+    import distorch
+    from distorch.errors import PartitionError
+    m, args, ref = toy
+    with pytest.raises(PartitionError, match=r"^partition pass failed \(passes run before it: trace\): .*tpu:9"):
+        distorch.compile(m, compute="cpu", donors=["tpu:9"], vram_gb=0.0001, example_args=args, progress=False)
+    assert getattr(m, "_distorch_runtime", None) is None and torch.equal(m(*args), ref)   # nothing changed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -716,20 +725,20 @@ def test_ring_items_group_small_units_bit_identical_and_one_copy_each():
     m, x, ref, plan, names = _mixed_case(0, 3)
     rt = apply(m, plan, progress=False)
     try:
-        items = [[rt.units[i] for i in it] for it in rt.gitems]
+        items = [[rt.units[i] for i in it] for it in rt.ring.items]
         # the embedders travel together, each block alone, singles in pairs, the head layers together
         assert items[0] == ["e1", "e2", "e3"] and items[-1][-2:] == ["h1", "h2"]
         assert all(len(it) == 1 for it in items if it[0].startswith("blocks"))
         assert any(len(it) > 1 for it in items if it[0].startswith("singles"))
         assert sum(len(it) for it in items) == len(names)
-        c0 = rt.copies
+        c0 = rt.ring.copies
         with torch.no_grad():
             for _ in range(4):
                 assert torch.equal(m(x), ref)
-        assert rt.copies - c0 == 4 * len(items)          # one copy per item per step, never per unit
+        assert rt.ring.copies - c0 == 4 * len(items)          # one copy per item per step, never per unit
         assert rt.deviations == 0 and rt.fallback_loads == 0
         st = rstats.summarize(rt)
-        assert sum(st["bytes_per_step"].values()) == sum(rt.nbytes)
+        assert sum(st["bytes_per_step"].values()) == sum(rt.ring.nbytes)
     finally:
         rt.undo()
     with torch.no_grad():
@@ -764,7 +773,7 @@ def test_ring_items_regroup_after_order_change_and_partial_item():
             finally:
                 m.forward = saved
             assert rt.deviations >= 1
-            first = [rt.units[i] for i in rt.gitems[0]]
+            first = [rt.units[i] for i in rt.ring.items[0]]
             assert first[0] == "e3"
             for _ in range(2):
                 assert torch.equal(m(x), ref)
@@ -780,7 +789,7 @@ def test_ring_items_never_span_a_resident_unit():
             u.device = C
     rt = apply(m, plan, progress=False)
     try:
-        items = [[rt.units[i] for i in it] for it in rt.gitems]
+        items = [[rt.units[i] for i in it] for it in rt.ring.items]
         assert ["e1"] in items and not any("e1" in it and "e3" in it for it in items)
         assert not any("singles.0" in it and "singles.2" in it for it in items)
         assert any(it[:2] == ["singles.2", "singles.3"] for it in items)
@@ -811,20 +820,21 @@ def test_autotune_grows_the_ring_when_measured_times_need_it():
     rt = apply(m, plan, progress=False, autotune=False)
     try:
         assert rt.W == 2
-        big = max(rt.nbytes)
+        big = max(rt.ring.nbytes)
         times = _mixed_times(0.0, 0.5, 0.8)
-        res = rt._autotune_window(times, {"cpu": big / 1.0}, step_s=sum(times.values()))
+        res = rt.autotune.choose(times, {"cpu": big / 1.0}, step_s=sum(times.values()))
         assert res["slots_before"] == 2 and res["slots"] > 2
         p = res["predicted_by_slots"]
         assert p[res["slots"]] < p[2] * 0.99
-        assert rt.W == res["slots"] and len(rt.copied) == len(rt.done) == rt.W and len(rt.pool.flats) == rt.W
+        ring = rt.ring
+        assert ring.W == res["slots"] and len(ring.copied) == len(ring.done) == ring.W == len(ring.pool.flats)
         with torch.no_grad():
             for _ in range(3):
                 assert torch.equal(m(x), ref)
         assert rt.deviations == 0
         # nothing to gain: the ring stays as it is
         times2 = {n: 5.0 for n in times}
-        res2 = rt._autotune_window(times2, {"cpu": big / 1.0}, step_s=sum(times2.values()))
+        res2 = rt.autotune.choose(times2, {"cpu": big / 1.0}, step_s=sum(times2.values()))
         assert res2["slots"] == rt.W == res["slots"]
     finally:
         rt.undo()
@@ -840,7 +850,7 @@ def test_autotune_measures_one_step_and_keeps_outputs():
         r = rt.tune_result
         assert r is not None and r["slots"] >= r["slots_before"] == 2
         assert set(r["predicted_by_slots"]) >= {1, 2}
-        assert not rt.profile and not rt._tune_hooks and rt._tune == 0
+        assert not rt.profile and not rt.autotune.hooks and rt.autotune.state == 0
         assert rstats.summarize(rt)["autotune"] is r
     finally:
         rt.undo()
@@ -858,8 +868,8 @@ def test_autotune_adds_the_time_between_steps_without_buying_slots_for_it():
     for gap in (0.0, 2.0):
         rt = apply(m, plan, progress=False, autotune=False)
         try:
-            big = max(rt.nbytes)
-            res.append(rt._autotune_window(times, {"cpu": big / 1.0}, step_s=sum(times.values()), gap_s=gap))
+            big = max(rt.ring.nbytes)
+            res.append(rt.autotune.choose(times, {"cpu": big / 1.0}, step_s=sum(times.values()), gap_s=gap))
         finally:
             rt.undo()
     r0, r1 = res
@@ -875,11 +885,11 @@ def test_undo_while_autotune_measures_leaves_no_hooks():
             u.device = C
     before = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
     rt = apply(m, plan, progress=False, autotune=True)
-    rt._tune_end = lambda ok: None            # keep it measuring: as if the profiled step never finished
+    rt.autotune.finish = lambda ok: None            # keep it measuring: as if the profiled step never finished
     with torch.no_grad():
         m(x)
         m(x)
-    assert rt._tune == 2 and rt._tune_hooks
+    assert rt.autotune.state == 2 and rt.autotune.hooks
     rt.undo()
     after = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
     assert after == before
@@ -904,7 +914,7 @@ def test_units_called_outside_the_forward_stream_once_their_period_repeats():
             for _ in range(3):
                 assert torch.equal(_mixed_by_hand(m, x), ref)
             assert rt.free_run and rt.fallback_loads == f1      # the period repeated: streamed since
-            assert [rt.units[i] for i in rt.seq] == order
+            assert [rt.units[i] for i in rt.learn.seq] == order
             # another period: one pass of on-demand loads (from the first unexpected call), then streamed
             d0 = rt.deviations
             for _ in range(3):

@@ -1,0 +1,132 @@
+"""What stays where: every tensor of a module sorted by the plan, and the part that keeps the rest resident.
+
+    c = classify(module, plan)       # unit modules, homes, streamed-per-unit and resident tensors
+    Resident(module, plan)           # GGUF units the plan dequantizes once; resident tensors to the device
+
+A parameter reached only from inside ONE offloaded unit is *streamed* (runtime/store.py gives it a home,
+runtime/ring.py brings it in).  Everything else stays resident on the compute device: units placed
+there, ROOT (weights a parent uses directly), parameters shared between units or between a unit and its
+parent (tied weights), and all buffers (a forward may write to a buffer; a streamed copy would lose the
+write).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..compiler.graph import ROOT, owner_lookup
+from ..compiler.plan import Plan
+from ..errors import DisTorchError
+from . import gguf_stream as _gs
+from .hooks import UnitPart
+from .store import is_host, parse_device
+
+__all__ = ["Classified", "classify", "Resident"]
+
+
+class Classified:
+    """How apply() sees a module under a plan (also used by runtime.loading)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def classify(module: torch.nn.Module, plan: Plan) -> Classified:
+    """Unit modules, homes, and every parameter sorted into streamed-per-unit or resident."""
+    # ---- units and their modules
+    placed = sorted(plan.units, key=lambda u: u.order)
+    unit_mods: dict[str, torch.nn.Module] = {}
+    for u in placed:
+        if u.name == ROOT:
+            continue
+        try:
+            unit_mods[u.name] = module.get_submodule(u.name)
+        except AttributeError:
+            names = [n for n, _ in module.named_modules() if n][:8]
+            raise DisTorchError(f"plan unit {u.name!r} is not a submodule of this "
+                                f"{type(module).__name__} (some that are: {names})") from None
+    uset = set(unit_mods)
+    for name in uset:
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            if ".".join(parts[:k]) in uset:
+                raise DisTorchError(f"plan units overlap: {name!r} is inside unit {'.'.join(parts[:k])!r}; "
+                                    "units must be disjoint subtrees (use block or leaf granularity, not both)")
+    home_of = {u.name: u.device for u in placed}
+    offloaded = [u.name for u in placed if u.name != ROOT and u.device != plan.compute]
+    for name in offloaded:
+        hd = home_of[name]
+        if not is_host(hd):
+            d = parse_device(hd)
+            if d.type != "cuda" or not torch.cuda.is_available():
+                raise DisTorchError(f"unit {name!r} has home {hd!r}, which this machine cannot hold "
+                                    "(homes are 'cpu' or a CUDA GPU)")
+            if d.index is not None and d.index >= torch.cuda.device_count():
+                raise DisTorchError(f"unit {name!r} has home {hd!r} but only "
+                                    f"{torch.cuda.device_count()} GPU(s) are visible")
+    if plan.units and ROOT in home_of and home_of[ROOT] != plan.compute:
+        root_note = f"ROOT placed on {home_of[ROOT]!r} is kept resident (a parent uses it anywhere in forward)"
+    else:
+        root_note = ""
+
+    # ---- classify every parameter by the units that reach it
+    owner_of = owner_lookup(uset)
+
+    info: dict[int, list] = {}     # id(param) -> [param, owners set, first qualified name]
+    buffers: dict[int, torch.Tensor] = {}
+    for mname, m in module.named_modules(remove_duplicate=False):
+        own = owner_of(mname)
+        for pname, p in m._parameters.items():
+            if p is None:
+                continue
+            rec = info.get(id(p))
+            if rec is None:
+                info[id(p)] = [p, {own}, f"{mname}.{pname}" if mname else pname]
+            else:
+                rec[1].add(own)
+        for b in m._buffers.values():
+            if b is not None:
+                buffers[id(b)] = b
+    off_set = set(offloaded)
+    streamed: dict[str, list] = {n: [] for n in offloaded}
+    resident: list[torch.Tensor] = []
+    for p, owners, q in info.values():
+        if len(owners) == 1:
+            (o,) = owners
+            if o in off_set:
+                streamed[o].append((q, p))
+                continue
+        resident.append(p)
+    shared = [q for p, owners, q in info.values() if len(owners) > 1]
+    for o in streamed:         # GGUF tensors of one type back to back (one dequant launch per run)
+        streamed[o].sort(key=_gs.gguf_order)
+
+    return Classified(unit_mods=unit_mods, home_of=home_of, offloaded=offloaded, streamed=streamed,
+                      resident=resident, buffers=buffers, shared=shared, root_note=root_note)
+
+
+class Resident(UnitPart):
+    """The resident side of a compiled module (a part: runtime/hooks.py).
+
+    Built first: the GGUF units the plan dequantizes once (plan.quant == "resident_dq") get dense copies on
+    the compute device (runtime.gguf_stream.dequantize_units), before classify() sees the parameters.
+    `place` then moves every resident parameter and buffer to the compute device; `nbytes` is what they
+    take there.  detach() puts the GGUF parameters back (moved to the undo device)."""
+
+    def __init__(self, module: torch.nn.Module, plan: Plan):
+        self.dequantized = _gs.dequantize_units(module, plan, plan.compute)
+        self.nbytes = 0
+
+    def place(self, params: list, buffers: dict, device: torch.device) -> None:
+        if any(p.is_meta for p in params):
+            raise DisTorchError("a resident parameter is on the meta device; load weights first")
+        with torch.no_grad():
+            for p in params:
+                _gs.to_device(p, device)
+            for b in buffers.values():
+                if b.device != device and not b.is_meta:
+                    b.data = b.data.to(device)
+        self.nbytes = sum(_gs.stored_bytes(p) for p in params) + \
+            sum(b.numel() * b.element_size() for b in buffers.values())
+
+    def detach(self, rt) -> None:
+        self.dequantized.restore(rt.undo_device)
