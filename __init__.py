@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-try:  # ComfyUI present: register the nodes
-    import comfy  # noqa: F401
-    _IN_COMFY = True
-except Exception:
+try:  # ComfyUI present (looked up, not imported: only comfy_nodes imports ComfyUI): register the nodes
+    import importlib.util
+    _IN_COMFY = importlib.util.find_spec("comfy") is not None
+except (ImportError, ValueError):
     _IN_COMFY = False
 
 # `__package__` is empty when this file is imported as a plain module (pytest imports the repository

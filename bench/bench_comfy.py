@@ -7,7 +7,7 @@ and loaded through ComfyUI's UNETLoader.  Then, at 1024x1024:
   * plain       -- the model as the UNETLoader returns it (resident on the GPU)
   * comfy-N     -- ComfyUI's own partial loading with about N GB left off the GPU (a filler
                    allocation makes its memory manager offload; the real amount is reported)
-  * distorch-X  -- the same model through adapter.distorch() (what UNETLoaderDisTorch2MultiGPU does)
+  * distorch-X  -- the same model through comfy_nodes.entry.distorch() (what UNETLoaderDisTorch2MultiGPU does)
                    with virtual_vram_gb = X, donor cpu
 
 Each row: median seconds per step over the timed steps (first step excluded: it loads), the floor
@@ -91,17 +91,19 @@ def make_flux_file(path: str, double: int, single: int, dev):
 
 
 def import_distorch():
-    """(adapter, nodes) of distorch.comfy_nodes; where distorch is not pip-installed (the GPU machine), the
-    repo root, which IS the package, is put on the path under the name distorch."""
+    """The distorch.comfy_nodes package, its modules imported (entry, gguf_loaders, nodes ...); where distorch
+    is not pip-installed (the GPU machine), the repo root, which IS the package, is put on the path under the
+    name distorch."""
     try:
-        from distorch.comfy_nodes import adapter, nodes
+        import distorch.comfy_nodes  # noqa: F401
     except ImportError:
         import tempfile
         d = tempfile.mkdtemp(prefix="distorch_pkg_")
         os.symlink(REPO, os.path.join(d, "distorch"))
         sys.path.insert(0, d)
-        from distorch.comfy_nodes import adapter, nodes
-    return adapter, nodes
+    from distorch import comfy_nodes
+    from distorch.comfy_nodes import entry, gguf_loaders, nodes  # noqa: F401
+    return comfy_nodes
 
 
 def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool) -> dict:
@@ -182,7 +184,7 @@ def plot(json_path: str, png_path: str):
     print(f"wrote {png_path}")
 
 
-def lora_bench(a, model, run, nodes, folder_paths, mm, adapter, torch, cpu):
+def lora_bench(a, model, run, nodes, folder_paths, mm, entry, torch, cpu):
     """Changing a LoRA strength: ComfyUI reloads the model; DisTorch2 rewrites the patched weights in place."""
     import safetensors.torch
     g = torch.Generator().manual_seed(7)
@@ -207,8 +209,8 @@ def lora_bench(a, model, run, nodes, folder_paths, mm, adapter, torch, cpu):
     gc.collect()
     if not cpu:
         torch.cuda.empty_cache()
-    dm = adapter.distorch(model, a.device, a.lora_vram, "cpu", "", True)
-    st = adapter.state_of(dm)
+    dm = entry.distorch(model, a.device, a.lora_vram, "cpu", "", True)
+    st = entry.state_of(dm)
     for s_ in (1.0, 0.5):
         m = loader.load_lora_model_only(dm, name, s_)[0]
         r = run(m, f"distorch {a.lora_vram:g} GB + LoRA {s_}")
@@ -244,7 +246,7 @@ def main():
     mm, nodes, folder_paths = boot(a.comfy, cpu)
     import torch
     import comfyui_version
-    adapter, _ = import_distorch()
+    entry = import_distorch().entry
 
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
@@ -301,7 +303,7 @@ def main():
 
     # 3. LoRA strength change (before the sweep: it needs `model` still plain)
     if a.lora_rank:
-        lora_rows = lora_bench(a, model, run, nodes, folder_paths, mm, adapter, torch, cpu)
+        lora_rows = lora_bench(a, model, run, nodes, folder_paths, mm, entry, torch, cpu)
         gc.collect()
 
     # 4. DisTorch2 at each virtual_vram_gb
@@ -313,9 +315,9 @@ def main():
         say(f"pinned host->GPU bandwidth (probed): {bw / 1e9:.1f} GB/s")
     for v in [float(x) for x in a.vram.split(",") if x.strip()]:
         t = time.perf_counter()
-        m = adapter.distorch(model, a.device, v, "cpu", "", True)
+        m = entry.distorch(model, a.device, v, "cpu", "", True)
         plan_s = time.perf_counter() - t
-        st = adapter.state_of(m)
+        st = entry.state_of(m)
         r = run(m, f"distorch {v:g} GB")
         off = st.plan.offloaded_bytes()
         pred = (st.plan.predicted or {}).get("step_s")
@@ -337,7 +339,7 @@ def main():
         steps = a.steps
         a.steps = 2
         for i in range(a.cycles):
-            m = adapter.distorch(model, a.device, a.cycle_vram, "cpu", "", True)
+            m = entry.distorch(model, a.device, a.cycle_vram, "cpu", "", True)
             run(m, f"cycle {i}")
             mm.unload_all_models()
             gc.collect()

@@ -7,7 +7,7 @@ T5-XXL-shaped encoder (ComfyUI's own T5 class, random bf16 weights, 9.5 GB; as l
 for a CPU check, an SD1 CLIP-L:
 
   * resident       -- ComfyUI's loader, the encoder on the GPU
-  * DisTorch2 X GB -- adapter.distorch(clip, device, X, "cpu") (what CLIPLoaderDisTorch2MultiGPU does):
+  * DisTorch2 X GB -- entry.distorch(clip, device, X, "cpu") (what CLIPLoaderDisTorch2MultiGPU does):
                       encode 1 (loads on demand), encodes 2..N (streamed), each timed with a synchronize
 
 Floor of a streamed encode: max(resident encode, bytes offloaded / probed pinned host->GPU rate).
@@ -69,7 +69,7 @@ def main():
     import torch
     import comfy.sd
     import comfyui_version
-    adapter, _ = BC.import_distorch()
+    entry = BC.import_distorch().entry
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
     say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
@@ -109,14 +109,14 @@ def main():
         from distorch.compiler.inventory import probe
         bw = probe().bandwidth("cpu", str(dev))
     for v in [float(x) for x in a.vram.split(",") if x.strip()]:
-        clip = adapter.distorch(load(), a.device, v, "cpu", "", False)
+        clip = entry.distorch(load(), a.device, v, "cpu", "", False)
         ts, eq = [], []
         for _ in range(a.encodes):
             t, out = encode(clip)
             ts.append(t)
             eq.append(bool(torch.equal(out[0], ref[0])))
         same = "".join("=" if e else "x" for e in eq)     # per encode: = same as resident, x differs
-        st = adapter.state_of(clip)
+        st = entry.state_of(clip)
         rt = st.handle.runtime
         off = st.plan.offloaded_bytes()
         say(f"DisTorch2 {v:g} GB ({off / GiB:.2f} GiB offloaded): encodes {[round(x, 3) for x in ts]} s, "

@@ -5,7 +5,7 @@ ComfyUI's own Flux class, then at 1024x1024:
 
   * bf16 resident      -- the bf16 weights through comfy.sd.load_diffusion_model_state_dict (in memory)
   * GGUF resident      -- the same weights as Q8_0 in a .gguf file (every 2-D weight whose last dimension is
-                          a multiple of 32; quantized in torch: runtime.gguf_stream.quantize_q8_0), loaded
+                          a multiple of 32; quantized in torch: formats.testing.quantize_q8_0), loaded
                           by the native GGUF loader (UnetLoaderGGUFMultiGPU's loader: quantized bytes
                           resident, dequantized per call)
   * DisTorch2 GGUF X   -- UnetLoaderGGUFDisTorch2MultiGPU with virtual_vram_gb = X, donor cpu (quantized
@@ -42,7 +42,7 @@ def write_gguf_q8(sd: dict, path: str) -> tuple[int, int]:
     float32 for the rest.  Returns (quantized tensors, file bytes)."""
     import numpy as np
     import gguf
-    from distorch.runtime.gguf_stream import quantize_q8_0
+    from distorch.formats.testing import quantize_q8_0
     w = gguf.GGUFWriter(path, "flux")
     n_q = 0
     for k, v in sd.items():
@@ -78,7 +78,8 @@ def main():
     import torch
     import comfy.sd
     import comfyui_version
-    adapter, N = BC.import_distorch()
+    cn = BC.import_distorch()
+    N = cn.nodes
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
     say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
@@ -116,7 +117,7 @@ def main():
     torch.cuda.empty_cache() if not cpu else None
 
     # 2. GGUF resident: the native GGUF loader (what UnetLoaderGGUFMultiGPU runs)
-    m = adapter.load_gguf_unet(path)
+    m = cn.gguf_loaders.load_gguf_unet(path)
     r = run(m, "GGUF resident")
     ref = r["out"]
     stored = sum(v.raw.numel() if hasattr(v, "raw") else v.numel() * v.element_size()
@@ -137,7 +138,7 @@ def main():
         (m,) = getattr(cls(), cls.FUNCTION)(unet_name=fname, compute_device=a.device, virtual_vram_gb=v,
                                             donor_device="cpu", expert_mode_allocations="", eject_models=False)
         r = run(m, f"DisTorch2 GGUF {v:g} GB")
-        st = adapter.state_of(m)
+        st = cn.entry.state_of(m)
         rt = getattr(st.handle, "runtime", None)
         tune = getattr(rt, "tune_result", None) if rt is not None else None
         if tune:

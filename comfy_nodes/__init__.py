@@ -3,25 +3,39 @@
 Built when ComfyUI loads this folder from custom_nodes/. Wrappers of other packs' nodes need those
 packs loaded first, and ComfyUI loads custom-node folders in directory order; so what exists now is
 registered at once, and the rest when ComfyUI's node-loading task finishes (see _register_late).
-adapter.py is the only module that touches ComfyUI internals.
+
+Modules, by job (comfy_api.py is the only one that imports ComfyUI):
+    nodes.py, registry.py   the node classes, declarative; they call the others through registry.backend()
+    comfy_api.py            ComfyUI's modules, version and ModelPatcher path, node registry, patcher lookup
+    devices.py              device lists and parsing, loading a core loader's outputs onto a device
+    state.py                the compiled state of a model shared by its clones, planning, allocation table
+    patcher.py              the DisTorch ModelPatcher mixin (load / unload / LoRA re-patching), sampling wrapper
+    entry.py                distorch(), release(), eject(), state_of(): what the DisTorch2 nodes call
+    gguf_ops.py             GGUF layers (over the library's GGUF ops), LoRA patches of GGUF weights
+    gguf_loaders.py         .gguf model files, GGUF unet / text encoder loading through ComfyUI's loaders
 """
+import importlib.util
 import logging
 
 from . import nodes as _nodes
+from . import registry as _registry
 
-log = logging.getLogger("distorch.nodes")
+log = logging.getLogger("distorch.comfy")
 
-NODE_CLASS_MAPPINGS: dict = _nodes.build()
+# Without ComfyUI (the node tests, which build with a fake backend) nothing is built at import.
+try:
+    _IN_COMFY = importlib.util.find_spec("comfy") is not None
+except (ImportError, ValueError):
+    _IN_COMFY = False
+NODE_CLASS_MAPPINGS: dict = _nodes.build() if _IN_COMFY else {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = _nodes.display_names(NODE_CLASS_MAPPINGS)
 
 
 def _register_late():
     """Register nodes whose base class appeared after this pack loaded (other packs, ComfyUI-GGUF).
 
-    ComfyUI's registry is written through the adapter (adapter.register_nodes); a node is replaced
+    ComfyUI's registry is written through the backend (comfy_api.register_nodes); a node is replaced
     only when its base class changed."""
-    from . import adapter
-
     added = {}
     python_module = getattr(NODE_CLASS_MAPPINGS.get("DeviceSelectorMultiGPU"), "RELATIVE_PYTHON_MODULE", None)
     for name, cls in _nodes.build_late().items():
@@ -34,7 +48,7 @@ def _register_late():
         NODE_DISPLAY_NAME_MAPPINGS[name] = getattr(cls, "TITLE", name)
         added[name] = cls
     if added:
-        adapter.register_nodes(added, {k: NODE_DISPLAY_NAME_MAPPINGS[k] for k in added})
+        _registry.backend().register_nodes(added, {k: NODE_DISPLAY_NAME_MAPPINGS[k] for k in added})
         log.info("DisTorch: registered %d nodes from other packs: %s", len(added), ", ".join(added))
 
 

@@ -1,6 +1,6 @@
 """The node families users' saved workflows name (../shared/COMPAT.md), built at start-up.
 
-Core loaders' wrappers are generated from ComfyUI's own node classes (adapter.core_node_class), other
+Core loaders' wrappers are generated from ComfyUI's own node classes (comfy_api.core_node_class), other
 packs' wrappers from the installed pack's classes, so their inputs never go stale. Our GGUF nodes do
 not need ComfyUI-GGUF: without it they stand on the native GGUF base classes below (same input names
 and defaults as ComfyUI-GGUF's); with it they are generated from its classes instead.
@@ -9,7 +9,7 @@ import logging
 
 from . import registry as R
 
-log = logging.getLogger("distorch.nodes")
+log = logging.getLogger("distorch.comfy.nodes")
 
 # name -> core loader (device selector `...MultiGPU` and `...DisTorch2MultiGPU` twins)
 CORE_LOADERS = {
@@ -72,28 +72,28 @@ GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
 # ---------------------------------------------------------------------------------------------
 def gguf_filenames(kind):
     """.gguf files of the diffusion-model ('unet') or text-encoder ('clip') model folders."""
-    return R._adapter().gguf_filenames(kind)
+    return R.backend().gguf_filenames(kind)
 
 
 def gguf_clip_filenames():
-    return R._adapter().gguf_clip_filenames()
+    return R.backend().gguf_clip_filenames()
 
 
 def _gguf_path(kind, name):
-    return R._adapter().gguf_path(kind, name)
+    return R.backend().gguf_path(kind, name)
 
 
-def _adapter_gguf(fn_name):
-    fn = getattr(R._adapter(), fn_name, None)
+def _backend_gguf(fn_name):
+    fn = getattr(R.backend(), fn_name, None)
     if fn is None:
         raise NotImplementedError(
-            f"GGUF loading needs ComfyUI-GGUF installed (custom_nodes/ComfyUI-GGUF) or an adapter with "
+            f"GGUF loading needs ComfyUI-GGUF installed (custom_nodes/ComfyUI-GGUF) or a backend with "
             f"{fn_name}(); this build has neither.")
     return fn
 
 
 def _clip_type_spec(core_name):
-    core = R._adapter().core_node_class(core_name)
+    core = R.backend().core_node_class(core_name)
     return core.INPUT_TYPES()["required"]["type"] if core is not None else (["stable_diffusion"],)
 
 
@@ -110,7 +110,7 @@ class UnetLoaderGGUFNative:
     TITLE = "Unet Loader (GGUF)"
 
     def load_unet(self, unet_name, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
-        load = _adapter_gguf("load_gguf_unet")
+        load = _backend_gguf("load_gguf_unet")
         return (load(_gguf_path("unet", unet_name), dequant_dtype=dequant_dtype, patch_dtype=patch_dtype,
                      patch_on_device=patch_on_device),)
 
@@ -152,7 +152,7 @@ class CLIPLoaderGGUFNative:
 
     def load_clip(self, type="stable_diffusion", **names):
         paths = [_gguf_path("clip", names[k]) for k in sorted(names)]
-        return (_adapter_gguf("load_gguf_clip")(paths, type),)
+        return (_backend_gguf("load_gguf_clip")(paths, type),)
 
 
 class DualCLIPLoaderGGUFNative(CLIPLoaderGGUFNative):
@@ -184,18 +184,18 @@ NATIVE_GGUF = {
 # Checkpoint loaders with a device per component (no single core class to wrap)
 # ---------------------------------------------------------------------------------------------
 def _ckpt_spec():
-    core = R._adapter().core_node_class("CheckpointLoaderSimple")
+    core = R.backend().core_node_class("CheckpointLoaderSimple")
     return R.with_tooltip(core.INPUT_TYPES()["required"]["ckpt_name"], "The checkpoint to load.")
 
 
 def _load_checkpoint(ckpt_name, unet_device, clip_device, vae_device):
     """(MODEL, CLIP, VAE) of a checkpoint, the model loaded for unet_device, CLIP and VAE for theirs."""
-    ad = R._adapter()
-    core = ad.core_node_class("CheckpointLoaderSimple")
-    out = list(ad.load_on_device(unet_device, lambda: R.call_base(core, {"ckpt_name": ckpt_name})))
+    be = R.backend()
+    core = be.core_node_class("CheckpointLoaderSimple")
+    out = list(be.load_on_device(unet_device, lambda: R.call_base(core, {"ckpt_name": ckpt_name})))
     for i, dev in ((1, clip_device), (2, vae_device)):
         if out[i] is not None and dev != unet_device:
-            out[i] = ad.load_on_device(dev, lambda obj=out[i]: obj)  # retarget the part already loaded
+            out[i] = be.load_on_device(dev, lambda obj=out[i]: obj)  # retarget the part already loaded
     return out
 
 
@@ -252,12 +252,12 @@ class CheckpointLoaderAdvancedDisTorch2MultiGPU:
                         clip_compute_device, clip_virtual_vram_gb, clip_donor_device, vae_device,
                         unet_expert_mode_allocations="", clip_expert_mode_allocations="",
                         high_precision_loras=True, eject_models=True):
-        ad = R._adapter()
+        be = R.backend()
         model, clip, vae = _load_checkpoint(ckpt_name, unet_compute_device, clip_compute_device, vae_device)
-        model = ad.distorch(model, unet_compute_device, float(unet_virtual_vram_gb), unet_donor_device,
+        model = be.distorch(model, unet_compute_device, float(unet_virtual_vram_gb), unet_donor_device,
                             unet_expert_mode_allocations or "", bool(eject_models))
         if clip is not None:
-            clip = ad.distorch(clip, clip_compute_device, float(clip_virtual_vram_gb), clip_donor_device,
+            clip = be.distorch(clip, clip_compute_device, float(clip_virtual_vram_gb), clip_donor_device,
                                clip_expert_mode_allocations or "", False)
         for obj in (model, clip):
             if obj is not None:
@@ -302,10 +302,10 @@ def _gguf_family(base_for, out):
 
 def build():
     """NODE_CLASS_MAPPINGS of everything that can be built now."""
-    ad = R._adapter()
+    be = R.backend()
     out = {}
     for stem, core_name in CORE_LOADERS.items():
-        base = ad.core_node_class(core_name)
+        base = be.core_node_class(core_name)
         if base is None:
             log.warning("ComfyUI has no %s node: %sMultiGPU / %sDisTorch2MultiGPU not registered", core_name, stem, stem)
             continue
@@ -325,12 +325,12 @@ def build():
 
 def build_late():
     """Nodes generated from other packs' classes: call again once every pack has loaded."""
-    ad = R._adapter()
+    be = R.backend()
     out = {}
-    _gguf_family(lambda stem: ad.core_node_class(GGUF_LOADERS[stem]) or NATIVE_GGUF[stem], out)
+    _gguf_family(lambda stem: be.core_node_class(GGUF_LOADERS[stem]) or NATIVE_GGUF[stem], out)
     for pack, names in PACK_WRAPPERS.items():
         for ours, theirs in names.items():
-            base = ad.core_node_class(theirs)
+            base = be.core_node_class(theirs)
             if base is not None:
                 out[ours] = R.device_wrapper(ours, base, f"{pack}'s {theirs}")
     return out

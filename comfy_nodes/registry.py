@@ -2,19 +2,16 @@
 
 Every wrapper takes the base class's own INPUT_TYPES() at call time (so it never goes stale when
 ComfyUI or another pack changes its loader), adds our inputs, and calls the base's function through
-comfy_nodes.adapter (the only module that touches ComfyUI internals):
-
-    adapter.core_node_class(name)            -> ComfyUI's node class, or None
-    adapter.device_list()                    -> ["cuda:0", ..., "cpu"]
-    adapter.load_on_device(device, fn)       -> fn()'s outputs, retargeted to load on `device`
-    adapter.distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models) -> obj
+`backend()`: the functions of the modules that touch ComfyUI (comfy_api, devices, entry,
+gguf_loaders), gathered in one namespace.
 
 No ComfyUI import happens here; wrappers are plain classes in ComfyUI's V1 node format.
 """
 import copy
 import logging
+import types
 
-log = logging.getLogger("distorch.nodes")
+log = logging.getLogger("distorch.comfy.nodes")
 
 CATEGORY = "multigpu"
 CATEGORY_D2 = "multigpu/distorch_2"
@@ -34,14 +31,37 @@ TIP_USE_OTHER = "Use every other GPU as a donor (in order), then cpu."
 TIP_LEGACY_VVRAM = "GB (2^30 bytes) of the model to keep off `device` (legacy DisTorch node)."
 
 
-def _adapter():
-    from . import adapter  # imported late: registration tests replace _adapter
-    return adapter
+_BACKEND = None
+
+
+def backend():
+    """What the node classes call (registration tests replace this function with a fake):
+
+        core_node_class(name)                  -> ComfyUI's node class, or None            comfy_api
+        register_nodes(classes, display_names)    adds node classes to ComfyUI's registry  comfy_api
+        device_list()                          -> ["cuda:0", ..., "cpu"]                   devices
+        load_on_device(device, fn)             -> fn()'s outputs, retargeted to `device`   devices
+        distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models) -> obj   entry
+        gguf_filenames(kind), gguf_clip_filenames(), gguf_path(kind, name),
+        load_gguf_unet(path, ...), load_gguf_clip(paths, type)                             gguf_loaders
+
+    Those modules import ComfyUI, so they are imported here, on first use, never at import time
+    (see comfy_api's docstring)."""
+    global _BACKEND
+    if _BACKEND is None:
+        from . import comfy_api, devices, entry, gguf_loaders
+        _BACKEND = types.SimpleNamespace(
+            core_node_class=comfy_api.core_node_class, register_nodes=comfy_api.register_nodes,
+            device_list=devices.device_list, load_on_device=devices.load_on_device, distorch=entry.distorch,
+            gguf_filenames=gguf_loaders.gguf_filenames, gguf_clip_filenames=gguf_loaders.gguf_clip_filenames,
+            gguf_path=gguf_loaders.gguf_path, load_gguf_unet=gguf_loaders.load_gguf_unet,
+            load_gguf_clip=gguf_loaders.load_gguf_clip)
+    return _BACKEND
 
 
 def devices():
     """The device names offered in every device list (['cuda:0', ..., 'cpu'])."""
-    devs = [str(d) for d in _adapter().device_list()]
+    devs = [str(d) for d in backend().device_list()]
     return devs or ["cpu"]
 
 
@@ -160,7 +180,7 @@ def device_wrapper(name, base, base_label, *, category=CATEGORY):
     def run(self, device=None, **kwargs):
         if _base_has_input(base, "device"):  # the base's own `device` choice ("default"/"cpu") is ours now
             kwargs["device"] = "default"
-        return tuple(_adapter().load_on_device(device or default_device(devices()), lambda: call_base(base, kwargs)))
+        return tuple(backend().load_on_device(device or default_device(devices()), lambda: call_base(base, kwargs)))
 
     return _make_class(name, base, base_label, category, "MultiGPU", add_inputs, run,
                        f"{base_label} with a device choice: the model is loaded for that device.")
@@ -185,11 +205,11 @@ def distorch2_wrapper(name, base, base_label, *, device_key="compute_device", ej
         compute = kwargs.pop(device_key, None) or default_device(devices())
         if device_key == "device" and _base_has_input(base, "device"):
             kwargs["device"] = "default"
-        ad = _adapter()
-        out = list(ad.load_on_device(compute, lambda: call_base(base, kwargs)))
+        be = backend()
+        out = list(be.load_on_device(compute, lambda: call_base(base, kwargs)))
         for i in distorch_outputs:
             if i < len(out) and out[i] is not None:
-                out[i] = ad.distorch(out[i], compute, float(virtual_vram_gb), donor_device,
+                out[i] = be.distorch(out[i], compute, float(virtual_vram_gb), donor_device,
                                      expert_mode_allocations or "", bool(eject_models))
         return tuple(out)
 
@@ -223,10 +243,10 @@ def legacy_distorch_wrapper(name, base, base_label):
         if _base_has_input(base, "device"):
             kwargs["device"] = "default"
         donors = other_gpu_donors(device) if use_other_vram else "cpu"
-        ad = _adapter()
-        out = list(ad.load_on_device(device, lambda: call_base(base, kwargs)))
+        be = backend()
+        out = list(be.load_on_device(device, lambda: call_base(base, kwargs)))
         if out and out[0] is not None:
-            out[0] = ad.distorch(out[0], device, float(virtual_vram_gb), donors,
+            out[0] = be.distorch(out[0], device, float(virtual_vram_gb), donors,
                                  expert_mode_allocations or "", False)
         return tuple(out)
 

@@ -2,7 +2,7 @@
 
 A tiny SD3-style MMDiT (ComfyUI detects SD3 from its keys) is written as a .gguf with Q8_0 linear
 weights (gguf-py's quantizer) and F32 for the rest.  It loads through our native reader and ComfyUI's
-own loader entry point (comfy_nodes/adapter.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
+own loader entry point (comfy_nodes/gguf_loaders.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
 node function (streamed quantized); both sample through ComfyUI's KSampler and must agree bit for bit.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ mm, nodes, folder_paths = H.boot_inprocess()
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from distorch.comfy_nodes import adapter  # noqa: E402
-from distorch.runtime.gguf_tensor import GGUFTensor  # noqa: E402
+from distorch.comfy_nodes import entry, gguf_loaders  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFTensor  # noqa: E402
 
 DEPTH = 2
 
@@ -117,7 +117,7 @@ def _gguf_weights(model):
 
 
 def test_native_load_keeps_weights_quantized_and_samples(gguf_model):
-    m = adapter.load_gguf_unet(gguf_model["path"])
+    m = gguf_loaders.load_gguf_unet(gguf_model["path"])
     assert type(m.model).__name__ == "SD3"
     ws = _gguf_weights(m)
     assert len(ws) == len(gguf_model["quantized"]) > 10
@@ -141,17 +141,17 @@ def _write_one(path, arch, name, array):
 
 def test_bad_inputs_named(gguf_model, tmp_path):
     with pytest.raises(ValueError, match="dequant_dtype"):
-        adapter.load_gguf_unet(gguf_model["path"], dequant_dtype="int4")
+        gguf_loaders.load_gguf_unet(gguf_model["path"], dequant_dtype="int4")
     bad = _write_one(tmp_path / "nothing.gguf", "none", "some.tensor", np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="could not detect"):
-        adapter.load_gguf_unet(str(bad))
+        gguf_loaders.load_gguf_unet(str(bad))
     t5 = _write_one(tmp_path / "t5.gguf", "t5encoder", "enc.blk.0.attn_zzz.weight", np.zeros((4, 32), dtype=np.float32))
     with pytest.raises(ValueError, match="attn_zzz"):
-        adapter.load_gguf_clip([str(t5)], "sd3")
+        gguf_loaders.load_gguf_clip([str(t5)], "sd3")
 
 
 def test_llama_cpp_named_t5_reaches_comfyui_with_original_names(tmp_path, monkeypatch):
-    """A T5 encoder GGUF in llama.cpp naming is renamed before ComfyUI sees it (runtime/gguf_names.py)."""
+    """A T5 encoder GGUF in llama.cpp naming is renamed before ComfyUI sees it (formats/gguf_names.py)."""
     import comfy.sd
     from gguf.quants import quantize, dequantize as gdq
     rng = np.random.default_rng(0)
@@ -178,7 +178,7 @@ def test_llama_cpp_named_t5_reaches_comfyui_with_original_names(tmp_path, monkey
         seen.update(sds[0])
         return "clip"
     monkeypatch.setattr(comfy.sd, "load_text_encoder_state_dicts", fake)
-    assert adapter.load_gguf_clip([str(tmp_path / "t5q.gguf")], "sd3") == "clip"
+    assert gguf_loaders.load_gguf_clip([str(tmp_path / "t5q.gguf")], "sd3") == "clip"
     want = {"shared.weight": "token_embd.weight", "encoder.final_layer_norm.weight": "enc.output_norm.weight",
             "encoder.block.0.layer.0.SelfAttention.q.weight": "enc.blk.0.attn_q.weight",
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "enc.blk.0.attn_rel_b.weight",
@@ -193,8 +193,8 @@ def test_llama_cpp_named_t5_reaches_comfyui_with_original_names(tmp_path, monkey
 
 @pytest.mark.parametrize("vram_gb", [0.0005, 100.0])
 def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vram_gb):
-    from distorch.comfy_nodes import adapter, nodes as N
-    ref = _sample(adapter.load_gguf_unet(gguf_model["path"]))
+    from distorch.comfy_nodes import nodes as N
+    ref = _sample(gguf_loaders.load_gguf_unet(gguf_model["path"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
     assert cls.BASE_CLASS is N.UnetLoaderGGUFNative        # ComfyUI-GGUF is not installed here
@@ -203,7 +203,7 @@ def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vra
                                         expert_mode_allocations="", eject_models=False)
     out = _sample(m)
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max().item()}"
-    st = adapter.state_of(m)
+    st = entry.state_of(m)
     assert st is not None and st.handle is not None
     off = st.plan.offloaded_bytes()
     assert off > 0
@@ -222,7 +222,7 @@ def _lora(model, name, strength=1.0):
 
 
 def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
-    m = adapter.load_gguf_unet(gguf_model["path"])
+    m = gguf_loaders.load_gguf_unet(gguf_model["path"])
     base = _sample(m)
     mm.unload_all_models()
     out = _sample(_lora(m, gguf_model["lora"]))
@@ -242,7 +242,7 @@ def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):
 
 def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
     from distorch.comfy_nodes import nodes as N
-    ref = _sample(_lora(adapter.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
+    ref = _sample(_lora(gguf_loaders.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
     mm.unload_all_models()
     cls = N.build()["UnetLoaderGGUFDisTorch2MultiGPU"]
     (m,) = getattr(cls(), cls.FUNCTION)(unet_name=gguf_model["name"], compute_device="cpu", virtual_vram_gb=0.0005,
@@ -253,7 +253,7 @@ def test_distorch2_gguf_node_with_lora_equals_plain(gguf_model):
     mm.unload_all_models()
     plain = _sample(m)
     mm.unload_all_models()
-    assert torch.equal(plain, _sample(adapter.load_gguf_unet(gguf_model["path"])))
+    assert torch.equal(plain, _sample(gguf_loaders.load_gguf_unet(gguf_model["path"])))
 
 
 def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
@@ -283,7 +283,7 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     wdt = next(p.dtype for n, p in ref.cond_stage_model.named_parameters() if n.endswith("mlp.fc1.weight"))
     # ComfyUI keeps the dense weights in `wdt` and casts them per call: dequantizing into `wdt` first
     # (dequant_dtype) gives the same values, so the same conditioning bit for bit
-    ours = adapter.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion",
+    ours = gguf_loaders.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion",
                                  dequant_dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(wdt, "float32"))
     assert sum(isinstance(p, GGUFTensor) for p in ours.cond_stage_model.parameters()) == len(q)
     tok = ref.tokenize("a photo of a cat")
@@ -291,14 +291,14 @@ def test_clip_text_encoder_from_gguf_same_conditioning(tmp_path):
     b, pb = ref.encode_from_tokens(tok, return_pooled=True)
     assert torch.equal(a, b) and torch.equal(pa, pb), f"max diff {(a - b).abs().max().item()}"
     # default (dequantize straight into the compute dtype): the same within the dense weights' rounding
-    c = adapter.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
+    c = gguf_loaders.load_gguf_clip([str(tmp_path / "clip_l_q8.gguf")], "stable_diffusion").encode_from_tokens(tok)
     assert torch.allclose(c, b, rtol=0, atol=2e-2)
 
 
 def test_multigpu_gguf_nodes_load_natively(gguf_model):
     from distorch.comfy_nodes import nodes as N
     mapping = N.build()
-    ref = _sample(adapter.load_gguf_unet(gguf_model["path"]))
+    ref = _sample(gguf_loaders.load_gguf_unet(gguf_model["path"]))
     mm.unload_all_models()
     for name in ("UnetLoaderGGUFMultiGPU", "UnetLoaderGGUFAdvancedMultiGPU"):
         cls = mapping[name]
@@ -312,9 +312,9 @@ def test_multigpu_gguf_nodes_load_natively(gguf_model):
 
 
 def test_patch_on_device_keeps_a_moved_copy_of_the_lora_and_same_output(gguf_model):
-    ref = _sample(_lora(adapter.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
+    ref = _sample(_lora(gguf_loaders.load_gguf_unet(gguf_model["path"]), gguf_model["lora"]))
     mm.unload_all_models()
-    m = _lora(adapter.load_gguf_unet(gguf_model["path"], patch_on_device=True), gguf_model["lora"])
+    m = _lora(gguf_loaders.load_gguf_unet(gguf_model["path"], patch_on_device=True), gguf_model["lora"])
     out = _sample(m)
     assert torch.equal(out, ref)
     fns = [f for mod in m.model.modules() for f in getattr(mod, "weight_function", [])

@@ -1,4 +1,4 @@
-"""Node registration without ComfyUI: fake core classes and a fake adapter stand in for ComfyUI.
+"""Node registration without ComfyUI: fake core classes and a fake backend stand in for ComfyUI.
 
 (The same expectations run against a real ComfyUI server in test_comfy_server.py.)"""
 import sys
@@ -32,11 +32,14 @@ def fake_loader(name, inputs, outputs, optional=None):
     })
 
 
-class FakeAdapter:
+class FakeBackend:
+    """registry.backend() without ComfyUI: core classes from a dict, loads and compiles recorded."""
+
     def __init__(self, classes):
         self.classes = classes
         self.loads = []
         self.compiled = []
+        self.registry = {"NODE_CLASS_MAPPINGS": {}, "NODE_DISPLAY_NAME_MAPPINGS": {}}   # ComfyUI's nodes.py
 
     def core_node_class(self, name):
         return self.classes.get(name)
@@ -51,6 +54,10 @@ class FakeAdapter:
     def distorch(self, obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models):
         self.compiled.append((obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models))
         return f"distorch[{obj}]"
+
+    def register_nodes(self, classes, display_names):
+        self.registry["NODE_CLASS_MAPPINGS"].update(classes)
+        self.registry["NODE_DISPLAY_NAME_MAPPINGS"].update(display_names)
 
 
 def core_classes():
@@ -75,8 +82,8 @@ def core_classes():
 
 @pytest.fixture
 def fake(monkeypatch):
-    ad = FakeAdapter(core_classes())
-    monkeypatch.setattr(R, "_adapter", lambda: ad)
+    ad = FakeBackend(core_classes())
+    monkeypatch.setattr(R, "backend", lambda: ad)
     # no ComfyUI here: the model-file lists the native GGUF nodes read from folder_paths
     monkeypatch.setattr(N, "gguf_filenames", lambda kind: [f"{kind}.gguf"])
     monkeypatch.setattr(N, "gguf_clip_filenames", lambda: ["clip.safetensors", "clip.gguf"])
@@ -93,7 +100,7 @@ def test_build_registers_every_compat_node_with_its_inputs(fake):
         cls = mapping[name]
         problems += H.spec_problems(name, exp, cls.INPUT_TYPES(), cls.RETURN_TYPES, cls.CATEGORY, DEVICES)
     assert not problems, "\n".join(problems)
-    # the wrappers are generated from the core classes handed out by the adapter
+    # the wrappers are generated from the core classes handed out by the backend
     assert mapping["UNETLoaderMultiGPU"].BASE_CLASS is fake.classes["UNETLoader"]
     assert mapping["UNETLoaderMultiGPU"].INPUT_TYPES()["required"]["weight_dtype"][0] == ["default", "fp8_e4m3fn"]
 
@@ -109,7 +116,7 @@ def test_core_inputs_never_go_stale(fake):
     assert spec["optional"]["new_knob"][1]["tooltip"]  # tooltips added to inputs we copy
 
 
-def test_device_loader_calls_adapter_and_replaces_core_device_input(fake):
+def test_device_loader_calls_backend_and_replaces_core_device_input(fake):
     cls = N.build()["CLIPLoaderMultiGPU"]
     spec = cls.INPUT_TYPES()
     assert spec["optional"]["device"][0] == DEVICES  # ours replaces CLIPLoader's ["default", "cpu"]
@@ -162,7 +169,7 @@ def test_native_gguf_nodes_without_comfyui_gguf(fake, monkeypatch):
     clip = N.build()["DualCLIPLoaderGGUFMultiGPU"].INPUT_TYPES()["required"]
     assert clip["clip_name1"][0] == ["c.safetensors", "t5.gguf"]
     assert clip["type"][0] == ["a.safetensors", "b.safetensors"]  # the type list comes from core DualCLIPLoader
-    # loading needs ComfyUI-GGUF or an adapter GGUF loader: a clear error, not a crash
+    # loading needs ComfyUI-GGUF or a backend GGUF loader: a clear error, not a crash
     with pytest.raises(NotImplementedError, match="ComfyUI-GGUF"):
         N.UnetLoaderGGUFNative().load_unet("x.gguf")
 
@@ -236,15 +243,13 @@ def test_device_list_defaults_on_cpu_only_machine(fake, monkeypatch):
 
 
 def test_late_registration_adds_to_comfyui_registry(fake, monkeypatch):
-    import types
     import distorch.comfy_nodes as pack
-    registry = types.SimpleNamespace(NODE_CLASS_MAPPINGS={}, NODE_DISPLAY_NAME_MAPPINGS={})
-    monkeypatch.setitem(sys.modules, "nodes", registry)
+    registry = fake.registry
     monkeypatch.setattr(pack, "NODE_CLASS_MAPPINGS", dict(N.build()))
     monkeypatch.setattr(pack, "NODE_DISPLAY_NAME_MAPPINGS", {})
     pack._register_late()
-    assert registry.NODE_CLASS_MAPPINGS == {}  # nothing new appeared
+    assert registry["NODE_CLASS_MAPPINGS"] == {}  # nothing new appeared
     fake.classes["LTXVLoader"] = fake_loader("LTXVLoader", ["ckpt_name"], ["MODEL", "VAE"])
     pack._register_late()
-    assert set(registry.NODE_CLASS_MAPPINGS) == {"LTXVLoaderMultiGPU"}
-    assert registry.NODE_DISPLAY_NAME_MAPPINGS["LTXVLoaderMultiGPU"]
+    assert set(registry["NODE_CLASS_MAPPINGS"]) == {"LTXVLoaderMultiGPU"}
+    assert registry["NODE_DISPLAY_NAME_MAPPINGS"]["LTXVLoaderMultiGPU"]

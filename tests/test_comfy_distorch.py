@@ -1,4 +1,5 @@
-"""comfy_nodes/adapter.py against a real ComfyUI (0.3.75) running in this process on CPU.
+"""DisTorch2 models (comfy_nodes: entry, patcher, state, devices) in a real ComfyUI (0.3.75) running in
+this process on CPU.
 
 ComfyUI is found at $DISTORCH_COMFYUI_DIR, else <repo>/.comfy/ComfyUI (.ci/setup_comfyui.sh puts it
 there); without it these tests skip, unless DISTORCH_REQUIRE_COMFYUI=1, where they fail.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
+import types
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ mm, nodes, folder_paths = H.boot_inprocess()
 import comfy.utils  # noqa: E402
 import safetensors.torch  # noqa: E402
 
-from distorch.comfy_nodes import adapter  # noqa: E402
+from distorch.comfy_nodes import comfy_api, devices, entry, state  # noqa: E402
+from distorch.comfy_nodes.patcher import DisTorchPatcherMixin  # noqa: E402
 from distorch.errors import DisTorchError  # noqa: E402
 
 DEPTH = 2          # hidden 128, ~4 MB fp32
@@ -87,28 +89,34 @@ def _lora(model, models, strength):
 
 
 # ------------------------------------------------------------------------------------------------
-def test_discovery():
-    assert adapter.core_node_class("UNETLoader") is nodes.NODE_CLASS_MAPPINGS["UNETLoader"]
-    assert adapter.core_node_class("NoSuchLoader") is None
-    devs = adapter.device_list()
+def test_discovery(monkeypatch):
+    assert comfy_api.core_node_class("UNETLoader") is nodes.NODE_CLASS_MAPPINGS["UNETLoader"]
+    assert comfy_api.core_node_class("NoSuchLoader") is None
+    devs = devices.device_list()
     assert devs[-1] == "cpu" and len(devs) == len(set(devs))
-    assert adapter.default_device() == devs[0]
-    assert adapter.path() == "classic"          # 0.3.75 has no ModelPatcherDynamic
+    assert devices.default_device() == devs[0]
+    assert comfy_api.path() == "classic"          # 0.3.75 has no ModelPatcherDynamic
+    # late registration writes ComfyUI's own registry (its nodes.py)
+    registry = types.SimpleNamespace(NODE_CLASS_MAPPINGS={}, NODE_DISPLAY_NAME_MAPPINGS={})
+    monkeypatch.setattr(comfy_api, "_registry", registry)
+    comfy_api.register_nodes({"XMultiGPU": object}, {"XMultiGPU": "X (MultiGPU)"})
+    assert registry.NODE_CLASS_MAPPINGS == {"XMultiGPU": object}
+    assert registry.NODE_DISPLAY_NAME_MAPPINGS == {"XMultiGPU": "X (MultiGPU)"}
 
 
 def test_load_on_device(models):
-    (m,) = adapter.load_on_device("cpu", nodes.UNETLoader().load_unet, models["unet"], "default")
+    (m,) = devices.load_on_device("cpu", nodes.UNETLoader().load_unet, models["unet"], "default")
     assert m.load_device == torch.device("cpu")
     # loaded already for another device (CLIP loaders load eagerly): that ComfyUI entry is unloaded first
     _sample(m)
     (lm,) = [x for x in mm.current_loaded_models if x.model is m]
     lm.device = torch.device("meta")          # stands for "loaded for cuda:0" on this CPU-only machine
-    assert adapter.load_on_device("cpu", lambda: m) is m
+    assert devices.load_on_device("cpu", lambda: m) is m
     assert not any(x.model is m for x in mm.current_loaded_models)
     with pytest.raises(DisTorchError, match="cuda:7"):
-        adapter.load_on_device("cuda:7", nodes.UNETLoader().load_unet, models["unet"], "default")
+        devices.load_on_device("cuda:7", nodes.UNETLoader().load_unet, models["unet"], "default")
     with pytest.raises(DisTorchError, match="not a device"):
-        adapter.load_on_device("gpu zero", nodes.UNETLoader().load_unet, models["unet"], "default")
+        devices.load_on_device("gpu zero", nodes.UNETLoader().load_unet, models["unet"], "default")
 
 
 @pytest.mark.parametrize("vram_gb,expect", [(0.0, "none"), (0.0015, "part"), (100.0, "all")])
@@ -116,10 +124,10 @@ def test_same_latent_as_plain_loader(models, vram_gb, expect, caplog):
     ref = _sample(_load(models))
     mm.unload_all_models()
     with caplog.at_level(logging.INFO, logger="distorch"):
-        m = adapter.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
+        m = entry.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
     assert "v2 Expert String:" in caplog.text and "% model" in caplog.text
     assert type(m).__name__ == "DisTorchModelPatcher"
-    st = adapter.state_of(m)
+    st = entry.state_of(m)
     plan = st.plan
     off = plan.offloaded_bytes()
     if expect == "none":
@@ -142,19 +150,19 @@ def test_same_latent_as_plain_loader(models, vram_gb, expect, caplog):
 
 
 def test_expert_string_and_bad_inputs(models):
-    m = adapter.distorch(_load(models), "cpu", 0.0, "cpu", "cpu:0,25%;cpu,75%", False)
-    plan = adapter.state_of(m).plan
+    m = entry.distorch(_load(models), "cpu", 0.0, "cpu", "cpu:0,25%;cpu,75%", False)
+    plan = entry.state_of(m).plan
     assert 0.6 < plan.offloaded_bytes() / plan.model_bytes < 0.9
     with pytest.raises(DisTorchError, match="virtual_vram_gb"):
-        adapter.distorch(_load(models), "cpu", -1, "cpu", "", False)
+        entry.distorch(_load(models), "cpu", -1, "cpu", "", False)
     with pytest.raises(DisTorchError, match="virtual_vram_gb"):
-        adapter.distorch(_load(models), "cpu", "lots", "cpu", "", False)
+        entry.distorch(_load(models), "cpu", "lots", "cpu", "", False)
     with pytest.raises(DisTorchError, match="cuda:7"):
-        adapter.distorch(_load(models), "cpu", 1.0, "cuda:7", "", False)
+        entry.distorch(_load(models), "cpu", 1.0, "cuda:7", "", False)
     with pytest.raises(DisTorchError):
-        adapter.distorch(_load(models), "cpu", 0.0, "cpu", "cpu,banana", False)
+        entry.distorch(_load(models), "cpu", 0.0, "cpu", "cpu,banana", False)
     with pytest.raises(DisTorchError, match="MODEL, CLIP"):
-        adapter.distorch(object(), "cpu", 1.0, "cpu", "", False)
+        entry.distorch(object(), "cpu", 1.0, "cpu", "", False)
 
 
 @pytest.mark.parametrize("vram_gb", [0.0015, 100.0])
@@ -186,10 +194,11 @@ def test_lora_strength_change_does_not_reload(models, monkeypatch, vram_gb):
 
     monkeypatch.setattr(api, "compile", count_compile)
     monkeypatch.setattr(part, "partition", count_partition)
+    monkeypatch.setattr(state, "partition", count_partition)
     monkeypatch.setattr(comfy.utils, "load_torch_file", count_read)
 
-    m = adapter.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
-    st = adapter.state_of(m)
+    m = entry.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
+    st = entry.state_of(m)
     if vram_gb < 1:
         assert 0 < st.plan.offloaded_bytes() < st.plan.model_bytes     # resident AND streamed weights patched
     else:
@@ -207,14 +216,14 @@ def test_eject_models(models):
     a = _load(models)
     _sample(a)
     assert any(lm.model is a for lm in mm.current_loaded_models)
-    b = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    b = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
     assert any(lm.model is a for lm in mm.current_loaded_models), "eject_models=False must keep other models"
     _sample(b)
-    c = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", True)
+    c = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", True)
     left = [lm.model for lm in mm.current_loaded_models]
     assert a not in left and b not in left, "eject_models=True must unload models on the compute device"
-    assert adapter.state_of(b).handle is None          # b's homes were released on the way out
-    assert adapter.state_of(c).handle is None          # nothing compiled before a load
+    assert entry.state_of(b).handle is None          # b's homes were released on the way out
+    assert entry.state_of(c).handle is None          # nothing compiled before a load
 
 
 def _rss() -> int:
@@ -230,8 +239,8 @@ def _rss() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_unload_cycles_leave_rss_flat(models):
-    m = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
-    st = adapter.state_of(m)
+    m = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    st = entry.state_of(m)
     module = m.model.diffusion_model
     ref = None
     rss = []
@@ -280,13 +289,13 @@ def test_other_holders_and_release():
     x = torch.randn(3, 64)
     ref = net(x)
     h = Holder(net)
-    out_obj = adapter.distorch(h, "cpu", 100.0, "cpu", "", False)
-    assert out_obj is h and isinstance(h.patcher, adapter.DisTorchPatcherMixin)
+    out_obj = entry.distorch(h, "cpu", 100.0, "cpu", "", False)
+    assert out_obj is h and isinstance(h.patcher, DisTorchPatcherMixin)
     mm.load_models_gpu([h.patcher])
-    st = adapter.state_of(h)
+    st = entry.state_of(h)
     assert st.handle is not None and st.plan.offloaded_bytes() == st.plan.model_bytes
     assert torch.equal(net(x), ref)
-    assert adapter.release(h) is True
+    assert entry.release(h) is True
     assert st.handle is None and all(p.device.type == "cpu" for p in net.parameters())
     assert torch.equal(net(x), ref)
 
@@ -301,14 +310,14 @@ def test_dynamic_path_is_detected_and_replaced(models, monkeypatch):
 
     monkeypatch.setattr(mp, "ModelPatcherDynamic", ModelPatcherDynamic, raising=False)
     monkeypatch.setattr(mp, "CoreModelPatcher", ModelPatcherDynamic, raising=False)
-    monkeypatch.setattr(adapter, "_PATH_LOGGED", [False])
-    assert adapter.path() == "dynamic"
+    monkeypatch.setattr(comfy_api, "_path", None)   # detected again
+    assert comfy_api.path() == "dynamic"
     ref = _sample(_load(models))
     mm.unload_all_models()
     m = _load(models)
     dyn = ModelPatcherDynamic(m.model, m.load_device, m.offload_device)
-    out = adapter.distorch(dyn, "cpu", 0.0015, "cpu", "", False)
-    assert not isinstance(out, ModelPatcherDynamic) and isinstance(out, adapter.DisTorchPatcherMixin)
+    out = entry.distorch(dyn, "cpu", 0.0015, "cpu", "", False)
+    assert not isinstance(out, ModelPatcherDynamic) and isinstance(out, DisTorchPatcherMixin)
     assert torch.equal(_sample(out), ref)
 
 
@@ -328,10 +337,10 @@ def test_clip_encoder_same_conditioning(tmp_path):
 
     (ref,) = nodes.CLIPTextEncode().encode(load(), "a photo of a cat")
     mm.unload_all_models()
-    clip = adapter.distorch(load(), "cpu", 0.2, "cpu", "", False)
-    assert isinstance(clip.patcher, adapter.DisTorchPatcherMixin)
+    clip = entry.distorch(load(), "cpu", 0.2, "cpu", "", False)
+    assert isinstance(clip.patcher, DisTorchPatcherMixin)
     (out,) = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
-    st = adapter.state_of(clip)
+    st = entry.state_of(clip)
     assert st.handle is not None and 0 < st.plan.offloaded_bytes() < st.plan.model_bytes
     assert torch.equal(out[0][0], ref[0][0])
     assert torch.equal(out[0][1]["pooled_output"], ref[0][1]["pooled_output"])
@@ -357,9 +366,9 @@ def test_weights_read_while_streaming(models):
     ref = _sample(merging.ModelMergeSimple().merge(plain_a, plain_b, 0.3)[0])
     mm.unload_all_models()
 
-    b = adapter.distorch(nodes.UNETLoader().load_unet(models["unet_b"], "default")[0], "cpu", 100.0, "cpu", "", False)
+    b = entry.distorch(nodes.UNETLoader().load_unet(models["unet_b"], "default")[0], "cpu", 100.0, "cpu", "", False)
     _sample(b)                                 # compiled; streamed params now point into slots
-    st = adapter.state_of(b)
+    st = entry.state_of(b)
     assert st.handle is not None and st.plan.offloaded_bytes() > 0
     sd_b = plain_b.model.diffusion_model.state_dict()
     live = b.model.diffusion_model.state_dict()
@@ -380,7 +389,8 @@ def test_custom_stored_weight_reloads_with_same_plan(models, monkeypatch):
     calls = []
     real = part.partition
     monkeypatch.setattr(part, "partition", lambda *a, **k: calls.append(1) or real(*a, **k))
-    m = adapter.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    monkeypatch.setattr(state, "partition", part.partition)
+    m = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
     lin = m.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
 
     def set_weight(w, inplace_update=False, seed=None):
@@ -388,7 +398,7 @@ def test_custom_stored_weight_reloads_with_same_plan(models, monkeypatch):
             lin.weight.data.copy_(w.to(lin.weight.dtype))
 
     lin.set_weight = set_weight
-    st = adapter.state_of(m)
+    st = entry.state_of(m)
     assert torch.equal(_sample(_lora(m, models, 1.0)), refs[1.0])
     assert torch.equal(_sample(_lora(m, models, 0.5)), refs[0.5])
     assert st.compiles == 2 and st.releases == 1 and len(calls) == 1
@@ -412,10 +422,10 @@ def test_vae_same_image(tmp_path):
     (img,) = nodes.VAEDecode().decode(plain, lat)
     (enc,) = nodes.VAEEncode().encode(plain, img)
     mm.unload_all_models()
-    vae = adapter.distorch(nodes.VAELoader().load_vae("tiny_vae.safetensors")[0], "cpu", 0.1, "cpu", "", True)
-    assert isinstance(vae.patcher, adapter.DisTorchPatcherMixin) and vae.device == torch.device("cpu")
+    vae = entry.distorch(nodes.VAELoader().load_vae("tiny_vae.safetensors")[0], "cpu", 0.1, "cpu", "", True)
+    assert isinstance(vae.patcher, DisTorchPatcherMixin) and vae.device == torch.device("cpu")
     (img2,) = nodes.VAEDecode().decode(vae, lat)
-    st = adapter.state_of(vae)
+    st = entry.state_of(vae)
     assert st.handle is not None and 0 < st.plan.offloaded_bytes() < st.plan.model_bytes
     assert torch.equal(img2, img)
     (enc2,) = nodes.VAEEncode().encode(vae, img)
@@ -424,7 +434,7 @@ def test_vae_same_image(tmp_path):
 
 def test_patches_to_moves_every_tensor_and_keeps_structure():
     import torch
-    from distorch.comfy_nodes.adapter import patches_to
+    from distorch.comfy_nodes.gguf_ops import patches_to
 
     class Adapter:                       # the shape of ComfyUI's weight adapters: tensors in .weights
         def __init__(self, weights):

@@ -1,0 +1,274 @@
+"""The DisTorch ModelPatcher: ComfyUI's memory manager loads and unloads a compiled model through it.
+
+How it cooperates with ComfyUI (classic path)
+---------------------------------------------
+The patcher's class is swapped in place for `DisTorch<OriginalClass>` (`mixed_class`), a subclass made
+by mixing `DisTorchPatcherMixin` over the original class (so ComfyUI-GGUF's or any other ModelPatcher
+subclass keeps its own methods). ComfyUI's clone() uses `self.__class__`, so LoRA loaders and every
+other node that clones the model keep the DisTorch behaviour. The mixin overrides the ModelPatcher
+methods that ComfyUI's memory manager (model_management.load_models_gpu / free_memory / LoadedModel)
+calls:
+
+* load()            weight patches (LoRA ...) are applied IN PLACE to the weights where they lie
+                    (offload device), computed on the compute device exactly as ComfyUI computes them
+                    (so results are bit-identical to the plain path); then `distorch.compile` binds the
+                    module with the Plan: resident units move to the compute device, offloaded units
+                    into their homes (pinned host buffer / donor GPU).  Reports
+                    model_loaded_weight_memory = resident bytes + slot window (what it really holds on
+                    the GPU), model_lowvram = False, so ComfyUI never loads the offloaded weights itself.
+* partially_load()  when already compiled on that device: nothing to move.  When only the weight
+                    patches changed (a LoRA strength changed: new clone, new patches_uuid), the
+                    patched keys are recomputed from the kept originals and written into the live
+                    storage (GPU tensor for resident weights, the home buffer for streamed ones) --
+                    no re-read, no re-plan, no re-placement of the model.  (Weights stored through a
+                    custom op's set_weight cannot be rewritten in place: those models are released
+                    and compiled again with the same Plan.)
+* partially_unload() returns 0: a compiled placement is not shrunk piecemeal, so ComfyUI falls back
+                    to a full unload (detach) when it needs the memory.
+* unpatch_model()   (detach / model_unload / cleanup) undoes the runtime: homes (pinned host memory,
+                    donor GPU memory) and slots are freed, weights go back to the offload device,
+                    LoRA backups are restored.
+* model_size()      the VRAM the model needs on its load device (resident + window, from the Plan),
+                    so free_memory() does not evict other models for bytes we never load there;
+                    get_ram_usage() stays the whole model (it lives in RAM).
+
+`outer_sample_wrapper`, a WrappersMP.OUTER_SAMPLE wrapper (patcher.add_wrapper_with_key, copied by
+clone()), logs the measured step time beside the Plan's prediction after each sampling run.
+
+Dynamic VRAM path (ComfyUI 2026, ModelPatcherDynamic + comfy-aimdo)
+-------------------------------------------------------------------
+A ModelPatcherDynamic pages weights itself through aimdo's virtual address ranges, which would fight
+our placement. `classic_copy` builds a classic-based DisTorch patcher for the same model (copying
+patches, object patches, model options, callbacks, wrappers, attachments); load_models_gpu then treats
+it like any classic model. CI can only run 0.3.75.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+
+import torch
+
+from ..errors import DisTorchError
+from .comfy_api import comfy, mm, mp
+from .devices import same_device
+from .state import model_state, target
+
+log = logging.getLogger("distorch.comfy.patcher")
+
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])   # ComfyUI's backup entry
+_lock = threading.RLock()
+_MIXED: dict[type, type] = {}
+
+
+class DisTorchPatcherMixin:
+    """Mixed over a ComfyUI ModelPatcher class; see the module docstring."""
+
+    distorch = True
+
+    # -- what ComfyUI's memory manager reads
+    def model_size(self):
+        st = model_state(self.model)
+        if st is None:
+            return super().model_size()
+        return st.vram_bytes()
+
+    def get_ram_usage(self):
+        st = model_state(self.model)
+        return st.total_bytes if st is not None else super().get_ram_usage()
+
+    def distorch_state(self):
+        return model_state(self.model)
+
+    def get_key_patches(self, filter_prefix=None):
+        """ComfyUI's merge nodes read the weights here: streamed ones are read from their homes."""
+        p = super().get_key_patches(filter_prefix)
+        st = model_state(self.model)
+        if st is None or st.handle is None:
+            return p
+        idx = st.stream_index()
+        for k, v in p.items():
+            if k in self.backup or not v:
+                continue
+            w, _, _ = mp.get_key_weight(self.model, k)
+            home = idx.get(id(w))
+            if home is not None:
+                p[k] = [(home, v[0][1])] + list(v[1:])
+        return p
+
+    # -- loading
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        st = model_state(self.model)
+        if st is None:
+            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load)
+        with self.use_ejected():
+            self.unpatch_hooks()
+            if st.handle is not None and not same_device(st.device, device_to):
+                self._distorch_release(self.offload_device)
+            if st.handle is None:
+                for key in list(self.patches):
+                    self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
+                st.compile(target(self.model), device_to)
+                st.log_plan(type(self.model).__name__)
+            elif self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights:
+                self._distorch_repatch(device_to)
+            self.model.device = device_to
+            self.model.model_loaded_weight_memory = st.vram_bytes()
+            self.model.model_lowvram = False
+            self.model.lowvram_patch_counter = 0
+            self.model.current_weight_patches_uuid = self.patches_uuid
+            if hasattr(self.model, "model_offload_buffer_memory"):
+                self.model.model_offload_buffer_memory = 0
+            for callback in self.get_all_callbacks(mp.CallbacksMP.ON_LOAD):
+                callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+            self.apply_hooks(self.forced_hooks, force_apply=True)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        st = model_state(self.model)
+        if st is None or st.handle is None or not same_device(st.device, device_to):
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
+        changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
+        if changed and not self._distorch_repatchable():
+            # weights stored by a custom op (set_func): undo, restore, and load again with the same Plan
+            self.unpatch_model(self.offload_device, unpatch_weights=True)
+            return super().partially_load(device_to, extra_memory, force_patch_weights)
+        # compiled on this device already: nothing to move; apply a changed set of weight patches in place
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
+            super().unpatch_model(self.offload_device, unpatch_weights=False)   # object patches only
+            self.patch_model(load_weights=False)
+            if changed:
+                self.unpatch_hooks()
+                self._distorch_repatch(device_to)
+                self.model.current_weight_patches_uuid = self.patches_uuid
+            self.model.model_loaded_weight_memory = st.vram_bytes()
+            self.apply_hooks(self.forced_hooks, force_apply=True)
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        st = model_state(self.model)
+        if st is None:
+            return super().partially_unload(device_to, memory_to_free, force_patch_weights)
+        return 0      # a compiled placement is freed whole (ComfyUI then detaches the model)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        st = model_state(self.model)
+        if st is not None and unpatch_weights and st.handle is not None:
+            self.eject_model()
+            self._distorch_release(device_to if device_to is not None else self.offload_device)
+        return super().unpatch_model(device_to, unpatch_weights)
+
+    # -- helpers
+    def _distorch_release(self, to_device):
+        model_state(self.model).undo(to_device)
+        if to_device is not None:
+            self.model.to(to_device)
+            self.model.device = to_device
+        self.model.model_loaded_weight_memory = 0
+        log.info("DisTorch: released %s (homes and slots freed, weights on %s)", type(self.model).__name__, to_device)
+
+    def _distorch_repatchable(self) -> bool:
+        """Whether every patched weight is a plain tensor we can rewrite in place (not a custom op's
+        set_weight storage, not a quantized tensor subclass)."""
+        for key in set(self.patches) | set(self.backup):
+            try:
+                w, set_func, _ = mp.get_key_weight(self.model, key)
+            except Exception:
+                return False
+            if set_func is not None or type(w) not in (torch.Tensor, torch.nn.Parameter):
+                return False
+        return True
+
+    def _distorch_repatch(self, device_to):
+        """Write the current weight patches into the live storage, from the kept originals."""
+        st = model_state(self.model)
+        keys = set(self.patches) | set(self.backup)
+        if not keys:
+            return
+        st.invalidate_slots()
+        index = st.stream_index()
+        done = 0
+        with torch.no_grad():
+            for key in sorted(keys):
+                live, set_func, convert_func = mp.get_key_weight(self.model, key)
+                if set_func is not None:
+                    raise DisTorchError(f"weight {key!r} is a custom-stored tensor; DisTorch cannot re-patch it "
+                                        "in place (reload the model to change its patches)")
+                bk = self.backup.get(key)
+                if bk is None:
+                    home = index.get(id(live))
+                    src = home if home is not None else live
+                    bk = _Backup(src.to(device=self.offload_device, copy=True), True)
+                    self.backup[key] = bk
+                orig = bk.weight
+                if key in self.patches:
+                    temp = mm.cast_to_device(orig, device_to, torch.float32, copy=True)
+                    if convert_func is not None:
+                        temp = convert_func(temp, inplace=True)
+                    out = comfy.lora.calculate_weight(self.patches[key], temp, key)
+                    out = comfy.float.stochastic_rounding(out, orig.dtype, seed=mp.string_to_seed(key))
+                else:
+                    out = orig
+                home = index.get(id(live))
+                dst = home if home is not None else live.data
+                if tuple(dst.shape) != tuple(out.shape):
+                    raise DisTorchError(f"weight {key!r}: live shape {tuple(dst.shape)} != patched {tuple(out.shape)}")
+                dst.copy_(out)
+                if key not in self.patches:
+                    self.backup.pop(key, None)
+                done += 1
+        st.invalidate_slots()
+        st.repatches += 1
+        log.info("DisTorch: re-patched %d weights in place (no reload)", done)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """WrappersMP.OUTER_SAMPLE: after a sampling run, log the measured step time beside the Plan's prediction."""
+    out = executor(*args, **kwargs)
+    try:
+        p = getattr(executor.class_obj, "model_patcher", None)
+        st = model_state(getattr(p, "model", None))
+        if st is not None and st.handle is not None:
+            d = st.handle.stats
+            meas, pred, comp = d.get("measured_step_s"), d.get("predicted_step_s"), d.get("predicted_compute_s")
+            if meas:
+                st.last_stats = d
+                msg = f"DisTorch: measured step {meas * 1e3:.1f} ms"
+                if pred:
+                    msg += f", predicted {pred * 1e3:.1f} ms"
+                if comp:
+                    msg += f"; overhead over the all-resident prediction: measured {(meas - comp) * 1e3:+.1f} ms"
+                    if pred:
+                        msg += f", predicted {(pred - comp) * 1e3:+.1f} ms"
+                log.info("%s (%d streamed units, %d slots)", msg, d.get("streamed_units", 0), d.get("window_slots", 0))
+    except Exception as e:   # statistics are a courtesy: never fail a finished sampling run over them
+        log.debug("DisTorch: no step statistics (%s)", e)
+    return out
+
+
+def mixed_class(base: type) -> type:
+    """`DisTorch<base>`: DisTorchPatcherMixin over the ModelPatcher class `base` (made once per base)."""
+    with _lock:
+        cls = _MIXED.get(base)
+        if cls is None:
+            if issubclass(base, DisTorchPatcherMixin):
+                return base
+            cls = type(f"DisTorch{base.__name__}", (DisTorchPatcherMixin, base), {"__module__": __name__})
+            _MIXED[base] = cls
+        return cls
+
+
+def classic_copy(p, cls):
+    """A classic-based DisTorch patcher for p's model (the Dynamic-VRAM path)."""
+    n = cls(p.model, p.load_device, p.offload_device)
+    for k in ("patches", "object_patches", "weight_wrapper_patches", "attachments", "additional_models",
+              "callbacks", "wrappers", "injections", "hook_patches", "forced_hooks", "is_clip", "hook_mode",
+              "force_cast_weights", "weight_inplace_update"):
+        if hasattr(p, k):
+            v = getattr(p, k)
+            setattr(n, k, copy.copy(v) if isinstance(v, dict) else v)
+    n.model_options = copy.deepcopy(p.model_options)
+    n.patches_uuid = p.patches_uuid
+    return n
