@@ -1,24 +1,34 @@
 """`distorch` command line.
 
-    distorch plan FILE [--compute DEV] [--vram GB] [--donor DEV[,DEV...]] [--expert STRING]
-                       [--devices SPEC] [--json]
+    distorch plan FILE [--compute DEV] [--vram GiB] [--donor DEV[,DEV...]] [--expert STRING]
+                       [--devices SPEC] [--window SIZE] [--json]
+    distorch --version
 
-FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (flux-dev, sdxl,
-wan2.1-14b, ...).  Without --devices the machine is probed (compiler/inventory.py); with it, the plan is
-made for the declared machine, e.g.
+FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (every name in
+compiler/shapes.py BUILTINS, listed by `distorch plan --help`).  Without --devices the machine is probed
+(compiler/inventory.py); with it, the plan is made for the declared machine, e.g.
 
     distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --vram 16
 
-Bad input prints one line naming the bad part on stderr and exits with code 2.
+Units, as parsed and as printed: GiB = 2^30 bytes, GB = 10^9 bytes (GB/s = 10^9 bytes/s); sizes need a
+unit (`--devices cuda:0=12` is an error that suggests 12GiB).  --vram is a number of GiB (or a size with
+its unit).  Allocation strings (--expert) keep ComfyUI-MultiGPU's convention: their "gb" is GiB.
+
+Bad input prints one line naming the bad part on stderr and exits with code 2 (never a traceback): every
+value is checked where it is parsed and every check raises a DisTorchError.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
+from .errors import DisTorchError
+
 GiB = 1 << 30
+MAX_VRAM_GIB = float(1 << 30)    # 1 EiB: --vram above this is a typo, never a machine
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,24 +38,48 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    """The package's __version__.  Looked up, not imported: cli sits below the package's __init__ in the
+    layer order (tests/test_layers.py), and the package is always imported before its cli module."""
+    pkg = sys.modules.get(__package__ or "")
+    v = getattr(pkg, "__version__", None)
+    if v:
+        return str(v)
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("distorch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _builtins() -> tuple[str, ...]:
+    from .compiler.shapes import BUILTINS
+    return BUILTINS
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distorch", description="DisTorch: place a diffusion model across GPUs and CPU RAM.")
+    p.add_argument("--version", action="version", version=f"distorch {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     pl = sub.add_parser("plan", help="show where each part of a model would live, and the predicted step cost",
                         description="Place FILE's units on the compute device and donors; print the table, "
-                                    "the v2 expert string and the predicted step overhead. GB = 2^30 bytes.")
-    pl.add_argument("file", metavar="FILE", help=".safetensors/.gguf file or built-in shape (flux-dev, sdxl, "
-                                                 "wan2.1-14b)")
+                                    "the v2 expert string and the predicted step overhead. Units: GiB = 2^30 "
+                                    "bytes, GB = 10^9 bytes, GB/s = 10^9 bytes/s; sizes need a unit.")
+    pl.add_argument("file", metavar="FILE", help=".safetensors/.gguf file or a built-in shape: "
+                                                 + ", ".join(_builtins()))
     pl.add_argument("--compute", metavar="DEV", help="device that runs the model (default: first GPU, else cpu)")
-    pl.add_argument("--vram", metavar="GB", help="GB (2^30 bytes) of the model to keep OFF the compute device "
-                                                  "(virtual_vram_gb; default 0)")
+    pl.add_argument("--vram", metavar="GiB", help="GiB (2^30 bytes) of the model to keep OFF the compute device "
+                                                   "(virtual_vram_gb; default 0), e.g. 16 or 12.5; a size with a "
+                                                   "unit works too (e.g. 16GiB, 17GB)")
     pl.add_argument("--donor", metavar="DEV[,DEV...]", default=None,
-                    help="where offloaded GB live (default cpu); several: fastest link filled first")
+                    help="where offloaded weights live (default cpu); several: fastest link filled first")
     pl.add_argument("--expert", metavar="STRING", default=None,
-                    help="allocation string (fractions, bytes with '*', or percentages); overrides --vram/--donor")
+                    help="allocation string (fractions, bytes with '*', or percentages; its byte unit gb means "
+                         "GiB, as in ComfyUI-MultiGPU); overrides --vram/--donor")
     pl.add_argument("--devices", metavar="SPEC", default=None,
-                    help="declare the machine instead of probing it, e.g. cuda:0=12GiB,cpu=32GiB[;cpu>cuda:0=25GB/s]")
-    pl.add_argument("--window", metavar="BYTES", default=None,
+                    help="declare the machine instead of probing it, e.g. cuda:0=12GiB,cpu=32GiB[;cpu>cuda:0=25GB/s] "
+                         "(GiB = 2^30 bytes, GB = 10^9 bytes; a unit is required)")
+    pl.add_argument("--window", metavar="SIZE", default=None,
                     help="streaming window on the compute device (e.g. 2GiB; default: 2-3 slots of the largest "
                          "offloaded unit)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -53,7 +87,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gb(b: float) -> str:
-    return f"{b / GiB:.2f} GB"
+    return f"{b / GiB:.2f} GiB"
+
+
+def parse_vram(text) -> float:
+    """--vram: a number of GiB ('16', '12.5') or a size with its unit ('16GiB', '17GB') -> GiB as a float.
+    Finite, >= 0 and at most 1 EiB, or a DisTorchError naming the value."""
+    from .compiler.inventory import parse_size, show, split_number
+    s = str(text).strip()
+    help_ = "give the GiB of the model to keep off the compute device, e.g. --vram 16 or --vram 12.5GiB"
+    if s.startswith("-"):
+        raise DisTorchError(f"--vram {show(text)} is negative: {help_} (0 keeps everything resident)")
+    try:
+        if not s.isascii():
+            raise ValueError(s)   # float() would read other scripts' digits; the grammar is ASCII
+        v = float(s)     # a plain number of GiB, as virtual_vram_gb always was ('16', '12.5', '1e1')
+    except ValueError:
+        if not split_number(s)[0]:
+            raise DisTorchError(f"--vram {show(text)} is not a number: {help_}") from None
+        v = parse_size(s, "--vram") / GiB    # a size with its unit
+    if math.isnan(v):
+        raise DisTorchError(f"--vram {show(text)} is not a number: {help_}")
+    if v < 0:
+        raise DisTorchError(f"--vram {show(text)} is negative: {help_} (0 keeps everything resident)")
+    if v > MAX_VRAM_GIB:   # inf included
+        raise DisTorchError(f"--vram {show(text)} is more than 1 EiB (2^30 GiB), which no machine has: {help_}")
+    return v
+
+
+def parse_window(text) -> int:
+    """--window: a size with its unit ('2GiB'), above 0."""
+    from .compiler.inventory import parse_size, show
+    b = parse_size(text, "--window")
+    if b <= 0:
+        raise DisTorchError(f"--window {show(text)} must be above 0: give e.g. 2GiB, or leave it out for the default")
+    return b
 
 
 def _types(types: dict) -> str:
@@ -64,12 +132,12 @@ def format_table(plan, graph, inventory) -> str:
     model = plan.model_bytes
     pr = plan.predicted
     lines = [f"DisTorch plan: {graph.source or 'model'}: {_gb(model)} in {len(plan.units)} units, computing on "
-             f"{plan.compute} (devices {inventory.source}; GB = 2^30 bytes)", ""]
-    hdr = f"{'device':<10} {'memory':>10} {'model GB':>10} {'model %':>8} {'units':>6}  layers"
+             f"{plan.compute} (devices {inventory.source}; GiB = 2^30 bytes, GB/s = 10^9 bytes/s)", ""]
+    hdr = f"{'device':<10} {'memory':>11} {'model GiB':>11} {'model %':>8} {'units':>6}  layers"
     lines += [hdr, "-" * len(hdr)]
     for d, info in plan.devices.items():
         pct = 100.0 * info["bytes"] / model if model else 0.0
-        lines.append(f"{d:<10} {_gb(info['total']):>10} {_gb(info['bytes']):>10} {pct:>7.1f}% {info['units']:>6}  "
+        lines.append(f"{d:<10} {_gb(info['total']):>11} {_gb(info['bytes']):>11} {pct:>7.1f}% {info['units']:>6}  "
                      f"{_types(info['types'])}")
     lines.append("")
     if plan.window_bytes:
@@ -88,32 +156,33 @@ def format_table(plan, graph, inventory) -> str:
 
 
 def _plan(args) -> int:
-    from .compiler.inventory import declare, probe, parse_size
-    from .errors import DisTorchError
+    from .compiler.inventory import declare, normalize_device, probe
     from .passes.partition import partition
     from .passes.schedule import schedule
     from .passes.verify import verify
 
-    if args.devices:
+    # every value is parsed (and so checked) before the inventory is probed or the file is read
+    vram = parse_vram(args.vram) if args.vram is not None else None
+    window = parse_window(args.window) if args.window is not None else None
+    compute = normalize_device(args.compute) if args.compute is not None else None
+    if args.devices is not None:
         inv = declare(args.devices)
     else:
         inv = probe(cache=True, progress=True)
-    compute = args.compute
     if compute is None:
         gpus = [d for d in inv.devices if d != "cpu"]
         if not gpus:
             raise DisTorchError("no GPU found on this machine: plan for the machine you mean with --devices, e.g. "
                                 "--compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB (or --compute cpu)")
         compute = gpus[0]
-    if not args.devices and compute.strip().lower() not in inv.devices:
+    if args.devices is None and compute not in inv.devices:
         raise DisTorchError(f"compute device {compute!r} is not on this machine (found: {', '.join(inv.devices)}); "
                             f"to plan for another machine pass --devices, e.g. --devices {compute}=12GiB,cpu=32GiB")
-    window = parse_size(args.window, "--window") if args.window else None
     if args.expert and args.vram is not None:
         print("distorch: note: --expert overrides --vram/--donor", file=sys.stderr)
     from .compiler.files import graph_from_file
     graph = graph_from_file(args.file)
-    plan = partition(graph, inv, compute, vram_gb=args.vram, donors=args.donor, expert=args.expert,
+    plan = partition(graph, inv, compute, vram_gb=vram, donors=args.donor, expert=args.expert,
                      window_bytes=window)
     sched = schedule(plan, graph)
     verify(plan, sched)
@@ -135,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd is None:
         parser.print_help(sys.stderr)
         return 2
-    from .errors import DisTorchError
     try:
         if args.cmd == "plan":
             return _plan(args)

@@ -15,14 +15,20 @@ Declared inventories (plan for a machine you do not have)
     cuda:0=24GiB/20GiB,cpu=64GiB;cpu>cuda:0=25GB/s;cuda:1<>cuda:0=50GB/s
     cuda:0=80GiB@600TFLOPS,cpu=256GiB
 
-* NAME: `cpu`, `cuda:N` (plain `cuda` means `cuda:0`), or another torch device like `xpu:0`, `mps`.
-* SIZE: a number (decimals fine) with a unit b, k/kb/kib, m/mb/mib, g/gb/gib, t/tb/tib, case-insensitive.
-  ALL memory units are binary (1 GB = 1 GiB = 2^30 bytes), exactly as in the allocation strings and the
-  ComfyUI nodes (where "GB" has always meant 2^30).  A bare number is bytes.
-* free memory is the second SIZE after `/`; when absent, free = total.
+* NAME: `cpu`, `cuda:N` (plain `cuda` means `cuda:0`; `cuda:00` is `cuda:0`), or another torch device like
+  `xpu:0`, `mps`.  Each device, and each direction of each link, is declared once.
+* SIZE: a number (decimals fine; no sign, no exponent) and a unit, case-insensitive: b (bytes);
+  KiB, MiB, GiB, TiB (binary: 1 GiB = 2^30 bytes; the one-letter forms k, m, g, t are binary too, as in
+  the allocation strings); KB, MB, GB, TB (decimal: 1 GB = 10^9 bytes, as DisTorch prints it).  A bare
+  number is an error (`cuda:0=12` -> "did you mean 12GiB").  At most 1 EiB; a device's total is above 0.
+* free memory is the second SIZE after `/` (a trailing word `free` is allowed); when absent, free = total.
 * SPEED: number + B/s, KB/s, MB/s, GB/s, TB/s (decimal, 1 GB/s = 1e9 bytes/s, as bandwidth is usually
-  quoted) or KiB/s, MiB/s, GiB/s (binary).
-* RATE: number + FLOPS / GFLOPS / TFLOPS (or `TF`), the device's effective compute rate.
+  quoted) or KiB/s, MiB/s, GiB/s (binary); between 1 MB/s and 1 PB/s.
+* RATE: number + FLOPS / GFLOPS / TFLOPS (or `TF`) / PFLOPS, the device's effective compute rate;
+  between 1 MFLOPS and 1000 PFLOPS (`@0TFLOPS` is an error, not "the default").
+
+The parser is linear in the length of the spec (no backtracking regular expressions), and every error is an
+InventoryError that names the bad part.
 
 Probed inventories
 ------------------
@@ -31,8 +37,11 @@ Probed inventories
 fallbacks), then measures the links: pinned host -> each GPU (a 256 MiB copy, median of 5 after a
 warm-up) and GPU -> GPU peer copies where `torch.cuda.can_device_access_peer` says so, and each GPU's
 compute rate: a bf16 8192^3 GEMM's FLOP/s x GEMM_EFFICIENCY (0.55).  Link speeds and rates are
-cached as JSON in ~/.cache/distorch/links.json keyed by the device names, torch's CUDA version and the
-driver version; progress goes to stderr while probing.  A CPU-only machine gives an inventory of `cpu`.
+cached as JSON in ~/.cache/distorch/links.json ($XDG_CACHE_HOME/distorch/links.json) keyed by the device
+names, torch's CUDA version and the driver version; progress goes to stderr while probing.  The cache is
+validated when read: an entry that is not a mapping of `SRC>DST` / `rate@DEV` to a speed / rate within the
+bounds above (or names a device this machine does not have) is ignored with one warning (logger
+"distorch.compiler.inventory"), that machine is measured again and the file is rewritten without it.  A CPU-only machine gives an inventory of `cpu`.
 
 Defaults (used by `Inventory.bandwidth` / `Inventory.rate` when a link or rate is neither declared nor
 probed)
@@ -48,14 +57,18 @@ probed)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import statistics
 import sys
 from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal, localcontext
 
 from ..errors import InventoryError
+
+log = logging.getLogger("distorch.compiler.inventory")
 
 GiB = 1 << 30
 
@@ -66,58 +79,120 @@ DEFAULT_GPU_FLOPS = 400e12
 DEFAULT_ACCEL_FLOPS = 100e12
 DEFAULT_CPU_FLOPS = 1e12
 
+# Memory sizes: binary units are GiB-style (KiB/MiB/GiB/TiB, 2^10..2^40) and so are the one-letter
+# short forms k/m/g/t (as in the allocation strings and `docker -m 512m`); KB/MB/GB/TB are decimal (10^3..10^12)
+# as everywhere else in DisTorch's output.  Case-insensitive.  A size must have a unit.
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+    "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10 ** 3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10 ** 12,
 }
 _SPEED_UNITS = {
-    "b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "tb/s": 1e12,
-    "kib/s": 1024.0, "mib/s": 1024.0 ** 2, "gib/s": 1024.0 ** 3, "tib/s": 1024.0 ** 4,
+    "b/s": 1, "kb/s": 10 ** 3, "mb/s": 10 ** 6, "gb/s": 10 ** 9, "tb/s": 10 ** 12,
+    "kib/s": 1 << 10, "mib/s": 1 << 20, "gib/s": 1 << 30, "tib/s": 1 << 40,
 }
-_RATE_UNITS = {"flops": 1.0, "gflops": 1e9, "tflops": 1e12, "tf": 1e12, "pflops": 1e15}
+_RATE_UNITS = {"flops": 1, "gflops": 10 ** 9, "tflops": 10 ** 12, "tf": 10 ** 12, "pflops": 10 ** 15}
 
-_NUM = r"(\d+(?:\.\d*)?|\.\d+)"
-_SIZE_RE = re.compile(r"^\s*" + _NUM + r"\s*([a-z]*)\s*$", re.I)
-_DEV_RE = re.compile(r"^[a-z][a-z0-9_]*(:\d+)?$")
+# Sane bounds: anything outside is a typo (or a crafted value), never a machine.
+MAX_SIZE_BYTES = 1 << 60            # 1 EiB
+MIN_LINK_BPS, MAX_LINK_BPS = 1e6, 1e15          # 1 MB/s .. 1 PB/s
+MIN_RATE_FLOPS, MAX_RATE_FLOPS = 1e6, 1e18      # 1 MFLOP/s .. 1 EFLOP/s
+MAX_DEVICE_NAME = 64
+
+# One number: ASCII digits with an optional decimal point; no sign, no exponent.  Used with .match() only,
+# nothing follows it in the pattern, so it cannot backtrack: every parse below is linear in its input.
+_NUM_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_DEV_RE = re.compile(r"([a-z][a-z0-9_]*)(?::([0-9]+))?", re.ASCII)
+_SIZE_HELP = "b, KiB/MiB/GiB/TiB (binary; k/m/g/t too) or KB/MB/GB/TB (decimal), e.g. 24GiB or 512MiB"
+
+
+def show(text, limit: int = 60) -> str:
+    """repr() of a user's value for an error message, cut to `limit` characters."""
+    s = str(text)
+    if len(s) > limit:
+        return repr(s[:limit]) + f"... ({len(s)} characters)"
+    return repr(s)
+
+
+def split_number(text: str) -> tuple[str, str]:
+    """'24.5 GiB' -> ('24.5', ' GiB'); ('', text) when `text` does not start with a number."""
+    m = _NUM_RE.match(text)
+    return (m.group(0), text[m.end():]) if m else ("", text)
+
+
+def _decimal(num: str) -> Decimal:
+    return Decimal(num)   # num matched _NUM_RE: always a valid finite Decimal, any length
+
+
+def _amount(text, what: str, units: dict, help_: str, err=None) -> tuple[Decimal, str, str]:
+    """NUMBER UNIT -> (exact value in base units, number text, unit as written).  Errors name `what`."""
+    err = err or InventoryError
+    s = str(text).strip()
+    if s.startswith("-"):
+        raise err(f"bad {what} {show(text)}: negative; write {help_}")
+    num, rest = split_number(s)
+    unit = rest.strip()
+    if not num:
+        raise err(f"bad {what} {show(text)}: write a number and a unit: {help_}")
+    if not unit.isascii() or unit.lower() not in units:
+        raise err(f"bad {what} {show(text)}: unknown unit {show(unit, 20)}; write {help_}")
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return _decimal(num) * units[unit.lower()], num, unit
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """'24GiB', '500mb', '3.5g', '1024' -> bytes (binary units, case-insensitive)."""
-    m = _SIZE_RE.match(str(text))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise InventoryError(f"bad {what} {text!r}: write a number with a unit b, k/kb, m/mb, g/gb, t/tb "
-                             f"(binary, e.g. 24GiB or 512mb)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    """'24GiB', '512MiB', '3.5g', '20GB', '1024b' -> bytes.  A unit is required (a bare number is an error
+    that suggests GiB); GiB/g = 2^30, GB = 10^9; at most 1 EiB."""
+    s = str(text).strip()
+    num, rest = split_number(s)
+    if num and not rest.strip():
+        n = num if len(num) <= 20 else "24"
+        raise InventoryError(f"{what} {show(text)} has no unit: did you mean {n}GiB (2^30 bytes)? Or {n}GB "
+                             f"(10^9 bytes), {n}b (bytes)")
+    v, num, unit = _amount(text, what, _SIZE_UNITS, _SIZE_HELP)
+    if v > MAX_SIZE_BYTES:
+        raise InventoryError(f"{what} {show(text)} is more than 1 EiB (2^60 bytes): no device has that; "
+                             f"write e.g. 24GiB")
+    return int(v.to_integral_value(rounding=ROUND_FLOOR))
 
 
 def _parse_speed(text: str) -> float:
-    m = re.match(r"^\s*" + _NUM + r"\s*([a-z]+/s)\s*$", text, re.I)
-    if not m or m.group(2).lower() not in _SPEED_UNITS:
-        raise InventoryError(f"bad link speed {text!r}: write e.g. 25GB/s, 400GB/s, 8000MB/s or 20GiB/s")
-    v = float(m.group(1)) * _SPEED_UNITS[m.group(2).lower()]
+    help_ = "e.g. 25GB/s, 400GB/s, 8000MB/s or 20GiB/s (GB/s = 10^9 bytes/s)"
+    v, _, _ = _amount(text, "link speed", _SPEED_UNITS, help_)
     if v <= 0:
-        raise InventoryError(f"link speed {text!r} must be above zero")
-    return v
+        raise InventoryError(f"link speed {show(text)} must be above zero; write {help_}")
+    if not MIN_LINK_BPS <= v <= MAX_LINK_BPS:
+        raise InventoryError(f"link speed {show(text)} is outside 1 MB/s .. 1 PB/s, which no link is; write {help_}")
+    return float(v)
 
 
 def _parse_rate(text: str) -> float:
-    m = re.match(r"^\s*" + _NUM + r"\s*([a-z]+)\s*$", text, re.I)
-    if not m or m.group(2).lower() not in _RATE_UNITS:
-        raise InventoryError(f"bad compute rate {text!r}: write e.g. 400TFLOPS, 900TF or 2000GFLOPS")
-    return float(m.group(1)) * _RATE_UNITS[m.group(2).lower()]
+    help_ = "e.g. 400TFLOPS, 900TF or 2000GFLOPS"
+    v, _, _ = _amount(text, "compute rate", _RATE_UNITS, help_)
+    if v <= 0:
+        raise InventoryError(f"compute rate {show(text)} must be above zero; write {help_} (or leave out "
+                             f"'@...' for the default)")
+    if not MIN_RATE_FLOPS <= v <= MAX_RATE_FLOPS:
+        raise InventoryError(f"compute rate {show(text)} is outside 1 MFLOPS .. 1000 PFLOPS, which no device is; "
+                             f"write {help_}")
+    return float(v)
 
 
 def normalize_device(name: str) -> str:
-    """'CUDA:0 ' -> 'cuda:0', 'cuda' -> 'cuda:0'.  Raises InventoryError on something unlike a device."""
+    """'CUDA:0 ' -> 'cuda:0', 'cuda' -> 'cuda:0', 'cuda:01' -> 'cuda:1'.  Raises InventoryError on something
+    unlike a device."""
     n = str(name).strip().lower()
     if n == "cuda":
         n = "cuda:0"
-    if not _DEV_RE.match(n):
-        raise InventoryError(f"bad device name {name!r}: write cpu, cuda:0, cuda:1, ...")
-    return n
+    m = _DEV_RE.fullmatch(n) if len(n) <= MAX_DEVICE_NAME else None
+    if not m:
+        raise InventoryError(f"bad device name {show(name)}: write cpu, cuda:0, cuda:1, ...")
+    if m.group(2) is None:
+        return n
+    return f"{m.group(1)}:{int(m.group(2))}"   # one spelling per device: cuda:00 is cuda:0
 
 
 def is_gpu(name: str) -> bool:
@@ -195,52 +270,69 @@ class Inventory:
         return cls(devs, links, dict(d.get("compute_rate", {})), d.get("source", "declared"))
 
 
+def _parse_link(item: str, inv: Inventory) -> tuple[str, str, bool, float]:
+    """'cpu>cuda:0=25GB/s' -> ('cpu', 'cuda:0', False, 25e9); 'a<>b=...' -> both ways (True)."""
+    bad = InventoryError(f"bad link {show(item)}: write SRC>DST=SPEED (one way) or A<>B=SPEED (both ways), "
+                         f"e.g. cpu>cuda:0=25GB/s")
+    lhs, eq, speed = item.partition("=")
+    if not eq:
+        raise bad
+    both = "<>" in lhs
+    a, arrow, b = lhs.partition("<>" if both else ">")
+    if not arrow or not a.strip() or not b.strip() or any(c in a or c in b for c in "<>"):
+        raise bad
+    a, b = normalize_device(a), normalize_device(b)
+    for d in (a, b):
+        if d not in inv.devices:
+            raise InventoryError(f"link {show(item)} names {d!r}, which is not declared "
+                                 f"(declared: {', '.join(inv.devices)})")
+    if a == b:
+        raise InventoryError(f"link {show(item)} goes from {a} to itself; a link joins two different devices")
+    return a, b, both, _parse_speed(speed)
+
+
 def declare(spec: str) -> Inventory:
-    """Parse a device spec (grammar in the module docstring) into an Inventory."""
-    if not spec or not str(spec).strip():
+    """Parse a device spec (grammar in the module docstring) into an Inventory.  Linear in the length of
+    `spec`; every error is an InventoryError naming the bad part."""
+    if spec is None or not str(spec).strip():
         raise InventoryError("empty device spec: write e.g. cuda:0=24GiB,cpu=64GiB")
-    groups = [g.strip() for g in str(spec).split(";")]
+    groups = str(spec).split(";")
     inv = Inventory(source="declared")
     for item in [s.strip() for s in groups[0].split(",") if s.strip()]:
-        if "=" not in item:
-            raise InventoryError(f"bad device entry {item!r}: write NAME=SIZE, e.g. cuda:0=24GiB or cpu=64GiB/48GiB")
-        name, val = item.split("=", 1)
+        name, eq, val = item.partition("=")
+        if not eq:
+            raise InventoryError(f"bad device entry {show(item)}: write NAME=SIZE, e.g. cuda:0=24GiB or "
+                                 f"cpu=64GiB/48GiB")
         name = normalize_device(name)
         if name in inv.devices:
-            raise InventoryError(f"device {name!r} is declared twice in {spec!r}")
-        rate = None
-        if "@" in val:
-            val, r = val.split("@", 1)
-            rate = _parse_rate(r)
-        if "/" in val:
-            tot, free = val.split("/", 1)
-            free = re.sub(r"\s*free\s*$", "", free.strip(), flags=re.I)
-        else:
-            tot, free = val, None
+            raise InventoryError(f"device {name!r} is declared twice in {show(spec)}")
+        val, at, r = val.partition("@")
+        rate = _parse_rate(r) if at else None
+        tot, slash, free = val.partition("/")
+        if slash:
+            free = free.strip()
+            if free.lower().endswith("free"):
+                free = free[:-4]
         total = parse_size(tot, f"memory size for {name}")
-        freeb = total if free is None else parse_size(free, f"free memory for {name}")
+        if total <= 0:
+            raise InventoryError(f"memory size for {name} {show(tot.strip())} must be above zero")
+        freeb = total if not slash else parse_size(free, f"free memory for {name}")
         if freeb > total:
-            raise InventoryError(f"device {name}: free memory {free!r} is more than its total {tot!r}")
+            raise InventoryError(f"device {name}: free memory {show(free.strip())} is more than its total "
+                                 f"{show(tot.strip())}")
         inv.devices[name] = Device(name, total, freeb)
-        if rate:
+        if rate is not None:
             inv.compute_rate[name] = rate
     if not inv.devices:
-        raise InventoryError(f"no devices in {spec!r}: write e.g. cuda:0=24GiB,cpu=64GiB")
+        raise InventoryError(f"no devices in {show(spec)}: write e.g. cuda:0=24GiB,cpu=64GiB")
     for g in groups[1:]:
         for item in [s.strip() for s in g.split(",") if s.strip()]:
-            m = re.match(r"^([^<>=]+?)\s*(<>|>)\s*([^<>=]+?)\s*=\s*(.+)$", item)
-            if not m:
-                raise InventoryError(f"bad link {item!r}: write SRC>DST=SPEED (one way) or A<>B=SPEED "
-                                     f"(both ways), e.g. cpu>cuda:0=25GB/s")
-            a, arrow, b, sp = normalize_device(m.group(1)), m.group(2), normalize_device(m.group(3)), m.group(4)
-            for d in (a, b):
-                if d not in inv.devices:
-                    raise InventoryError(f"link {item!r} names {d!r}, which is not declared "
-                                         f"(declared: {', '.join(inv.devices)})")
-            bw = _parse_speed(sp)
-            inv.links[(a, b)] = bw
-            if arrow == "<>":
-                inv.links[(b, a)] = bw
+            a, b, both, bw = _parse_link(item, inv)
+            for k in ((a, b), (b, a)) if both else ((a, b),):
+                if k in inv.links:
+                    raise InventoryError(f"link {k[0]}>{k[1]} is declared twice (again in {show(item)}); "
+                                         f"give each direction one speed")
+                inv.links[k] = bw
     return inv
 
 
@@ -332,43 +424,99 @@ def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:
     return 2.0 * n ** 3 / statistics.median(times)
 
 
-def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inventory:
-    """Inventory of this machine: CUDA devices + host RAM, link bandwidths measured (cached)."""
-    inv = Inventory(source="probed")
-    tot, free = _host_memory()
-    inv.devices["cpu"] = Device("cpu", tot, free)
+MAX_CACHE_BYTES = 1 << 20   # the cache holds a few numbers per machine; a larger file is not ours
+
+
+def _check_entry(entry, devices=None) -> str | None:
+    """None when `entry` (one machine's cached measurements) is usable, else why not.  `devices`: the
+    devices of this machine, which every key must name (None: only the syntax is checked)."""
+    if not isinstance(entry, dict) or not entry:
+        return f"not a non-empty mapping ({type(entry).__name__})"
+    for k, v in entry.items():
+        if not isinstance(k, str):
+            return f"key {show(k)} is not a string"
+        if k.startswith("rate@"):
+            names, lo, hi, what = [k[5:]], MIN_RATE_FLOPS, MAX_RATE_FLOPS, "a compute rate in FLOP/s"
+        else:
+            a, sep, b = k.partition(">")
+            if not sep:
+                return f"key {show(k)} is neither SRC>DST nor rate@DEV"
+            names, lo, hi, what = [a, b], MIN_LINK_BPS, MAX_LINK_BPS, "a link speed in bytes/s"
+            if a == b:
+                return f"key {show(k)} is a link from a device to itself"
+        for d in names:
+            try:
+                ok = normalize_device(d) == d
+            except InventoryError:
+                ok = False
+            if not ok or (devices is not None and d not in devices):
+                return f"key {show(k)} names {show(d)}, which is not a device of this machine"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            return f"{show(k)} = {show(v)} is not {what} between {lo:g} and {hi:g}"
+    return None
+
+
+def _read_cache(path: str, key: str, devices) -> tuple[dict, dict | None, bool]:
+    """The probe cache at `path`: (its valid entries, this machine's entry or None, whether anything was
+    dropped).  Anything unusable is ignored with ONE warning; it never raises."""
     try:
-        import torch
-        has_cuda = torch.cuda.is_available()
-    except Exception:
-        has_cuda = False
-    if not has_cuda:
-        _progress("no CUDA device: inventory is the host only", progress)
-        return inv
-    n = torch.cuda.device_count()
-    names = []
-    for i in range(n):
-        f, t = torch.cuda.mem_get_info(i)
-        inv.devices[f"cuda:{i}"] = Device(f"cuda:{i}", int(t), int(f))
-        names.append(torch.cuda.get_device_name(i))
-    key = "|".join(names) + f"|cuda{torch.version.cuda}|driver{_driver_version()}|mib{copy_mib}|rate"
-    path = _cache_path()
-    stored = {}
-    if cache:
-        try:
-            with open(path) as fh:
-                stored = json.load(fh)
-        except Exception:
-            stored = {}
-        if key in stored:
-            for k, bw in stored[key].items():
-                if k.startswith("rate@"):
-                    inv.compute_rate[k[5:]] = float(bw)
-                    continue
-                a, b = k.split(">", 1)
-                inv.links[(a, b)] = float(bw)
-            _progress(f"link speeds from cache {path}", progress)
-            return inv
+        if os.path.getsize(path) > MAX_CACHE_BYTES:
+            raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        return {}, None, False
+    except (OSError, ValueError, RecursionError) as e:   # unreadable, not JSON (ValueError), nested too deep
+        log.warning("probe cache %s is unusable (%s: %s); ignoring it: the machine is measured again and the "
+                    "file rewritten", path, type(e).__name__, str(e)[:200])
+        return {}, None, True
+    if not isinstance(raw, dict):
+        log.warning("probe cache %s holds a %s, not a mapping of machines to measurements; ignoring it: the "
+                    "machine is measured again and the file rewritten", path, type(raw).__name__)
+        return {}, None, True
+    good, bad = {}, []
+    for k, entry in raw.items():
+        why = _check_entry(entry, devices if k == key else None)
+        if why:
+            bad.append(f"{show(k, 40)}: {why}")
+        else:
+            good[k] = entry
+    if bad:
+        log.warning("probe cache %s: ignoring %d bad entr%s (%s); %s", path, len(bad),
+                    "y" if len(bad) == 1 else "ies", "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""),
+                    "the file is rewritten without " + ("it" if len(bad) == 1 else "them"))
+    return good, good.get(key), bool(bad)
+
+
+def _write_cache(path: str, stored: dict, progress: bool) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(stored, fh, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except OSError as e:
+        _progress(f"could not write cache {path}: {e}", progress)
+
+
+def _apply_entry(inv: Inventory, entry: dict) -> None:
+    for k, v in entry.items():
+        if k.startswith("rate@"):
+            inv.compute_rate[k[5:]] = float(v)
+        else:
+            a, _, b = k.partition(">")
+            inv.links[(a, b)] = float(v)
+
+
+def _entry_of(inv: Inventory) -> dict:
+    e = {f"{a}>{b}": bw for (a, b), bw in inv.links.items()}
+    e.update({f"rate@{d}": r for d, r in inv.compute_rate.items()})
+    return e
+
+
+def _measure(torch, inv: Inventory, n: int, copy_mib: int, progress: bool) -> None:
+    """Measure the links and compute rates of the `n` CUDA devices into `inv`, then refresh their free
+    memory (after the probe's buffers are gone)."""
     nbytes = copy_mib << 20
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     bufs = {}
@@ -403,15 +551,46 @@ def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inv
     for i in range(n):  # free memory after our buffers are gone
         f, t = torch.cuda.mem_get_info(i)
         inv.devices[f"cuda:{i}"].free_bytes = int(f)
+
+
+def probe(cache: bool = True, progress: bool = True, copy_mib: int = 256) -> Inventory:
+    """Inventory of this machine: CUDA devices + host RAM, link bandwidths measured (cached; the cache is
+    validated on read and repaired, see the module docstring)."""
+    inv = Inventory(source="probed")
+    tot, free = _host_memory()
+    inv.devices["cpu"] = Device("cpu", tot, free)
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if not has_cuda:
+        _progress("no CUDA device: inventory is the host only", progress)
+        return inv
+    n = torch.cuda.device_count()
+    names = []
+    for i in range(n):
+        f, t = torch.cuda.mem_get_info(i)
+        inv.devices[f"cuda:{i}"] = Device(f"cuda:{i}", int(t), int(f))
+        names.append(torch.cuda.get_device_name(i))
+    key = "|".join(names) + f"|cuda{torch.version.cuda}|driver{_driver_version()}|mib{copy_mib}|rate"
+    path = _cache_path()
+    stored: dict = {}
     if cache:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            stored[key] = {f"{a}>{b}": bw for (a, b), bw in inv.links.items()}
-            stored[key].update({f"rate@{d}": r for d, r in inv.compute_rate.items()})
-            tmp = path + f".{os.getpid()}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump(stored, fh, indent=1)
-            os.replace(tmp, path)
-        except OSError as e:
-            _progress(f"could not write cache {path}: {e}", progress)
+        stored, entry, dropped = _read_cache(path, key, inv.devices)
+        if entry is not None:
+            _apply_entry(inv, entry)
+            _progress(f"link speeds from cache {path}", progress)
+            if dropped:   # repair the file now: keep what was good, drop what was not
+                _write_cache(path, stored, progress)
+            return inv
+    _measure(torch, inv, n, copy_mib, progress)
+    if cache:
+        entry = _entry_of(inv)
+        why = _check_entry(entry, inv.devices)
+        if why is None:
+            stored[key] = entry
+        else:   # a measurement no real link gives (a timer glitch): use it now, never cache it
+            log.warning("probe of this machine gave unusable values (%s); not caching them", why)
+        _write_cache(path, stored, progress)
     return inv

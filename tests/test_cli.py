@@ -25,7 +25,9 @@ def test_flux_dev_on_12gb_card_table(capsys):
     assert "v2 Expert String: cuda:0," in out
     assert "predicted step" in out and "overhead" in out
     lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("cuda:0 ", "cpu "))}
-    assert "12.00 GB" in lines["cuda:0"] and "32.00 GB" in lines["cpu"]
+    assert "12.00 GiB" in lines["cuda:0"] and "32.00 GiB" in lines["cpu"]
+    # one unit vocabulary (issue 13): sizes in GiB (2^30), speeds in GB/s (10^9); never a bare "GB" for 2^30
+    assert " GB " not in out and "GB = 2^30" not in out and "GiB = 2^30 bytes" in out
     assert "double_blocks x" in out and "single_blocks x" in out
 
 
@@ -81,12 +83,71 @@ def test_other_builtins(model, capsys):
     (["plan", "flux-dev", *DEV, "--compute", "cuda:1"], "cuda:1"),
     (["plan", "no-such-model", *DEV], "no-such-model"),
     (["plan", "flux-dev", *DEV, "--window", "huge"], "huge"),
+    # issue 12, item 6: these were tracebacks (OverflowError, decimal.InvalidOperation)
+    (["plan", "flux-dev", *DEV, "--vram", "1e300"], "more than 1 EiB"),
+    (["plan", "flux-dev", *DEV, "--vram", "9" * 400], "more than 1 EiB"),
+    (["plan", "flux-dev", *DEV, "--vram", "inf"], "more than 1 EiB"),
+    (["plan", "flux-dev", *DEV, "--vram", "nan"], "not a number"),
+    (["plan", "flux-dev", *DEV, "--window", "9" * 400 + "GiB"], "more than 1 EiB"),
+    (["plan", "flux-dev", *DEV, "--window", "9" * 400], "no unit"),
+    (["plan", "flux-dev", *DEV, "--window", "0GiB"], "above 0"),
+    (["plan", "flux-dev", "--devices", "cuda:0=" + "9" * 400 + "GiB,cpu=32GiB"], "more than 1 EiB"),
+    (["plan", "flux-dev", "--devices", "cuda:0=" + "9" * 400 + ",cpu=32GiB"], "no unit"),
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0," + "9" * 400 + "%;cpu,1%"], "too large"),
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0," + "9" * 400 + "gb;cpu,*"], "more than 1 EiB"),
+    (["plan", "flux-dev", *DEV, "--expert", "cuda:0,0." + "9" * 400 + ";cpu,0." + "0" * 400 + "1"], "missing"),
+    # issue 12, item 10 / issue 13, item 4
+    (["plan", "flux-dev", "--devices", "cuda:0=12GiB@0TFLOPS,cpu=32GiB", "--vram", "16"], "above zero"),
+    (["plan", "flux-dev", "--devices", "cuda:0=12GiB,cuda:00=12GiB,cpu=32GiB"], "twice"),
+    (["plan", "flux-dev", "--devices", "cuda:0=12,cpu=32", "--vram", "16"], "did you mean 12GiB"),
+    (["plan", "flux-dev", "--devices", "cuda:0=12GiB,cpu=32GiB;cpu>cuda:0=" + "9" * 400 + "GB/s"], "outside"),
+    (["plan", "flux-dev", "--devices", ""], "empty device spec"),
+    (["plan", "flux-dev", *DEV, "--compute", "gpu 0"], "bad device name"),
+    (["plan", "flux-dev", "--devices", "cpu=1GiB,cuda:0=1GiB;cpu" + " " * 32000 + "x=1GB/s"], "bad link"),
 ])
 def test_errors_exit_2_with_message(argv, needle, capsys):
     rc, out, err = run(argv, capsys)
     assert rc == 2
     assert needle in err and "Traceback" not in err
     assert out == ""
+
+
+def test_device_spellings_and_vram_units(capsys):
+    # cuda:00 and CUDA are cuda:0; --vram takes a number of GiB or a size with its unit
+    rc, out, err = run(["plan", "flux-dev", "--compute", "CUDA:00", "--devices", "cuda=12GiB,cpu=32GiB",
+                        "--vram", "16GiB", "--json"], capsys)
+    assert rc == 0, err
+    a = json.loads(out)
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", *DEV, "--vram", "16", "--json"], capsys)
+    assert rc == 0, err
+    assert [u["device"] for u in a["units"]] == [u["device"] for u in json.loads(out)["units"]]
+
+
+def test_decimal_gb_in_devices(capsys):
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", "--devices", "cuda:0=12GB,cpu=32GB",
+                        "--vram", "16", "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["inventory"]["devices"]["cuda:0"]["total_bytes"] == 12 * 10 ** 9
+
+
+def test_version(capsys):
+    from distorch import __version__
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    assert capsys.readouterr().out.strip() == f"distorch {__version__}"
+
+
+def test_plan_help_lists_every_builtin(capsys):
+    from distorch.compiler.shapes import BUILTINS
+    with pytest.raises(SystemExit) as ei:
+        main(["plan", "--help"])
+    assert ei.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())    # argparse wraps lines
+    assert "flux-schnell" in BUILTINS
+    for name in BUILTINS:
+        assert name in text, name
+    assert "GiB = 2^30" in text and "GB = 10^9" in text
 
 
 def test_no_command_and_bad_option(capsys):
