@@ -25,7 +25,11 @@ log = logging.getLogger("distorch.comfy.devices")
 
 
 def device_list() -> list[str]:
-    """Devices that exist, GPUs first (cuda:0, cuda:1, ..., xpu:N, mps), then 'cpu'."""
+    """Devices that exist, GPUs first (cuda:0, cuda:1, ..., xpu:N, mps), then 'cpu'.  When ComfyUI itself runs
+    on the CPU (`--cpu`), only 'cpu': its memory manager keeps no statistics for a GPU it was told not to use,
+    so offering one would fail at the first load."""
+    if getattr(mm, "cpu_state", None) == getattr(getattr(mm, "CPUState", None), "CPU", object()):
+        return ["cpu"]
     out: list[str] = []
     try:
         if torch.cuda.is_available():

@@ -94,6 +94,11 @@ def test_discovery(monkeypatch):
     assert comfy_api.core_node_class("NoSuchLoader") is None
     devs = devices.device_list()
     assert devs[-1] == "cpu" and len(devs) == len(set(devs))
+    # ComfyUI started with --cpu (as this harness starts it): no GPU is offered, even on a GPU machine
+    assert devices.mm.cpu_state == devices.mm.CPUState.CPU and devs == ["cpu"]
+    monkeypatch.setattr(devices.mm, "cpu_state", devices.mm.CPUState.GPU)
+    assert devices.device_list()[-1] == "cpu"
+    monkeypatch.undo()
     assert devices.default_device() == devs[0]
     assert comfy_api.path() == "classic"          # 0.3.75 has no ModelPatcherDynamic
     # late registration writes ComfyUI's own registry (its nodes.py)
