@@ -32,8 +32,24 @@ def read_header(path) -> list[TensorInfo]:
     if low.endswith(SAFETENSORS_EXTS):
         return read_safetensors_header(path)
     if low.endswith(GGUF_EXTS):
-        return read_gguf_header(path).infos
+        return _loadable_gguf(path, read_gguf_header(path).infos)
     raise DisTorchError(f"{path!r}: unsupported weights file type; supported extensions: {', '.join(SUPPORTED_EXTS)}")
+
+
+def _loadable_gguf(path: str, infos: list[TensorInfo]) -> list[TensorInfo]:
+    """The infos of a .gguf file the loader (formats/gguf_loader.load_gguf) accepts: a tensor type the
+    dequantizer lacks (IQ2_XXS, TQ1_0, ...) is refused here too, so a plan is never made for a file that
+    cannot load."""
+    from ..errors import GGUFFileError
+    from ..formats.dequant import SUPPORTED_TYPES, supported_names
+    ok = {t.name for t in SUPPORTED_TYPES}
+    bad = [(i.name, i.dtype_str) for i in infos if i.dtype_str not in ok]
+    if bad:
+        listed = ", ".join(f"{n!r} ({q})" for n, q in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise GGUFFileError(f"{path}: unsupported tensor type: {listed}{more}; DisTorch reads "
+                            f"{supported_names()} (re-quantize the model to one of these)")
+    return infos
 
 
 # --- grouping keys into units -----------------------------------------------------------------

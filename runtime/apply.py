@@ -33,11 +33,14 @@ Why hooks: forward pre/post hooks are removable handles that leave the module's 
 they fire for whatever calls the unit. Only offloaded units and the root get hooks (a module with
 no hooks keeps torch's fast call path), and each hook is a list lookup and a call or two.
 
-Limits: inference only (a backward through streamed weights raises torch's in-place
-modification error instead of using overwritten slots); nested units are refused; parameters
-read between calls (state_dict during streaming) see whichever slot they were last bound to --
-call `undo()` first, or read the homes (`home_views()`). On CUDA, dense streamed parameters are
-bound to a slot from the start, so that they report the compute device before their first call.
+Through the plain torch API (runtime/guard.py, runtime/grad.py): backward gives the uncompiled
+model's gradients (autograd keeps its own copy of each streamed weight it saves); state_dict() reads the
+homes and load_state_dict() writes them; .to()/.half()/.double() that would change a streamed weight's
+dtype or device raise StateError; deepcopy and pickling give an uncompiled module.  undo() is all or
+nothing (Runtime.undo).  Streamed units run one at a time: one called from inside another's hook raises
+ReentryError (runtime/hooks.py).  Nested units are refused.  On CUDA, dense streamed parameters are bound
+to a slot from the start, so that they report the compute device before their first call; on the host
+they rest on their homes between forwards.
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ from ..compiler.plan import Plan
 from ..compiler.ring_layout import DEFAULT_SLOTS
 from ..errors import DisTorchError
 from .autotune import Autotune
+from .grad import SavedWeights
+from .guard import StateGuard
+from .compile_boundary import opaque
 from .hooks import Chains
 from .place import Resident, classify
 from .profile import Profiler, StepClock
@@ -57,7 +63,7 @@ from .slot_dequant import SlotDequant
 from .store import HomeStore, parse_device
 from .stream import Backend
 
-__all__ = ["Runtime", "apply", "classify"]
+__all__ = ["Runtime", "apply", "classify", "undo_device"]
 
 
 def _part_attr(part: str, name: str):
@@ -115,19 +121,23 @@ class Runtime:
         if autotune is None:
             autotune = be.cuda and (plan.predicted or {}).get("basis") != "measured"
         self.autotune = Autotune(bool(autotune and self.units))
+        self.saved = SavedWeights(self.ring, self.dequant)
+        self.guard = StateGuard(module, self.store, self.ring, host=not be.cuda)
         # pre/begin run in this order, post/end in reverse, detach in reverse (runtime/hooks.py)
-        self.parts = [self.resident, self.store, self.autotune, self.ring, self.clock, self.profiler,
-                      self.dequant]
+        self.parts = [self.resident, self.store, self.guard, self.autotune, self.ring, self.clock,
+                      self.profiler, self.dequant, self.saved]
+        self._pending = None           # parts still to detach while an undo() is under way
 
-        self.chains = Chains(len(self.units))
-        self.hooks = [module.register_forward_pre_hook(self._root_pre),
-                      module.register_forward_hook(self._root_post, always_call=True)]
+        self.chains = Chains(len(self.units), self.units)
+        self.hooks = [module.register_forward_pre_hook(opaque(self._root_pre)),
+                      module.register_forward_hook(opaque(self._root_post), always_call=True)]
         for i, n in enumerate(self.units):
             self.hooks += self.chains.hook(c.unit_mods[n], i)
         self.compose()
         module._distorch_runtime = self
         for p in self.parts:
             p.attach(self)
+        self.guard.snapshot()          # the parameters' bindings and versions once every part attached
 
     # ------------------------------------------------------------------ hooks
     def compose(self) -> None:
@@ -138,12 +148,16 @@ class Runtime:
         self.ring.prof = self.profiler if self.profiler.on else None
 
     def _root_pre(self, mod, args):
+        if self.chains.stopped:
+            raise DisTorchError(self.chains.stopped)
         L = self.learn
         L.depth += 1
         if L.depth == 1:
             self.chains.begin()
 
     def _root_post(self, mod, args, out):
+        if self.chains.stopped:
+            return
         L = self.learn
         L.depth -= 1
         if not L.depth:
@@ -177,16 +191,38 @@ class Runtime:
 
     def undo(self, device=None) -> None:
         """All weights back resident (on the compute device, or `device`), hooks removed, homes and
-        slots freed: the hooks go first, then the parts detach in reverse order."""
+        slots freed.  All or nothing: first every part stages what it will bind (the weights copied out
+        of their homes onto the device: the step that can run out of memory); a failure there frees the
+        staged copies and re-raises with the module still compiled and correct.  Then the parts detach
+        in reverse order; should one fail, every hook of the module raises until undo() is called again,
+        which finishes the parts left (onto the device of the first attempt)."""
         if self.hooks is None:
             return
+        if self._pending is None:
+            dev = self.device if device is None else undo_device(device)
+            self.be.synchronize()
+            self.undo_device = dev
+            try:
+                for p in self.parts:
+                    p.stage(self)
+            except BaseException as e:
+                self.store.unstage()
+                if hasattr(e, "add_note"):
+                    e.add_note(f"distorch: undo(device={str(dev)!r}) changed nothing: the module is still "
+                               "compiled and runs as before; free memory (or pick another device) and "
+                               "call undo() again")
+                raise
+            self.chains.stopped = ("this module's DisTorch undo() failed part-way; its weights are not all "
+                                   "back yet: call handle.undo() again (it finishes the rest)")
+            self._pending = list(reversed(self.parts))
+        while self._pending:
+            self._pending[0].detach(self)
+            self._pending.pop(0)
         for h in self.hooks:
             h.remove()
         self.hooks = None
-        self.be.synchronize()
-        self.undo_device = self.device if device is None else parse_device(device)
-        for p in reversed(self.parts):
-            p.detach(self)
+        self._pending = None
+        self.chains.stopped = ""
         m = self._module_ref()
         if m is not None and getattr(m, "_distorch_runtime", None) is self:
             del m._distorch_runtime
@@ -212,6 +248,24 @@ class Runtime:
     resident_bytes = _part_attr("resident", "nbytes")
     trace = _part_attr("profiler", "trace")
     tune_result = _part_attr("autotune", "result")
+
+
+def undo_device(device) -> torch.device:
+    """Where undo() may put weights: the host or a visible CUDA GPU (DisTorchError otherwise, before
+    anything changes)."""
+    try:
+        d = parse_device(device)
+    except (RuntimeError, TypeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise DisTorchError(f"undo(device={device!r}): weights must go where they keep their values: "
+                            "'cpu' or 'cuda:N' (undo first, then move the module, e.g. to 'meta')")
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (d.index or 0) >= n:
+            raise DisTorchError(f"undo(device={device!r}): this machine has {n} visible CUDA GPU(s); "
+                                "use 'cpu' or one of them")
+    return d
 
 
 def apply(module: torch.nn.Module, plan: Plan, graph=None, **kw) -> Runtime:

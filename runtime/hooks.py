@@ -9,8 +9,10 @@ nothing by default, so a part overrides only what it needs:
     pre(i)       streamed unit i is about to run: no allocation, no synchronize
     post(i)      streamed unit i ran
     end()        the compiled module's forward returned
-    detach(rt)   undo what the part's constructor and attach changed; Runtime.undo calls the parts in
-                 reverse order
+    stage(rt)    undo, phase 1: allocate and copy what detach will bind (weights onto rt.undo_device);
+                 may raise, and must change nothing the module sees (undo then changed nothing)
+    detach(rt)   undo, phase 2: undo what the part's constructor and attach changed; Runtime.undo calls
+                 the parts in reverse order; a part that raised is called again by the retried undo()
 
 Composition happens once, not per call (unlike accelerate's SequentialHook): `Chains.compose(parts)`
 keeps, per streamed unit, only the parts that override `pre`/`post`, are `enabled` and `cover` the unit;
@@ -18,10 +20,21 @@ keeps, per streamed unit, only the parts that override `pre`/`post`, are `enable
 A part whose `enabled` changes (profiling switched on, autotune done) has the runtime compose again
 (Runtime.compose, between steps).  Per unit call a torch hook then costs one list lookup and, for a
 unit only the ring streams, one call.
+
+Streamed units run one at a time: a streamed unit called while another one runs (a forward re-entered
+from inside a unit's hook or forward) would reuse slots the running unit reads, so its hook raises
+ReentryError instead (and its post hook then does nothing).
 """
 from __future__ import annotations
 
-__all__ = ["UnitPart", "Chains"]
+from ..errors import DisTorchError
+from .compile_boundary import opaque
+
+__all__ = ["UnitPart", "Chains", "ReentryError"]
+
+
+class ReentryError(DisTorchError):
+    """A streamed unit was called while another streamed unit of the same compiled module runs."""
 
 
 class UnitPart:
@@ -46,6 +59,9 @@ class UnitPart:
         pass
 
     def end(self) -> None:
+        pass
+
+    def stage(self, rt) -> None:
         pass
 
     def detach(self, rt) -> None:
@@ -79,7 +95,11 @@ class Chains:
 
     The per-unit lists are updated in place by `compose`, so torch hooks made once by `hook` follow."""
 
-    def __init__(self, n_units: int):
+    def __init__(self, n_units: int, names: list[str] | None = None):
+        self.names = list(names) if names is not None else [str(i) for i in range(n_units)]
+        self.running = -1          # the streamed unit between its pre and post hooks, or -1
+        self.refused = 0           # refused (re-entered) calls whose post hooks are still to come
+        self.stopped = ""          # set: every hook raises this (an undo() that failed part-way)
         self.pre = [_nothing] * n_units
         self.post = [_nothing] * n_units
         self.begin = _nothing
@@ -100,11 +120,32 @@ class Chains:
         """Torch forward pre/post hooks on `module` (streamed unit i) that run unit i's chains; returns
         the handles.  The post hook runs even when the forward raises (always_call), so the ring's
         events stay paired."""
-        pre_fns, post_fns = self.pre, self.post
+        pre_fns, post_fns, ch = self.pre, self.post, self
 
         def pre(mod, args):
+            if ch.running >= 0 or ch.stopped:
+                ch.refuse(i)
+            ch.running = i
             pre_fns[i](i)
 
         def post(mod, args, out):
+            if ch.refused:
+                ch.refused -= 1
+                return
+            ch.running = -1
             post_fns[i](i)
-        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+        # opaque: one graph break per unit boundary under torch.compile, no per-unit guards (compile_boundary)
+        return [module.register_forward_pre_hook(opaque(pre)),
+                module.register_forward_hook(opaque(post), always_call=True)]
+
+    def refuse(self, i: int) -> None:
+        """Unit i's pre hook cannot run (a unit is running, or the runtime is stopped): raise; its post
+        hook (always called) then does nothing."""
+        self.refused += 1
+        if self.stopped:
+            raise DisTorchError(self.stopped)
+        raise ReentryError(
+            f"streamed unit {self.names[i]!r} was called while streamed unit {self.names[self.running]!r} "
+            "runs (a forward re-entered from inside a unit's hook or forward?); DisTorch streams one unit "
+            "at a time through shared slots: call the model from outside its units' hooks, or keep "
+            f"{self.names[self.running]!r} resident (not offloaded)")

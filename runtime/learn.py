@@ -19,7 +19,8 @@ Rules
   * Inside the forward (depth 1) a call streams while it is the next unit of seq.  The first call that
     is not (a unit skipped, called twice, called out of order) marks the forward `deviated`: it and the
     rest of that forward are fallbacks; at `end()` the order actually seen (`recorded`) becomes seq and
-    the ring is primed again at the next forward.  Nested forwards (depth > 1) are fallbacks.
+    the ring is primed again at the next forward.  Nested forwards (depth > 1) are fallbacks and mark
+    the outer forward deviated (their loads reuse the slots its prefetched items sit in).
   * Outside any forward (depth 0: a wrapper calling inner modules itself, as ComfyUI's CLIP encode and
     VAE decode do) calls are fallbacks while they are recorded in `free_rec`; when the first recorded
     unit comes again, the calls since are the period: it becomes seq, the ring is primed and the calls
@@ -103,6 +104,9 @@ class Learner:
             if self.g - self.g0 >= self.n:       # free running: the next period begins
                 self.g0 += self.n
         elif depth != 1 or self.deviated:
+            # a nested forward's fallbacks reuse slots the outer one's prefetched items sit in: the
+            # rest of the outer forward loads on demand too
+            self.deviated = True
             return self._fallback(i)
         g = self.g
         n = self.n
