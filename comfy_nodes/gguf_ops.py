@@ -32,6 +32,8 @@ from ..formats.gguf_tensor import (GGUFConv1d, GGUFConv2d, GGUFConv3d, GGUFEmbed
                                    GGUFLayerNorm, GGUFLinear, is_gguf)
 from .comfy_api import comfy, mp
 
+LORA_FLOAT32 = "distorch_lora_float32"      # = patcher.LORA_FLOAT32 (high_precision_loras)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -152,11 +154,14 @@ def gguf_patcher_class(base):
         attr = "weight_function" if pname == "weight" else "bias_function"
         fns = [f for f in getattr(m, attr, []) if not (isinstance(f, GGUFPatch) and f.key == key)]
         opt = self.model_options.get("distorch_gguf") or {}
+        pdt = opt.get("patch_dtype")
+        if pdt is None and self.model_options.get(LORA_FLOAT32):
+            pdt = torch.float32          # high_precision_loras (patcher.py): every patch in float32
         dev = None
         if opt.get("patch_on_device"):
             dev = torch.device(device_to) if device_to is not None else torch.device(self.load_device)
         # a new list: the class default is shared
-        setattr(m, attr, fns + [GGUFPatch(key, self.patches, opt.get("patch_dtype"), dev)])
+        setattr(m, attr, fns + [GGUFPatch(key, self.patches, pdt, dev)])
         reg = self.model.__dict__.setdefault("_distorch_gguf_patched", [])
         reg.append((m, attr))
         return None

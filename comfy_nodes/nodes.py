@@ -237,7 +237,9 @@ class CheckpointLoaderAdvancedDisTorch2MultiGPU:
                 "unet_expert_mode_allocations": R.expert_input(),
                 "clip_expert_mode_allocations": R.expert_input(),
                 "high_precision_loras": ("BOOLEAN", {"default": True,
-                                                     "tooltip": "Apply LoRA patches in float32 before casting back."}),
+                                                     "tooltip": "Compute LoRA patches in float32 for every weight (streamed or resident), "
+                                                                "then round once into the weight's dtype; off: in the weight's "
+                                                                "own fp16/bf16 dtype."}),
                 "eject_models": R.eject_input(True),
             },
         }
@@ -259,12 +261,10 @@ class CheckpointLoaderAdvancedDisTorch2MultiGPU:
         if clip is not None:
             clip = be.distorch(clip, clip_compute_device, float(clip_virtual_vram_gb), clip_donor_device,
                                clip_expert_mode_allocations or "", False)
-        for obj in (model, clip):
+        from .patcher import set_lora_precision     # imports ComfyUI: on use only
+        for obj in (model, clip):      # LoRA math in float32 (or the weight's dtype) downstream: patcher.py
             if obj is not None:
-                try:
-                    setattr(obj, "distorch_high_precision_loras", bool(high_precision_loras))
-                except AttributeError:
-                    pass
+                set_lora_precision(obj, high_precision_loras)
         return (model, clip, vae)
 
 

@@ -32,6 +32,16 @@ calls:
                     so free_memory() does not evict other models for bytes we never load there;
                     get_ram_usage() stays the whole model (it lives in RAM).
 
+LoRA precision (`high_precision_loras`)
+--------------------------------------
+`set_lora_precision(obj, high)` (the checkpoint loader's input) stores the choice in the patcher's
+model_options (LORA_FLOAT32; clone() copies it, so LoRA loaders downstream keep it).  `lora_dtype` is
+the one rule: high precision (the default) computes every weight patch in float32 -- resident weights
+patched at load, streamed ones (patched in place before they are homed, and re-patched from the kept
+originals on a strength change), GGUF weights (their per-call GGUFPatch) -- then rounds once into the
+weight's dtype; low precision computes in the weight's own dtype where that is float16 / bfloat16
+(faster, one rounding per step of the LoRA math), float32 otherwise.
+
 `outer_sample_wrapper`, a WrappersMP.OUTER_SAMPLE wrapper (patcher.add_wrapper_with_key, copied by
 clone()), logs the measured step time beside the Plan's prediction after each sampling run.
 
@@ -54,13 +64,29 @@ import torch
 from ..errors import DisTorchError
 from .comfy_api import comfy, mm, mp
 from .devices import same_device
+from .gguf_ops import LORA_FLOAT32           # model_options key: high_precision_loras
 from .state import model_state, target
 
 log = logging.getLogger("distorch.comfy.patcher")
 
+_LOW = (torch.float16, torch.bfloat16)
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])   # ComfyUI's backup entry
 _lock = threading.RLock()
 _MIXED: dict[type, type] = {}
+
+
+def set_lora_precision(obj, high: bool) -> None:
+    """high_precision_loras: store the choice on a MODEL's or CLIP's patcher (model_options)."""
+    p = getattr(obj, "patcher", obj)
+    if getattr(p, "model_options", None) is not None:
+        p.model_options[LORA_FLOAT32] = bool(high)
+
+
+def lora_dtype(model_options, weight_dtype) -> torch.dtype:
+    """dtype a weight patch is computed in (see the module docstring)."""
+    if (model_options or {}).get(LORA_FLOAT32, True) or weight_dtype not in _LOW:
+        return torch.float32
+    return weight_dtype
 
 
 class DisTorchPatcherMixin:
@@ -97,6 +123,25 @@ class DisTorchPatcherMixin:
             if home is not None:
                 p[k] = [(home, v[0][1])] + list(v[1:])
         return p
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        """ComfyUI's (float32 LoRA math) unless high_precision_loras is off for a plain fp16/bf16 weight."""
+        if key in self.patches:
+            w, set_func, convert_func = mp.get_key_weight(self.model, key)
+            dt = lora_dtype(self.model_options, w.dtype)
+            if dt != torch.float32 and set_func is None and convert_func is None \
+                    and type(w) in (torch.Tensor, torch.nn.Parameter):
+                inplace_update = self.weight_inplace_update or inplace_update
+                if key not in self.backup:
+                    self.backup[key] = _Backup(w.to(device=self.offload_device, copy=inplace_update), inplace_update)
+                temp = mm.cast_to_device(w, device_to if device_to is not None else w.device, dt, copy=True)
+                out = comfy.lora.calculate_weight(self.patches[key], temp, key, intermediate_dtype=dt).to(w.dtype)
+                if inplace_update:
+                    comfy.utils.copy_to_param(self.model, key, out)
+                else:
+                    comfy.utils.set_attr_param(self.model, key, out)
+                return None
+        return super().patch_weight_to_device(key, device_to, inplace_update)
 
     # -- loading
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
@@ -204,10 +249,11 @@ class DisTorchPatcherMixin:
                     self.backup[key] = bk
                 orig = bk.weight
                 if key in self.patches:
-                    temp = mm.cast_to_device(orig, device_to, torch.float32, copy=True)
+                    dt = lora_dtype(self.model_options, orig.dtype) if convert_func is None else torch.float32
+                    temp = mm.cast_to_device(orig, device_to, dt, copy=True)
                     if convert_func is not None:
                         temp = convert_func(temp, inplace=True)
-                    out = comfy.lora.calculate_weight(self.patches[key], temp, key)
+                    out = comfy.lora.calculate_weight(self.patches[key], temp, key, intermediate_dtype=dt)
                     out = comfy.float.stochastic_rounding(out, orig.dtype, seed=mp.string_to_seed(key))
                 else:
                     out = orig

@@ -3,7 +3,8 @@
     tensor_info    TensorInfo: one tensor of a weights file (name, shape, dtype, bytes, offset); no torch
     safetensors    the one .safetensors header parser (planning and `load_into`) + ranged reads; no torch
     gguf_reader    the one bounded GGUF header walk (planning and `load_gguf`); no torch
-    gguf_tensor    GGUFTensor (quantized until used), its op mixin and the thin GGUF op classes
+    gguf_core      GGUFTensor itself (quantized until used; moving it never dequantizes; strict mode)
+    gguf_tensor    GGUFTensor re-exported + its op mixin, the thin GGUF op classes, the row-gathering embedding
     gguf_loader    load_gguf / inspect_gguf: a .gguf file -> state dict of memory-mapped tensors
     gguf_names     llama.cpp tensor names of GGUF text encoders -> original names
     dequant        the dequantization table (one kernel per GGML type), backend switch, visible fallback

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 import warnings
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
+from .. import progress as _stages
 from ..errors import GGUFFileError
 from .dequant import PLAIN_TYPES, QUANTIZED_TYPES, SUPPORTED_TYPES, supported_names
 from .gguf_reader import GGUFHeader, read_gguf_header
@@ -99,8 +98,8 @@ def load_gguf(path, *, device="cpu", dtype: torch.dtype = torch.bfloat16,
     qtypes: dict[str, int] = {}
     tensor_types: dict[str, str] = {}
     stored = 0
-    t0 = time.time()
-    n_total = len(h.infos)
+    st = _stages.Stage(f"distorch: loading {os.path.basename(path)}",
+                       sum(i.nbytes for i in h.infos if not strip or i.name.startswith(prefix)), "B", enabled=show)
     for i, (info, qt) in enumerate(zip(h.infos, qts)):
         key = info.name
         if strip:
@@ -125,10 +124,8 @@ def load_gguf(path, *, device="cpu", dtype: torch.dtype = torch.bfloat16,
         stored += info.nbytes
         qtypes[qt.name] = qtypes.get(qt.name, 0) + 1
         tensor_types[key] = qt.name
-        if show and (i + 1 == n_total or (i + 1) % 100 == 0):
-            print(f"\rdistorch: loading {os.path.basename(path)} {i + 1}/{n_total} tensors "
-                  f"({stored / 2**30:.2f} GiB, {time.time() - t0:.1f}s)", end="\n" if i + 1 == n_total else "",
-                  file=sys.stderr, flush=True)
+        st.update(info.nbytes)
+    st.close()
     log.debug("%s: %d tensors, %.2f GiB stored", path, len(sd), stored / 2**30)
     meta = {
         "path": path,

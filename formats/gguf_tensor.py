@@ -1,300 +1,66 @@
-"""GGUFTensor: a quantized weight that stays quantized until the moment it is used.
+"""GGUFTensor (formats/gguf_core.py, re-exported here) and the GGUF op layer: one mixin, thin ops (in the
+shape of ComfyUI-GGUF's ops.py).  Import both from this module.
 
-Design
-------
-`GGUFTensor` is a *wrapper* tensor subclass (`torch.Tensor._make_wrapper_subclass`): to the rest of
-torch it looks like a tensor of its LOGICAL shape and dtype (e.g. [3072, 12288] bfloat16 — so shape
-checks in `load_state_dict`, `nn.Linear.extra_repr`, tracing by shape all work), while the only
-memory it owns is `raw`, a flat contiguous uint8 tensor holding the GGUF blocks exactly as stored.
+What GGUFTensor is and how it moves (never dequantized by a move, in inference mode and out of it;
+strict mode for unknown ops): see formats/gguf_core.py.
 
-- `t.raw`         uint8 [stored bytes], on `t.device`       (what the runtime copies)
-- `t.qtype`       gguf.GGMLQuantizationType
-- `t.shape`       logical torch shape (outermost first)
-- `t.dtype`       dtype `dequantize()` produces by default (bfloat16 unless set)
-- `t.stored_nbytes` = raw.numel(); compiler.graph.stored_nbytes reads it, so the cost model counts
-  stored bytes, not numel * 2.
-- `t.to(device, non_blocking=...)` / `.cuda()` / `.cpu()` / `.pin_memory()` move/pin the RAW BYTES
-  (quantized bytes cross the bus); `.to(dtype)` only changes the dequantization target.
-- `t.dequantize(dtype=None)` dequantizes on the device the bytes sit on (formats/dequant.py).
-- `t.with_raw(buf)` is the SAME weight over other storage (e.g. a view into a GPU slot the runtime
-  filled): no copy, checks the byte count.  The runtime streams a unit by
-  `slot[a:b].copy_(t.raw, non_blocking=True)` and then either swaps the parameter for
-  `t.with_raw(slot[a:b])` (GGUF ops below dequantize it on use) or calls
-  `dequantize(slot[a:b], t.qtype, t.shape, dtype)` itself.
-
-It survives `nn.Parameter(t, requires_grad=False)` (Parameter returns the GGUFTensor itself, flagged
-as a parameter), `module.to(...)`, `module.state_dict()`, `load_state_dict(sd, assign=True)` and
-`copy.deepcopy`.  Any other torch op applied to it (e.g. an unmodified nn.Linear's F.linear) falls
-back to dequantizing on the fly, so results stay correct even where no GGUF op layer was installed;
-`load_state_dict` without assign into a dense parameter copies the dequantized values.
-Ops layer, in the shape of ComfyUI-GGUF's ops.py: one mixin, `GGUFLayer`, does "parameter -> dense
-weight on the input's device (+ per-call patches)" (`gguf_weight`) and takes GGUF tensors from a
-state dict as they are; each op (`GGUFLinear`, `GGUFConv1d/2d/3d`, `GGUFEmbedding`, `GGUFLayerNorm`,
-`GGUFGroupNorm`) only writes its `forward_gguf` in a line or two.  They dequantize GGUF parameters
-ON THE COMPUTE DEVICE (the input's) on every call: the per-call path ("resident quantized" or
-"streamed quantized").  `gguf_ops(module)` switches the matching submodules of a built model to
-these classes in place (class swap only; no tensor copied).  A host framework subclasses an op with
-its own layer class (ComfyUI: `class Linear(GGUFLinear, comfy.ops.manual_cast.Linear)`) and may
-override `forward` to take its own path when the layer holds no GGUF parameter.  Dequantization per
-call can be overridden by setting `module.gguf_dequant_override = fn(module, name, tensor, device,
+`GGUFLayer` does "parameter -> dense weight on the input's device (+ per-call patches)" (`gguf_weight`)
+and takes GGUF tensors from a state dict as they are; each op (`GGUFLinear`, `GGUFConv1d/2d/3d`,
+`GGUFEmbedding`, `GGUFLayerNorm`, `GGUFGroupNorm`) only writes its `forward_gguf` in a line or two.
+They dequantize GGUF parameters ON THE COMPUTE DEVICE (the input's) on every call: the per-call path
+("resident quantized" or "streamed quantized").  `gguf_ops(module)` switches the matching submodules of
+a built model to these classes in place (class swap only; no tensor copied).  A host framework
+subclasses an op with its own layer class (ComfyUI: `class Linear(GGUFLinear, comfy.ops.manual_cast.Linear)`)
+and may override `forward` to take its own path when the layer holds no GGUF parameter.  Dequantization
+per call can be overridden by setting `module.gguf_dequant_override = fn(module, name, tensor, device,
 dtype) -> Tensor`.
 
-For the runtime (moving GGUF weights)
-- `raw` from `load_gguf` is a read-only view of the file mapping: copy it into the pinned host arena
-  (`arena[a:b].copy_(t.raw)`) and re-home the parameter as `t.with_raw(arena[a:b])`.  Any byte
-  offset works for the CUDA kernel; the CPU (eager) path copies odd-offset slices once.
-- Streaming: `slot[a:b].copy_(t.raw, non_blocking=True)` on the copy stream, then on the compute
-  stream after the copy event: `dequantize(slot[a:b], t.qtype, t.shape, dtype, check=False)`.  Size
-  a slot by `t.stored_nbytes`; the dense result is a transient allocation of the compute stream
-  unless the runtime keeps it (the "resident dequantized" choice).
-- Parameters must keep requires_grad=False; `torch.load(weights_only=True)` cannot rebuild a
-  GGUFTensor (pickling works with weights_only=False).
+`GGUFEmbedding` gathers only the rows its input asks for (`embedding_rows`: the selected rows' blocks
+are indexed on the bytes and dequantized; bit-identical to dequantize-then-index, since every row is
+whole blocks) instead of dequantizing the whole token table per call; it takes the whole-table path
+only where that is needed (per-call patches, an override, the runtime's dequantized copy, max_norm).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
-from ..errors import GGUFError
-from .dequant import PLAIN_TYPES, check_supported, dequantize as _dequantize, quantized_nbytes
+from .dequant import dequantize as _dequantize
+from .gguf_core import GGUFTensor, is_gguf, materialize, strict_gguf
+from .gguf_core import _rebuild  # noqa: F401  (pickles written when GGUFTensor lived here)
 
-aten = torch.ops.aten
-
-__all__ = ["GGUFTensor", "is_gguf", "materialize", "GGUFLayer", "GGUFLinear", "GGUFConv1d", "GGUFConv2d",
-           "GGUFConv3d", "GGUFEmbedding", "GGUFLayerNorm", "GGUFGroupNorm", "gguf_ops"]
+__all__ = ["GGUFTensor", "is_gguf", "materialize", "strict_gguf", "GGUFLayer", "GGUFLinear", "GGUFConv1d", "GGUFConv2d", "GGUFConv3d", "GGUFEmbedding",
+           "GGUFLayerNorm", "GGUFGroupNorm", "gguf_ops", "embedding_rows"]
 
 
-class GGUFTensor(torch.Tensor):
-    """Quantized GGUF weight; see the module docstring."""
-
-    raw: torch.Tensor
-    qtype: object
-    gguf_name: str | None
-    # set by the streaming runtime while the weight's unit runs: the weight already dequantized (by one
-    # batched kernel per unit, runtime/gguf_stream.py's UnitDequant); None otherwise
-    _dq: torch.Tensor | None = None
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @staticmethod
-    def __new__(cls, raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16,
-                *, name: str | None = None, stored_shape: Sequence[int] | None = None, check: bool = True):
-        shape = torch.Size(int(s) for s in shape)
-        stored_shape = None if stored_shape is None else torch.Size(int(s) for s in stored_shape)
-        if stored_shape == shape:
-            stored_shape = None
-        if check:
-            qt = check_supported(qtype, name)
-            if raw.dtype != torch.uint8:
-                raise GGUFError(f"GGUFTensor {name or ''} needs uint8 raw blocks, got {raw.dtype}")
-            if stored_shape is not None and stored_shape.numel() != shape.numel():
-                raise GGUFError(f"tensor {name!r}: stored shape {list(stored_shape)} and shape "
-                                f"{list(shape)} differ in element count")
-            want = quantized_nbytes(qt, stored_shape or shape, name)
-            if raw.numel() != want:
-                raise GGUFError(f"tensor {name!r} of type {qt.name} and shape {list(shape)} needs {want} "
-                                f"bytes, got {raw.numel()}")
-            if not dtype.is_floating_point:
-                raise GGUFError(f"GGUFTensor {name or ''}: dequantization dtype must be floating, got {dtype}")
-        else:
-            qt = qtype
-        if raw.dim() != 1 or not raw.is_contiguous():
-            raw = raw.contiguous().reshape(-1)
-        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=raw.device,
-                                                   requires_grad=False)
-        self.raw = raw
-        self.qtype = qt
-        self.gguf_name = name
-        self.stored_shape = stored_shape
-        return self
-
-    # -- plain data ---------------------------------------------------------------------------
-    @property
-    def stored_nbytes(self) -> int:
-        return self.raw.numel()
-
-    @property
-    def is_quantized_gguf(self) -> bool:
-        return self.qtype not in PLAIN_TYPES
-
-    def __repr__(self, *, tensor_contents=None):
-        return (f"GGUFTensor({self.qtype.name}, shape={list(self.shape)}, dtype={self.dtype}, "
-                f"device={self.device}, stored={self.raw.numel()} B"
-                + (f", name={self.gguf_name!r}" if self.gguf_name else "") + ")")
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense tensor of the logical shape, on the device the bytes sit on."""
-        d = self._dq
-        if d is not None and d.dtype == (dtype or self.dtype):
-            return d
-        return _dequantize(self.raw, self.qtype, self.shape, dtype or self.dtype, check=False)
-
-    def with_raw(self, raw: torch.Tensor, dtype: torch.dtype | None = None) -> "GGUFTensor":
-        """The same weight over other bytes (a slot view, pinned copy...): no copy, size checked."""
-        if raw.dtype != torch.uint8 or raw.numel() != self.raw.numel():
-            raise GGUFError(f"with_raw for {self.gguf_name or 'GGUF tensor'} ({self.qtype.name}) needs "
-                            f"{self.raw.numel()} uint8 bytes, got {raw.numel()} {raw.dtype}")
-        return GGUFTensor(raw, self.qtype, self.shape, dtype or self.dtype, name=self.gguf_name,
-                          stored_shape=self.stored_shape, check=False)
-
-    def as_parameter(self) -> nn.Parameter:
-        return nn.Parameter(self, requires_grad=False)
-
-    # -- torch integration ----------------------------------------------------------------------
-    def __tensor_flatten__(self):
-        return ["raw"], (self.qtype, tuple(self.shape), self.dtype, self.gguf_name, self.stored_shape)
-
-    @staticmethod
-    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        qtype, shape, dtype, name, stored_shape = meta
-        return GGUFTensor(inner["raw"], qtype, shape, dtype, name=name, stored_shape=stored_shape,
-                          check=False)
-
-    def __deepcopy__(self, memo):
-        if id(self) in memo:
-            return memo[id(self)]
-        out = _same(self, self.raw.clone())
-        if getattr(self, "_is_param", False):
-            out = nn.Parameter(out, requires_grad=False)
-        memo[id(self)] = out
-        return out
-
-    def __reduce_ex__(self, proto):
-        return (_rebuild, (self.raw.cpu(), int(self.qtype), tuple(self.shape), self.dtype, self.gguf_name,
-                           None if self.stored_shape is None else tuple(self.stored_shape)))
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
-        # anything else: compute on dequantized values (correct, not fast), in the floating dtype of
-        # the op's other tensor arguments when there are any (x @ W with x float32 -> W float32)
-        dtype = None
-        for x in list(args) + list(kwargs.values()):
-            if isinstance(x, torch.Tensor) and not isinstance(x, GGUFTensor) and x.dtype.is_floating_point:
-                dtype = x.dtype
-                break
-
-        def unwrap(x):
-            return x.dequantize(dtype) if isinstance(x, GGUFTensor) else x
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
-
-
-def _rebuild(raw, qtype, shape, dtype, name, stored_shape=None):
-    return GGUFTensor(raw, qtype, shape, dtype, name=name, stored_shape=stored_shape)
-
-
-def _same(t: GGUFTensor, raw: torch.Tensor | None = None, dtype=None) -> GGUFTensor:
-    return GGUFTensor(t.raw if raw is None else raw, t.qtype, t.shape, dtype or t.dtype, name=t.gguf_name,
-                      stored_shape=t.stored_shape, check=False)
-
-
-def _h_alias(func, args, kwargs):
-    return _same(args[0])
-
-
-def _h_to_copy(func, args, kwargs):
-    t = args[0]
-    device = kwargs.get("device")
-    dtype = kwargs.get("dtype")
-    raw = t.raw
-    if device is not None and torch.device(device) != raw.device:
-        raw = raw.to(device, non_blocking=bool(kwargs.get("non_blocking", False)))
-    else:
-        raw = raw.clone()
-    if kwargs.get("pin_memory") and raw.device.type == "cpu" and not raw.is_pinned():
-        raw = raw.pin_memory()
-    if dtype is not None and not dtype.is_floating_point:
-        raise GGUFError(f"cannot convert GGUF tensor {t.gguf_name or ''} ({t.qtype.name}) to {dtype}; "
-                        "only floating dequantization targets exist")
-    return _same(t, raw, dtype)
-
-
-def _h_clone(func, args, kwargs):
-    return _same(args[0], args[0].raw.clone())
-
-
-def _h_copy_(func, args, kwargs):
-    dst, src = args[0], args[1]
-    nb = bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False))
-    if isinstance(dst, GGUFTensor):
-        if not isinstance(src, GGUFTensor):
-            raise GGUFError(f"cannot copy a dense tensor into quantized {dst.qtype.name} tensor "
-                            f"{dst.gguf_name or ''}: DisTorch does not quantize; load with assign=True")
-        if src.qtype != dst.qtype or src.shape != dst.shape:
-            raise GGUFError(f"copy between GGUF tensors of different type/shape: {src.qtype.name} "
-                            f"{list(src.shape)} -> {dst.qtype.name} {list(dst.shape)}")
-        dst.raw.copy_(src.raw, non_blocking=nb)
-        return dst
-    return dst.copy_(src.dequantize(dst.dtype), non_blocking=nb)
-
-
-def _h_is_pinned(func, args, kwargs):
-    return args[0].raw.is_pinned()
-
-
-def _h_pin(func, args, kwargs):
-    return _same(args[0], args[0].raw.pin_memory())
-
-
-def _h_empty_like(func, args, kwargs):
-    t = args[0]
-    device = kwargs.get("device") or t.raw.device
-    raw = torch.empty(t.raw.shape, dtype=torch.uint8, device=device,
-                      pin_memory=bool(kwargs.get("pin_memory", False)))
-    return _same(t, raw, kwargs.get("dtype"))
-
-
-def _h_meta_only(func, args, kwargs):
-    # shape / metadata queries answered from the wrapper alone
-    if func is aten.is_same_size.default:
-        return tuple(args[0].shape) == tuple(args[1].shape)
-    raise AssertionError(func)
-
-
-_HANDLERS = {
-    aten.detach.default: _h_alias,
-    aten.alias.default: _h_alias,
-    aten._to_copy.default: _h_to_copy,
-    aten.clone.default: _h_clone,
-    aten.copy_.default: _h_copy_,
-    aten.is_pinned.default: _h_is_pinned,
-    aten._pin_memory.default: _h_pin,
-    aten.empty_like.default: _h_empty_like,
-    aten.is_same_size.default: _h_meta_only,
-}
-
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
-
-
-def is_gguf(t) -> bool:
-    """True for a GGUFTensor (parameter or not); cheap for plain tensors (the runtime asks per tensor)."""
-    return type(t) not in _PLAIN and isinstance(t, GGUFTensor)
-
-
-def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None):
-    """Dense weight on `device` for compute: GGUF bytes move quantized, then dequantize there."""
-    if t is None:
+def _row_bytes(t: GGUFTensor) -> int | None:
+    """Bytes per row of a 2-D GGUF table whose rows are whole blocks, else None."""
+    if t.dim() != 2 or t.shape[0] == 0:
         return None
-    if isinstance(t, GGUFTensor):
-        d = t._dq
-        if d is not None and d.dtype == (dtype or t.dtype) and d.device == device:
-            return d           # dequantized with its whole unit this call (read-only: do not modify)
-        raw = t.raw
-        if raw.device != device:
-            raw = raw.to(device, non_blocking=True)
-        return _dequantize(raw, t.qtype, t.shape, dtype or t.dtype, check=False)
-    if t.device != device or (dtype is not None and t.dtype != dtype):
-        return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=True)
-    return t
+    if t.stored_shape is not None and (len(t.stored_shape) != 2 or t.stored_shape[-1] != t.shape[-1]):
+        return None
+    n = t.raw.numel()
+    return n // t.shape[0] if n % t.shape[0] == 0 else None
+
+
+def embedding_rows(t: GGUFTensor, ids: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+    """`dequantize(t)[ids]` on `device`, dequantizing only the selected rows' blocks (bit-identical:
+    every row is whole blocks and blocks dequantize independently); None where `t` is not a table of
+    whole-block rows (the caller takes the whole-table path)."""
+    rb = _row_bytes(t)
+    if rb is None:
+        return None
+    flat = ids.reshape(-1)
+    if flat.device != t.raw.device:
+        flat = flat.to(t.raw.device, non_blocking=True)
+    rows = t.raw.view(t.shape[0], rb).index_select(0, flat.long())      # bounds-checked like F.embedding
+    if rows.device != device:
+        rows = rows.to(device, non_blocking=True)
+    dense = _dequantize(rows.reshape(-1), t.qtype, (flat.numel(), t.shape[1]), dtype or t.dtype, check=False)
+    return dense.reshape(*ids.shape, t.shape[1])
 
 # ------------------------------------------------------------------------------------------------
 # ops layer: one mixin, thin ops
@@ -392,6 +158,13 @@ class GGUFConv3d(_GGUFConv, nn.Conv3d):
 
 class GGUFEmbedding(GGUFLayer, nn.Embedding):
     def forward_gguf(self, x, out_dtype=None):
+        t = self.weight
+        if (is_gguf(t) and t._dq is None and self.gguf_dequant_override is None and self.max_norm is None
+                and not getattr(self, "weight_function", None)):
+            dd = self.dequant_dtype or out_dtype
+            out = embedding_rows(t, x, x.device, dd)
+            if out is not None:
+                return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
         w = self.gguf_weight("weight", x, out_dtype)     # dequantized straight into the dtype asked for
         return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
                            self.sparse)

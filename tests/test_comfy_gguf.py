@@ -4,6 +4,8 @@ A tiny SD3-style MMDiT (ComfyUI detects SD3 from its keys) is written as a .gguf
 weights (gguf-py's quantizer) and F32 for the rest.  It loads through our native reader and ComfyUI's
 own loader entry point (comfy_nodes/gguf_loaders.py), and through the UnetLoaderGGUFDisTorch2MultiGPU
 node function (streamed quantized); both sample through ComfyUI's KSampler and must agree bit for bit.
+Every test runs as ComfyUI's executor runs a prompt: inside torch.inference_mode(), and with GGUF strict
+mode on (an op on a GGUFTensor without a quantized handler raises instead of dequantizing).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ mm, nodes, folder_paths = H.boot_inprocess()
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from distorch.comfy_nodes import entry, gguf_loaders  # noqa: E402
-from distorch.formats.gguf_tensor import GGUFTensor  # noqa: E402
+from distorch.formats.gguf_tensor import GGUFTensor, strict_gguf  # noqa: E402
 
 DEPTH = 2
 
@@ -104,9 +106,11 @@ def gguf_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _clean():
-    mm.unload_all_models()
-    yield
-    mm.unload_all_models()
+    # as ComfyUI's executor runs every node (execution.py: `with torch.inference_mode():`), strict GGUF
+    with torch.inference_mode(), strict_gguf():
+        mm.unload_all_models()
+        yield
+        mm.unload_all_models()
 
 
 _sample = H.ksample

@@ -298,7 +298,7 @@ def test_compile_traces_and_streams_gguf_model():
     with torch.no_grad():
         ref = m(x)
     total = sum(stored_nbytes(p) for p in m.parameters())
-    h = api.compile(m, compute="cpu", vram_gb=0.6 * total / 2**30, donors=["cpu"], example_args=(x,),
+    h = api.compile(m, compute="cpu", offload_gb=0.6 * total / 2**30, donors=["cpu"], example_args=(x,),
                     progress=False)
     try:
         off = [u for u in h.plan.units if u.device != h.plan.compute]
