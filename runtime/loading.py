@@ -5,7 +5,8 @@
 Tensor by tensor: the file's header is read and checked (formats/safetensors.py, the same parser
 planning uses: offsets inside the file, sizes equal to shape x dtype, no overlaps) before anything is
 allocated, every offloaded unit gets its place in one exact-size
-host arena (pinned with one registration when CUDA is there) or a buffer on its donor GPU, and each
+host arena (pinned with one registration once filled, when CUDA is there, up to the pinned cap of
+runtime.pinning; the rest in a pageable arena) or a buffer on its donor GPU, and each
 tensor's bytes are read from the file directly into that place (`readinto`, no intermediate tensor)
 when its dtype matches; resident tensors are read into a small reusable staging buffer and copied to
 the compute device. The whole model is never materialised anywhere else first. A progress line with
@@ -22,7 +23,7 @@ from ..compiler.plan import Plan
 from ..errors import DisTorchError, FileFormatError
 from ..formats.safetensors import read_range, read_safetensors_header
 from .apply import Runtime, classify
-from .store import HostArena, Home, Layout, Progress, align_up, is_host, parse_device
+from .store import Home, Layout, Progress, host_arenas, parse_device, pin_arenas
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -85,14 +86,12 @@ def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, str
     # homes for streamed units: layout from the module's (possibly meta) tensors
     pin = compute.type == "cuda"
     layouts = {n: Layout.of(c.streamed[n]) for n in c.offloaded if c.streamed[n]}
-    arenas: dict[str, HostArena] = {}
-    for hd in sorted({c.home_of[n] for n in layouts if is_host(c.home_of[n])}):
-        need = sum(align_up(max(layouts[n].nbytes, 1)) for n in layouts if c.home_of[n] == hd)
-        arenas[hd] = HostArena(need, pin=pin)
+    # filled pageable, pinned once filled (runtime.pinning caps the pinned bytes; the rest stays pageable)
+    arenas, arena_of = host_arenas(layouts, c.home_of, pin, what=f"the homes of {path.rsplit('/', 1)[-1]}")
     homes: dict[str, Home] = {}
     place: dict[int, torch.Tensor] = {}        # id(param) -> its view in the home
     for n, lay in layouts.items():
-        h = Home.allocate(n, c.home_of[n], lay, pin=False, arena=arenas.get(c.home_of[n]))
+        h = Home.allocate(n, c.home_of[n], lay, pin=False, arena=arenas.get(arena_of.get(n)))
         homes[n] = h
         for (q, p), v in zip(c.streamed[n], h.views()):
             place[id(p)] = v
@@ -132,4 +131,5 @@ def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, str
             if dst is not None:
                 rebind(t, dst)
     prog.close()
+    pin_arenas(arenas)
     return Runtime(module, plan, graph, homes=homes, progress=False, **apply_kw).adopt_arenas(arenas)

@@ -15,16 +15,22 @@ a unit to a slot is a loop of `param.data = view` with nothing allocated.
 """
 from __future__ import annotations
 
-import sys
-import time
+import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..compiler.ring_layout import ALIGN, align as align_up   # one alignment for homes, slots and ring items
+from .. import progress as _progress
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
+from . import pinning as _pinning
+from torch.multiprocessing.reductions import StorageWeakRef
+
 from .hooks import UnitPart
+
+log = logging.getLogger("distorch.runtime.store")
 
 
 def parse_device(dev) -> torch.device:
@@ -110,30 +116,50 @@ class HostArena:
 
     torch's pinned allocator rounds every request up to a power of two (a 680 MB block would take
     1 GiB), so the arena is plain host memory of the exact size (numpy-owned), page-locked in place
-    when `pin` is true. The registration is undone when the memory is freed (a finalizer on the
-    numpy array, which runs before numpy releases the data), i.e. once no view of it is alive.
+    when `pin` is true -- at once, or with `defer=True` only when `pin()` is called after the arena is
+    filled (registering touches every page: done first, the whole arena would be resident beside the
+    weights it is about to replace).  Registration goes through runtime.pinning (counted against the
+    process's cap); it is undone by `unpin()` or when the memory is freed (a finalizer on the numpy
+    array, which runs before numpy releases the data), i.e. once no view of it is alive.
     """
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin: bool, defer: bool = False):
         import numpy as np
-        import weakref
         n = max(align_up(nbytes, 4096), 4096)
         self.array = np.empty(n, dtype=np.uint8)
         self.flat = torch.from_numpy(self.array)
+        self.want_pin = bool(pin)
         self.pinned = False
         self.nbytes = n
         self._next = 0
-        if pin:
-            ptr = self.flat.data_ptr()
-            cudart = torch.cuda.cudart()
-            err = cudart.cudaHostRegister(ptr, n, 0)
-            if int(getattr(err, "value", err)) == 0:
-                self.pinned = True
-                weakref.finalize(self.array, _unregister, ptr)
-            else:
-                import warnings
-                warnings.warn(f"distorch: cudaHostRegister of {n} bytes failed ({err}); host homes stay "
+        self._fin = None
+        if pin and not defer:
+            why = self.pin()
+            if why:
+                warnings.warn(f"distorch: cudaHostRegister of {n} bytes failed ({why}); host homes stay "
                               "pageable (copies will be slower and synchronous)", stacklevel=2)
+
+    def pin(self) -> str:
+        """Page-lock the arena if it was asked to be; "" when done (or not wanted), else why it failed (the
+        arena then stays pageable; never raises)."""
+        if not self.want_pin or self.pinned or self.flat is None:
+            return ""
+        import weakref
+        ptr = self.flat.data_ptr()
+        ok, why = _pinning.register(ptr, self.nbytes)
+        if not ok:
+            self.want_pin = False
+            return why or "failed"
+        self.pinned = True
+        self._fin = weakref.finalize(self.array, _pinning.unregister, ptr)
+        return ""
+
+    def unpin(self) -> None:
+        """Undo the registration now (the memory stays, pageable)."""
+        if self._fin is not None:
+            self._fin()
+            self._fin = None
+        self.pinned = False
 
     def take(self, nbytes: int) -> torch.Tensor:
         off = self._next
@@ -148,11 +174,52 @@ class HostArena:
         self.array = None
 
 
-def _unregister(ptr: int):
-    try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:
-        pass
+TRIM_BYTES = 64 << 20       # while filling homes, give freed heap memory back every this many bytes (or 2 %)
+PAGEABLE = "~pageable"      # key suffix of the host arena holding what did not fit under the pinned cap
+
+
+def host_arenas(layouts: dict, home_of: dict, pin: bool, what: str = "host homes") -> tuple[dict, dict]:
+    """Arenas for the host homes of `layouts` (unit -> Layout, in the order units are pinned: execution
+    order, as compiler.cost.simulate assumes) -> (arenas, unit -> arena key).  With `pin`, units fill the
+    pinned budget (runtime.pinning.budget()) in order; the ones past it get a pageable arena ("<dev>~pageable")
+    and ONE warning.  Pinned arenas are created deferred: call pin_arenas() once they are filled."""
+    arena_of: dict[str, str] = {}
+    need: dict[str, int] = {}
+    left = _pinning.budget() if pin else 0
+    over = 0
+    for n, lay in layouts.items():
+        hd = home_of[n]
+        if not is_host(hd):
+            continue
+        b = align_up(max(lay.nbytes, 1))
+        if pin and b <= left:
+            left -= b
+            key = hd
+        else:
+            key = hd + PAGEABLE if pin else hd
+            over += b if pin else 0
+        arena_of[n] = key
+        need[key] = need.get(key, 0) + b
+    if over:
+        tot = sum(need.values())
+        log.warning("distorch: %.2f of %.2f GiB of %s exceed the pinned-memory cap (%.2f GiB, %.2f GiB already "
+                    "pinned; set %s to change it) and stay in pageable memory: copies from them run at the "
+                    "slower pageable rate", over / 2**30, tot / 2**30, what, _pinning.max_pinned_bytes() / 2**30,
+                    _pinning.pinned_bytes() / 2**30, _pinning.ENV)
+    arenas = {k: HostArena(v, pin=pin and not k.endswith(PAGEABLE), defer=True) for k, v in sorted(need.items())}
+    return arenas, arena_of
+
+
+def pin_arenas(arenas: dict, what: str = "host homes") -> None:
+    """Page-lock the arenas created to be pinned; a failure leaves them pageable with one warning."""
+    failed = []
+    for k, a in arenas.items():
+        why = a.pin()
+        if why:
+            failed.append(f"{k} {a.nbytes / 2**30:.2f} GiB: {why}")
+    if failed:
+        log.warning("distorch: pinning %s failed (%s); they stay in pageable memory (slower, synchronous "
+                    "copies)", what, "; ".join(failed))
 
 
 class Home:
@@ -206,37 +273,12 @@ class SlotPool:
         self.flats = []
 
 
-class Progress:
-    """A one-line stderr progress bar with a byte rate; silent for small totals."""
+class Progress(_progress.Stage):
+    """A byte stage of distorch.progress (ComfyUI's ProgressBar, a terminal bar, or log lines; one INFO line
+    with time and GB/s at the end); not shown for totals under `min_bytes` (or 0: progress off)."""
 
     def __init__(self, total: int, label: str, min_bytes: int = 256 << 20, stream=None):
-        self.total = max(int(total), 1)
-        self.label = label
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.on = total >= min_bytes
-        self.stream = stream or sys.stderr
-
-    def update(self, n: int):
-        self.done += n
-        if not self.on:
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.25 and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        frac = self.done / self.total
-        bar = "#" * int(30 * frac)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% "
-                          f"{self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB {rate / 1e9:.2f} GB/s")
-        self.stream.flush()
-
-    def close(self):
-        if self.on:
-            self.stream.write("\n")
-            self.stream.flush()
+        super().__init__(label, total, "B", enabled=total > 0, min_total=min_bytes, stream=stream)
 
 
 class HomeStore(UnitPart):
@@ -246,7 +288,8 @@ class HomeStore(UnitPart):
     homes      name -> Home; a home given in `given` whose views are the parameters already (runtime.loading
                read the file straight into it) is adopted as it is
     params     params[i]: unit i's parameters as the ring binds them (a GGUF one as its RawBinder)
-    arenas     one exact-size host arena per host home device (pinned with one registration when `pin`)
+    arenas     exact-size host arenas per host home device: "<dev>" pinned with one registration once filled
+               (when `pin`, up to runtime.pinning's cap), "<dev>~pageable" for the units past the cap
 
     Allocating moves every streamed parameter into its home and releases its original storage, so the
     host holds one copy.
@@ -270,28 +313,43 @@ class HomeStore(UnitPart):
                         raise DisTorchError(f"parameter {q!r} is on the meta device (no data); load weights "
                                             "with distorch.runtime.loading.load_into(module, path, plan) first")
                 todo[n] = Layout.of(tensors)
-        self.arenas: dict[str, HostArena] = {}
-        for hd in sorted({home_of[n] for n in todo if is_host(home_of[n])}):
-            need = sum(align_up(max(todo[n].nbytes, 1)) for n in todo if home_of[n] == hd)
-            self.arenas[hd] = HostArena(need, pin=pin)
+        # arenas are filled pageable and pinned afterwards (runtime.pinning caps the pinned bytes)
+        self.arenas, arena_of = host_arenas(todo, home_of, pin)
         total = sum(sum(_gs.stored_bytes(p) for _, p in streamed[n]) for n in units)
         prog = Progress(total if progress else 0, "distorch: weights -> homes")
+        held = {}                  # host storages the parameters had: still alive after the move = a 2nd copy
+        freed, trim_every = 0, max(TRIM_BYTES, total // 50)
         for n in units:
             if n not in todo:
                 prog.update(self.homes[n].nbytes)
                 continue
-            h = Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(home_of[n]))
+            h = Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(arena_of.get(n)))
             with torch.no_grad():
                 for (_, p), v in zip(streamed[n], h.views()):
+                    old = p.raw if _gs.is_gguf(p) else p.data
+                    if old.device.type == "cpu" and old.untyped_storage().nbytes():
+                        st = old.untyped_storage()
+                        held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
+                    v.copy_(old)
+                    del old
                     if _gs.is_gguf(p):     # quantized: the home holds the stored blocks
-                        v.copy_(p.raw)
                         _gs.set_raw(p, v)
-                        continue
-                    v.copy_(p.data)
-                    p.data = v             # the original storage is released here
+                    else:
+                        p.data = v         # the original storage is released here (unless held elsewhere)
             self.homes[n] = h
             prog.update(h.nbytes)
+            freed += h.nbytes
+            if freed >= trim_every:    # freed weights under glibc's mmap threshold stay in the heap until trimmed
+                _pinning.trim_heap()
+                freed = 0
         prog.close()
+        _pinning.trim_heap()
+        pin_arenas(self.arenas)
+        self.held_bytes = sum(nb for r, nb in held.values() if not r.expired())
+        if self.held_bytes >= 64 << 20:
+            log.warning("distorch: %.2f GiB of the host weights moved into homes are still referenced elsewhere "
+                        "(a .data alias, a state dict, a patch backup), so host RAM holds them twice",
+                        self.held_bytes / 2**30)
         self.params = [[_gs.binder(p) for _, p in streamed[n]] for n in units]
 
     def home_views(self) -> dict:
@@ -309,14 +367,88 @@ class HomeStore(UnitPart):
         for k, a in arenas.items():
             self.arenas[f"{k}#loaded" if k in self.arenas else k] = a
 
-    def detach(self, rt) -> None:
-        """Every streamed parameter back on `rt.undo_device` (copied out of its home); homes and arenas freed."""
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arenas.values() if a.pinned)
+
+    @property
+    def pageable_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arenas.values() if not a.pinned)
+
+    def stage(self, rt) -> None:
+        """undo, phase 1: every streamed parameter's bytes copied out of its home onto `rt.undo_device`
+        (the step that may run out of memory); nothing is rebound yet.  Back to the host, a host home is
+        not copied: its views become the parameters (no second copy of the model in RAM, nothing to fail),
+        and detach unpins its arena, which then lives as long as those parameters."""
+        self.staged = None
+        to_host = torch.device(rt.undo_device).type == "cpu"
         with torch.no_grad():
-            for i, n in enumerate(self.units):
-                for p, v in zip(self.params[i], self.homes[n].views()):
-                    _gs.rebind(p, v.to(rt.undo_device, copy=True))
+            self.staged = [[v if to_host and v.device.type == "cpu" else v.to(rt.undo_device, copy=True)
+                            for v in self.homes[n].views()] for n in self.units]
+
+    def unstage(self) -> None:
+        self.staged = None
+
+    def detach(self, rt) -> None:
+        """Every streamed parameter bound to its staged copy on `rt.undo_device`; homes and arenas freed.
+
+        Back to the host the staged tensors are the homes' own views; then, arena by arena, each unit's
+        tensors are copied into storages of their own and the unit's pages are given back at once
+        (runtime.pinning.drop_pages), so RAM holds about one unit more than the model at any moment and
+        the arena is gone at the end.  Only when nothing but the parameters uses the arena (counted); else
+        the parameters stay views of it (still one copy), as they do if a copy fails for lack of memory."""
+        staged = getattr(self, "staged", None)
+        if staged is None:          # detached without stage (a direct call): copy now
+            self.stage(rt)
+            staged = self.staged
+        for i in range(len(self.units)):
+            for p, v in zip(self.params[i], staged[i]):
+                _gs.rebind(p, v)
+        p = v = None               # no local view may keep the arena's use count up (_own_storages)
+        self.staged = None
+        on_host: dict[int, list] = {}     # arena storage -> [(unit i, its home's (ptr, nbytes))]
+        for i, n in enumerate(self.units):
+            f = self.homes[n].flat
+            if staged[i] and staged[i][0].device.type == "cpu" and f is not None and f.device.type == "cpu":
+                on_host.setdefault(f.untyped_storage().data_ptr(), []).append((i, (f.data_ptr(), f.numel())))
+            f = None
+        del staged
         for h in self.homes.values():
             h.release()
         for a in self.arenas.values():
+            a.unpin()
             a.release()
+        for units in on_host.values():
+            self._own_storages(units)
         self.homes, self.arenas, self.params = {}, {}, []
+        _pinning.trim_heap()
+
+    def _own_storages(self, units: list) -> None:
+        """The parameters of `units` (all views of one host arena) copied out unit by unit, each unit's
+        pages dropped after it (see detach)."""
+        def tensor(p):
+            q = _gs.param_of(p)
+            return q.raw if _gs.is_gguf(q) else q
+        st = tensor(self.params[units[0][0]][0]).untyped_storage()
+        bound = sum(len(self.params[i]) for i, _ in units)
+        if _storage_users(st) != bound + 1:      # +1: `st` itself; more = someone else reads the arena
+            return
+        del st
+        with torch.no_grad():
+            for i, (ptr, nbytes) in units:
+                try:
+                    new = [tensor(p).detach().clone() for p in self.params[i]]
+                except (RuntimeError, MemoryError) as e:
+                    log.warning("distorch: undo left the host weights in their arena (copy failed: %s)", e)
+                    return
+                for p, v in zip(self.params[i], new):
+                    _gs.rebind(p, v)
+                del new
+                _pinning.drop_pages(ptr, nbytes)
+
+
+def _storage_users(st) -> int:
+    try:
+        return int(torch._C._storage_Use_Count(st._cdata))
+    except (AttributeError, RuntimeError):
+        return -1

@@ -1,0 +1,216 @@
+"""Host memory honesty (issue 11, CPU parts): one host copy of every offloaded byte, unload gives the
+memory back, and the pinned-memory cap with its pageable overflow (a fake pin function stands in for
+cudaHostRegister on a machine without CUDA)."""
+import gc
+import logging
+
+import pytest
+import torch
+
+from distorch.compiler.graph import ROOT
+from distorch.compiler.plan import Plan, PlacedUnit
+from distorch.runtime import pinning
+from distorch.runtime.apply import apply, classify
+from distorch.runtime.store import PAGEABLE, HomeStore
+
+MiB = 1 << 20
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, h)
+        self.gate = torch.nn.Linear(d, h)
+        self.down = torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(y)) * self.up(y))
+
+
+class TinyDiT(torch.nn.Module):
+    def __init__(self, depth=8, d=1024, h=2560):
+        super().__init__()
+        self.inp = torch.nn.Linear(d, d)
+        self.blocks = torch.nn.ModuleList(Block(d, h) for _ in range(depth))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def nbytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def plan_all(model, compute="cpu:0", home="cpu"):
+    pu = [PlacedUnit(ROOT, "root", 0, compute, 0, "root")]
+    for i, b in enumerate(model.blocks):
+        pu.append(PlacedUnit(f"blocks.{i}", "Block", nbytes(b), home, i + 1))
+    return Plan(compute=compute, units=pu)
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1]) * 1024
+    pytest.skip(f"/proc/self/status has no {key}")
+
+
+def anon():
+    gc.collect()
+    pinning.trim_heap()
+    return status("RssAnon")
+
+
+def hwm_anon_growth(h0, f0):
+    """Peak RSS growth since reset_peak(), less what file-backed/shared pages (code, libraries) added."""
+    return status("VmHWM") - h0 - max(0, status("RssFile") + status("RssShmem") - f0)
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def test_two_models_compile_in_turn_one_host_copy_and_undo_gives_it_back():
+    base = anon()
+    torch.manual_seed(0)
+    x = torch.randn(2, 1024)
+    models, refs, rts, before = [], [], [], []
+    for _ in range(2):                                      # ~260 MiB each, as ComfyUI loads them: on the CPU
+        m = TinyDiT().eval()
+        with torch.no_grad():
+            refs.append(m(x))
+        models.append(m)
+    for m, ref in zip(models, refs):                        # high-noise expert, then low-noise expert
+        off = sum(nbytes(b) for b in m.blocks)
+        r0 = anon()
+        peaked = reset_peak()
+        h0, f0 = (status("VmHWM"), status("RssFile") + status("RssShmem")) if peaked else (0, 0)
+        rt = apply(m, plan_all(m), progress=False)
+        grow = anon() - r0
+        slots = rt.pool.nbytes                               # the compute device's slots (VRAM on a GPU)
+        assert grow <= 0.05 * off + 64 * MiB + slots, f"compile grew RssAnon by {grow / MiB:.0f} MiB"
+        if peaked:
+            assert hwm_anon_growth(h0, f0) <= 0.05 * off + 64 * MiB + slots, "compile peak"
+        with torch.no_grad():
+            assert torch.equal(m(x), ref)
+        rts.append(rt)
+        before.append(r0)
+    for m, rt, ref, r0 in zip(models[::-1], rts[::-1], refs[::-1], before[::-1]):
+        off = sum(nbytes(b) for b in m.blocks)
+        r1 = anon()
+        peaked = reset_peak()
+        h0, f0 = (status("VmHWM"), status("RssFile") + status("RssShmem")) if peaked else (0, 0)
+        rt.undo()                                            # back to the host, as ComfyUI's unload does
+        if peaked:
+            assert hwm_anon_growth(h0, f0) <= 0.05 * off + 64 * MiB, "undo must not copy the whole model"
+        assert anon() <= r1 + 64 * MiB, "undo grew RssAnon"
+        with torch.no_grad():
+            assert torch.equal(m(x), ref)
+    del models, rts, m, rt
+    assert anon() - base <= 64 * MiB, "both models gone: RssAnon must be back where it started"
+
+
+@pytest.fixture
+def fake_pin(monkeypatch):
+    regs = {}
+
+    def reg(ptr, n):
+        regs[ptr] = n
+        return 0
+
+    monkeypatch.setattr(pinning, "host_register", reg)
+    monkeypatch.setattr(pinning, "host_unregister", lambda ptr: regs.pop(ptr))
+    return regs
+
+
+def store_for(m, pin=True):
+    plan = plan_all(m)
+    c = classify(m, plan)
+    units = [n for n in c.offloaded if c.streamed[n]]
+    return HomeStore(units, c.streamed, c.home_of, pin=pin, progress=False), units
+
+
+def test_pinned_cap_overflow_is_pageable_with_one_warning(fake_pin, monkeypatch, caplog):
+    m = TinyDiT(depth=6, d=64, h=128)
+    per_block = nbytes(m.blocks[0])
+    monkeypatch.setenv(pinning.ENV, str(2.5 * per_block / 2**30))
+    caplog.set_level(logging.WARNING)
+    p0 = pinning.pinned_bytes()
+    st, units = store_for(m)
+    assert st.arenas["cpu"].pinned and not st.arenas["cpu" + PAGEABLE].pinned
+    assert 0 < st.pinned_bytes <= 2.5 * per_block and pinning.pinned_bytes() - p0 == st.pinned_bytes
+    assert st.pageable_bytes >= 3 * per_block
+    warns = [r for r in caplog.records if "pinned-memory cap" in r.getMessage()]
+    assert len(warns) == 1 and pinning.ENV in warns[0].getMessage()
+    # the first units in execution order are the pinned ones (compiler.cost assumes the same)
+    pinned_flat = st.arenas["cpu"].flat
+    lo, hi = pinned_flat.data_ptr(), pinned_flat.data_ptr() + pinned_flat.numel()
+    assert [lo <= st.homes[n].flat.data_ptr() < hi for n in units] == [True, True] + [False] * 4
+    for n in units:
+        for p in m.get_submodule(n).parameters():
+            assert any(h.flat.data_ptr() <= p.data_ptr() < h.flat.data_ptr() + h.flat.numel()
+                       for h in st.homes.values())
+
+    class R:
+        undo_device = torch.device("cpu")
+    st.stage(R)
+    st.detach(R)
+    gc.collect()
+    assert pinning.pinned_bytes() == p0 and not fake_pin
+
+
+def test_pinning_failure_never_fails_a_load(monkeypatch, caplog):
+    def boom(ptr, n):
+        raise RuntimeError("cudaHostRegister: out of memory")
+    monkeypatch.setattr(pinning, "host_register", boom)
+    caplog.set_level(logging.WARNING)
+    m = TinyDiT(depth=3, d=64, h=128)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = m(x)
+    st, _ = store_for(m)
+    assert not any(a.pinned for a in st.arenas.values())
+    assert len([r for r in caplog.records if "pinning" in r.getMessage()]) == 1
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+
+
+def test_cap_setting(monkeypatch, caplog):
+    monkeypatch.setenv(pinning.ENV, "0")
+    assert pinning.max_pinned_bytes() == 0 and pinning.budget() == 0
+    monkeypatch.setenv(pinning.ENV, "1.5")
+    assert pinning.max_pinned_bytes() == int(1.5 * 2**30)
+    monkeypatch.setenv(pinning.ENV, "lots")
+    caplog.set_level(logging.WARNING)
+    assert pinning.max_pinned_bytes() == int(pinning.total_host_bytes() * pinning.DEFAULT_PINNED_FRACTION)
+    assert any(pinning.ENV in r.getMessage() for r in caplog.records)
+    monkeypatch.delenv(pinning.ENV)
+    assert pinning.DEFAULT_PINNED_FRACTION <= 0.95       # never above ComfyUI 0.3.75's own MAX_PINNED_MEMORY
+
+
+def test_plan_prices_homes_past_the_pinned_cap_at_the_pageable_rate():
+    from distorch.compiler import inventory as inv_mod
+    from distorch.compiler.cost import simulate
+    from distorch.compiler.graph import Unit
+    inv = inv_mod.declare("cuda:0=80GiB,cpu=128GiB")
+    units = [Unit(name=f"b{i}", type="Block", param_bytes=1 << 30, time_s=1e-3) for i in range(4)]
+    homes = {u.name: "cpu" for u in units}
+    fast = simulate(units, homes, "cuda:0", inv, window_bytes=2 << 30)
+    inv.pinned_limit = 2 << 30                               # two of the four 1 GiB units fit pinned
+    slow = simulate(units, homes, "cuda:0", inv, window_bytes=2 << 30)
+    bw = inv.bandwidth("cpu", "cuda:0")
+    assert inv.pageable_bandwidth("cpu", "cuda:0") == pytest.approx(bw * inv_mod.PAGEABLE_FRACTION)
+    want = 2 * (1 << 30) / bw + 2 * (1 << 30) / (bw * inv_mod.PAGEABLE_FRACTION)
+    assert slow["per_link_s"]["cpu>cuda:0"] == pytest.approx(want, rel=1e-3)
+    assert slow["step_s"] > fast["step_s"]
