@@ -1,18 +1,22 @@
 """`distorch` command line.
 
-    distorch plan FILE [--compute DEV] [--vram GiB] [--donor DEV[,DEV...]] [--expert STRING]
-                       [--devices SPEC] [--window SIZE] [--json]
+    distorch plan FILE [--compute DEV] [--offload GiB | --max-vram GiB] [--donor DEV[,DEV...]]
+                       [--expert STRING] [--devices SPEC] [--window SIZE] [--json]
     distorch --version
 
 FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (every name in
 compiler/shapes.py BUILTINS, listed by `distorch plan --help`).  Without --devices the machine is probed
 (compiler/inventory.py); with it, the plan is made for the declared machine, e.g.
 
-    distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --vram 16
+    distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --offload 16
+    distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --max-vram 8
 
 Units, as parsed and as printed: GiB = 2^30 bytes, GB = 10^9 bytes (GB/s = 10^9 bytes/s); sizes need a
-unit (`--devices cuda:0=12` is an error that suggests 12GiB).  --vram is a number of GiB (or a size with
-its unit).  Allocation strings (--expert) keep ComfyUI-MultiGPU's convention: their "gb" is GiB.
+unit (`--devices cuda:0=12` is an error that suggests 12GiB).  The budget is one of --offload (GiB of the
+model kept off the compute device, ComfyUI's virtual_vram_gb: the model then holds at most its size minus
+that there, slots and scratch included) and --max-vram (GiB the model may hold on the compute device:
+resident weights + ring slots + dequant scratch + runtime buffers); each is a number of GiB or a size
+with its unit.  Neither keeps the model resident.  `--vram` is refused with a hint naming the two.  Allocation strings (--expert) keep ComfyUI-MultiGPU's convention: their "gb" is GiB.
 
 Bad input prints one line naming the bad part on stderr and exits with code 2 (never a traceback): every
 value is checked where it is parsed and every check raises a DisTorchError.
@@ -28,7 +32,7 @@ import sys
 from .errors import DisTorchError
 
 GiB = 1 << 30
-MAX_VRAM_GIB = float(1 << 30)    # 1 EiB: --vram above this is a typo, never a machine
+MAX_VRAM_GIB = float(1 << 30)    # 1 EiB: --offload / --max-vram above this is a typo, never a machine
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,14 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("file", metavar="FILE", help=".safetensors/.gguf file or a built-in shape: "
                                                  + ", ".join(_builtins()))
     pl.add_argument("--compute", metavar="DEV", help="device that runs the model (default: first GPU, else cpu)")
-    pl.add_argument("--vram", metavar="GiB", help="GiB (2^30 bytes) of the model to keep OFF the compute device "
-                                                   "(virtual_vram_gb; default 0), e.g. 16 or 12.5; a size with a "
-                                                   "unit works too (e.g. 16GiB, 17GB)")
+    pl.add_argument("--offload", metavar="GiB", help="GiB (2^30 bytes) of the model to keep OFF the compute device "
+                                                      "(virtual_vram_gb; default 0), e.g. 16 or 12.5; the model then "
+                                                      "holds at most its size minus that on the compute device, slots "
+                                                      "included; a size with a unit works too (e.g. 16GiB, 17GB)")
+    pl.add_argument("--max-vram", metavar="GiB", dest="max_vram",
+                    help="GiB the compiled model may hold on the compute device: resident weights + streaming "
+                         "slots + dequant scratch (activations not included), e.g. 8; exclusive with --offload")
+    pl.add_argument("--vram", metavar="GiB", help=argparse.SUPPRESS)   # refused: see _plan
     pl.add_argument("--donor", metavar="DEV[,DEV...]", default=None,
                     help="where offloaded weights live (default cpu); several: fastest link filled first")
     pl.add_argument("--expert", metavar="STRING", default=None,
                     help="allocation string (fractions, bytes with '*', or percentages; its byte unit gb means "
-                         "GiB, as in ComfyUI-MultiGPU); overrides --vram/--donor")
+                         "GiB, as in ComfyUI-MultiGPU); overrides --offload/--max-vram/--donor")
     pl.add_argument("--devices", metavar="SPEC", default=None,
                     help="declare the machine instead of probing it, e.g. cuda:0=12GiB,cpu=32GiB[;cpu>cuda:0=25GB/s] "
                          "(GiB = 2^30 bytes, GB = 10^9 bytes; a unit is required)")
@@ -90,28 +99,35 @@ def _gb(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
 
 
-def parse_vram(text) -> float:
-    """--vram: a number of GiB ('16', '12.5') or a size with its unit ('16GiB', '17GB') -> GiB as a float.
-    Finite, >= 0 and at most 1 EiB, or a DisTorchError naming the value."""
+def _size(b: float) -> str:
+    """GiB, or MiB below 0.1 GiB (runtime buffers, scratch of small models)."""
+    return _gb(b) if b >= GiB / 10 or b == 0 else f"{b / 2**20:.1f} MiB"
+
+
+def parse_vram(text, opt: str = "--offload") -> float:
+    """--offload / --max-vram: a number of GiB ('16', '12.5') or a size with its unit ('16GiB', '17GB') ->
+    GiB as a float.  Finite, >= 0 and at most 1 EiB, or a DisTorchError naming the value."""
     from .compiler.inventory import parse_size, show, split_number
     s = str(text).strip()
-    help_ = "give the GiB of the model to keep off the compute device, e.g. --vram 16 or --vram 12.5GiB"
+    help_ = (f"give the GiB of the model to keep off the compute device, e.g. {opt} 16 or {opt} 12.5GiB"
+             if opt == "--offload" else
+             f"give the GiB the model may hold on the compute device, e.g. {opt} 8 or {opt} 7.5GiB")
     if s.startswith("-"):
-        raise DisTorchError(f"--vram {show(text)} is negative: {help_} (0 keeps everything resident)")
+        raise DisTorchError(f"{opt} {show(text)} is negative: {help_}")
     try:
         if not s.isascii():
             raise ValueError(s)   # float() would read other scripts' digits; the grammar is ASCII
         v = float(s)     # a plain number of GiB, as virtual_vram_gb always was ('16', '12.5', '1e1')
     except ValueError:
         if not split_number(s)[0]:
-            raise DisTorchError(f"--vram {show(text)} is not a number: {help_}") from None
-        v = parse_size(s, "--vram") / GiB    # a size with its unit
+            raise DisTorchError(f"{opt} {show(text)} is not a number: {help_}") from None
+        v = parse_size(s, opt) / GiB    # a size with its unit
     if math.isnan(v):
-        raise DisTorchError(f"--vram {show(text)} is not a number: {help_}")
+        raise DisTorchError(f"{opt} {show(text)} is not a number: {help_}")
     if v < 0:
-        raise DisTorchError(f"--vram {show(text)} is negative: {help_} (0 keeps everything resident)")
+        raise DisTorchError(f"{opt} {show(text)} is negative: {help_}")
     if v > MAX_VRAM_GIB:   # inf included
-        raise DisTorchError(f"--vram {show(text)} is more than 1 EiB (2^30 GiB), which no machine has: {help_}")
+        raise DisTorchError(f"{opt} {show(text)} is more than 1 EiB (2^30 GiB), which no machine has: {help_}")
     return v
 
 
@@ -142,8 +158,18 @@ def format_table(plan, graph, inventory) -> str:
     lines.append("")
     if plan.window_bytes:
         n = pr.get("n_slots", 0)
-        lines.append(f"streaming window on {plan.compute}: {n} slot(s), {_gb(plan.window_bytes)}; peak on "
-                     f"{plan.compute}: {_gb(pr.get('peak_bytes', 0))}")
+        lines.append(f"streaming window on {plan.compute}: {n} slot(s), {_gb(plan.window_bytes)}")
+    peak = pr.get("compute_peak_bytes", pr.get("peak_bytes", 0))
+    parts = [f"{_size(pr.get('resident_bytes', 0))} resident"]
+    if pr.get("window_footprint_bytes"):
+        parts.append(f"{_size(pr['window_footprint_bytes'])} slots")
+    for k, what in (("dequant_scratch_bytes", "dequant scratch"), ("dequant_transient_bytes", "transient dequant"),
+                    ("runtime_buffers_bytes", "runtime buffers")):
+        if pr.get(k):
+            parts.append(f"{_size(pr[k])} {what}")
+    budget = pr.get("budget_bytes")
+    lines.append(f"footprint on {plan.compute}: {_size(peak)} = {' + '.join(parts)}"
+                 + (f" (budget {_size(budget)})" if budget is not None else "") + "; activations come on top")
     lines.append(f"v2 Expert String: {plan.expert_string}")
     over = pr["overhead_s"]
     pct = 100.0 * over / pr["compute_s"] if pr["compute_s"] else 0.0
@@ -162,7 +188,15 @@ def _plan(args) -> int:
     from .passes.verify import verify
 
     # every value is parsed (and so checked) before the inventory is probed or the file is read
-    vram = parse_vram(args.vram) if args.vram is not None else None
+    if args.vram is not None:
+        raise DisTorchError(f"--vram {args.vram} is gone: it did not bound what the model holds on the compute "
+                            f"device. Give --offload {args.vram} (GiB of the model kept off it, ComfyUI's "
+                            f"virtual_vram_gb) or --max-vram GiB (what the model may hold on it)")
+    if args.offload is not None and args.max_vram is not None:
+        raise DisTorchError("--offload and --max-vram both given: give one (GiB kept off the compute device, or "
+                            "GiB the model may hold on it)")
+    offload = parse_vram(args.offload, "--offload") if args.offload is not None else None
+    max_vram = parse_vram(args.max_vram, "--max-vram") if args.max_vram is not None else None
     window = parse_window(args.window) if args.window is not None else None
     compute = normalize_device(args.compute) if args.compute is not None else None
     if args.devices is not None:
@@ -178,17 +212,20 @@ def _plan(args) -> int:
     if args.devices is None and compute not in inv.devices:
         raise DisTorchError(f"compute device {compute!r} is not on this machine (found: {', '.join(inv.devices)}); "
                             f"to plan for another machine pass --devices, e.g. --devices {compute}=12GiB,cpu=32GiB")
-    if args.expert and args.vram is not None:
-        print("distorch: note: --expert overrides --vram/--donor", file=sys.stderr)
+    if args.expert and (offload is not None or max_vram is not None):
+        print("distorch: note: --expert overrides --offload/--max-vram/--donor", file=sys.stderr)
     from .compiler.files import graph_from_file
     graph = graph_from_file(args.file)
-    plan = partition(graph, inv, compute, vram_gb=vram, donors=args.donor, expert=args.expert,
-                     window_bytes=window)
+    plan = partition(graph, inv, compute, offload_gb=offload, max_vram_gb=max_vram, donors=args.donor,
+                     expert=args.expert, window_bytes=window)
+    for w in plan.predicted.get("warnings", ()):
+        print(f"distorch: warning: {w}", file=sys.stderr)
     sched = schedule(plan, graph)
     verify(plan, sched)
     if args.json:
         d = plan.to_dict()
         d["model_bytes"] = plan.model_bytes
+        d["compute_peak_bytes"] = plan.predicted["compute_peak_bytes"]
         d["schedule"] = sched.to_dict()
         d["inventory"] = inv.to_dict()
         d["graph_source"] = graph.source

@@ -5,6 +5,9 @@ distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_model
                  DisTorch patcher (patcher.py); returns obj (the same CLIP/VAE/ControlNet object with its
                  patcher swapped, or the ModelPatcher itself). The Plan is made here, so bad inputs
                  fail at the loader node; the model is compiled when ComfyUI loads it.
+                 virtual_vram_gb is the library's offload_gb: what the model then holds on the compute
+                 device (resident weights + ring slots + dequant scratch) is at most model - virtual_vram_gb;
+                 a value the model cannot meet (or above its size) streams all of it, with a warning.
 release(obj)     unloads obj from ComfyUI (model_unload), which frees its homes.
 eject(device)    unloads every model ComfyUI holds on `device`.
 state_of(obj)    the DisTorch state of obj's model (plan, handle, counters), or None.

@@ -67,6 +67,9 @@ class State:
             return int(rt.resident_bytes + getattr(rt, "W", 0) * getattr(rt, "slot_bytes", 0))
         p = self.plan
         if p is not None:
+            peak = (p.predicted or {}).get("compute_peak_bytes")
+            if peak is not None:
+                return int(peak)
             dev = p.devices.get(p.compute, {})
             return int(dev.get("bytes", p.model_bytes - p.offloaded_bytes()) + (p.window_bytes or 0))
         if self.cfg.expert:
@@ -86,9 +89,10 @@ class State:
             kw["plan"] = self.plan
         elif self.cfg.expert:
             kw["expert"] = self.cfg.expert
-        else:
-            kw["vram_gb"] = self.cfg.vram_gb
+        else:   # virtual_vram_gb is the library's offload_gb; more than the model can spare streams it all
+            kw["offload_gb"] = self.cfg.vram_gb
             kw["donors"] = list(self.cfg.donors)
+            kw["clamp_offload"] = True
         h = runtime_api.compile(module, **kw)
         self.handle, self.plan, self.device, self.index = h, h.plan, torch.device(device), None
         self.compiles += 1
@@ -160,15 +164,18 @@ def make_plan(module, cfg: Config):
     inv = runtime_api.inventory_for(comp, cfg.donors)
     if cfg.expert:
         return partition(graph, inv, comp, expert=cfg.expert)
-    return partition(graph, inv, comp, vram_gb=cfg.vram_gb, donors=cfg.donors)
+    plan = partition(graph, inv, comp, offload_gb=cfg.vram_gb, donors=cfg.donors, clamp=True)
+    for w in (plan.predicted or {}).get("warnings", ()):
+        log.warning("DisTorch: %s", w)
+    return plan
 
 
 def allocation_table(plan, title: str = "") -> str:
-    """The table users know: per device memory, the share of the model (GB, %), layer types and counts,
-    the v2 expert string, the predicted step overhead."""
+    """The table users know: per device memory, the share of the model (GiB = 2^30 bytes, %), layer types
+    and counts, the v2 expert string, the predicted step overhead.  Device names are never cut."""
     tot = plan.model_bytes or 1
     lines = ["=" * 78, f"DisTorch2 allocation{(' - ' + title) if title else ''}", "=" * 78,
-             f"{'device':<10}{'memory GB':>11}{'model GB':>11}{'% model':>9}  layers (by type)", "-" * 78]
+             f"{'device':<10}{'memory GiB':>11}{'model GiB':>11}{'% model':>9}  layers (by type)", "-" * 78]
     devs = dict(plan.devices or {})
     if not devs:
         for u in plan.units:
@@ -182,8 +189,8 @@ def allocation_table(plan, title: str = "") -> str:
         mem = d.get("total", 0) / GiB
         lines.append(f"{name:<10}{mem:>11.2f}{b / GiB:>11.3f}{100.0 * b / tot:>8.1f}%  {t}")
     lines.append("-" * 78)
-    lines.append(f"model {tot / GiB:.3f} GB, {len(plan.units)} units, {plan.offloaded_bytes() / GiB:.3f} GB "
-                 f"streamed to {plan.compute} through a {plan.window_bytes / GiB:.3f} GB window")
+    lines.append(f"model {tot / GiB:.3f} GiB, {len(plan.units)} units, {plan.offloaded_bytes() / GiB:.3f} GiB "
+                 f"streamed to {plan.compute} through a {plan.window_bytes / GiB:.3f} GiB window")
     pr = plan.predicted or {}
     step, comp = pr.get("step_s"), pr.get("compute_s")
     if step:

@@ -52,11 +52,13 @@ def unit_compute_s(unit: Unit, device: str, inventory) -> float:
     return size * FALLBACK_FLOPS_PER_BYTE * calls / rate
 
 
-def unit_transfer_s(nbytes: int, src: str, dst: str, inventory) -> float:
-    """Time to copy `nbytes` from src to dst: bytes / bandwidth + fixed per-copy cost (0 on one device)."""
+def unit_transfer_s(nbytes: int, src: str, dst: str, inventory, pageable: bool = False) -> float:
+    """Time to copy `nbytes` from src to dst: bytes / bandwidth + fixed per-copy cost (0 on one device);
+    `pageable`: from host memory that is not pinned (inventory.pageable_bandwidth)."""
     if src == dst or nbytes <= 0:
         return 0.0
-    return nbytes / inventory.bandwidth(src, dst) + COPY_FIXED_S
+    bw = inventory.pageable_bandwidth(src, dst) if pageable else inventory.bandwidth(src, dst)
+    return nbytes / bw + COPY_FIXED_S
 
 
 # Dequantization of GGUF weights (bench/results/dequant_h100.md, H100, Triton backend): throughput of
@@ -149,12 +151,17 @@ def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, in
     ct, tt, link, off, sizes = [], [], [], [], []
     per_link_bytes: dict[str, int] = {}
     per_link_s: dict[str, float] = {}
+    pinned_seen = 0
     for i, u in enumerate(units_in_order):
         ct.append(unit_compute_s(u, compute, inventory))
         h = homes.get(u.name, compute)
         if h != compute:
             key = f"{h}>{compute}"
-            t = unit_transfer_s(u.bytes, h, compute, inventory)
+            pageable = False
+            if h == "cpu" and getattr(inventory, "pinned_limit", None) is not None:
+                pinned_seen += u.bytes      # homes pin in execution order; past the cap they stay pageable
+                pageable = pinned_seen > inventory.pinned_limit
+            t = unit_transfer_s(u.bytes, h, compute, inventory, pageable=pageable)
             tt.append(t)
             link.append(key)
             off.append(i)

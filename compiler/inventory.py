@@ -51,7 +51,8 @@ probed)
 * GPU <-> GPU: 25 GB/s (a peer copy over PCIe; NVLink is only assumed when probed or declared)
 * anything else: 25 GB/s
 * compute rate: a CUDA/XPU GPU 400e12 FLOP/s (bf16, effective, not peak: about what a diffusion
-  transformer reaches on an H100-class card), other accelerators 100e12, a CPU 1e12 FLOP/s.
+  transformer reaches on an H100-class card), other accelerators 100e12, the host (`cpu`, and `cpu:N`
+  computing) 100e9 FLOP/s; when the host computes, runtime/api.py measures it instead (`host_rate`).
   A measured per-unit time (Unit.time_s) always beats a rate; see compiler/cost.py.
 """
 from __future__ import annotations
@@ -62,10 +63,10 @@ import math
 import os
 import re
 import statistics
-import sys
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal, localcontext
 
+from .. import progress as _stages
 from ..errors import InventoryError
 
 log = logging.getLogger("distorch.compiler.inventory")
@@ -73,11 +74,12 @@ log = logging.getLogger("distorch.compiler.inventory")
 GiB = 1 << 30
 
 DEFAULT_HOST_GPU_BPS = 25e9
+PAGEABLE_FRACTION = 1 / 6     # pageable host memory -> GPU vs pinned (H200: pinned 55 GB/s, pageable 7-8)
 DEFAULT_GPU_GPU_BPS = 25e9
 DEFAULT_OTHER_BPS = 25e9
 DEFAULT_GPU_FLOPS = 400e12
 DEFAULT_ACCEL_FLOPS = 100e12
-DEFAULT_CPU_FLOPS = 1e12
+DEFAULT_CPU_FLOPS = 100e9   # a few cores of a desktop CPU in float32; the host is measured when it computes
 
 # Memory sizes: binary units are GiB-style (KiB/MiB/GiB/TiB, 2^10..2^40) and so are the one-letter
 # short forms k/m/g/t (as in the allocation strings and `docker -m 512m`); KB/MB/GB/TB are decimal (10^3..10^12)
@@ -195,6 +197,12 @@ def normalize_device(name: str) -> str:
     return f"{m.group(1)}:{int(m.group(2))}"   # one spelling per device: cuda:00 is cuda:0
 
 
+def is_host(name: str) -> bool:
+    """The host's memory and cores: `cpu` and its compute-device spelling `cpu:N`."""
+    s = str(name)
+    return s == "cpu" or s.startswith("cpu:")
+
+
 def is_gpu(name: str) -> bool:
     return name.split(":")[0] in ("cuda", "xpu", "hip")
 
@@ -215,6 +223,7 @@ class Inventory:
     links: dict[tuple[str, str], float] = field(default_factory=dict)   # (src, dst) -> bytes/s
     compute_rate: dict[str, float] = field(default_factory=dict)        # dev -> FLOP/s, when known
     source: str = "declared"                                            # "declared" | "probed"
+    pinned_limit: int | None = None     # host bytes homes may still pin (runtime.api sets it from runtime.pinning); None: no cap
 
     def bandwidth(self, src: str, dst: str) -> float:
         """Bytes/s from src to dst: declared or probed value, else the documented defaults
@@ -230,6 +239,10 @@ class Inventory:
             return DEFAULT_HOST_GPU_BPS
         return DEFAULT_OTHER_BPS
 
+    def pageable_bandwidth(self, src: str, dst: str) -> float:
+        """Bytes/s from pageable (not pinned) host memory: PAGEABLE_FRACTION of the pinned link's rate."""
+        return self.bandwidth(src, dst) * PAGEABLE_FRACTION
+
     def rate(self, dev: str) -> float:
         """Effective FLOP/s of `dev`: declared/probed, else the documented default."""
         r = self.compute_rate.get(dev)
@@ -237,7 +250,7 @@ class Inventory:
             return float(r)
         if is_gpu(dev):
             return DEFAULT_GPU_FLOPS
-        if dev == "cpu":
+        if is_host(dev):          # "cpu", and "cpu:0", the host computing (runtime/api.py HOST_COMPUTE)
             return DEFAULT_CPU_FLOPS
         return DEFAULT_ACCEL_FLOPS
 
@@ -378,8 +391,8 @@ def _cache_path() -> str:
 
 
 def _progress(msg: str, enabled: bool) -> None:
-    if enabled:
-        print(f"[distorch probe] {msg}", file=sys.stderr, flush=True)
+    """One line of the probe on the logger (INFO when progress is on, else DEBUG)."""
+    log.log(logging.INFO if enabled else logging.DEBUG, "probe: %s", msg.strip())
 
 
 def _time_copy(torch, dst, src, stream, reps: int = 5) -> float:
@@ -422,6 +435,40 @@ def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:
             times.append(e0.elapsed_time(e1) / 1e3)
     del a, b
     return 2.0 * n ** 3 / statistics.median(times)
+
+
+HOST_GEMM_N = 512           # host probe GEMM: 512^3 float32 (0.27 GFLOP; a few ms on a few cores)
+_host_rate: list = []       # measured once per process
+
+
+def host_rate(measure: bool = True) -> float:
+    """Effective FLOP/s of the host computing a model: a float32 GEMM's rate (median of 5, one warm-up,
+    torch's own threads) x GEMM_EFFICIENCY, measured once per process; DEFAULT_CPU_FLOPS when torch is
+    missing or `measure` is false.  Used for the compute device `cpu:0` (runtime/api.py inventory_for),
+    which used to be rated as a 100 TFLOP/s accelerator."""
+    if not measure:
+        return DEFAULT_CPU_FLOPS
+    if _host_rate:
+        return _host_rate[0]
+    try:
+        import time
+        import torch
+        n = HOST_GEMM_N
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g)
+        b = torch.randn(n, n, generator=g)
+        times = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if i:
+                times.append(time.perf_counter() - t0)
+        r = 2.0 * n ** 3 / max(statistics.median(times), 1e-9) * GEMM_EFFICIENCY
+        r = min(max(r, 1e9), 1e15)
+    except Exception:   # no torch, or it cannot run here: the documented default
+        r = DEFAULT_CPU_FLOPS
+    _host_rate.append(r)
+    return r
 
 
 MAX_CACHE_BYTES = 1 << 20   # the cache holds a few numbers per machine; a larger file is not ours
@@ -496,7 +543,7 @@ def _write_cache(path: str, stored: dict, progress: bool) -> None:
             json.dump(stored, fh, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except OSError as e:
-        _progress(f"could not write cache {path}: {e}", progress)
+        log.warning("probe: could not write cache %s: %s", path, e)
 
 
 def _apply_entry(inv: Inventory, entry: dict) -> None:
@@ -518,16 +565,25 @@ def _measure(torch, inv: Inventory, n: int, copy_mib: int, progress: bool) -> No
     """Measure the links and compute rates of the `n` CUDA devices into `inv`, then refresh their free
     memory (after the probe's buffers are gone)."""
     nbytes = copy_mib << 20
+    peers = [(i, j) for i in range(n) for j in range(n) if i != j and torch.cuda.can_device_access_peer(j, i)]
+    with _stages.stage("distorch: probing links and compute rates", 2 * n + len(peers), "probes",
+                       enabled=progress) as st:
+        _measure_into(torch, inv, n, copy_mib, progress, nbytes, peers, st)
+
+
+def _measure_into(torch, inv: Inventory, n: int, copy_mib: int, progress: bool, nbytes: int, peers: list,
+                  st) -> None:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     bufs = {}
     for i in range(n):
         dev = f"cuda:{i}"
-        _progress(f"pinned cpu -> {dev} ({copy_mib} MiB copies)...", progress)
+        log.debug("probe: pinned cpu -> %s (%d MiB copies)...", dev, copy_mib)
         bufs[i] = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         s = torch.cuda.Stream(device=dev)
         with torch.cuda.device(i):
             bw = _time_copy(torch, bufs[i], host, s)
         inv.links[("cpu", dev)] = bw
+        st.update()
         _progress(f"  cpu -> {dev}: {bw / 1e9:.1f} GB/s", progress)
         try:
             with torch.cuda.device(i):
@@ -536,16 +592,16 @@ def _measure(torch, inv: Inventory, n: int, copy_mib: int, progress: bool) -> No
             _progress(f"  {dev}: bf16 GEMM {g / 1e12:.0f} TFLOP/s (effective rate {g * GEMM_EFFICIENCY / 1e12:.0f})",
                       progress)
         except Exception as e:       # a device without bf16 matmul keeps the default rate
-            _progress(f"  {dev}: GEMM probe failed ({type(e).__name__}: {e}); default compute rate", progress)
-    for i in range(n):
-        for j in range(n):
-            if i != j and torch.cuda.can_device_access_peer(j, i):
-                _progress(f"peer cuda:{i} -> cuda:{j}...", progress)
-                s = torch.cuda.Stream(device=f"cuda:{j}")
-                with torch.cuda.device(j):
-                    bw = _time_copy(torch, bufs[j], bufs[i], s)
-                inv.links[(f"cuda:{i}", f"cuda:{j}")] = bw
-                _progress(f"  cuda:{i} -> cuda:{j}: {bw / 1e9:.1f} GB/s", progress)
+            log.warning("probe: %s: GEMM probe failed (%s: %s); default compute rate", dev, type(e).__name__, e)
+        st.update()
+    for i, j in peers:
+        log.debug("probe: peer cuda:%d -> cuda:%d...", i, j)
+        s = torch.cuda.Stream(device=f"cuda:{j}")
+        with torch.cuda.device(j):
+            bw = _time_copy(torch, bufs[j], bufs[i], s)
+        inv.links[(f"cuda:{i}", f"cuda:{j}")] = bw
+        st.update()
+        _progress(f"  cuda:{i} -> cuda:{j}: {bw / 1e9:.1f} GB/s", progress)
     del bufs, host
     torch.cuda.empty_cache()
     for i in range(n):  # free memory after our buffers are gone

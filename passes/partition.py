@@ -1,9 +1,15 @@
 """Partition pass: which units live where (ModuleGraph + Inventory + a budget -> Plan).
 
 The budget is ONE of
-  (a) `vram_gb` + `donors`: that many GiB (2^30 bytes) of the model live off the compute device, on the
-      donors (several donors: the fastest link to the compute device is filled first, within each
-      donor's free memory; cpu comes last);
+  (a) `offload_gb` or `max_vram_gb`, + `donors`: what the compiled model holds on the compute device --
+      resident weights + ring slots (`slot_bytes_of`: aligned views) + GGUF dequant scratch and transient
+      copies (passes/quant_choice.working_bytes) + RUNTIME_BUFFERS_BYTES, predicted["compute_peak_bytes"]
+      -- is at most model - offload_gb, or at most max_vram_gb (GiB = 2^30 bytes).  The offloaded units
+      live on the donors (several donors: the fastest link to the compute device is filled first, within
+      each donor's free memory; cpu comes last).  The shortest prefix of the order below that fits with
+      one slot is taken, then up to MORE_OFFLOAD_TRIES longer ones with their best window inside the
+      budget compete on the simulated step.  A budget below the minimum working set is an error naming
+      it; neither budget keeps everything resident; `vram_gb=` is refused;
   (b) `expert`: an allocation string in any form of passes/allocation.py.  The compute device's budget
       decides how much stays resident; the other listed devices receive the offloaded units up to
       their budgets (fastest link first).
@@ -48,9 +54,10 @@ from ..compiler.cost import simulate, simulate_core, unit_compute_s, unit_transf
 from ..compiler.graph import ModuleGraph, Unit
 from ..compiler.inventory import Inventory, InventoryError, normalize_device
 from ..compiler.plan import GiB, Plan, PlacedUnit
-from ..compiler.ring_layout import DEFAULT_SLOTS, MAX_SLOTS
+from ..compiler.ring_layout import ALIGN, DEFAULT_SLOTS, MAX_SLOTS, align
 from ..errors import AllocationError, PartitionError
 from .allocation import budgets as alloc_budgets, parse_allocation
+from .quant_choice import gguf_facts, working_bytes
 
 POOL = 24
 
@@ -243,24 +250,23 @@ def _gb(b: float) -> str:
 WINDOW_SCENARIOS = (0.5, 1.0, 1.5)   # compute-time scales the window must cover when times are estimated
 
 
-def _default_window(graph, homes, compute, inventory, free_for_window: int) -> int:
+def _default_window(graph, homes, compute, inventory, max_slots: int) -> int:
     """Slots for the ring: for each compute-time scenario, the fewest slots whose simulated step is within
-    1 % of the best any window (up to MAX_SLOTS, within the free memory) gives; the most any scenario
-    needs.  Scenarios: the estimate itself and, unless every unit's time is measured, compute 2x faster
-    and 1.5x slower (a FLOP-rate estimate can be that far off; how many slots a step needs depends on how
-    compute and copy times interleave, e.g. Flux's double blocks copy longer than they compute and its
-    single blocks the reverse, so the ring must bank copies during the singles).  Slots only take memory
-    that is free."""
+    1 % of the best any window (up to `max_slots`: MAX_SLOTS, or fewer when the budget / free memory
+    holds fewer) gives; the most any scenario needs.  Scenarios: the estimate itself and, unless every
+    unit's time is measured, compute 2x faster and 1.5x slower (a FLOP-rate estimate can be that far off;
+    how many slots a step needs depends on how compute and copy times interleave, e.g. Flux's double
+    blocks copy longer than they compute and its single blocks the reverse, so the ring must bank copies
+    during the singles).  Returns window bytes = slots x the largest offloaded unit (the runtime divides
+    by that size again, runtime/apply.py)."""
     sizes = [graph[n].bytes for n in homes]
     if not sizes:
         return 0
     slot = max(sizes)
     m = len(sizes)
-    kmax = min(MAX_SLOTS, m, int(free_for_window // slot) if slot > 0 else m)
+    kmax = min(MAX_SLOTS, m, int(max_slots))
     if kmax < 1:
-        raise PartitionError(
-            f"{compute} has {_gb(free_for_window)} left after the resident units, less than one slot for the "
-            f"largest offloaded unit ({_gb(slot)}): offload more (a larger --vram / smaller compute budget)")
+        raise PartitionError(f"no room on {compute} for one slot of the largest offloaded unit ({_gb(slot)})")
     kmin = min(DEFAULT_SLOTS, kmax)
     measured = all(u.time_s is not None for u in graph.units)
     scales = (1.0,) if measured else WINDOW_SCENARIOS
@@ -276,6 +282,64 @@ def _default_window(graph, homes, compute, inventory, free_for_window: int) -> i
         best = min(steps.values())
         need = max(need, min(k for k, st in steps.items() if st <= best * 1.01))
     return need * slot
+
+
+# --- what the compiled model holds on the compute device -----------------------------------------------
+
+RUNTIME_BUFFERS_BYTES = 2 << 20      # small device buffers of a streaming runtime (peer-access probes,
+#                                      events, allocator rounding of 512 bytes per allocation): counted once,
+#                                      on a GPU computing
+ACTIVATION_RESERVE_BYTES = 2 << 30   # a plan leaving less than this free on the compute device gets a warning
+MORE_OFFLOAD_TRIES = 8               # prefixes past the first that fits the budget tried for a better step
+
+
+def slot_bytes_of(unit: Unit) -> int:
+    """Upper bound of the ring slot the runtime allocates for `unit`: its bytes with every tensor's view
+    aligned (compiler/ring_layout.ALIGN, runtime/store.py's home layout), the flat buffer aligned too."""
+    return align(unit.bytes + ALIGN * max(1, len(unit.tensors or ())))
+
+
+class Footprint:
+    """The compute device's share of a placement: resident weights, slots, dequant scratch, transient
+    dequantized copies, runtime buffers.  `fixed` = all of it but the slots; total(k) with k slots."""
+
+    def __init__(self, graph: ModuleGraph, offloaded, compute: str, facts: dict):
+        off = set(offloaded)
+        self.resident = sum(u.bytes for u in graph.units if u.name not in off)
+        self.largest = max((graph[n].bytes for n in off), default=0)
+        self.slot = max((slot_bytes_of(graph[n]) for n in off), default=0)
+        self.scratch, self.transient = working_bytes(facts, off, compute)
+        self.buffers = RUNTIME_BUFFERS_BYTES if off and not compute.startswith("cpu") else 0
+        self.fixed = self.resident + self.scratch + self.transient + self.buffers
+        self.n = len(off)
+
+    def slots_for(self, window: int) -> int:
+        """Slots the runtime makes of a plan window (runtime/apply.py: window // largest, <= MAX_SLOTS)."""
+        if not self.n or self.largest <= 0:
+            return 0
+        return min(MAX_SLOTS, self.n, int(window // self.largest))
+
+    def total(self, k: int) -> int:
+        return self.fixed + k * self.slot
+
+    def minimum(self) -> int:
+        return self.total(1 if self.n else 0)
+
+    def parts(self, k: int) -> dict:
+        return {"resident_bytes": self.resident, "slots": k, "slot_bytes": self.slot,
+                "window_footprint_bytes": k * self.slot, "dequant_scratch_bytes": self.scratch,
+                "dequant_transient_bytes": self.transient, "runtime_buffers_bytes": self.buffers}
+
+
+def _why(fp: Footprint) -> str:
+    bits = [f"{_gb(fp.resident)} resident", f"one {_gb(fp.slot)} slot for the largest streamed unit"]
+    if fp.scratch:
+        bits.append(f"{_gb(fp.scratch)} dequant scratch")
+    if fp.transient:
+        bits.append(f"{_gb(fp.transient)} transient dequantized copies")
+    if fp.buffers:
+        bits.append(f"{fp.buffers / 2**20:.0f} MiB runtime buffers")
+    return " + ".join(bits)
 
 
 def _place(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], target: int,
@@ -345,28 +409,48 @@ def expert_string_for(graph, homes, inventory, compute, order) -> tuple[str, boo
     return _fraction_string(graph, homes, inventory, compute, 4), False
 
 
-def _vram_bytes(vram_gb) -> int:
-    if isinstance(vram_gb, bool):
-        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is a bool, not a number of GiB: give e.g. 4 or 12.5 "
-                             f"(0 keeps the model resident)")
+_UNSET = object()
+
+
+def _gib_bytes(value, what: str) -> int:
+    """A budget in GiB (2^30 bytes) -> bytes; PartitionError naming `what` and the value when it is not
+    a finite number >= 0 (at most 1 EiB)."""
+    if isinstance(value, bool):
+        raise PartitionError(f"{what} {value!r} is a bool, not a number of GiB: give e.g. 4 or 12.5")
     try:
-        v = float(vram_gb)
+        v = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a number: give GiB to offload, e.g. 4 or 12.5")
+        raise PartitionError(f"{what} {value!r} is not a number: give GiB, e.g. 4 or 12.5")
     if math.isnan(v) or math.isinf(v):
-        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is not a finite number: give e.g. 4 or 12.5")
+        raise PartitionError(f"{what} {value!r} is not a finite number: give e.g. 4 or 12.5")
     if v < 0:
-        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is negative: give 0 (all resident) or more GiB")
+        raise PartitionError(f"{what} {value!r} is negative: give 0 or more GiB")
     if v > 2 ** 30:
-        raise PartitionError(f"virtual_vram_gb {vram_gb!r} is more than 1 EiB (2^30 GiB): give the GiB to offload, "
-                             f"e.g. 4 or 12.5")
+        raise PartitionError(f"{what} {value!r} is more than 1 EiB (2^30 GiB): give GiB, e.g. 4 or 12.5")
     return int(math.ceil(v * GiB))
 
 
-def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb=None, donors=None,
-              expert: str | None = None, window_bytes: int | None = None) -> Plan:
+VRAM_GB_GONE = ("vram_gb= is gone (it did not bound what the model holds on the compute device): give "
+                "offload_gb= (GiB of the model kept OFF the compute device, the nodes' virtual_vram_gb) or "
+                "max_vram_gb= (GiB the compiled model may hold ON it: resident weights + slots + scratch)")
+
+
+def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload_gb=None, max_vram_gb=None,
+              donors=None, expert: str | None = None, window_bytes: int | None = None, clamp: bool = False,
+              vram_gb=_UNSET) -> Plan:
     """Place every unit of `graph` (see module docstring).  Pure function: raises before building anything
-    on bad input (DisTorchError subclasses naming the bad value)."""
+    on bad input (DisTorchError subclasses naming the bad value).
+
+    Budget, at most one of: `offload_gb` = X GiB of the model kept off the compute device, so that what
+    the compiled model holds there (resident weights + ring slots + dequant scratch + runtime buffers,
+    predicted["compute_peak_bytes"]) is at most model - X: more than X is offloaded when the slots need
+    room; X at or above the model's size streams all of it.  `max_vram_gb` = Y: that footprint is at most
+    Y.  Neither: everything resident.  A budget below the minimum working set (one slot for the largest
+    unit + scratch + what cannot move) is an error naming the minimum; with `clamp` (the ComfyUI nodes)
+    an offload that cannot be met streams everything instead, with a warning in predicted["warnings"].
+    `expert` overrides both (its compute-device budget is for weights, the window comes from free memory)."""
+    if vram_gb is not _UNSET:
+        raise PartitionError(VRAM_GB_GONE)
     try:
         compute = normalize_device(compute)
     except InventoryError as e:
@@ -377,12 +461,24 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
                              f"(e.g. --devices {compute}=24GiB,cpu=64GiB)")
     model = graph.total_bytes
     use_expert = expert is not None and str(expert).strip() != ""
+    mode = "resident"
+    offload = cap = 0
     if use_expert:
         # parse first so that its errors come before anything else
         parse_allocation(expert, inventory.names())
         donor_list = [e.device for e in parse_allocation(expert, inventory.names()) if e.device != compute]
+        mode = "expert"
     else:
-        target = _vram_bytes(0 if vram_gb is None else vram_gb)
+        if offload_gb is not None and max_vram_gb is not None:
+            raise PartitionError(f"offload_gb={offload_gb!r} and max_vram_gb={max_vram_gb!r}: give one of them "
+                                 f"(GiB kept off the compute device, or GiB the model may hold on it)")
+        if offload_gb is not None:
+            offload = _gib_bytes(offload_gb, "offload_gb")
+            mode = "offload" if offload > 0 else "resident"
+        elif max_vram_gb is not None:
+            cap = _gib_bytes(max_vram_gb, "max_vram_gb")
+            mode = "max_vram"
+        moving = mode != "resident"
         if donors is None or (isinstance(donors, str) and not donors.strip()):
             donors = ["cpu"]
         if isinstance(donors, str):
@@ -395,45 +491,54 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
                 raise PartitionError(f"donor {d!r}: {e}")
             if dn not in inventory.devices:
                 raise PartitionError(f"donor {d!r} is not in the inventory (known: {', '.join(inventory.devices)})")
-            if dn == compute and target > 0:
+            if dn == compute and moving:
                 raise PartitionError(f"donor {d!r} is the compute device; donors hold what does NOT fit it "
                                      f"(e.g. --donor cpu or another GPU)")
             if dn == compute:
                 continue
             if dn in donor_list:
                 raise PartitionError(f"donor {d!r} is listed twice")
-            if target > 0 and inventory.devices[dn].free_bytes <= 0:
+            if moving and inventory.devices[dn].free_bytes <= 0:
                 raise PartitionError(f"donor {d!r} has no free memory; pick another donor")
             donor_list.append(dn)
     order = priority_order(graph, inventory, compute)
+    cdev = inventory.devices[compute]
+    free = int(cdev.free_bytes)
+    facts = gguf_facts(graph)
+    warnings: list[str] = []
+    budget = None         # bytes the compiled model may hold on the compute device (None: free memory)
     if use_expert:
         homes, bud = _place_expert(graph, inventory, compute, order, expert)
         source = {"mode": "expert", "expert": str(expert), "budgets": bud}
+        fp = Footprint(graph, homes, compute, facts)
+        window = _window_within(graph, homes, compute, inventory, fp, free, window_bytes)
     else:
-        if target >= model:
-            target = model
         donors_caps = [(d, inventory.devices[d].free_bytes) for d in _sort_donors(donor_list, inventory, compute)]
-        homes = _place(graph, inventory, compute, order, target, donors_caps, "donors' free memory")
-        source = {"mode": "vram", "vram_gb": float(vram_gb or 0), "donors": donor_list}
+        if mode == "offload" and offload < model:
+            budget = model - offload
+        elif mode == "max_vram":
+            budget = cap
+        homes, window, fp, budget, note = _place_budget(graph, inventory, compute, order, mode, offload, budget,
+                                                        donors_caps, facts, free, window_bytes, clamp)
+        if note:
+            warnings.append(note)
+        source = {"mode": mode, "donors": donor_list}
+        if mode in ("offload", "resident") and offload_gb is not None:
+            source["offload_gb"] = float(offload_gb)
+        if mode == "max_vram":
+            source["max_vram_gb"] = float(max_vram_gb)
     source["inventory"] = inventory.source
 
-    resident = model - sum(graph[n].bytes for n in homes)
-    cdev = inventory.devices[compute]
-    if resident > cdev.free_bytes:
+    k = fp.slots_for(window)
+    peak = fp.total(k)
+    if window_bytes is not None and homes and fp.fixed + int(window_bytes) > free:
         raise PartitionError(
-            f"{_gb(resident)} of the model would stay on {compute}, which has {_gb(cdev.free_bytes)} free: "
-            f"offload at least {_gb(resident - cdev.free_bytes)} more (plus room for the streaming window)")
-    offl_sizes = [graph[n].bytes for n in homes]
-    if window_bytes is None:
-        window = _default_window(graph, homes, compute, inventory, cdev.free_bytes - resident)
-    else:
-        window = int(window_bytes)
-        if homes and window < max(offl_sizes):
-            raise PartitionError(f"window_bytes {window_bytes} cannot hold the largest offloaded unit "
-                                 f"({max(offl_sizes)} bytes); give at least that")
-        if resident + window > cdev.free_bytes:
-            raise PartitionError(f"window_bytes {window_bytes} plus {_gb(resident)} resident exceeds the "
-                                 f"{_gb(cdev.free_bytes)} free on {compute}")
+            f"window_bytes (--window) {window_bytes} plus {_gb(fp.fixed)} of resident weights and buffers is more "
+            f"than the {_gb(free)} free on {compute}: give at most {max(0, free - fp.fixed)} bytes, or leave it out")
+    if peak > free:
+        raise PartitionError(
+            f"the plan holds {_gb(peak)} on {compute} ({_why(fp).replace('one ', f'{k} x ')}), which has "
+            f"{_gb(free)} free: offload at least {_gb(peak - free)} more (or cap it: --max-vram / max_vram_gb)")
     # donors within their free memory (expert budgets may exceed it)
     per = {}
     for n, d in homes.items():
@@ -442,13 +547,22 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
         if b > inventory.devices[d].free_bytes:
             raise PartitionError(f"{_gb(b)} of the model would live on {d}, which has "
                                  f"{_gb(inventory.devices[d].free_bytes)} free: lower its share")
+    if free - peak < ACTIVATION_RESERVE_BYTES and not compute.startswith("cpu"):
+        warnings.append(f"the plan holds {_gb(peak)} of the {_gb(free)} free on {compute}, leaving "
+                        f"{_gb(free - peak)} for activations (less than {_gb(ACTIVATION_RESERVE_BYTES)}): "
+                        f"the step may run out of memory; offload more")
 
     expert_str, exact = expert_string_for(graph, homes, inventory, compute, order)
     source["expert_string_exact"] = exact
     pred = simulate(graph.units, homes, compute, inventory, window)
-    pred["peak_bytes"] = resident + window
-    pred["resident_bytes"] = resident
-    pred["window_max_bytes"] = max(window, int(cdev.free_bytes - resident))   # the runtime's autotune limit
+    pred.update(fp.parts(k))
+    pred["compute_peak_bytes"] = peak
+    pred["peak_bytes"] = peak                        # the same number, under its older name
+    pred["budget_bytes"] = budget
+    limit = free if budget is None else min(budget, free)
+    # what autotune may give the ring: the budget (or free memory) less everything but the slots
+    pred["window_max_bytes"] = max(k * fp.slot, int(limit - fp.fixed))
+    pred["warnings"] = warnings
     pred["basis"] = ("measured" if all(u.time_s is not None for u in graph.units) else
                      "flops" if all(u.flops > 0 or u.time_s is not None for u in graph.units) else
                      "bytes-fallback")
@@ -469,3 +583,99 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, vram_gb
                    "types": graph.type_counts(names)}
     return Plan(compute=compute, units=placed, devices=devs, expert_string=expert_str, window_bytes=window,
                 predicted=pred, source=source)
+
+
+def _window_within(graph, homes, compute, inventory, fp: Footprint, limit: int, window_bytes) -> int:
+    """The window for a placement within `limit` bytes on the compute device: the given one (checked),
+    else _default_window with as many slots as the room holds."""
+    if not homes:
+        return 0
+    if window_bytes is not None:
+        window = int(window_bytes)
+        if window < fp.largest:
+            raise PartitionError(f"window_bytes {window_bytes} cannot hold the largest offloaded unit "
+                                 f"({fp.largest} bytes); give at least that")
+        return window
+    room = (limit - fp.fixed) // fp.slot if fp.slot else 0
+    if room < 1:
+        raise PartitionError(
+            f"{compute} has {_gb(max(0, limit - fp.fixed))} left after {_gb(fp.fixed)} of resident weights and "
+            f"buffers, less than one slot for the largest offloaded unit ({_gb(fp.slot)}): offload more")
+    return _default_window(graph, homes, compute, inventory, room)
+
+
+def _place_budget(graph, inventory, compute, order, mode, offload, budget, donors_caps, facts, free,
+                  window_bytes, clamp):
+    """Offload/max-vram placement: the shortest prefix of `order` holding >= `offload` bytes whose
+    footprint with one slot (or the given window) fits `budget`; then up to MORE_OFFLOAD_TRIES longer
+    prefixes, each with its best window within the budget; the fastest simulated step wins (ties: the
+    shorter prefix).  Returns (homes, window, Footprint, budget, warning or None)."""
+    model = graph.total_bytes
+    cum = [0]
+    for n in order:
+        cum.append(cum[-1] + graph[n].bytes)
+    what = "donors' free memory"
+    if mode == "resident":
+        fp = Footprint(graph, (), compute, facts)
+        return {}, 0, fp, None, None
+    start = next((p for p in range(len(order) + 1) if cum[p] >= offload), len(order)) if mode == "offload" else 0
+    if mode == "offload" and offload >= model:
+        start = len(order)
+
+    def fits(p, limit):
+        fp = Footprint(graph, order[:p], compute, facts)
+        if window_bytes is not None and fp.n:
+            if int(window_bytes) < fp.largest:
+                raise PartitionError(f"window_bytes {window_bytes} cannot hold the largest offloaded unit "
+                                     f"({fp.largest} bytes); give at least that")
+            need = fp.total(fp.slots_for(int(window_bytes)))
+        else:
+            need = fp.minimum()
+        return fp, need, limit is None or need <= limit
+
+    note = None
+    first = None
+    for p in range(start, len(order) + 1):
+        fp, need, ok = fits(p, budget)
+        if ok:
+            first = p
+            break
+    if first is None:
+        mins = [fits(p, None)[1] for p in range(len(order) + 1)]
+        least = min(mins)
+        best_p = mins.index(least)
+        lfp = Footprint(graph, order[:best_p], compute, facts)
+        if mode == "offload" and clamp:
+            first, budget = len(order), None
+            note = (f"offloading {_gb(offload)} cannot leave the model at most {_gb(model - offload)} on {compute}: "
+                    f"the minimum working set is {_gb(least)} ({_why(lfp)}); streaming all of it instead")
+        elif mode == "offload":
+            raise PartitionError(
+                f"offload_gb (--offload) {offload / GiB:.4g} would leave at most {_gb(model - offload)} of the model on "
+                f"{compute}, below its minimum working set of {_gb(least)} ({least} bytes: {_why(lfp)}): "
+                f"offload at most {_gb(max(0, model - least))}, or {_gb(model)} (the whole model) to stream all of it")
+        else:
+            raise PartitionError(
+                f"max_vram_gb (--max-vram) {budget / GiB:.4g} is below the minimum working set on {compute}: {_gb(least)} "
+                f"({least} bytes: {_why(lfp)}); give at least {math.ceil(least / GiB * 1000) / 1000:.3f} GiB")
+    limit = free if budget is None else min(budget, free)
+    cands = []
+    for p in range(first, min(len(order), first + MORE_OFFLOAD_TRIES) + 1):
+        fp, need, ok = fits(p, budget)
+        if not ok or need > limit:
+            if cands:
+                break
+            # the budget fits but the device does not: the caller names what is missing
+            homes = _assign(graph, set(order[:p]), donors_caps, what, None, order)
+            return homes, (int(window_bytes) if window_bytes is not None and fp.n else
+                           fp.largest if fp.n else 0), fp, budget, note
+        homes = _assign(graph, set(order[:p]), donors_caps, what, None, order)
+        window = _window_within(graph, homes, compute, inventory, fp, limit, window_bytes)
+        step = simulate(graph.units, homes, compute, inventory, window)["step_s"] if homes else 0.0
+        cands.append((step, p, homes, window, fp))
+        roomy = fp.slot and (limit - fp.fixed) // fp.slot > fp.slots_for(window)
+        if window_bytes is not None or not homes or roomy or p == len(order):
+            break                # more offload only adds copies: the window was not held back by the budget
+    best = min(c[0] for c in cands)
+    step, p, homes, window, fp = next(c for c in cands if c[0] <= best * 1.005)
+    return homes, window, fp, budget, note

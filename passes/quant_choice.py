@@ -17,8 +17,10 @@ while the VRAM budget allows, biggest per-step dequantization cost first (a unit
 skipped, smaller ones may still fit).  The budget is what the compute device has left after the plan's
 resident weights and window (`plan.predicted["peak_bytes"]`), less `reserve_bytes` for activations
 and less the transient dense copies of the per-call dequantization (two of the largest GGUF tensor) and
-the dequantization scratch of streamed units (the dense size of the largest one, CUDA);
-`budget_bytes` overrides it.  Each dequantized unit costs (dense - stored) bytes more: apply() sends
+the dequantization scratch of streamed units (the dense size of the largest one, CUDA), and within
+the plan's own budget (predicted["budget_bytes"]: offload_gb / max_vram_gb, passes/partition.py) when it
+has one; `budget_bytes` overrides it.  `working_bytes` is the one count of that scratch and those
+transient copies; the partition's footprint uses it too.  Each dequantized unit costs (dense - stored) bytes more: apply() sends
 the quantized bytes of those units back to the host while the dense copy is in use.
 
 Cost model: a unit's compute per step is its compute time (compiler/cost.py) plus, when it
@@ -120,28 +122,75 @@ def predict(plan: Plan, graph, inventory, info: dict, dequantized: set) -> dict:
                     plan.compute, inventory, plan.window_bytes)
 
 
+def gguf_facts(graph) -> dict[str, tuple[int, int]]:
+    """unit name -> (dense bytes, largest dense tensor) of its GGUF weights, from the graph (Unit.gguf)."""
+    out = {}
+    for u in getattr(graph, "units", ()) or ():
+        f = getattr(u, "gguf", None)
+        if f:
+            out[u.name] = (int(f.get("dense_bytes", 0)), int(f.get("largest_dense", 0)))
+    return out
+
+
+def working_bytes(facts: dict, offloaded, compute: str) -> tuple[int, int]:
+    """(scratch, transient) bytes GGUF weights need on the compute device beyond their own bytes.
+    facts: unit name -> (dense bytes, largest dense tensor) (gguf_facts, or from quant_info).
+    scratch: the runtime's one dequantization buffer for streamed units (runtime/slot_dequant.py, CUDA:
+    the dense size of the largest streamed unit); transient: two of the largest dense tensor, the
+    per-call dequantized copies of quantized weights while a layer runs.  Both (0, 0) when the host
+    computes: its dequantization is per layer into host memory, which is no device budget."""
+    if not facts:
+        return 0, 0
+    if str(compute).startswith("cpu"):
+        return 0, 0     # the host computing: per-layer dequantization into host memory, like activations
+    off = set(offloaded)
+    scratch = max((d for n, (d, _) in facts.items() if n in off), default=0)
+    transient = 2 * max((ld for _, ld in facts.values()), default=0)
+    return scratch, transient
+
+
+def _facts(info: dict) -> dict:
+    return {n: (q.dense_bytes, q.largest_dense) for n, q in info.items()}
+
+
+def _base_peak(plan: Plan, info: dict) -> int:
+    """The plan's compute-device footprint with the GGUF working bytes of `info` (instead of those the
+    partition counted from the graph, which `info` may differ from), nothing dequantized resident yet."""
+    pr = plan.predicted or {}
+    peak = pr.get("compute_peak_bytes", pr.get("peak_bytes"))
+    if peak is None:
+        peak = sum(u.bytes for u in plan.units if u.device == plan.compute) + int(plan.window_bytes or 0)
+    counted = (int(pr.get("dequant_scratch_bytes", 0) or 0) + int(pr.get("dequant_transient_bytes", 0) or 0)
+               if "dequant_transient_bytes" in pr else 0)
+    homes = {u.name: u.device for u in plan.units}
+    scratch, transient = working_bytes(_facts(info), [n for n in info if homes.get(n, plan.compute) != plan.compute],
+                                       plan.compute)
+    return int(peak) - counted + scratch + transient
+
+
 def default_budget(plan: Plan, inventory, info: dict, reserve_bytes: int | None = None) -> int:
-    """VRAM left for dense copies: free on the compute device - plan peak - reserve - workspace."""
+    """VRAM left for dense copies: free on the compute device - plan footprint (with dequant scratch and
+    transient copies) - reserve for activations; within the plan's budget (predicted["budget_bytes"],
+    from offload_gb / max_vram_gb) when it has one."""
     dev = inventory.devices.get(plan.compute) if inventory is not None else None
     if dev is None:
         raise QuantChoiceError(f"the inventory does not list the compute device {plan.compute!r}; "
                                "give budget_bytes= instead")
-    pr = plan.predicted or {}
-    peak = pr.get("peak_bytes")
-    if peak is None:
-        peak = sum(u.bytes for u in plan.units if u.device == plan.compute) + int(plan.window_bytes or 0)
+    peak = _base_peak(plan, info)
     reserve = DEFAULT_RESERVE_BYTES if reserve_bytes is None else int(reserve_bytes)
-    work = 2 * max((q.largest_dense for q in info.values()), default=0) + scratch_bytes(plan, info)
-    return max(0, int(dev.free_bytes) - int(peak) - reserve - work)
+    out = int(dev.free_bytes) - peak - reserve
+    cap = (plan.predicted or {}).get("budget_bytes")
+    if cap is not None:
+        out = min(out, int(cap) - peak)
+    return max(0, out)
 
 
 def scratch_bytes(plan: Plan, info: dict) -> int:
     """VRAM of the runtime's per-unit dequantization scratch (runtime/gguf_stream.py's UnitDequant, on CUDA):
     the dense size of the largest streamed unit's GGUF tensors."""
-    if str(plan.compute).startswith("cpu"):
-        return 0
     homes = {u.name: u.device for u in plan.units}
-    return max((q.dense_bytes for n, q in info.items() if homes.get(n, plan.compute) != plan.compute), default=0)
+    return working_bytes(_facts(info), [n for n in info if homes.get(n, plan.compute) != plan.compute],
+                         plan.compute)[0]
 
 
 def choose_quant(plan: Plan, graph, inventory, info: dict | None = None, *, budget_bytes: int | None = None,
@@ -194,8 +243,17 @@ def choose_quant(plan: Plan, graph, inventory, info: dict | None = None, *, budg
     predicted["compute_s"] = pred["compute_s"]
     predicted["stall_s"] = pred["stall_s"]
     scratch = scratch_bytes(plan, info)
-    if "peak_bytes" in predicted:
-        predicted["peak_bytes"] = predicted["peak_bytes"] + used + scratch
+    if "peak_bytes" in predicted or "compute_peak_bytes" in predicted:
+        before = _base_peak(plan, info)
+        peak = before + used
+        predicted["peak_bytes"] = predicted["compute_peak_bytes"] = peak
+        predicted["dequant_scratch_bytes"] = scratch
+        predicted["dequant_transient_bytes"] = working_bytes(_facts(info), (), plan.compute)[1]
+        if predicted.get("window_max_bytes") is not None:
+            # autotune's ring limit (the plan's budget or free memory) less what the footprint grew by
+            old = int((plan.predicted or {}).get("compute_peak_bytes", (plan.predicted or {}).get("peak_bytes", 0)))
+            wfp = int(predicted.get("window_footprint_bytes", 0) or 0)
+            predicted["window_max_bytes"] = max(wfp, int(predicted["window_max_bytes"]) - max(0, peak - old))
     predicted["quant"] = {
         "mode": mode, "budget_bytes": budget, "extra_bytes": used, "dequant_scratch_bytes": scratch,
         "dequantized_units": sorted(chosen, key=lambda n: [u.name for u in plan.units].index(n)),
@@ -217,5 +275,5 @@ def quant_table(plan: Plan, info: dict) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["quant_info", "choose_quant", "predict", "default_budget", "quant_table", "UnitQuant",
+__all__ = ["quant_info", "choose_quant", "predict", "default_budget", "gguf_facts", "working_bytes", "quant_table", "UnitQuant",
            "QuantChoiceError", "STREAMED_Q", "RESIDENT_Q", "RESIDENT_DQ", "MODES", "ROOT"]

@@ -6,7 +6,9 @@ the units the ring does not stream, and around every copy); from those measured 
 rates `compiler.cost.best_window` (the policy: compiler.cost.simulate over the plan for every slot
 count) picks the slot count, and the ring grows between steps (runtime/ring.py `resize`) when more slots
 shorten the step by more than 1 %.  The slots come only from the plan's window limit
-(plan.predicted["window_max_bytes"]) and the device's free memory less TUNE_RESERVE_BYTES.  The measured
+(plan.predicted["window_max_bytes"]: the plan's budget -- offload_gb / max_vram_gb, passes/partition.py --
+less everything it holds but the slots, so a grown ring stays inside the same budget) and the device's
+free memory less TUNE_RESERVE_BYTES.  The measured
 GPU time between steps (the sampler's own work, a preview's synchronize) is added to every prediction but
 does not change the choice: the host issues no copy while it is away.  An irregular step (the call order
 changed) is measured again, at most three times.  `result` records what was measured and chosen.
@@ -124,7 +126,7 @@ class Autotune(UnitPart):
         before = ring.W
         k, pred = best_window(rt.plan, times, rates, step_s, unit_bytes=rt.unit_bytes, current=before,
                               limit=limit, gap_s=gap_s)
-        res = {"measured_step_s": step_s, "gap_s": gap_s, "slots_before": before, "slots": k,
+        res = {"measured_step_s": step_s, "gap_s": gap_s, "slots_before": before, "slots": k, "cap_bytes": cap,
                "predicted_by_slots": pred, "link_rates": rates}
         if k > before:
             ring.resize(k)

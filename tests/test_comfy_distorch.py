@@ -342,7 +342,7 @@ def test_clip_encoder_same_conditioning(tmp_path):
 
     (ref,) = nodes.CLIPTextEncode().encode(load(), "a photo of a cat")
     mm.unload_all_models()
-    clip = entry.distorch(load(), "cpu", 0.2, "cpu", "", False)
+    clip = entry.distorch(load(), "cpu", 0.1, "cpu", "", False)
     assert isinstance(clip.patcher, DisTorchPatcherMixin)
     (out,) = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
     st = entry.state_of(clip)

@@ -2,7 +2,7 @@
 
 * allocation strings (passes/allocation.py: parse_allocation + budgets),
 * device specs (compiler/inventory.py: declare),
-* sizes (compiler/inventory.py: parse_size; the CLI's --vram / --window),
+* sizes (compiler/inventory.py: parse_size; the CLI's --offload / --window),
 * and the `distorch plan` command line fed with all three.
 
 Each input is drawn from the grammar itself (valid and near-valid pieces: huge digit strings, exponents,
@@ -362,11 +362,11 @@ def test_sizes(capsys):
                 assert math.isfinite(v) and lo <= v <= hi
 
     prop()
-    tally.report(capsys, "sizes (parse_size, --window, --vram)")
+    tally.report(capsys, "sizes (parse_size, --window, --offload)")
 
 
 def test_plan_command_line(capsys):
-    """The whole `distorch plan` with generated --devices / --vram / --window / --expert values: exit 0 with
+    """The whole `distorch plan` with generated --devices / --offload / --window / --expert values: exit 0 with
     a plan or exit 2 with one line on stderr, never a traceback."""
     tally = Tally()
     n = max(50, N // 20)
@@ -385,7 +385,7 @@ def test_plan_command_line(capsys):
     def prop(devices, vram, window, expert):
         tally.tried += 1
         argv = ["plan", "flux-dev", "--compute", "cuda:0", f"--devices={devices}", "--json"]
-        for opt, v in (("--vram", vram), ("--window", window), ("--expert", expert)):
+        for opt, v in (("--offload", vram), ("--window", window), ("--expert", expert)):
             if v is not None:
                 argv.append(f"{opt}={v}")      # the '=' form: a value may start with '-' 
         capsys.readouterr()

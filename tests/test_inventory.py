@@ -5,7 +5,7 @@ import math
 import pytest
 
 from distorch.compiler import inventory as invmod
-from distorch.compiler.inventory import declare, parse_size, probe, Inventory
+from distorch.compiler.inventory import DEFAULT_CPU_FLOPS, declare, parse_size, probe, Inventory
 from distorch.errors import InventoryError, DisTorchError
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -41,7 +41,7 @@ def test_defaults():
     assert inv.bandwidth("cuda:1", "cuda:0") == 25e9
     assert math.isinf(inv.bandwidth("cuda:0", "cuda:0"))
     assert inv.rate("cuda:0") == 400e12
-    assert inv.rate("cpu") == 1e12
+    assert inv.rate("cpu") == DEFAULT_CPU_FLOPS == inv.rate("cpu:0")
 
 
 @pytest.mark.parametrize("s,n", [("1024b", 1024), ("1k", 1024), ("2KiB", 2048), ("1.5g", int(1.5 * GiB)),
@@ -137,8 +137,10 @@ def test_dict_round_trip():
     assert again == inv
 
 
-def test_probe_cpu_only(monkeypatch, tmp_path, capsys):
+def test_probe_cpu_only(monkeypatch, tmp_path, caplog):
+    import logging
     import torch
+    caplog.set_level(logging.INFO, logger="distorch.compiler.inventory")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     inv = probe(cache=True)
@@ -146,7 +148,7 @@ def test_probe_cpu_only(monkeypatch, tmp_path, capsys):
     assert inv.source == "probed"
     cpu = inv.devices["cpu"]
     assert cpu.total_bytes > 0 and 0 < cpu.free_bytes <= cpu.total_bytes
-    assert "no CUDA" in capsys.readouterr().err
+    assert "no CUDA" in caplog.text          # through logging, not print
 
 
 def test_probe_host_memory_matches_meminfo():

@@ -34,7 +34,7 @@ def synthetic(n=12, seed=0):
                                largest_dense=dense // 2)
     graph = ModuleGraph(units)
     inv = declare(f"{GPU}=80GiB,cpu=128GiB;cpu>{GPU}=50GB/s")
-    plan = partition(graph, inv, GPU, vram_gb=0.3 * graph.total_bytes / 2**30, donors=["cpu"])
+    plan = partition(graph, inv, GPU, offload_gb=0.3 * graph.total_bytes / 2**30, donors=["cpu"])
     return graph, inv, plan, info
 
 
@@ -90,8 +90,14 @@ def test_modes_budget_from_inventory_and_errors():
     graph, inv, plan, info = synthetic()
     pq = choose_quant(plan, graph, inv, info, mode="quantized")
     assert RESIDENT_DQ not in pq.quant.values()
-    # 80 GiB card: the default budget (free - peak - reserve - workspace) holds every resident unit
-    pa = choose_quant(plan, graph, inv, info)
+    # the plan's own budget (offload_gb: at most model - offload on the card) has no room for dense copies
+    pb = choose_quant(plan, graph, inv, info)
+    assert pb.predicted["quant"]["budget_bytes"] == 0 and RESIDENT_DQ not in pb.quant.values()
+    # 80 GiB card, no budget in the plan: the default budget (free - peak - reserve - workspace) holds every
+    # resident unit
+    from dataclasses import replace
+    free_plan = replace(plan, predicted=dict(plan.predicted, budget_bytes=None))
+    pa = choose_quant(free_plan, graph, inv, info)
     assert all(c != RESIDENT_Q for c in pa.quant.values())
     small = declare(f"{GPU}=1GiB,cpu=128GiB;cpu>{GPU}=50GB/s")
     with pytest.raises(QuantChoiceError, match="mode"):
@@ -131,7 +137,7 @@ def test_quant_info_from_module_and_runtime_honours_choice():
         ref = m(x)
     graph = trace(m, (x,))
     inv = declare("cpu:0=64GiB,cpu=64GiB")
-    plan = partition(graph, inv, "cpu:0", vram_gb=0.5 * graph.total_bytes / 2**30, donors=["cpu"])
+    plan = partition(graph, inv, "cpu:0", offload_gb=0.2 * graph.total_bytes / 2**30, donors=["cpu"])
     info = quant_info(plan, graph)
     blk = m.blocks[0]
     ws = [blk.qkv.weight, blk.proj.weight, blk.up.weight, blk.down.weight]
@@ -169,6 +175,7 @@ def test_units_with_per_call_patches_stay_quantized():
 
 
 def test_dequant_scratch_of_streamed_units_counted_in_peak_and_budget():
+    from dataclasses import replace
     from distorch.passes.quant_choice import default_budget, scratch_bytes
     graph, inv, plan, info = synthetic()
     off = [u.name for u in plan.units if u.device != plan.compute and u.name in info]
@@ -176,13 +183,18 @@ def test_dequant_scratch_of_streamed_units_counted_in_peak_and_budget():
     assert scratch_bytes(plan, info) == want
     p = choose_quant(plan, graph, inv, info, budget_bytes=0)
     assert p.predicted["quant"]["dequant_scratch_bytes"] == want
-    assert p.predicted["peak_bytes"] == plan.predicted["peak_bytes"] + want
-    # the default budget leaves room for it (and for two transient per-call copies)
+    # the footprint counts it, and two transient per-call dense copies (the partition saw no GGUF facts in
+    # this synthetic graph, so quant_choice adds both from `info`)
     work = 2 * max(q.largest_dense for q in info.values())
-    assert default_budget(plan, inv, info, reserve_bytes=0) == (
-        inv.devices[GPU].free_bytes - plan.predicted["peak_bytes"] - work - want)
+    assert p.predicted["peak_bytes"] == p.predicted["compute_peak_bytes"] == plan.predicted["peak_bytes"] + want + work
+    assert p.predicted["dequant_scratch_bytes"] == want and p.predicted["dequant_transient_bytes"] == work
+    # the default budget leaves room for them, within the plan's own budget (offload_gb)
+    base = plan.predicted["peak_bytes"] + work + want
+    assert default_budget(plan, inv, info, reserve_bytes=0) == max(0, min(
+        inv.devices[GPU].free_bytes - base, plan.predicted["budget_bytes"] - base))
+    free_plan = replace(plan, predicted=dict(plan.predicted, budget_bytes=None))
+    assert default_budget(free_plan, inv, info, reserve_bytes=0) == inv.devices[GPU].free_bytes - base
     # computing on the host: per-layer dequantization, no scratch
-    from dataclasses import replace
     assert scratch_bytes(replace(plan, compute="cpu:0"), info) == 0
 
 
