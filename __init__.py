@@ -5,6 +5,13 @@ NODE_CLASS_MAPPINGS). The node classes are only built when ComfyUI is importable
 """
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .runtime.api import Handle
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
@@ -20,7 +27,7 @@ if _IN_COMFY and __package__:
     from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F811
 
 
-def compile(model, *args, **kwargs):  # noqa: A001 - mirrors torch.compile's name on purpose
+def compile(model: "torch.nn.Module", *args: Any, **kwargs: Any) -> "Handle":  # noqa: A001 - mirrors torch.compile's name
     """Rewrite `model` in place to run under a Plan; see runtime.api.compile."""
     from .runtime.api import compile as _compile
     return _compile(model, *args, **kwargs)

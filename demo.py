@@ -17,6 +17,7 @@ the placement per unit as PNGs (runtime/plots.py; needs the `plot` extra).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import statistics
@@ -27,9 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import DisTorchError
 from .passes.partition import partition
 from .runtime import plots
 from .runtime.api import compile as dt_compile, inventory_for, norm_compute
+
+log = logging.getLogger("distorch.demo")
 
 CONFIGS = {
     # small enough for a 2-core CPU in seconds
@@ -129,7 +133,7 @@ class SingleBlock(nn.Module):
         return x + g * self.linear2(torch.cat([a, F.gelu(mlp, approximate="tanh")], -1))
 
 
-def timestep_embedding(t, dim=256):
+def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * 1000 * freqs[None]
@@ -166,7 +170,24 @@ def _kind(device) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def build_demo_model(device="cpu", seed=0) -> TinyFlux:
+def check_device(device: str) -> None:
+    """DisTorchError unless `device` is 'cpu' or a CUDA device this torch can use."""
+    d = str(device)
+    if d == "cpu" or d.startswith("cpu:"):
+        return
+    if not d.startswith("cuda"):
+        raise DisTorchError(f"--device {d}: expected cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+        raise DisTorchError(f"--device {d}: {why}; run the demo with --device cpu")
+    idx = d.partition(":")[2]
+    if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+        raise DisTorchError(f"--device {d}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def build_demo_model(device: str = "cpu", seed: int = 0) -> TinyFlux:
+    check_device(device)
     cfg = CONFIGS[_kind(device)]
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -184,7 +205,7 @@ def build_demo_model(device="cpu", seed=0) -> TinyFlux:
     return m.eval()
 
 
-def demo_inputs(device="cpu", seed=1):
+def demo_inputs(device: str = "cpu", seed: int = 1) -> tuple[torch.Tensor, ...]:
     cfg = CONFIGS[_kind(device)]
     g = torch.Generator(device=device).manual_seed(seed)
     dt = cfg["dtype"]
@@ -195,7 +216,7 @@ def demo_inputs(device="cpu", seed=1):
     return x, t, ctx, pooled
 
 
-def denoise(model, inputs, steps: int):
+def denoise(model: nn.Module, inputs: tuple[torch.Tensor, ...], steps: int) -> tuple[torch.Tensor, list[float]]:
     """Euler steps of a rectified-flow sampler; returns (latent, seconds per step).
 
     The first step is timed alone (warm-up); the others run back to back with no synchronize between
@@ -219,7 +240,7 @@ def denoise(model, inputs, steps: int):
     return x, times
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m distorch.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
@@ -228,25 +249,43 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", metavar="OUT_DIR", help="write timeline.png and placement.png here instead")
     a = ap.parse_args(argv)
     dev = a.device
+    if not logging.getLogger().handlers:      # progress lines on stderr (the results go to stdout)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not 0 <= a.offload <= 1:
         print(f"--offload {a.offload}: give a share between 0 and 1", file=sys.stderr)
+        return 2
+    try:
+        check_device(dev)
+        if a.plots:
+            plots.require()                   # before any work
+    except (DisTorchError, plots.PlotDependencyError) as e:
+        print(f"demo: {e}", file=sys.stderr)
         return 2
     if a.plots:
         for p in write_plots(a.plots, a.offload, dev):
             print(p)
         return 0
     t0 = time.perf_counter()
+    log.info("demo: building the demo DiT on %s (random weights, fixed seed)...", dev)
     model = build_demo_model(dev)
     inputs = demo_inputs(dev)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"demo DiT: {len(model.double_blocks)} double + {len(model.single_blocks)} single blocks, "
-          f"{total / 2**20:.1f} MiB of {CONFIGS[_kind(dev)]['dtype']} weights, compute on {dev}")
+          f"{total / 2**20:.1f} MiB of {CONFIGS[_kind(dev)]['dtype']} weights, compute on {dev}", flush=True)
+    log.info("demo: reference run, %d steps with every weight resident...", a.steps)
+    t1 = time.perf_counter()
     ref, t_res = denoise(model, inputs, a.steps)
     resident_s = statistics.median(t_res[1:] or t_res)
-    handle = dt_compile(model, compute=dev, vram_gb=a.offload * total / 2**30, donors=["cpu"],
-                        example_args=inputs, profile=True, progress=False)
+    log.info("demo: reference done in %.1f s; compiling with %.0f%% of the weights off %s (trace, place, "
+             "weights into their homes)...", time.perf_counter() - t1, 100 * a.offload, dev)
+    handle = dt_compile(model, compute=dev, offload_gb=a.offload * total / 2**30, donors=["cpu"],
+                        example_args=inputs, profile=True, progress=True)
+    log.info("demo: compiled run, %d steps streaming the offloaded units...", a.steps)
+    t1 = time.perf_counter()
     out, t_off = denoise(model, inputs, a.steps)
     same = torch.equal(out, ref)
+    log.info("demo: compiled run done in %.1f s; re-planning with the measured unit times...",
+             time.perf_counter() - t1)
     print()
     print(handle.placement_table())
     st = handle.stats
@@ -261,7 +300,7 @@ def main(argv=None) -> int:
     n = handle.feedback()
     g = handle.graph
     inv = inventory_for(norm_compute(dev), ["cpu"])
-    plan2 = partition(g, inv, handle.plan.compute, vram_gb=a.offload * total / 2**30, donors=["cpu"])
+    plan2 = partition(g, inv, handle.plan.compute, offload_gb=a.offload * total / 2**30, donors=["cpu"])
     p2 = (plan2.predicted or {}).get("step_s")
     moved = sum(1 for u, v in zip(sorted(handle.plan.units, key=lambda u: u.order),
                                   sorted(plan2.units, key=lambda u: u.order)) if u.device != v.device)
@@ -275,11 +314,12 @@ def main(argv=None) -> int:
 def write_plots(out_dir: str, offload: float = 0.5, device: str | None = None) -> list[str]:
     """The demo DiT compiled with `offload` of its weights off the device, three profiled steps, then
     OUT_DIR/timeline.png (copies vs compute, the last step) and OUT_DIR/placement.png."""
+    plots.require()                           # before any work: matplotlib missing fails here
     dev = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     model = build_demo_model(device=dev)
     args = demo_inputs(device=dev)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    h = dt_compile(model, compute=dev, vram_gb=offload * total / 2**30, donors=["cpu"],
+    h = dt_compile(model, compute=dev, offload_gb=offload * total / 2**30, donors=["cpu"],
                    example_args=args, profile=True, progress=False)
     with torch.no_grad():
         for _ in range(3):

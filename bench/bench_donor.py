@@ -1,7 +1,7 @@
 """Donor GPU: a Flux-dev-sized DiT computing on cuda:0 with its offloaded weights on cuda:1 (peer copies).
 
 In one process: probe the machine (distorch.compiler.inventory.probe: pinned host->GPU and GPU->GPU peer
-bandwidth), then at 1024x1024 the resident step and distorch.compile with vram_gb = 50 % and 100 % of the
+bandwidth), then at 1024x1024 the resident step and distorch.compile with offload_gb = 50 % and 100 % of the
 model on donor cuda:1, and 100 % with donors [cuda:1, cpu] where cuda:1 is given only part of the model
 (expert string), each checked bit-identical to the resident output. Needs 2 GPUs.
 
@@ -113,17 +113,17 @@ def main(argv=None):
         del x0, x1
         torch.cuda.empty_cache()
         # resident per-unit compute (a plan with nothing offloaded, profiled)
-        h0 = distorch.compile(model, compute=dev, example_kwargs=ex, vram_gb=0, donors=["cuda:1"], profile=True)
+        h0 = distorch.compile(model, compute=dev, example_kwargs=ex, offload_gb=0, donors=["cuda:1"], profile=True)
         bs.run_steps(model, kw, 1, 2)
         _, res_units = profile_runtime(h0, model, kw)
         h0.undo()
     rows = [("resident", 0.0, res_s, True, "", "")]
     gib = total / 2**30
-    configs = [("donor cuda:1, 50 %", dict(vram_gb=gib * 0.5, donors=["cuda:1"])),
-               ("donor cuda:1, 100 %", dict(vram_gb=gib, donors=["cuda:1"])),
+    configs = [("donor cuda:1, 50 %", dict(offload_gb=gib * 0.5, donors=["cuda:1"])),
+               ("donor cuda:1, 100 %", dict(offload_gb=gib, donors=["cuda:1"])),
                ("cuda:1 40 % + cpu 60 %", dict(expert="cuda:0,0%;cuda:1,40%;cpu,60%"))]
     if a.peer_modes:
-        configs = [(f"donor cuda:1, {f} %, peer copy {m}", dict(vram_gb=gib * f / 100, donors=["cuda:1"]), m)
+        configs = [(f"donor cuda:1, {f} %, peer copy {m}", dict(offload_gb=gib * f / 100, donors=["cuda:1"]), m)
                    for m in a.peer_modes.split(",") for f in (50, 100)] + [configs[2] + ("memcpy",)]
     else:
         configs = [c + (None,) for c in configs]

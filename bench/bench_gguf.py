@@ -343,7 +343,7 @@ def main(argv=None):
             try:
                 import distorch
                 tc = time.perf_counter()
-                hc = distorch.compile(model, compute=dev, vram_gb=a.compile_frac / 100 * stored / GiB,
+                hc = distorch.compile(model, compute=dev, offload_gb=a.compile_frac / 100 * stored / GiB,
                                       donors=["cpu"], example_kwargs={k: v for k, v in kw.items()
                                                                       if k != "return_dict"}, progress=False)
                 BS._sync()

@@ -44,7 +44,7 @@ def main(argv=None):
     for r in range(a.rounds):
         measure("resident")
         for f in [int(x) for x in a.fracs.split(",")]:
-            h = distorch.compile(model, compute=dev, vram_gb=total * f / 100 / 2**30, donors=["cpu"],
+            h = distorch.compile(model, compute=dev, offload_gb=total * f / 100 / 2**30, donors=["cpu"],
                                  example_kwargs={k: v for k, v in kw.items() if k != "return_dict"})
             out = measure(f"distorch {f}%")
             assert torch.equal(out, ref), f"output differs at {f}%"

@@ -55,6 +55,26 @@ def _peak_gib():
     return 0.0 if _CPU else torch.cuda.max_memory_allocated() / 2**30
 
 
+def _rss_gib() -> float:
+    """This process's resident host memory now (VmRSS), GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    return float("nan")
+
+
+class _Rows(list):
+    """The result rows; each row records host RSS when it is appended (after its timed steps)."""
+
+    def append(self, row):
+        row.setdefault("rss_gib", _rss_gib())
+        super().append(row)
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -317,7 +337,7 @@ def main(argv=None):
     log(f"pinned host->GPU bandwidth: {bw / 1e9:.1f} GB/s")
     results = {"card": card, "torch": torch.__version__, "cfg": cfg, "model_bytes": total,
                "pinned_h2d_Bps": bw, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": " ".join(sys.argv), "rows": [], "notes": []}
+               "command": " ".join(sys.argv), "rows": _Rows(), "notes": []}
     rows = results["rows"]
 
     def save():
@@ -383,9 +403,9 @@ def main(argv=None):
             if a.planner == "partition":
                 from distorch.passes.partition import partition
                 vram = frac / 100 * g.total_bytes / GiB
-                out.append(("distorch", partition(g, inv, dev, vram_gb=vram, donors=["cpu"])))
+                out.append(("distorch", partition(g, inv, dev, offload_gb=vram, donors=["cpu"], clamp=True)))
                 if frac == 50:   # the placement the FLOP estimate alone would choose (before feedback)
-                    out.append(("distorch_flops_plan", partition(g_flops, inv, dev, vram_gb=vram, donors=["cpu"])))
+                    out.append(("distorch_flops_plan", partition(g_flops, inv, dev, offload_gb=vram, donors=["cpu"], clamp=True)))
             for W in (slots_list if a.planner == "hand" or a.hand else []):
                 off = pick_offloaded(units, frac / 100)
                 plan = hand_plan(graph, off, W, dev)
@@ -521,8 +541,8 @@ def table(results: dict) -> str:
     rows = results["rows"]
     out = [f"card: {results['card']}, torch {results['torch']}, {results['date']}; model {results['model_bytes'] / 1e9:.2f} GB bf16; "
            f"pinned H2D {results['pinned_h2d_Bps'] / 1e9:.1f} GB/s", "",
-           "| res | offloaded | resident s | floor s | distorch s | x floor | predicted s | pred err | sync_pinned s | diffusers s | distorch vs diffusers | peak GiB | bit-identical |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| res | offloaded | resident s | floor s | distorch s | x floor | predicted s | pred err | sync_pinned s | diffusers s | distorch vs diffusers | peak GiB | host RSS GiB | bit-identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in sorted({r["res"] for r in rows}):
         rr = [r for r in rows if r["res"] == res]
         resid = next((r["step_s"] for r in rr if r["method"] == "resident"), None)
@@ -539,7 +559,7 @@ def table(results: dict) -> str:
             vs = "-" if not g else "%.2fx" % (g["step_s"] / d["step_s"])
             out.append(f"| {res} | {frac}% | {f(resid)} | {f(d['floor_s'])} | {f(d['step_s'])} (W={d.get('slots')}) | "
                        f"{f(d['x_floor'], 3)} | {f(d.get('predicted_s'))} | {perr} | "
-                       f"{f(s and s['step_s'])} | {f(g and g['step_s'])} | {vs} | {f(d.get('peak_gib'), 1)} | {eq} |")
+                       f"{f(s and s['step_s'])} | {f(g and g['step_s'])} | {vs} | {f(d.get('peak_gib'), 1)} | {f(d.get('rss_gib'), 1)} | {eq} |")
     extra = [r for r in rows if r["method"].startswith("distorch_")]
     if extra:
         out += ["", "other plans run through the same runtime (same run):", "",

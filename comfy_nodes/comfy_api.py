@@ -32,10 +32,17 @@ patcher_slot(obj) / get_patcher(obj)
                  where a MODEL / CLIP / VAE / CONTROL_NET / CLIP_VISION keeps its ModelPatcher.
 unload_models(match, first_only=False)
                  unload entries of ComfyUI's loaded-model list, as its memory manager does.
+
+Progress
+--------
+ComfyProgressBar is installed, when this module is imported, as the reporter of distorch.progress: the
+library's long stages (file loads, weights into their homes, compiles, link probes) show as the running
+node's bar in the UI (comfy.utils.ProgressBar), and each ends with one INFO line in ComfyUI's log.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import comfy.float  # noqa: F401  (comfy.float.stochastic_rounding: re-patching)
 import comfy.lora  # noqa: F401  (comfy.lora.calculate_weight: weight patches)
@@ -48,6 +55,7 @@ import folder_paths  # ComfyUI's model-file registry
 import nodes as _registry  # ComfyUI's top-level nodes.py: NODE_CLASS_MAPPINGS
 from comfy.patcher_extension import WrappersMP
 
+from .. import progress as _progress
 from ..errors import DisTorchError
 
 try:
@@ -62,7 +70,7 @@ except ImportError:
     _memory = None
 
 __all__ = ["comfy", "folder_paths", "mm", "mp", "WrappersMP", "VERSION", "path", "core_node_class",
-           "register_nodes", "patcher_slot", "get_patcher", "unload_models"]
+           "register_nodes", "registered_nodes", "patcher_slot", "get_patcher", "unload_models", "ComfyProgressBar"]
 
 log = logging.getLogger("distorch.comfy.api")
 
@@ -88,9 +96,14 @@ def path() -> str:
 # ------------------------------------------------------------------------------------------------
 # the node registry
 # ------------------------------------------------------------------------------------------------
-def core_node_class(name: str):
+def core_node_class(name: str) -> type | None:
     """ComfyUI's node class registered as `name` (nodes.NODE_CLASS_MAPPINGS), or None."""
     return getattr(_registry, "NODE_CLASS_MAPPINGS", {}).get(name)
+
+
+def registered_nodes() -> dict:
+    """ComfyUI's node registry as it is now (nodes.NODE_CLASS_MAPPINGS: name -> class, every pack's)."""
+    return getattr(_registry, "NODE_CLASS_MAPPINGS", {})
 
 
 def register_nodes(classes: dict, display_names: dict) -> None:
@@ -107,7 +120,7 @@ def _is_patcher(x) -> bool:
     return isinstance(x, mp.ModelPatcher)
 
 
-def patcher_slot(obj):
+def patcher_slot(obj: object) -> tuple[object | None, str | None]:
     """(holder, attribute) where obj keeps its ModelPatcher; holder None when obj IS the patcher."""
     if _is_patcher(obj):
         return None, None
@@ -119,12 +132,12 @@ def patcher_slot(obj):
                         "VAE, CONTROL_NET or CLIP_VISION output of a loader")
 
 
-def get_patcher(obj):
+def get_patcher(obj: object) -> object:
     holder, attr = patcher_slot(obj)
     return obj if holder is None else getattr(holder, attr)
 
 
-def unload_models(match, first_only: bool = False) -> int:
+def unload_models(match: "Callable[[object], bool]", first_only: bool = False) -> int:
     """Unload the entries of ComfyUI's loaded-model list for which match(LoadedModel) is true, and drop
     them from the list (what its memory manager does); returns how many."""
     n = 0
@@ -136,3 +149,37 @@ def unload_models(match, first_only: bool = False) -> int:
             if first_only:
                 break
     return n
+
+
+# ------------------------------------------------------------------------------------------------
+# progress: the library's stages on ComfyUI's progress bar
+# ------------------------------------------------------------------------------------------------
+class ComfyProgressBar:
+    """A distorch.progress bar over comfy.utils.ProgressBar (bytes counted in MiB for the UI).
+
+    ComfyUI's bar hook raises InterruptProcessingException when the user cancels.  A stage is not cut
+    in half (the runtime would be left half moved): the cancel is kept, and re-armed when the stage
+    closes, so ComfyUI's next check (the sampler's next step) stops the prompt."""
+
+    def __init__(self, label: str, total: int, unit: str) -> None:
+        self.scale = 2**20 if unit == "B" else 1
+        self.total = max(1, -(-int(total) // self.scale))
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.interrupted = False
+
+    def _set(self, value: int) -> None:
+        try:
+            self.bar.update_absolute(min(value, self.total), self.total)
+        except mm.InterruptProcessingException:
+            self.interrupted = True
+
+    def update(self, done: int) -> None:
+        self._set(int(done) // self.scale)
+
+    def close(self) -> None:
+        self._set(self.total)
+        if self.interrupted:
+            mm.interrupt_current_processing(True)
+
+
+_progress.set_reporter(ComfyProgressBar)

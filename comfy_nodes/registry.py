@@ -10,6 +10,7 @@ No ComfyUI import happens here; wrappers are plain classes in ComfyUI's V1 node 
 import copy
 import logging
 import types
+from typing import Any
 
 log = logging.getLogger("distorch.comfy.nodes")
 
@@ -34,11 +35,12 @@ TIP_LEGACY_VVRAM = "GB (2^30 bytes) of the model to keep off `device` (legacy Di
 _BACKEND = None
 
 
-def backend():
+def backend() -> Any:
     """What the node classes call (registration tests replace this function with a fake):
 
         core_node_class(name)                  -> ComfyUI's node class, or None            comfy_api
         register_nodes(classes, display_names)    adds node classes to ComfyUI's registry  comfy_api
+        registered_nodes()                     -> ComfyUI's registry, name -> class        comfy_api
         device_list()                          -> ["cuda:0", ..., "cpu"]                   devices
         load_on_device(device, fn)             -> fn()'s outputs, retargeted to `device`   devices
         distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models) -> obj   entry
@@ -52,6 +54,7 @@ def backend():
         from . import comfy_api, devices, entry, gguf_loaders
         _BACKEND = types.SimpleNamespace(
             core_node_class=comfy_api.core_node_class, register_nodes=comfy_api.register_nodes,
+            registered_nodes=comfy_api.registered_nodes,
             device_list=devices.device_list, load_on_device=devices.load_on_device, distorch=entry.distorch,
             gguf_filenames=gguf_loaders.gguf_filenames, gguf_clip_filenames=gguf_loaders.gguf_clip_filenames,
             gguf_path=gguf_loaders.gguf_path, load_gguf_unet=gguf_loaders.load_gguf_unet,
@@ -59,13 +62,13 @@ def backend():
     return _BACKEND
 
 
-def devices():
+def devices() -> list[str]:
     """The device names offered in every device list (['cuda:0', ..., 'cpu'])."""
     devs = [str(d) for d in backend().device_list()]
     return devs or ["cpu"]
 
 
-def default_device(devs):
+def default_device(devs: list[str]) -> str:
     """The first GPU when there is one, else cpu (COMPAT: default `cuda:0`)."""
     for d in devs:
         if d != "cpu":
@@ -73,7 +76,7 @@ def default_device(devs):
     return devs[0]
 
 
-def with_tooltip(spec, tooltip):
+def with_tooltip(spec: tuple | list, tooltip: str) -> tuple:
     """An input spec (TYPE,) / (TYPE, opts) with a tooltip added where it has none."""
     spec = tuple(spec)
     opts = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -82,29 +85,29 @@ def with_tooltip(spec, tooltip):
     return (spec[0], opts) + spec[2:]
 
 
-def device_input(tooltip, default=None):
+def device_input(tooltip: str, default: str | None = None) -> tuple:
     devs = devices()
     return (devs, {"default": default if default in devs else default_device(devs), "tooltip": tooltip})
 
 
-def donor_input():
+def donor_input() -> tuple:
     devs = devices()
     return (devs, {"default": "cpu" if "cpu" in devs else devs[-1], "tooltip": TIP_DONOR})
 
 
-def vvram_input(default=4.0, maximum=128.0, tooltip=TIP_VVRAM):
+def vvram_input(default: float = 4.0, maximum: float = 128.0, tooltip: str = TIP_VVRAM) -> tuple:
     return ("FLOAT", {"default": default, "min": 0.0, "max": maximum, "step": 0.1, "tooltip": tooltip})
 
 
-def expert_input(tooltip=TIP_EXPERT):
+def expert_input(tooltip: str = TIP_EXPERT) -> tuple:
     return ("STRING", {"multiline": False, "default": "", "tooltip": tooltip})
 
 
-def eject_input(default):
+def eject_input(default: bool) -> tuple:
     return ("BOOLEAN", {"default": bool(default), "tooltip": TIP_EJECT})
 
 
-def base_inputs(base, base_label):
+def base_inputs(base: type, base_label: str) -> dict:
     """Deep copy of base.INPUT_TYPES() with a tooltip on every input."""
     inputs = copy.deepcopy(base.INPUT_TYPES())
     if is_v3(base):
@@ -115,12 +118,12 @@ def base_inputs(base, base_label):
     return inputs
 
 
-def is_v3(base):
+def is_v3(base: type) -> bool:
     """A node written against ComfyUI's V3 API (comfy_api io.ComfyNode: define_schema/execute)."""
     return hasattr(base, "GET_SCHEMA") and hasattr(base, "define_schema")
 
 
-def call_base(base, kwargs):
+def call_base(base: type, kwargs: dict) -> tuple:
     """Run the base node's function with `kwargs`; returns its output tuple."""
     if is_v3(base):
         out = base.execute(**kwargs)
@@ -172,7 +175,7 @@ def _base_has_input(base, key):
     return any(key in inputs.get(s, {}) for s in ("required", "optional"))
 
 
-def device_wrapper(name, base, base_label, *, category=CATEGORY):
+def device_wrapper(name: str, base: type, base_label: str, *, category: str = CATEGORY) -> type:
     """`<Loader>MultiGPU`: the base loader's inputs plus `device`; loads onto that device."""
     def add_inputs():
         return [("optional", "device", device_input(TIP_DEVICE))]
@@ -186,8 +189,8 @@ def device_wrapper(name, base, base_label, *, category=CATEGORY):
                        f"{base_label} with a device choice: the model is loaded for that device.")
 
 
-def distorch2_wrapper(name, base, base_label, *, device_key="compute_device", eject_default=True,
-                      distorch_outputs=(0,)):
+def distorch2_wrapper(name: str, base: type, base_label: str, *, device_key: str = "compute_device",
+                      eject_default: bool = True, distorch_outputs: tuple[int, ...] = (0,)) -> type:
     """`<Loader>DisTorch2MultiGPU`: base inputs plus compute device, virtual VRAM, donor, expert string,
     eject_models; the loaded model is compiled by DisTorch with the Plan these describe."""
     def add_inputs():
@@ -218,7 +221,7 @@ def distorch2_wrapper(name, base, base_label, *, device_key="compute_device", ej
                        "device and streams to the compute device just before it is needed.")
 
 
-def other_gpu_donors(device):
+def other_gpu_donors(device: str) -> str:
     """Legacy `use_other_vram`: every other GPU as a donor (in index order), then cpu."""
     def index(d):
         tail = d.rsplit(":", 1)[-1]
@@ -227,7 +230,7 @@ def other_gpu_donors(device):
     return ",".join(gpus + ["cpu"])
 
 
-def legacy_distorch_wrapper(name, base, base_label):
+def legacy_distorch_wrapper(name: str, base: type, base_label: str) -> type:
     """Legacy `...GGUFDisTorchMultiGPU`: inputs device, virtual_vram_gb, use_other_vram,
     expert_mode_allocations; runs on the same engine as DisTorch2."""
     def add_inputs():

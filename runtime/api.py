@@ -1,14 +1,17 @@
 """distorch.compile: trace -> partition -> quant_choice -> schedule -> verify -> apply, and its Handle.
 
-    handle = distorch.compile(model, compute="cuda:0", vram_gb=8, donors=["cpu"])
+    handle = distorch.compile(model, compute="cuda:0", offload_gb=8, donors=["cpu"])
     out = model(x)                       # the same module, now streaming its offloaded units
     handle.stats                         # bytes per link, copy/stall time, measured vs predicted step
     handle.timeline()                    # per-unit copy/compute events (compile(..., profile=True))
     handle.undo()                        # everything resident on `compute` again, nothing leaked
 
-`vram_gb`, `donors` and `expert` mean what they mean in the ComfyUI nodes (passes.partition):
-vram_gb = GB (2^30 bytes) of the model to keep OFF the compute device, donors = where they live,
-expert = an allocation string that overrides both. `plan=` skips tracing and placement.
+The budget is one of (passes.partition): offload_gb = GiB (2^30 bytes) of the model kept OFF the
+compute device (the nodes' virtual_vram_gb; what the compiled model then holds there -- resident weights,
+ring slots, dequant scratch, runtime buffers -- is at most model - offload_gb), or max_vram_gb = GiB the
+compiled model may hold on the compute device; neither keeps it all resident.  donors = where offloaded
+weights live, expert = an allocation string that overrides the budget.  `plan=` skips tracing and
+placement.  (`vram_gb=` is refused: it named neither of the two.)
 
 On a machine without CUDA, `compute="cpu", donors=["cpu"]` runs the same machinery synchronously.
 The plan then names the compute device "cpu:0" and the host home "cpu" (two names for one memory),
@@ -22,10 +25,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..compiler import inventory as _inv
+from ..compiler.graph import ModuleGraph
 from ..compiler.plan import Plan
 from ..compiler.trace import trace
 from ..errors import DisTorchError
@@ -43,7 +49,7 @@ log = logging.getLogger("distorch.runtime.api")
 HOST_COMPUTE = "cpu:0"   # the compute device's name when computing on the host with host donors
 
 
-def norm_compute(compute) -> str:
+def norm_compute(compute: str | torch.device) -> str:
     """'cuda' -> 'cuda:0', 'cpu' / 'cpu:0' -> HOST_COMPUTE; DisTorchError for what cannot compute here."""
     s = str(compute)
     if s == "cuda":
@@ -57,7 +63,7 @@ def norm_compute(compute) -> str:
     return s
 
 
-def inventory_for(compute: str, donors) -> "_inv.Inventory":
+def inventory_for(compute: str, donors: Iterable[str] | str | None) -> "_inv.Inventory":
     """The devices to plan over for `compute` (a norm_compute name): probed, or for HOST_COMPUTE the host
     declared under both its names (no link to measure)."""
     if compute == HOST_COMPUTE:
@@ -67,41 +73,57 @@ def inventory_for(compute: str, donors) -> "_inv.Inventory":
             total = 16 << 30
         inv = _inv.declare(f"cpu={total}b")
         inv.devices[HOST_COMPUTE] = _inv.Device(HOST_COMPUTE, total, total)
+        inv.compute_rate[HOST_COMPUTE] = _inv.host_rate()     # the host at the host's rate
         return inv
-    return _inv.probe()
+    inv = _inv.probe()
+    from .pinning import budget
+    inv.pinned_limit = budget()        # host homes past it stay pageable; compiler.cost prices them so
+    return inv
 
 
 
 class Handle:
     """What compile() returns: the Plan, statistics, timeline, undo."""
 
-    def __init__(self, runtime: Runtime, plan: Plan, graph=None):
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, plan: Plan, graph: ModuleGraph | None = None) -> None:
+        self.runtime: Runtime | None = runtime
         self.plan = plan
         self.graph = graph
+        self._last_stats: dict | None = None      # stats as they were when undo() ran
+
+    def _live(self, what: str) -> Runtime:
+        """The runtime, or a DisTorchError naming `what` after undo()."""
+        if self.runtime is None:
+            raise DisTorchError(f"{what} is not available after undo(): the model is no longer compiled "
+                                "(handle.stats still gives the statistics as they were at undo())")
+        return self.runtime
 
     @property
     def stats(self) -> dict:
-        """Per-step statistics (synchronizes the device: call between steps)."""
-        return _stats.summarize(self.runtime)
+        """Per-step statistics (synchronizes the device: call between steps).  After undo(): the last
+        statistics, taken when undo() ran."""
+        if self.runtime is None and self._last_stats is not None:
+            return dict(self._last_stats)
+        return _stats.summarize(self._live("stats"))
 
     def stats_text(self) -> str:
         return _stats.format_stats(self.stats)
 
     def step_times(self) -> list[float]:
-        return _stats.step_times(self.runtime)
+        return _stats.step_times(self._live("step_times()"))
 
     def timeline(self, steps: int | None = 1) -> list[dict]:
         """Copy and compute events per unit of the latest `steps` steps (needs profile=True)."""
-        if not self.runtime.profile:
+        rt = self._live("timeline()")
+        if not rt.profile:
             raise DisTorchError("timeline() needs compile(..., profile=True) (per-unit events cost host time)")
-        return _stats.timeline(self.runtime, steps)
+        return _stats.timeline(rt, steps)
 
     def unit_times(self) -> dict[str, float]:
         """Measured compute seconds per unit call (profile=True)."""
-        return _stats.unit_times(self.runtime)
+        return _stats.unit_times(self._live("unit_times()"))
 
-    def feedback(self, graph=None) -> int:
+    def feedback(self, graph: ModuleGraph | None = None) -> int:
         """Write measured per-unit times into the graph's Unit.time_s (per forward = per call x calls);
         returns how many units got a time. Re-run passes.partition on the graph to re-plan with them."""
         graph = graph or self.graph
@@ -118,11 +140,17 @@ class Handle:
     def placement_table(self) -> str:
         return placement_table(self.plan)
 
-    def undo(self, device=None):
+    def undo(self, device: str | torch.device | None = None) -> None:
         """All weights back resident on the compute device (or on `device`, e.g. "cpu"), hooks removed,
         homes and slots freed."""
         if self.runtime is not None:
+            try:
+                last = _stats.summarize(self.runtime)
+            except Exception:      # statistics never stop an undo
+                log.debug("stats before undo failed", exc_info=True)
+                last = None
             self.runtime.undo(device)
+            self._last_stats = last
             self.runtime = None
 
     def __repr__(self):
@@ -132,10 +160,15 @@ class Handle:
 
 
 def placement_table(plan: Plan) -> str:
-    rows = [f"{'unit':<34} {'type':<22} {'MiB':>9}  home"]
-    for u in sorted(plan.units, key=lambda u: u.order):
+    """One row per unit (full names: never cut, so no two rows look alike), then the bytes per device
+    (GiB = 2^30 bytes, MiB = 2^20), the prediction and the expert string."""
+    units = sorted(plan.units, key=lambda u: u.order)
+    wn = max([4] + [len(u.name) for u in units])
+    wt = max([4] + [len(u.type) for u in units])
+    rows = [f"{'unit':<{wn}} {'type':<{wt}} {'MiB':>9}  home"]
+    for u in units:
         mark = "" if u.device == plan.compute else "  (streamed)"
-        rows.append(f"{u.name[:34]:<34} {u.type[:22]:<22} {u.bytes / 2**20:9.2f}  {u.device}{mark}")
+        rows.append(f"{u.name:<{wn}} {u.type:<{wt}} {u.bytes / 2**20:9.2f}  {u.device}{mark}")
     tot = plan.model_bytes or 1
     per: dict[str, int] = {}
     for u in plan.units:
@@ -150,14 +183,18 @@ def placement_table(plan: Plan) -> str:
     return "\n".join(rows)
 
 
-def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None, plan=None,  # noqa: A001
-            example_args=None, example_kwargs=None, window_units=None, *, profile: bool = False,
-            granularity: str = "block", inventory=None, progress: bool = True, quant: str = "auto",
-            quant_budget_gb=None) -> Handle:
+def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  # noqa: A001
+            offload_gb: float | None = None, max_vram_gb: float | None = None,
+            donors: Iterable[str] | str | None = ("cpu",), expert: str | None = None, plan: Plan | None = None,
+            example_args: Any = None, example_kwargs: dict[str, Any] | None = None,
+            window_units: int | None = None, profile: bool = False, granularity: str = "block",
+            inventory: "_inv.Inventory | None" = None, progress: bool = True, quant: str = "auto",
+            quant_budget_gb: float | None = None, clamp_offload: bool = False, **legacy: Any) -> Handle:
     """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring).
 
     Without `plan=`: trace the model (on `example_args` / `example_kwargs`), place its units over the
-    inventory (`vram_gb`, `donors` or `expert`; the inventory is probed unless given), choose how GGUF
+    inventory (`offload_gb` or `max_vram_gb`, `donors`, or `expert`; the inventory is probed unless given;
+    `clamp_offload`: an offload_gb the model cannot meet streams everything, as the nodes want), choose how GGUF
     units are kept, build and verify the schedule, and only then change the module.  GGUF weights
     (formats.gguf_tensor): `quant` = "auto" | "quantized" | "dequantized" picks, for the resident units of
     a traced plan, per-call dequantization or a dense copy within the VRAM left (passes/quant_choice.py;
@@ -165,20 +202,28 @@ def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None,
     used as it is (its `quant` field, if any), without the passes."""
     if not isinstance(model, torch.nn.Module):
         raise DisTorchError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
+    if "vram_gb" in legacy:
+        from ..passes.partition import VRAM_GB_GONE
+        raise DisTorchError(VRAM_GB_GONE)
+    if legacy:
+        raise TypeError(f"compile() got unexpected keyword argument(s) {', '.join(map(repr, legacy))}")
     if quant not in QUANT_MODES:
         raise DisTorchError(f"quant={quant!r}: expected one of {', '.join(QUANT_MODES)}")
     graph = None
+    t_start = time.perf_counter()
     if plan is None:
         comp = norm_compute(compute)
         donors = _donor_list(donors)
         if example_args is not None and not isinstance(example_args, (tuple, list)):
             example_args = (example_args,)
         ran: list[str] = []
-        graph = _run(ran, "trace", trace, model, tuple(example_args or ()), example_kwargs,
+        graph = _run(ran, "trace", _trace_unchanged, model, tuple(example_args or ()), example_kwargs,
                      granularity=granularity)
         inv = inventory if inventory is not None else inventory_for(comp, donors)
-        plan = _run(ran, "partition", partition, graph, inv, comp, vram_gb=vram_gb, donors=donors or None,
-                    expert=expert)
+        plan = _run(ran, "partition", partition, graph, inv, comp, offload_gb=offload_gb,
+                    max_vram_gb=max_vram_gb, donors=donors or None, expert=expert, clamp=clamp_offload)
+        for w in (plan.predicted or {}).get("warnings", ()):
+            log.warning("distorch: %s", w)
         plan = _run(ran, "quant_choice", _quant_choice, plan, graph, inv, quant, quant_budget_gb)
         sched = _run(ran, "schedule", schedule, plan, graph)
         _run(ran, "verify", verify, plan, sched)
@@ -186,12 +231,17 @@ def compile(model, compute="cuda:0", vram_gb=None, donors=("cpu",), expert=None,
     elif not isinstance(plan, Plan):
         raise DisTorchError(f"plan= must be a distorch Plan, got {type(plan).__name__}")
     rt = apply(model, plan, graph, window_units=window_units, profile=profile, progress=progress)
+    log.log(logging.INFO if progress else logging.DEBUG,
+            "distorch: compiled %s for %s in %.1f s: %d units, %.2f GiB of %.2f GiB offloaded",
+            type(model).__name__, plan.compute, time.perf_counter() - t_start, len(plan.units),
+            plan.offloaded_bytes() / 2**30, (plan.model_bytes or 0) / 2**30)
     return Handle(rt, plan, graph)
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):
     """fn(*args, **kw) as the pass `name`; its error re-raised (same type) with the pass named and the ones
     that ran before it, like torch.fx's PassManager.  `ran` collects the passes that finished."""
+    t0 = time.perf_counter()
     try:
         out = fn(*args, **kw)
     except Exception as e:
@@ -200,8 +250,27 @@ def _run(ran: list[str], name: str, fn, *args, **kw):
             e.args = (f"{name} pass failed (passes run before it: {before}): {e.args[0]}",) + e.args[1:]
         raise
     ran.append(name)
-    log.debug("pass %s done", name)
+    log.debug("pass %s done in %.2f s", name, time.perf_counter() - t0)
     return out
+
+
+def _trace_unchanged(model, args, kwargs, **kw):
+    """trace() leaving the module as it was: the example call runs in eval mode under no_grad (BatchNorm
+    does not update its running statistics, dropout is off), each submodule's training flag is restored,
+    and so is every buffer a forward wrote."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return trace(model, args, kwargs, **kw)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, v in saved:
+                if b.shape == v.shape and b.dtype == v.dtype:
+                    b.copy_(v)
 
 
 def _donor_list(donors) -> list[str]:

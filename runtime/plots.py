@@ -7,20 +7,44 @@
 For the built-in demo DiT (compiled with a budget, one step profiled, both PNGs written):
 
     python -m distorch.demo --plots OUT_DIR [--offload 0.5]
+
+Call `require()` before the work whose result is plotted: without matplotlib it fails at once, naming
+the install command (the README's: `pip install -e .[plot]` in a checkout, or `pip install matplotlib`).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from typing import Any
+
+__all__ = ["require", "PlotDependencyError", "INSTALL_HINT", "timeline_png", "placement_png", "bench_png"]
+
+INSTALL_HINT = "pip install matplotlib (or, in a checkout of distorch: pip install -e .[plot])"
 
 
-def _plt():
+class PlotDependencyError(ImportError):
+    """matplotlib is missing."""
+
+
+def require() -> None:
+    """Raise PlotDependencyError (naming the install command) unless matplotlib can be imported."""
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise PlotDependencyError(f"plots need matplotlib, which is not installed: {INSTALL_HINT}")
+
+
+def _plt() -> Any:
+    require()
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         return plt
-    except ImportError as e:  # pragma: no cover - depends on the extra
-        raise ImportError("plots need matplotlib: pip install 'distorch[plot]'") from e
+    except ImportError as e:  # pragma: no cover - a broken matplotlib install
+        raise PlotDependencyError(f"plots need a working matplotlib ({e}): {INSTALL_HINT}") from e
 
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -54,7 +78,7 @@ def timeline_png(events: list[dict], path: str, title: str = "distorch timeline"
     return path
 
 
-def placement_png(plan, path: str, title: str = "placement per unit") -> str:
+def placement_png(plan: Any, path: str, title: str = "placement per unit") -> str:
     """Bar per unit in execution order, height = MiB, colour = home device."""
     plt = _plt()
     units = sorted(plan.units, key=lambda u: u.order)
@@ -63,10 +87,11 @@ def placement_png(plan, path: str, title: str = "placement per unit") -> str:
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(units) + 3), 4))
     xs = range(len(units))
     ax.bar(xs, [u.bytes / 2**20 for u in units], color=[col[u.device] for u in units], width=0.85)
-    for d in devs:
-        tag = " (compute)" if d == plan.compute else ""
-        ax.bar([], [], color=col[d], label=f"{d}{tag}")
-    ax.legend()
+    # the legend's entries are patches in the bars' own colours (an empty bar() gives a handle with no
+    # patch, which matplotlib draws in the first cycle colour: every entry blue)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(facecolor=col[d], label=f"{d} (compute)" if d == plan.compute else f"{d} (home, streamed)")
+                       for d in devs])
     ax.set_xlabel("unit (execution order)")
     ax.set_ylabel("MiB")
     ax.set_title(title)

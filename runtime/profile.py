@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+from .compile_boundary import opaque
 from .hooks import UnitPart
 
 __all__ = ["StepClock", "Profiler"]
@@ -109,8 +110,8 @@ class Profiler(UnitPart):
             def post(mod, args, out, name=n):
                 if learn.depth:
                     self.unit_end(name)
-            hooks.append(m.register_forward_pre_hook(pre))
-            hooks.append(m.register_forward_hook(post, always_call=True))
+            hooks.append(m.register_forward_pre_hook(opaque(pre)))      # opaque: see compile_boundary
+            hooks.append(m.register_forward_hook(opaque(post), always_call=True))
         return hooks
 
     def detach(self, rt):

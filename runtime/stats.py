@@ -9,6 +9,7 @@ and its learner `learn` (runtime/ring.py, runtime/learn.py), `resident`, `autotu
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 
 def _ms(e0, e1) -> float | None:
@@ -18,7 +19,7 @@ def _ms(e0, e1) -> float | None:
         return None
 
 
-def step_times(rt) -> list[float]:
+def step_times(rt: Any) -> list[float]:
     """Seconds per step for the most recent steps (GPU time between the root's pre and post hooks)."""
     rt.be.synchronize()
     out = []
@@ -29,7 +30,7 @@ def step_times(rt) -> list[float]:
     return out
 
 
-def timeline(rt, steps: int | None = 1) -> list[dict]:
+def timeline(rt: Any, steps: int | None = 1) -> list[dict]:
     """Profiled events as dicts {lane, unit, start_ms, end_ms, step}, times relative to the first event
     of the earliest step returned. Needs profile=True; `steps` = how many of the latest steps."""
     trace = rt.profiler.trace
@@ -60,7 +61,7 @@ def timeline(rt, steps: int | None = 1) -> list[dict]:
     return out
 
 
-def unit_times(rt, steps: int | None = None) -> dict[str, float]:
+def unit_times(rt: Any, steps: int | None = None) -> dict[str, float]:
     """Median measured compute seconds per unit call (profile mode), for feeding Unit.time_s."""
     per: dict[str, list[float]] = {}
     for ev in timeline(rt, steps=steps):
@@ -69,7 +70,7 @@ def unit_times(rt, steps: int | None = None) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in per.items()}
 
 
-def bytes_per_link(rt) -> dict[str, int]:
+def bytes_per_link(rt: Any) -> dict[str, int]:
     """Bytes one step moves over each link (the streamed units of the learned call order)."""
     ring, learn = rt.ring, rt.learn
     per_link: dict[str, int] = {}
@@ -79,7 +80,7 @@ def bytes_per_link(rt) -> dict[str, int]:
     return per_link
 
 
-def summarize(rt, last: int = 5) -> dict:
+def summarize(rt: Any, last: int = 5) -> dict:
     """Per-step statistics: bytes per link, copy and stall time, measured vs predicted step time."""
     times = step_times(rt)[-last:] if rt.active else []
     per_link = bytes_per_link(rt)
@@ -134,7 +135,7 @@ def summarize(rt, last: int = 5) -> dict:
 
 
 def format_stats(d: dict) -> str:
-    def gb(x):
+    def gb(x: float) -> str:
         return f"{x / 2**30:.2f} GiB"
     lines = [f"steps {d['steps']}, streamed units {d['streamed_units']}, window {d['window_slots']} x "
              f"{gb(d['slot_bytes'])}, resident {gb(d['resident_bytes'])}"]

@@ -1,6 +1,6 @@
 """The package's layers, read from its source with ast (nothing is imported):
 
-    errors -> formats -> compiler -> passes -> runtime -> api / cli / demo / comfy_nodes
+    errors, progress -> formats -> compiler -> passes -> runtime -> api / cli / demo / comfy_nodes
 
 A module imports only from its own layer or the ones below (imports inside functions count too: a
 lazy import still ties the layers together).  No import cycles between modules.  Only the package's
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "distorch"                         # the repository root is the package (pyproject: package-dir)
 SKIP_DIRS = {"tests", "bench", "example_workflows", "build", "dist"}
-LAYERS = {"errors": 0, "formats": 1, "compiler": 2, "passes": 3, "runtime": 4,
+LAYERS = {"errors": 0, "progress": 0, "formats": 1, "compiler": 2, "passes": 3, "runtime": 4,
           "api": 5, "cli": 5, "demo": 5, "comfy_nodes": 5, "__main__": 5}
 TOP = 6                                  # the package's __init__.py: ComfyUI's entry point and the library face
 COMFYUI = {"comfy", "comfy_extras", "nodes", "folder_paths"}

@@ -544,8 +544,14 @@ def test_cuda_stream_bit_identical_and_peak_vram(frac):
         mem1 = torch.cuda.memory_allocated()
         streamed = sum(nbytes(m.get_submodule(n)) for n in off)
         s = rstats.summarize(rt)
-        # the streamed weights left the GPU, the slot window arrived: nothing else
-        assert abs(mem1 - (mem0 - streamed + s["window_bytes"])) < (1 << 20), (mem0, mem1, streamed)
+        # the streamed weights left the GPU, the slot window arrived: nothing else.  Never more than that
+        # (a budget is an upper bound).  It may be less: CUDA's caching allocator does not split off a
+        # remainder of <= 1 MiB from a large block, so freeing a weight can return up to 1 MiB more than its
+        # nbytes (measured on an H200: exactly 1 MiB less than expected with every block streamed).
+        expect = mem0 - streamed + s["window_bytes"]
+        n_streamed = sum(1 for n in off for _ in m.get_submodule(n).parameters())
+        assert mem1 <= expect, (mem0, mem1, streamed, "an allocation outside the accounting")
+        assert expect - mem1 <= n_streamed << 20, (mem0, mem1, streamed)
         torch.cuda.reset_peak_memory_stats()
         outs = run(m, (x, t), 4)
         torch.cuda.synchronize()
@@ -605,7 +611,7 @@ def test_compile_plans_with_trace_and_partition(toy):
     import distorch
     m, args, ref = toy
     half = nbytes(m) / 2 / 2**30
-    h = distorch.compile(m, compute="cpu", vram_gb=half, donors=["cpu"], example_args=args, progress=False)
+    h = distorch.compile(m, compute="cpu", offload_gb=half, donors=["cpu"], example_args=args, progress=False)
     try:
         assert h.plan.compute == "cpu:0" and h.plan.offloaded_bytes() >= nbytes(m) / 2
         assert h.graph is not None and len(h.graph) >= 6
@@ -632,7 +638,7 @@ def test_compile_expert_string_and_feedback(toy):
         run(m, args, 2)
         assert h.feedback() >= 6          # measured unit times written into the graph
         assert all(u.time_s and u.time_s > 0 for u in h.graph.units if u.name.startswith("blocks."))
-        plan2 = partition(h.graph, inventory_for("cpu:0", ["cpu"]), "cpu:0", vram_gb=0.6 * nbytes(m) / 2**30)
+        plan2 = partition(h.graph, inventory_for("cpu:0", ["cpu"]), "cpu:0", offload_gb=0.6 * nbytes(m) / 2**30)
         assert plan2.predicted["step_s"] > 0
     finally:
         h.undo()
@@ -645,7 +651,7 @@ def test_compile_names_the_failing_pass_and_the_ones_before_it(toy):
     from distorch.errors import PartitionError
     m, args, ref = toy
     with pytest.raises(PartitionError, match=r"^partition pass failed \(passes run before it: trace\): .*tpu:9"):
-        distorch.compile(m, compute="cpu", donors=["tpu:9"], vram_gb=0.0001, example_args=args, progress=False)
+        distorch.compile(m, compute="cpu", donors=["tpu:9"], offload_gb=0.0001, example_args=args, progress=False)
     assert getattr(m, "_distorch_runtime", None) is None and torch.equal(m(*args), ref)   # nothing changed
 
 

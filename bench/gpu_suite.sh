@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite on a CUDA machine (the device tool's H200), the CUDA-only tests included.
+#
+# That machine has torch/triton/safetensors/numpy/networkx but no network: it needs, carried with the call,
+#   .whl/            wheels for gguf, diffusers, av, torchsde, trampoline, pydantic(+core, settings, deps)
+#   .benchc/comfy.tgz   the ComfyUI 0.3.75 tree that .ci/setup_comfyui.sh puts in .comfy/ComfyUI, tarred
+# Usage there:  bash bench/gpu_suite.sh [pytest args]   (log and junit XML under $OUT when set)
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the repository imports as `distorch`, as `pip install -e .` makes it here
+ln -sfn "$PWD" /tmp/site/distorch
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ ! -d .comfy/ComfyUI/comfy ]; then
+    mkdir -p .comfy/ComfyUI && tar xzf .benchc/comfy.tgz -C .comfy/ComfyUI || exit 1
+fi
+ln -sfn "$PWD" .comfy/ComfyUI/custom_nodes/ComfyUI-DisTorch
+export DISTORCH_REQUIRE_COMFYUI=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/card.txt"
+python3 -m pytest tests -o addopts="" -q -rfEs --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"

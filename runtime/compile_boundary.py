@@ -1,0 +1,47 @@
+"""The runtime's torch hooks as opaque calls under torch.compile.
+
+`torch.compile(model)` after `distorch.compile(model, ...)` traces the module's forward together with
+the torch hooks the runtime put on it (the root's and every streamed unit's).  Traced, a hook would be
+specialised on the runtime's state (the ring's slot of the unit, the learner's call count, ...): guards
+that fail at the next unit or step, so the model recompiles per unit until torch hits its recompile limit.
+
+`opaque(hook)` makes each hook one call that Dynamo does not trace: a graph break at each streamed unit's
+boundary (before and after it) and at the root's; the code between the breaks -- the units' own
+forwards -- compiles once per unit *type* and is reused by every unit and every step (tests/
+test_torch_compile.py counts the compilations).  In eager mode the wrapper costs one extra Python call.
+
+The Dynamo-disabled trampoline is made on first use, when torch.compile is already running (so that
+importing distorch never imports torch._dynamo).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["opaque"]
+
+_is_compiling = torch.compiler.is_compiling
+_DISABLED: Callable[..., Any] | None = None
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _disabled() -> Callable[..., Any]:
+    global _DISABLED
+    if _DISABLED is None:
+        _DISABLED = torch.compiler.disable(_call)
+    return _DISABLED
+
+
+def opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a torch module hook) as a call torch.compile runs eagerly instead of tracing (a graph break)."""
+    def hook(*args: Any) -> Any:
+        if _is_compiling():
+            return _disabled()(fn, *args)
+        return fn(*args)
+    hook.__wrapped__ = fn  # type: ignore[attr-defined]
+    hook.__name__ = getattr(fn, "__name__", "hook")
+    return hook
