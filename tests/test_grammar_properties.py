@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) for the three input grammars of issue 12 (done-criterion 7):
 
 * allocation strings (passes/allocation.py: parse_allocation + budgets),
-* device specs (compiler/inventory.py: declare),
-* sizes (compiler/inventory.py: parse_size; the CLI's --offload / --window),
+* device specs (compiler/inventory.py: declare; grammar in compiler/device_spec.py),
+* sizes (compiler/device_spec.py: parse_size; the CLI's --offload / --window),
 * and the `distorch plan` command line fed with all three.
 
 Each input is drawn from the grammar itself (valid and near-valid pieces: huge digit strings, exponents,
@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distorch.cli import MAX_VRAM_GIB, main, parse_vram, parse_window  # noqa: E402
-from distorch.compiler import inventory as invmod  # noqa: E402
-from distorch.compiler.inventory import Inventory, declare, normalize_device, parse_size  # noqa: E402
+from distorch.compiler import device_spec as specmod  # noqa: E402
+from distorch.compiler.device_spec import normalize_device, parse_size  # noqa: E402
+from distorch.compiler.inventory import Inventory, declare  # noqa: E402
 from distorch.errors import AllocationError, DisTorchError, InventoryError  # noqa: E402
 from distorch.passes.allocation import MAX_BYTES, budgets, entries_to_dicts, parse_allocation  # noqa: E402
 
@@ -282,11 +283,11 @@ def _check_inventory(inv: Inventory) -> None:
         assert 0 <= d.free_bytes <= d.total_bytes <= EiB and d.total_bytes > 0
     for (a, b), bw in inv.links.items():
         assert a in inv.devices and b in inv.devices and a != b
-        assert math.isfinite(bw) and invmod.MIN_LINK_BPS <= bw <= invmod.MAX_LINK_BPS
+        assert math.isfinite(bw) and specmod.MIN_LINK_BPS <= bw <= specmod.MAX_LINK_BPS
         assert inv.bandwidth(a, b) == bw
     for d, r in inv.compute_rate.items():
         assert d in inv.devices
-        assert math.isfinite(r) and invmod.MIN_RATE_FLOPS <= r <= invmod.MAX_RATE_FLOPS
+        assert math.isfinite(r) and specmod.MIN_RATE_FLOPS <= r <= specmod.MAX_RATE_FLOPS
         assert inv.rate(d) == r
     again = Inventory.from_dict(json.loads(json.dumps(inv.to_dict(), allow_nan=False)))
     assert again == inv

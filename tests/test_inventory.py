@@ -5,7 +5,9 @@ import math
 import pytest
 
 from distorch.compiler import inventory as invmod
-from distorch.compiler.inventory import DEFAULT_CPU_FLOPS, declare, parse_size, probe, Inventory
+from distorch.compiler.device_spec import normalize_device, parse_size
+from distorch.compiler.inventory import DEFAULT_CPU_FLOPS, declare, probe, Inventory
+from distorch.compiler.probe_cache import MAX_CACHE_BYTES
 from distorch.errors import InventoryError, DisTorchError
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -81,7 +83,7 @@ def test_device_index_is_canonical():
     inv = declare("cuda:00=8GiB,cuda:001=8GiB,cpu=16GiB;cuda:000>cuda:01=100GB/s")
     assert list(inv.devices) == ["cuda:0", "cuda:1", "cpu"]
     assert inv.bandwidth("cuda:0", "cuda:1") == 100e9
-    assert invmod.normalize_device(" CUDA:007 ") == "cuda:7"
+    assert normalize_device(" CUDA:007 ") == "cuda:7"
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -204,7 +206,7 @@ def fake_gpu(monkeypatch, tmp_path):
         inv.links[("cpu", "cuda:0")] = GOOD["cpu>cuda:0"]
         inv.compute_rate["cuda:0"] = GOOD["rate@cuda:0"]
 
-    monkeypatch.setattr(invmod, "_measure", measure)
+    monkeypatch.setattr(invmod, "measure", measure)
     path = tmp_path / "distorch" / "links.json"
     path.parent.mkdir()
     return path, calls
@@ -280,7 +282,7 @@ def test_bad_other_entry_is_dropped_even_when_ours_is_good(fake_gpu, caplog):
 @pytest.mark.parametrize("content", [
     "{not json", "[1, 2, 3]", "null", "\"text\"", "[" * 100000 + "]" * 100000, b"\xff\xfe\x00garbage",
     '{"a": ' + "1" * 5000 + "}",                                  # int too long for Python to read
-    " " * (invmod.MAX_CACHE_BYTES + 1),
+    " " * (MAX_CACHE_BYTES + 1),
 ])
 def test_unusable_cache_file_is_replaced(fake_gpu, caplog, content):
     path, calls = fake_gpu
@@ -298,7 +300,7 @@ def test_implausible_measurement_is_not_cached(fake_gpu, caplog, monkeypatch):
         calls.append(n)
         inv.links[("cpu", "cuda:0")] = float("inf")    # e.g. a timer reporting 0 s
 
-    monkeypatch.setattr(invmod, "_measure", glitch)
+    monkeypatch.setattr(invmod, "measure", glitch)
     inv, w = _probe_logged(caplog)
     assert len(w) == 1 and "not caching" in w[0].getMessage()
     assert json.loads(path.read_text()) == {}
