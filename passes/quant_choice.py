@@ -39,11 +39,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ..compiler.cost import dequant_seconds, simulate, unit_compute_s
 from ..compiler.graph import ROOT
 from ..compiler.plan import RESIDENT_DQ, RESIDENT_Q, STREAMED_Q, Plan
 from ..errors import QuantChoiceError
+
+if TYPE_CHECKING:
+    from typing import Iterable
+
+    from ..compiler.graph import ModuleGraph
+    from ..compiler.inventory import Inventory
 
 MODES = ("auto", "quantized", "dequantized")
 GiB = 1 << 30
@@ -77,7 +84,7 @@ def _copy_bw(compute: str, copy_bw: float | None) -> float:
     return HOST_COPY_BW if str(compute).startswith("cpu") else GPU_COPY_BW
 
 
-def quant_info(plan: Plan, graph, *, copy_bw: float | None = None) -> dict[str, UnitQuant]:
+def quant_info(plan: Plan, graph: ModuleGraph | None, *, copy_bw: float | None = None) -> dict[str, UnitQuant]:
     """unit name -> UnitQuant for every unit of `plan` whose graph unit owns GGUF parameters (`Unit.gguf`;
     ROOT: weights outside every unit).  Dequantization seconds per step: compiler.cost.dequant_seconds
     per type at the compute device's copy bandwidth (`copy_bw` overrides it), x the unit's calls."""
@@ -116,13 +123,13 @@ def _units_with_times(graph, compute: str, inventory, info: dict, dequantized: s
     return out
 
 
-def predict(plan: Plan, graph, inventory, info: dict, dequantized: set) -> dict:
+def predict(plan: Plan, graph: ModuleGraph | None, inventory: Inventory, info: dict, dequantized: set) -> dict:
     homes = {u.name: u.device for u in plan.units}
     return simulate(_units_with_times(graph, plan.compute, inventory, info, dequantized), homes,
                     plan.compute, inventory, plan.window_bytes)
 
 
-def gguf_facts(graph) -> dict[str, tuple[int, int]]:
+def gguf_facts(graph: ModuleGraph | None) -> dict[str, tuple[int, int]]:
     """unit name -> (dense bytes, largest dense tensor) of its GGUF weights, from the graph (Unit.gguf)."""
     out = {}
     for u in getattr(graph, "units", ()) or ():
@@ -132,7 +139,7 @@ def gguf_facts(graph) -> dict[str, tuple[int, int]]:
     return out
 
 
-def working_bytes(facts: dict, offloaded, compute: str) -> tuple[int, int]:
+def working_bytes(facts: dict, offloaded: Iterable[str], compute: str) -> tuple[int, int]:
     """(scratch, transient) bytes GGUF weights need on the compute device beyond their own bytes.
     facts: unit name -> (dense bytes, largest dense tensor) (gguf_facts, or from quant_info).
     scratch: the runtime's one dequantization buffer for streamed units (runtime/slot_dequant.py, CUDA:
@@ -168,7 +175,7 @@ def _base_peak(plan: Plan, info: dict) -> int:
     return int(peak) - counted + scratch + transient
 
 
-def default_budget(plan: Plan, inventory, info: dict, reserve_bytes: int | None = None) -> int:
+def default_budget(plan: Plan, inventory: Inventory | None, info: dict, reserve_bytes: int | None = None) -> int:
     """VRAM left for dense copies: free on the compute device - plan footprint (with dequant scratch and
     transient copies) - reserve for activations; within the plan's budget (predicted["budget_bytes"],
     from offload_gb / max_vram_gb) when it has one."""
@@ -193,8 +200,8 @@ def scratch_bytes(plan: Plan, info: dict) -> int:
                          plan.compute)[0]
 
 
-def choose_quant(plan: Plan, graph, inventory, info: dict | None = None, *, budget_bytes: int | None = None,
-                 reserve_bytes: int | None = None, mode: str = "auto") -> Plan:
+def choose_quant(plan: Plan, graph: ModuleGraph | None, inventory: Inventory | None, info: dict | None = None, *,
+                 budget_bytes: int | None = None, reserve_bytes: int | None = None, mode: str = "auto") -> Plan:
     """A copy of `plan` with `quant` set for every unit in `info` (default: quant_info(plan, graph); see
     the module docstring), and predicted["step_s"] / ["peak_bytes"] updated; predicted["quant"] says
     what was weighed."""

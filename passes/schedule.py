@@ -44,9 +44,13 @@ facts per offloaded unit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
+from typing import TYPE_CHECKING
 
 from ..compiler.ring_layout import align, item_keys, n_slots_for, slot_gates, stream_groups
 from ..compiler.plan import Plan
+
+if TYPE_CHECKING:
+    from ..compiler.graph import ModuleGraph
 
 
 @dataclass
@@ -104,7 +108,7 @@ class Schedule:
         return cls(**d)
 
 
-def schedule(plan: Plan, graph=None) -> Schedule:
+def schedule(plan: Plan, graph: ModuleGraph | None = None) -> Schedule:
     """Build the Schedule of `plan` (graph is accepted for symmetry; the Plan carries all it needs)."""
     order = sorted(plan.units, key=lambda u: u.order)
     off = [u for u in order if u.device != plan.compute]

@@ -13,7 +13,8 @@ from distorch.compiler.files import graph_from_file
 from distorch.compiler.graph import ROOT, ModuleGraph, Unit
 from distorch.compiler.inventory import DEFAULT_CPU_FLOPS, Inventory, declare, host_rate
 from distorch.errors import DisTorchError, PartitionError
-from distorch.passes.partition import RUNTIME_BUFFERS_BYTES, partition, slot_bytes_of
+from distorch.passes.budget import RUNTIME_BUFFERS_BYTES, slot_bytes_of
+from distorch.passes.partition import partition
 from distorch.passes.quant_choice import RESIDENT_DQ, UnitQuant, choose_quant, quant_info
 
 GiB = 1 << 30

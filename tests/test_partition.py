@@ -10,7 +10,8 @@ from distorch.compiler.graph import ModuleGraph, Unit, ROOT
 from distorch.compiler.inventory import declare
 from distorch.compiler.plan import Plan
 from distorch.errors import DisTorchError, PartitionError
-from distorch.passes.partition import partition, priority_order
+from distorch.passes.partition import partition
+from distorch.passes.rank import priority_order
 from distorch.passes.schedule import Schedule, schedule
 from distorch.passes.verify import PlanVerificationError, check, verify
 
@@ -584,7 +585,7 @@ def test_slow_donor_gets_the_best_hiding_units():
     the first (copy-heavy) blocks on the fast link and everything later on the slow one; giving the slow
     link the best-hiding units (the fast one the rest) is never slower in the simulator, and here faster."""
     from distorch.compiler.inventory import declare
-    from distorch.passes.partition import _split
+    from distorch.passes.donors import _split
     g = flux_like(n_double=8, n_single=16, flops=True)
     for u in g.units:                      # Flux-like compute: double blocks copy longer than they compute
         if u.name.startswith("double"):
