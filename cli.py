@@ -6,7 +6,7 @@
 
 FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (every name in
 compiler/shapes.py BUILTINS, listed by `distorch plan --help`).  Without --devices the machine is probed
-(compiler/inventory.py); with it, the plan is made for the declared machine, e.g.
+(compiler/inventory.py, grammar in compiler/device_spec.py); with it, the plan is made for the declared machine, e.g.
 
     distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --offload 16
     distorch plan flux-dev --compute cuda:0 --devices cuda:0=12GiB,cpu=32GiB --max-vram 8
@@ -28,8 +28,14 @@ import json
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import DisTorchError
+
+if TYPE_CHECKING:
+    from .compiler.graph import ModuleGraph
+    from .compiler.inventory import Inventory
+    from .compiler.plan import Plan
 
 GiB = 1 << 30
 MAX_VRAM_GIB = float(1 << 30)    # 1 EiB: --offload / --max-vram above this is a typo, never a machine
@@ -104,10 +110,10 @@ def _size(b: float) -> str:
     return _gb(b) if b >= GiB / 10 or b == 0 else f"{b / 2**20:.1f} MiB"
 
 
-def parse_vram(text, opt: str = "--offload") -> float:
+def parse_vram(text: str | float, opt: str = "--offload") -> float:
     """--offload / --max-vram: a number of GiB ('16', '12.5') or a size with its unit ('16GiB', '17GB') ->
     GiB as a float.  Finite, >= 0 and at most 1 EiB, or a DisTorchError naming the value."""
-    from .compiler.inventory import parse_size, show, split_number
+    from .compiler.device_spec import parse_size, show, split_number
     s = str(text).strip()
     help_ = (f"give the GiB of the model to keep off the compute device, e.g. {opt} 16 or {opt} 12.5GiB"
              if opt == "--offload" else
@@ -131,9 +137,9 @@ def parse_vram(text, opt: str = "--offload") -> float:
     return v
 
 
-def parse_window(text) -> int:
+def parse_window(text: str) -> int:
     """--window: a size with its unit ('2GiB'), above 0."""
-    from .compiler.inventory import parse_size, show
+    from .compiler.device_spec import parse_size, show
     b = parse_size(text, "--window")
     if b <= 0:
         raise DisTorchError(f"--window {show(text)} must be above 0: give e.g. 2GiB, or leave it out for the default")
@@ -144,7 +150,7 @@ def _types(types: dict) -> str:
     return ", ".join(f"{t} x{n}" for t, n in sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
 
 
-def format_table(plan, graph, inventory) -> str:
+def format_table(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> str:
     model = plan.model_bytes
     pr = plan.predicted
     lines = [f"DisTorch plan: {graph.source or 'model'}: {_gb(model)} in {len(plan.units)} units, computing on "
@@ -182,7 +188,8 @@ def format_table(plan, graph, inventory) -> str:
 
 
 def _plan(args) -> int:
-    from .compiler.inventory import declare, normalize_device, probe
+    from .compiler.device_spec import normalize_device
+    from .compiler.inventory import declare, probe
     from .passes.partition import partition
     from .passes.schedule import schedule
     from .passes.verify import verify

@@ -31,16 +31,23 @@ max(compute, bytes_l / bandwidth_l).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .graph import ROOT, Unit
 from .inventory import Inventory
 from .ring_layout import item_keys, n_slots_for, slot_gates, stream_groups
+
+if TYPE_CHECKING:
+    from enum import Enum
+
+    from .plan import Plan
 
 COPY_FIXED_S = 5e-6
 FALLBACK_FLOPS_PER_BYTE = 4096.0
 DEFAULT_STEPS = 3
 
 
-def unit_compute_s(unit: Unit, device: str, inventory) -> float:
+def unit_compute_s(unit: Unit, device: str, inventory: Inventory) -> float:
     """Compute time of `unit` per forward on `device` (measured > FLOPs > bytes fallback)."""
     if unit.time_s is not None:
         return float(unit.time_s)
@@ -52,7 +59,7 @@ def unit_compute_s(unit: Unit, device: str, inventory) -> float:
     return size * FALLBACK_FLOPS_PER_BYTE * calls / rate
 
 
-def unit_transfer_s(nbytes: int, src: str, dst: str, inventory, pageable: bool = False) -> float:
+def unit_transfer_s(nbytes: int, src: str, dst: str, inventory: Inventory, pageable: bool = False) -> float:
     """Time to copy `nbytes` from src to dst: bytes / bandwidth + fixed per-copy cost (0 on one device);
     `pageable`: from host memory that is not pinned (inventory.pageable_bandwidth)."""
     if src == dst or nbytes <= 0:
@@ -72,7 +79,7 @@ DEQUANT_EFFICIENCY: dict[str, float] = {
 DEQUANT_HOST_S = 60e-6     # Python cost of one dequantize() call on the host (Triton launch + checks)
 
 
-def dequant_seconds(qtype, stored_bytes: int, dense_bytes: int, *, copy_bw: float = 3.0e12) -> float:
+def dequant_seconds(qtype: str | Enum, stored_bytes: int, dense_bytes: int, *, copy_bw: float = 3.0e12) -> float:
     """Predicted device time to dequantize tensors of GGML type `qtype` (name, or an enum with .name)
     holding `stored_bytes` of blocks into `dense_bytes` of output, on a device whose device-to-device
     copy moves `copy_bw` bytes/s (read + write counted): (stored + dense) / (efficiency * copy_bw)."""
@@ -143,7 +150,7 @@ def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[
     return last, stall
 
 
-def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, inventory,
+def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, inventory: Inventory,
              window_bytes: int, steps: int = DEFAULT_STEPS) -> dict:
     """Predict one steady-state step.  homes: unit name -> home device (missing = compute).
     Returns dict(step_s, compute_s, stall_s, overhead_s, floor_s, per_link_bytes, per_link_s, n_slots,
@@ -191,7 +198,7 @@ def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, in
 WINDOW_GAIN = 0.01     # best_window takes the fewest slots within 1 % of the best step
 
 
-def best_window(plan, times: dict, rates: dict, step_s: float, *, unit_bytes: int, current: int, limit: int,
+def best_window(plan: Plan, times: dict, rates: dict, step_s: float, *, unit_bytes: int, current: int, limit: int,
                 gap_s: float = 0.0) -> tuple[int, dict]:
     """The runtime's autotune policy: the slot count for `plan` from measured times.
 

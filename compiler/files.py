@@ -9,6 +9,7 @@ known architectures; `graph_from_file(path_or_builtin)` does both, or uses a bui
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import DisTorchError
 from ..formats.gguf_reader import read_gguf_header
@@ -17,12 +18,15 @@ from ..formats.tensor_info import TensorInfo
 from . import shapes
 from .graph import ROOT, ModuleGraph, Unit
 
+if TYPE_CHECKING:
+    from typing import Iterable
+
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 GGUF_EXTS = (".gguf",)
 SUPPORTED_EXTS = SAFETENSORS_EXTS + GGUF_EXTS
 
 
-def read_header(path) -> list[TensorInfo]:
+def read_header(path: str | os.PathLike[str]) -> list[TensorInfo]:
     """List the tensors of a .safetensors / .gguf file from its header; no weight bytes are read
     (formats/safetensors.py, formats/gguf_reader.py: the same parsers the loaders use)."""
     path = os.fspath(path)
@@ -123,7 +127,7 @@ def _group(keys_stripped: list[str]) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> ModuleGraph:
+def graph_from_tensors(infos: Iterable[TensorInfo], source: str = "", *, keep_other: bool = False) -> ModuleGraph:
     """Group tensors into units by key structure, in the forward order of the known architectures.
 
     Keys are stripped of a known prefix (model.diffusion_model., diffusion_model., transformer., unet.);
@@ -194,7 +198,7 @@ def graph_from_tensors(infos, source: str = "", *, keep_other: bool = False) -> 
     return g
 
 
-def graph_from_file(path_or_builtin) -> ModuleGraph:
+def graph_from_file(path_or_builtin: str | os.PathLike[str]) -> ModuleGraph:
     """ModuleGraph of a .safetensors / .gguf file (header only) or of a built-in shape ('flux-dev' ...)."""
     name = os.fspath(path_or_builtin) if not isinstance(path_or_builtin, str) else path_or_builtin
     if name in shapes.BUILTINS:

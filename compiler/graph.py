@@ -102,7 +102,7 @@ class ModuleGraph:
         return g
 
 
-def owner_lookup(unit_names):
+def owner_lookup(unit_names: Iterable[str]) -> Callable[[str], str | None]:
     """A function mapping a module's qualified name to the unit that contains it (the longest unit
     name that is the module's name or a dotted prefix of it), or None outside every unit."""
     uset = set(unit_names)
@@ -130,7 +130,7 @@ def register_nbytes(tensor_type: type, fn: Callable[[object], int]) -> None:
     _NBYTES_HOOKS.insert(0, (tensor_type, fn))
 
 
-def stored_nbytes(t) -> int:
+def stored_nbytes(t: object) -> int:
     for typ, fn in _NBYTES_HOOKS:
         if isinstance(t, typ):
             return int(fn(t))

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 PLAN_VERSION = 1
 GiB = 1 << 30
@@ -60,7 +64,7 @@ class Plan:
         d["model_bytes"] = self.model_bytes
         return d
 
-    def to_json(self, **kw) -> str:
+    def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
 
     @classmethod

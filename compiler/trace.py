@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from torch.utils._pytree import tree_map, tree_leaves
 from ..errors import DisTorchError
 from ..formats.gguf_tensor import is_gguf
 from .graph import ROOT, ModuleGraph, Unit, stored_nbytes
+
+if TYPE_CHECKING:
+    from typing import Any
 
 GRANULARITIES = ("block", "leaf")
 _LISTS = (nn.ModuleList, nn.Sequential)
@@ -259,8 +263,8 @@ def _order(units: dict[str, _UnitInfo]) -> list[_UnitInfo]:
     return out
 
 
-def trace(module, example_args=(), example_kwargs=None, *, granularity: str = "block",
-          record: bool = False) -> ModuleGraph:
+def trace(module: nn.Module, example_args: Any = (), example_kwargs: dict[str, Any] | None = None, *,
+          granularity: str = "block", record: bool = False) -> ModuleGraph:
     """ModuleGraph of `module`: units in execution order with their stored bytes.
 
     With example inputs the module is called once (no_grad) with hooks on the unit modules: on the

@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 import types
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
@@ -68,7 +68,7 @@ SUPPORTED_TYPES = frozenset(BLOCK_SIZES)
 _IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
-def as_qtype(qtype) -> QT:
+def as_qtype(qtype: QT | int | str) -> QT:
     """GGMLQuantizationType from an enum, its int value or its name ("Q4_K")."""
     if isinstance(qtype, QT):
         return qtype
@@ -85,7 +85,7 @@ def supported_names() -> str:
     return ", ".join(t.name for t in sorted(SUPPORTED_TYPES, key=int))
 
 
-def check_supported(qtype, name: str | None = None) -> QT:
+def check_supported(qtype: QT | int | str, name: str | None = None) -> QT:
     qt = as_qtype(qtype)
     if qt not in SUPPORTED_TYPES:
         where = f"tensor {name!r}: " if name else ""
@@ -95,7 +95,7 @@ def check_supported(qtype, name: str | None = None) -> QT:
     return qt
 
 
-def quantized_nbytes(qtype, shape: Sequence[int], name: str | None = None) -> int:
+def quantized_nbytes(qtype: QT | int | str, shape: Sequence[int], name: str | None = None) -> int:
     """Bytes the blocks of a tensor of logical `shape` occupy; checks the row splits into blocks."""
     qt = check_supported(qtype, name)
     block, tsize = BLOCK_SIZES[qt]
@@ -440,7 +440,7 @@ def _flat_bytes(raw: torch.Tensor) -> torch.Tensor:
     return raw.reshape(-1)
 
 
-def dequantize(raw: torch.Tensor, qtype, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16,
+def dequantize(raw: torch.Tensor, qtype: QT | int | str, shape: Sequence[int], dtype: torch.dtype = torch.bfloat16,
                *, name: str | None = None, stored_shape: Sequence[int] | None = None,
                check: bool = True) -> torch.Tensor:
     """Dequantize GGUF blocks `raw` (uint8, on any device) of type `qtype` into a tensor of `shape`.
@@ -488,7 +488,8 @@ def _plain(raw: torch.Tensor, qt: QT, shape, dtype: torch.dtype) -> torch.Tensor
     return raw.view(src).view(shape).to(dtype, copy=True)
 
 
-def warmup(qtypes=None, device="cuda", dtype: torch.dtype = torch.bfloat16) -> None:
+def warmup(qtypes: Iterable[QT | int | str] | None = None, device: torch.device | str = "cuda",
+           dtype: torch.dtype = torch.bfloat16) -> None:
     """Compile the dequantizers of `qtypes` for `device` now (first compile takes seconds each)."""
     for qt in (QUANTIZED_TYPES if qtypes is None else [as_qtype(q) for q in qtypes]):
         block, tsize = BLOCK_SIZES[qt]

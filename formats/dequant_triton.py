@@ -11,8 +11,13 @@ bit-identical.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    import torch
 
 TILE = 1024     # weights per program
 WARPS = 4
@@ -137,8 +142,8 @@ def _kernel(raw, out, lv, n_out, QT: tl.constexpr, QB: tl.constexpr, TS: tl.cons
     tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
 
 
-def launch(raw, out, levels, n_out: int, qtype_id: int, block: int, type_size: int, *,
-           tile: int | None = None, num_warps: int | None = None) -> None:
+def launch(raw: torch.Tensor, out: torch.Tensor, levels: torch.Tensor, n_out: int, qtype_id: int, block: int,
+           type_size: int, *, tile: int | None = None, num_warps: int | None = None) -> None:
     """Dequantize `n_out` weights of GGML type `qtype_id` (`block` weights in `type_size` bytes per block)
     from the flat uint8 CUDA tensor `raw` into the flat `out` (its dtype), on the current stream."""
     tile = tile or TILE

@@ -60,7 +60,7 @@ For the runtime (moving GGUF weights)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import contextlib
 import logging
@@ -85,7 +85,7 @@ _noted: set = set()
 
 
 @contextlib.contextmanager
-def strict_gguf(on: bool = True):
+def strict_gguf(on: bool = True) -> Iterator[None]:
     """Within: an op on a GGUFTensor without a handler raises GGUFError instead of dequantizing (also on
     everywhere with DISTORCH_GGUF_STRICT=1).  Per thread."""
     prev = getattr(_strict, "on", None)
@@ -178,11 +178,11 @@ class GGUFTensor(torch.Tensor):
         return nn.Parameter(self, requires_grad=False)
 
     @property
-    def data(self):
+    def data(self) -> torch.Tensor:
         return _DATA.__get__(self)
 
     @data.setter
-    def data(self, new):
+    def data(self, new: torch.Tensor) -> None:
         # torch's setter swaps the wrapper's metadata but not the Python-side `raw`: carry the bytes over
         if not isinstance(new, GGUFTensor):
             raise GGUFError(f"cannot set .data of quantized tensor {self.gguf_name or ''} ({self.qtype.name}) "
@@ -408,12 +408,12 @@ _HANDLERS = {
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
-def is_gguf(t) -> bool:
+def is_gguf(t: object) -> bool:
     """True for a GGUFTensor (parameter or not); cheap for plain tensors (the runtime asks per tensor)."""
     return type(t) not in _PLAIN and isinstance(t, GGUFTensor)
 
 
-def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None):
+def materialize(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """Dense weight on `device` for compute: GGUF bytes move quantized, then dequantize there."""
     if t is None:
         return None

@@ -51,7 +51,7 @@ ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 _INT_TYPES = {int(VT.INT32), int(VT.UINT32), int(VT.INT64), int(VT.UINT64)}
 
 
-def inspect_gguf(path) -> dict:
+def inspect_gguf(path: str | os.PathLike[str]) -> dict:
     """The checked header: {"version", "kv" {metadata}, "tensors": [(name, dims, type_id, offset)],
     "data_start"}; raises GGUFFileError naming the first problem (the tensor and type where there is one)."""
     h = read_gguf_header(path)
@@ -72,8 +72,9 @@ def _orig_shape(h: GGUFHeader, name: str):
     return torch.Size(v)
 
 
-def load_gguf(path, *, device="cpu", dtype: torch.dtype = torch.bfloat16,
-              prefix: str | None = DIFFUSION_PREFIX, progress: bool | None = None):
+def load_gguf(path: str | os.PathLike[str], *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+              prefix: str | None = DIFFUSION_PREFIX,
+              progress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Memory-map a .gguf model: (state_dict, meta). See the module docstring."""
     path = os.fspath(path)
     if not os.path.isfile(path):

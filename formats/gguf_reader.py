@@ -40,7 +40,7 @@ MAX_DIMS = 8
 MAX_ALIGNMENT = 1 << 30
 
 
-def ggml_type(type_id: int):
+def ggml_type(type_id: int) -> tuple[str, int, int] | None:
     """(name, weights per block, bytes per block) of a GGML type id, or None when unknown."""
     try:
         qt = gguf.GGMLQuantizationType(type_id)
@@ -63,7 +63,7 @@ class GGUFHeader:
     infos: list = field(default_factory=list)      # TensorInfo per tensor (same order): torch-order shape
 
     @property
-    def architecture(self):
+    def architecture(self) -> str | None:
         return self.kv.get("general.architecture")
 
 
@@ -238,7 +238,7 @@ def _extents(h: GGUFHeader) -> None:
             raise GGUFFileError(f"{h.path}: tensor {n1!r} data [{b1}, {e1}) overlaps tensor {n0!r} [{b0}, {e0})")
 
 
-def read_gguf_header(path) -> GGUFHeader:
+def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Walk and check the header of a .gguf file (reads header bytes only); raises GGUFFileError."""
     path = os.fspath(path)
     size = os.path.getsize(path)

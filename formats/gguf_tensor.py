@@ -22,7 +22,7 @@ only where that is needed (per-call patches, an override, the runtime's dequanti
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,8 @@ def _row_bytes(t: GGUFTensor) -> int | None:
     return n // t.shape[0] if n % t.shape[0] == 0 else None
 
 
-def embedding_rows(t: GGUFTensor, ids: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+def embedding_rows(t: GGUFTensor, ids: torch.Tensor, device: torch.device,
+                   dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """`dequantize(t)[ids]` on `device`, dequantizing only the selected rows' blocks (bit-identical:
     every row is whole blocks and blocks dequantize independently); None where `t` is not a table of
     whole-block rows (the caller takes the whole-table path)."""
@@ -76,7 +77,7 @@ class GGUFLayer:
     def has_gguf(self) -> bool:
         return any(is_gguf(self._parameters.get(n)) for n in self.gguf_params)
 
-    def gguf_weight(self, name: str, x: torch.Tensor, dtype: torch.dtype | None):
+    def gguf_weight(self, name: str, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | None:
         """Parameter `name` dense on x's device in `dtype` (None: its own), the layer's patch functions
         (`weight_function` / `bias_function`, ComfyUI's per-call LoRA patches) applied."""
         t = getattr(self, name)
@@ -100,7 +101,7 @@ class GGUFLayer:
                 w = f(w)
         return w
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.forward_gguf(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -133,13 +134,13 @@ def _float(x: torch.Tensor):
 
 
 class GGUFLinear(GGUFLayer, nn.Linear):
-    def forward_gguf(self, x):
+    def forward_gguf(self, x: torch.Tensor) -> torch.Tensor:
         d = _float(x)
         return F.linear(x, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d))
 
 
 class _GGUFConv(GGUFLayer):
-    def forward_gguf(self, x):
+    def forward_gguf(self, x: torch.Tensor) -> torch.Tensor:
         d = _float(x)
         return self._conv_forward(x, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d))
 
@@ -157,7 +158,7 @@ class GGUFConv3d(_GGUFConv, nn.Conv3d):
 
 
 class GGUFEmbedding(GGUFLayer, nn.Embedding):
-    def forward_gguf(self, x, out_dtype=None):
+    def forward_gguf(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self.weight
         if (is_gguf(t) and t._dq is None and self.gguf_dequant_override is None and self.max_norm is None
                 and not getattr(self, "weight_function", None)):
@@ -171,14 +172,14 @@ class GGUFEmbedding(GGUFLayer, nn.Embedding):
 
 
 class GGUFLayerNorm(GGUFLayer, nn.LayerNorm):
-    def forward_gguf(self, x):
+    def forward_gguf(self, x: torch.Tensor) -> torch.Tensor:
         d = _float(x)
         return F.layer_norm(x, self.normalized_shape, self.gguf_weight("weight", x, d),
                             self.gguf_weight("bias", x, d), self.eps)
 
 
 class GGUFGroupNorm(GGUFLayer, nn.GroupNorm):
-    def forward_gguf(self, x):
+    def forward_gguf(self, x: torch.Tensor) -> torch.Tensor:
         d = _float(x)
         return F.group_norm(x, self.num_groups, self.gguf_weight("weight", x, d), self.gguf_weight("bias", x, d),
                             self.eps)

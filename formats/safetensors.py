@@ -23,9 +23,13 @@ import json
 import math
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from ..errors import FileFormatError
 from .tensor_info import TensorInfo
+
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 __all__ = ["read_safetensors_header", "read_range", "DTYPE_BITS", "MAX_HEADER_BYTES"]
 
@@ -89,7 +93,7 @@ def _entry(path: str, name: str, ent, data_len: int) -> TensorInfo:
     return TensorInfo(name, shape, dtype, e - b, b)
 
 
-def read_safetensors_header(path) -> list[TensorInfo]:
+def read_safetensors_header(path: str | os.PathLike[str]) -> list[TensorInfo]:
     """The tensors of a .safetensors file from its header (file order), with absolute byte offsets.
     Reads the first 8 + N bytes only; raises FileFormatError naming the file and what is wrong."""
     path = os.fspath(path)
@@ -135,7 +139,7 @@ def read_safetensors_header(path) -> list[TensorInfo]:
     return infos
 
 
-def read_range(f, offset: int, out, path: str = "", what: str = "") -> None:
+def read_range(f: BinaryIO, offset: int, out: bytearray | memoryview, path: str = "", what: str = "") -> None:
     """Read exactly len(out) bytes at `offset` of the open binary file `f` into the writable buffer
     `out` (a bytearray or a memoryview of a tensor's bytes): one seek + readinto, no copy."""
     mv = memoryview(out).cast("B")

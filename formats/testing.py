@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -16,10 +17,13 @@ from ..errors import GGUFError
 from .dequant import BLOCK_SIZES, as_qtype, quantized_nbytes
 from .gguf_tensor import GGUFTensor, gguf_ops, is_gguf
 
+if TYPE_CHECKING:
+    from typing import Sequence
+
 __all__ = ["quantize_q8_0", "random_blocks", "quantize_module"]
 
 
-def quantize_q8_0(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, name: str | None = None):
+def quantize_q8_0(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, name: str | None = None) -> GGUFTensor:
     """Q8_0 blocks of `w` (last dim a multiple of 32) computed in torch on w's device -> GGUFTensor.
     Scale d = amax / 127 (fp16), q = round(w / d): the ggml reference rounding."""
     if w.shape[-1] % 32:
@@ -35,8 +39,9 @@ def quantize_q8_0(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16, name: st
     return GGUFTensor(raw, QT.Q8_0, shape, dtype, name=name)
 
 
-def random_blocks(qtype, shape, *, device="cpu", generator=None, scale: float = 0.02,
-                  dtype: torch.dtype = torch.bfloat16, name: str | None = None):
+def random_blocks(qtype: QT | int | str, shape: Sequence[int], *, device: torch.device | str = "cpu",
+                  generator: torch.Generator | None = None, scale: float = 0.02,
+                  dtype: torch.dtype = torch.bfloat16, name: str | None = None) -> GGUFTensor:
     """A GGUFTensor of `shape` with random but valid blocks (finite fp16 scales, weights roughly
     within +-3*scale), built on `device` without a dense copy."""
     qt = as_qtype(qtype)
@@ -87,7 +92,8 @@ def random_blocks(qtype, shape, *, device="cpu", generator=None, scale: float = 
     return GGUFTensor(raw, qt, shape, dtype, name=name)
 
 
-def quantize_module(module: nn.Module, qtype="Q8_0", *, min_in: int = 0, generator=None,
+def quantize_module(module: nn.Module, qtype: QT | int | str = "Q8_0", *, min_in: int = 0,
+                    generator: torch.Generator | None = None,
                     ops: bool = True, progress: bool = False) -> int:
     """Replace the weight of every nn.Linear whose in_features is a multiple of the type's block (and
     >= min_in) by a GGUF parameter: Q8_0 is quantized from the current weight (in torch, on its
