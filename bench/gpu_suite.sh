@@ -4,6 +4,13 @@
 # That machine has torch/triton/safetensors/numpy/networkx but no network: it needs, carried with the call,
 #   .whl/            wheels for gguf, diffusers, av, torchsde, trampoline, pydantic(+core, settings, deps)
 #   .benchc/comfy.tgz   the ComfyUI 0.3.75 tree that .ci/setup_comfyui.sh puts in .comfy/ComfyUI, tarred
+# Build both here (ignored through .git/info/exclude: /.whl/ and /.benchc/):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     gguf==0.19.0 diffusers av torchsde trampoline pydantic==2.11.9 pydantic-core==2.33.2 \
+#     pydantic-settings==2.10.1 annotated-types typing-inspection python-dotenv
+#   (cd .comfy/ComfyUI && tar czf ../../.benchc/comfy.tgz --exclude=__pycache__ .)   # after .ci/setup_comfyui.sh
+# and call the device tool with carry [".whl", ".benchc"].
 # Usage there:  bash bench/gpu_suite.sh [pytest args]   (log and junit XML under $OUT when set)
 set -o pipefail
 cd "$(dirname "$0")/.."
