@@ -36,12 +36,35 @@ def _disabled() -> Callable[..., Any]:
     return _DISABLED
 
 
-def opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` (a torch module hook) as a call torch.compile runs eagerly instead of tracing (a graph break)."""
+def _hook(fn: Callable[..., Any]) -> Callable[..., Any]:
     def hook(*args: Any) -> Any:
         if _is_compiling():
             return _disabled()(fn, *args)
         return fn(*args)
+    return hook
+
+
+def _skip_frames_of(code) -> bool:
+    """Tell Dynamo's frame evaluation never to compile a frame of `code` (the wrapper below), through the C
+    entry torch._dynamo.eval_frame.skip_code uses (importing torch._dynamo itself costs ~1 s).  Without it,
+    Dynamo compiles the wrapper's own frame when the caller's graph breaks at it, and the resume function after
+    the break guards on `fn.__code__`: one recompile per distinct hook function, which passed the recompile
+    limit (8) once a profiled step added the profiling hooks (H200, bench/results/torch_compile_h200.md).
+    Returns False where this torch has no such entry (the wrapper then still works, with those recompiles)."""
+    try:
+        from torch._C._dynamo import eval_frame as _ef
+        _ef.set_code_exec_strategy(code, _ef._FrameExecStrategy(_ef._FrameAction.SKIP, _ef._FrameAction.SKIP))
+        return True
+    except Exception:   # older/newer torch: private entry missing or changed
+        return False
+
+
+SKIPPED = _skip_frames_of(_hook(print).__code__)
+
+
+def opaque(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` (a torch module hook) as a call torch.compile runs eagerly instead of tracing (a graph break)."""
+    hook = _hook(fn)
     hook.__wrapped__ = fn  # type: ignore[attr-defined]
     hook.__name__ = getattr(fn, "__name__", "hook")
     return hook

@@ -5,6 +5,8 @@ one graph break and the code between the breaks compiles once per unit type.  A 
 every graph Dynamo hands over; the count must stay bounded (well under one per unit) and must not grow
 after the first forward, and the output must equal eager's.
 """
+import logging
+
 import pytest
 import torch
 
@@ -67,5 +69,56 @@ def test_torch_compile_after_distorch_compile_does_not_recompile_per_unit(profil
         with torch.no_grad():
             assert torch.equal(m(*args), ref)
     finally:
+        dynamo.reset()
+        h.undo()
+
+
+def test_no_recompiles_when_profiling_turns_on_mid_run():
+    """Dynamo's own frame counter, not only the graph count: the H200 run compiled the hook wrapper's
+    resume frame once per distinct hook function until the recompile limit, once the profiled step
+    (window autotune) added profile hooks.  With more streamed units than the limit (8) and profiling
+    switched on and off between steps, no frame is compiled after the first step of each mode."""
+    from torch._dynamo.utils import counters
+    from distorch.runtime import compile_boundary
+    torch.manual_seed(0)
+    cfg = dict(CFG, double=6, single=12)
+    m = TinyFlux(**cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(1, 16, cfg["in_ch"], generator=g), torch.tensor([0.5]),
+            torch.randn(1, 8, cfg["ctx_dim"], generator=g), torch.randn(1, cfg["pooled_dim"], generator=g))
+    with torch.no_grad():
+        ref = m(*args)
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    h = distorch.compile(m, compute="cpu", offload_gb=0.5 * total / 2**30, donors=["cpu"], progress=False)
+    assert len(h.plan.offloaded()) > 8
+    dynamo.reset()
+    counters.clear()
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    catch = Catch()
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(catch)
+    try:
+        cm = torch.compile(m, backend=lambda gm, ex: gm.forward)
+        frames = []
+        for profile in (False, True, False):
+            h.runtime.profile = profile
+            for _ in range(2):
+                with torch.no_grad():
+                    assert torch.equal(cm(*args), ref)
+                frames.append(counters["frames"]["total"])
+        assert frames[1] == frames[0] and frames[3] == frames[2] and frames[5] == frames[4], frames
+        if getattr(compile_boundary, "SKIPPED", True):
+            # the wrapper's frames are never compiled, so nothing recompiles for each hook function
+            assert frames[-1] == frames[0], frames
+            recompiled = [s for s in seen if "Recompiling function" in s]
+            assert not recompiled, recompiled[:3]
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(catch)
+        torch._logging.set_logs()
         dynamo.reset()
         h.undo()
