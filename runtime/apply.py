@@ -63,6 +63,12 @@ from .slot_dequant import SlotDequant
 from .store import HomeStore, parse_device
 from .stream import Backend
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+    from ..compiler.graph import ModuleGraph
+
 __all__ = ["Runtime", "apply", "classify", "undo_device"]
 
 
@@ -189,7 +195,7 @@ class Runtime:
         self.store.adopt_arenas(arenas)
         return self
 
-    def undo(self, device=None) -> None:
+    def undo(self, device: str | torch.device | None = None) -> None:
         """All weights back resident (on the compute device, or `device`), hooks removed, homes and
         slots freed.  All or nothing: first every part stages what it will bind (the weights copied out
         of their homes onto the device: the step that can run out of memory); a failure there frees the
@@ -250,7 +256,7 @@ class Runtime:
     tune_result = _part_attr("autotune", "result")
 
 
-def undo_device(device) -> torch.device:
+def undo_device(device: str | torch.device | None) -> torch.device:
     """Where undo() may put weights: the host or a visible CUDA GPU (DisTorchError otherwise, before
     anything changes)."""
     try:
@@ -268,7 +274,7 @@ def undo_device(device) -> torch.device:
     return d
 
 
-def apply(module: torch.nn.Module, plan: Plan, graph=None, **kw) -> Runtime:
+def apply(module: torch.nn.Module, plan: Plan, graph: ModuleGraph | None = None, **kw: Any) -> Runtime:
     """Rewrite `module` in place to run under `plan`; returns the Runtime (see module docstring)."""
     if not isinstance(plan, Plan):
         raise DisTorchError(f"apply() needs a distorch Plan, got {type(plan).__name__}")

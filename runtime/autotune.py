@@ -23,6 +23,10 @@ from ..compiler.cost import best_window
 from ..compiler.ring_layout import MAX_SLOTS
 from . import stats as _stats
 from .hooks import UnitPart
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 __all__ = ["Autotune", "TUNE_RESERVE_BYTES"]
 
@@ -46,18 +50,18 @@ class Autotune(UnitPart):
     def enabled(self) -> bool:
         return self.state != OFF
 
-    def attach(self, rt):
+    def attach(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def begin(self):
+    def begin(self) -> None:
         if self.state == WAIT and self.rt.clock.steps >= 1:
             self.start()
 
-    def end(self):
+    def end(self) -> None:
         if self.state == MEASURE:
             self.finish(self.rt.learn.ok)
 
-    def start(self):
+    def start(self) -> None:
         """Profile the next step: events around every unit (temporary hooks on resident units) and copy."""
         rt = self.rt
         self.state = MEASURE
@@ -67,7 +71,7 @@ class Autotune(UnitPart):
         if not self._was_profiling:        # resident units have profiling hooks only with profile=True
             self.hooks = rt.profiler.hook_resident()
 
-    def finish(self, ok: bool):
+    def finish(self, ok: bool) -> None:
         """The measured step ended (`ok`: in the expected order): choose the window from it."""
         rt = self.rt
         self.tries += 1
@@ -137,7 +141,7 @@ class Autotune(UnitPart):
         self.result = res
         return res
 
-    def detach(self, rt):
+    def detach(self, rt: Runtime) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []

@@ -39,6 +39,12 @@ from ..errors import DisTorchError
 from ..formats.dequant import QUANTIZED_TYPES, dequantize_into
 from ..formats.gguf_tensor import is_gguf, materialize
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from ..compiler.plan import Plan
+
 __all__ = ["RawBinder", "binder", "param_of", "set_raw", "home_bytes", "rebind", "to_device", "stored_bytes",
            "UnitDequant", "unit_dequant", "gguf_order", "gguf_sites", "Dequantized", "dequantize_units",
            "is_gguf", "CHOICES", "STREAMED_Q", "RESIDENT_Q", "RESIDENT_DQ"]
@@ -53,23 +59,23 @@ class RawBinder:
         self.param = param
 
     @property
-    def data(self):
+    def data(self) -> torch.Tensor:
         return self.param.raw
 
     @data.setter
-    def data(self, v):
+    def data(self, v: torch.Tensor) -> None:
         self.param.raw = v
 
 
-def binder(p):
+def binder(p: torch.Tensor) -> torch.Tensor | RawBinder:
     return RawBinder(p) if is_gguf(p) else p
 
 
-def param_of(b):
+def param_of(b: torch.Tensor | RawBinder) -> torch.Tensor:
     return b.param if type(b) is RawBinder else b
 
 
-def retag_device(p, raw: torch.Tensor) -> None:
+def retag_device(p: torch.Tensor, raw: torch.Tensor) -> None:
     """Make the wrapper report raw's device (p.device), keeping the same parameter object."""
     if p.device != raw.device:
         try:
@@ -78,18 +84,18 @@ def retag_device(p, raw: torch.Tensor) -> None:
             pass
 
 
-def set_raw(p, raw: torch.Tensor) -> None:
+def set_raw(p: torch.Tensor, raw: torch.Tensor) -> None:
     """Rebind GGUF parameter `p` to bytes `raw` (same count), device tag included."""
     retag_device(p, raw)
     p.raw = raw
 
 
-def home_bytes(p) -> torch.Tensor:
+def home_bytes(p: torch.Tensor) -> torch.Tensor:
     """What a home holds for parameter p: the stored blocks of a GGUF tensor, else its data."""
     return p.raw if is_gguf(p) else p.data
 
 
-def rebind(p, v: torch.Tensor) -> None:
+def rebind(p: torch.Tensor | RawBinder, v: torch.Tensor) -> None:
     """p.data = v, or p.raw = v (device tag too) for a GGUF parameter (or its RawBinder)."""
     q = param_of(p)
     if is_gguf(q):
@@ -98,7 +104,7 @@ def rebind(p, v: torch.Tensor) -> None:
         q.data = v
 
 
-def to_device(p, dev: torch.device) -> None:
+def to_device(p: torch.Tensor, dev: torch.device) -> None:
     """Move a resident parameter's storage to `dev` (quantized bytes for GGUF)."""
     if is_gguf(p):
         if p.raw.device != dev:
@@ -109,7 +115,7 @@ def to_device(p, dev: torch.device) -> None:
         p.data = p.data.to(dev)
 
 
-def stored_bytes(t) -> int:
+def stored_bytes(t: torch.Tensor) -> int:
     return int(t.raw.numel()) if is_gguf(t) else int(t.numel()) * int(t.element_size())
 
 
@@ -162,7 +168,7 @@ class UnitDequant:
         self.slot_raw = None       # per slot: the runs' bytes where the ring puts the unit
         self.slot_raw0 = None      # per slot: the same at the slot's start (a fallback load)
 
-    def bind(self, scratch: torch.Tensor, slot_flats, offset: int = 0) -> None:
+    def bind(self, scratch: torch.Tensor, slot_flats: list[torch.Tensor], offset: int = 0) -> None:
         """Precompute every view: the runs' bytes in each slot (the unit at byte `offset` of the slot,
         where the ring places it, and at 0 for fallback loads) and the weights in `scratch`."""
         runs = []
@@ -178,7 +184,7 @@ class UnitDequant:
         self.slot_raw0 = [[f[a:b] for _, a, b, _, _ in runs] for f in slot_flats]
         self.rebase(slot_flats, offset)
 
-    def rebase(self, slot_flats, offset: int) -> None:
+    def rebase(self, slot_flats: list[torch.Tensor], offset: int) -> None:
         """The unit now sits at byte `offset` of its slot (the ring regrouped its items)."""
         self.slot_raw = [[f[offset + a:offset + b] for _, a, b, _, _ in self.runs] for f in slot_flats]
 
@@ -193,7 +199,7 @@ class UnitDequant:
             p._dq = None
 
 
-def unit_dequant(binders, entries):
+def unit_dequant(binders: list, entries: list) -> UnitDequant | None:
     """A UnitDequant for a streamed unit with quantized GGUF tensors, else None."""
     if not any(type(b) is RawBinder for b in binders):
         return None
@@ -201,7 +207,7 @@ def unit_dequant(binders, entries):
     return ud if ud.layout else None
 
 
-def gguf_order(item) -> tuple:
+def gguf_order(item: tuple[str, torch.Tensor]) -> tuple:
     """Sort key for a unit's (name, parameter) list: dense tensors first, then GGUF ones grouped by
     type and dequantization dtype (stable), so same-type GGUF tensors sit back to back in the home."""
     p = item[1]
@@ -213,7 +219,7 @@ def gguf_order(item) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # resident dequantized units
 
-def gguf_sites(module: nn.Module, unit_names) -> dict:
+def gguf_sites(module: nn.Module, unit_names: Iterable[str]) -> dict:
     """unit (ROOT for weights outside every unit) -> [(submodule, param name, GGUF parameter)]."""
     owner = owner_lookup([n for n in unit_names if n != ROOT])
     out: dict[str, list] = {}
@@ -233,7 +239,7 @@ class Dequantized:
         self.dense_bytes = 0
         self.stored_bytes = 0
 
-    def restore(self, device) -> None:
+    def restore(self, device: str | torch.device | None) -> None:
         dev = None if device is None else torch.device(device)
         for m, pn, orig in self.sites:
             m._parameters[pn] = orig
@@ -242,7 +248,7 @@ class Dequantized:
         self.sites = []
 
 
-def dequantize_units(module: nn.Module, plan, device) -> Dequantized:
+def dequantize_units(module: nn.Module, plan: Plan, device: str | torch.device) -> Dequantized:
     """Honour plan.quant == RESIDENT_DQ: dense copies on `device` for the GGUF parameters of those
     units (which must be resident).  Checks every choice in plan.quant."""
     rec = Dequantized()

@@ -16,6 +16,10 @@ from __future__ import annotations
 import torch
 
 from .hooks import UnitPart
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 __all__ = ["SavedWeights"]
 
@@ -70,7 +74,7 @@ class SavedWeights(UnitPart):
             self.ctx = None
             ctx.__exit__(None, None, None)
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         self.post(-1)
         self._pool = None
         self.ptrs = frozenset()

@@ -30,6 +30,10 @@ import torch
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
 from .hooks import UnitPart
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 __all__ = ["StateGuard", "StateError"]
 
@@ -53,7 +57,7 @@ class StateGuard(UnitPart):
         self.ptr: list = []
 
     # ------------------------------------------------------------------ binding
-    def attach(self, rt) -> None:
+    def attach(self, rt: Runtime) -> None:
         self.rt = rt
         m = rt._module_ref()
         st = self.store
@@ -223,7 +227,7 @@ class StateGuard(UnitPart):
                 sub.__dict__.pop(k, None)
         return new
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []

@@ -30,6 +30,12 @@ from __future__ import annotations
 from ..errors import DisTorchError
 from .compile_boundary import opaque
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
+    import torch
+
 __all__ = ["UnitPart", "Chains", "ReentryError"]
 
 
@@ -46,7 +52,7 @@ class UnitPart:
     def covers(self, i: int) -> bool:
         return True
 
-    def attach(self, rt) -> None:
+    def attach(self, rt: Runtime) -> None:
         pass
 
     def begin(self) -> None:
@@ -61,10 +67,10 @@ class UnitPart:
     def end(self) -> None:
         pass
 
-    def stage(self, rt) -> None:
+    def stage(self, rt: Runtime) -> None:
         pass
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         pass
 
 
@@ -116,7 +122,7 @@ class Chains:
             self.pre[i] = _chain([p.pre for p in pre if p.covers(i)])
             self.post[i] = _chain([p.post for p in post if p.covers(i)])
 
-    def hook(self, module, i: int) -> list:
+    def hook(self, module: torch.nn.Module, i: int) -> list:
         """Torch forward pre/post hooks on `module` (streamed unit i) that run unit i's chains; returns
         the handles.  The post hook runs even when the forward raises (always_call), so the ring's
         events stay paired."""

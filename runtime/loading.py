@@ -25,6 +25,12 @@ from ..formats.safetensors import read_range, read_safetensors_header
 from .apply import Runtime, classify
 from .store import Home, Layout, Progress, host_arenas, parse_device, pin_arenas
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
+    from ..compiler.graph import ModuleGraph
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -35,8 +41,8 @@ for _n, _a in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_n] = getattr(torch, _a)
 
 
-def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph=None, strict: bool = True,
-              progress: bool = True, **apply_kw) -> Runtime:
+def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph: ModuleGraph | None = None, strict: bool = True,
+              progress: bool = True, **apply_kw: Any) -> Runtime:
     """Read `path` into the homes of `plan` and apply the plan to `module` (see module docstring)."""
     hdr = {i.name: i for i in read_safetensors_header(path)}
     c = classify(module, plan)

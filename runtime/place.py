@@ -19,6 +19,10 @@ from ..errors import DisTorchError
 from . import gguf_stream as _gs
 from .hooks import UnitPart
 from .store import is_host, parse_device
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 __all__ = ["Classified", "classify", "Resident"]
 
@@ -128,5 +132,5 @@ class Resident(UnitPart):
         self.nbytes = sum(_gs.stored_bytes(p) for p in params) + \
             sum(b.numel() * b.element_size() for b in buffers.values())
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         self.dequantized.restore(rt.undo_device)

@@ -17,6 +17,13 @@ import time
 from .compile_boundary import opaque
 from .hooks import UnitPart
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
+    import torch
+    from .stream import HostEvent
+
 __all__ = ["StepClock", "Profiler"]
 
 TRACE_MAX = 20000      # compute events kept; the older half is dropped beyond this
@@ -31,11 +38,11 @@ class StepClock(UnitPart):
         self.host_s: list[float] = []                      # host seconds per recent forward
         self._t0 = 0.0
 
-    def begin(self):
+    def begin(self) -> None:
         self.events[self.steps % len(self.events)][0].record(self.ring.cs)
         self._t0 = time.perf_counter()
 
-    def end(self):
+    def end(self) -> None:
         self.events[self.steps % len(self.events)][1].record(self.ring.cs)
         self.steps += 1
         self.host_s.append(time.perf_counter() - self._t0)
@@ -67,29 +74,29 @@ class Profiler(UnitPart):
     def enabled(self) -> bool:
         return self.on
 
-    def attach(self, rt):
+    def attach(self, rt: Runtime) -> None:
         if self.on:
             self.hooks = self.hook_resident()
 
-    def pre(self, i: int):
+    def pre(self, i: int) -> None:
         self.unit_begin()
 
-    def post(self, i: int):
+    def post(self, i: int) -> None:
         self.unit_end(self.units[i])
 
-    def unit_begin(self):
+    def unit_begin(self) -> None:
         e = self.be.event(True)
         e.record(self.ring.cs)
         self._e0 = e
 
-    def unit_end(self, name: str):
+    def unit_end(self, name: str) -> None:
         e = self.be.event(True)
         e.record(self.ring.cs)
         self.trace.append(("compute", name, self._e0, e, self.clock.steps))
         if len(self.trace) > TRACE_MAX:
             del self.trace[:TRACE_MAX // 2]
 
-    def copy(self, lane: str, name: str, e0, e1):
+    def copy(self, lane: str, name: str, e0: torch.cuda.Event | HostEvent, e1: torch.cuda.Event | HostEvent) -> None:
         """A copy the ring issued (its events on the link's stream)."""
         self.trace.append((lane, name, e0, e1, self.clock.steps))
 
@@ -114,7 +121,7 @@ class Profiler(UnitPart):
             hooks.append(m.register_forward_hook(opaque(post), always_call=True))
         return hooks
 
-    def detach(self, rt):
+    def detach(self, rt: Runtime) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []

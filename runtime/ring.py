@@ -40,6 +40,10 @@ from . import gguf_stream as _gs
 from .hooks import UnitPart
 from .learn import Learner
 from .store import SlotPool, align_up
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 __all__ = ["Ring", "pack_items"]
 
@@ -220,19 +224,19 @@ class Ring(UnitPart):
             self._issue(k % self.ng, k, hazard=True)
 
     # ------------------------------------------------------------------ the part
-    def attach(self, rt):
+    def attach(self, rt: Runtime) -> None:
         if self.P:
             self._report_compute_device()
             self.learn.prime()
 
-    def begin(self):
+    def begin(self) -> None:
         self.cs = self.be.compute_stream()
         self.learn.begin()
 
-    def end(self):
+    def end(self) -> None:
         self.learn.end()
 
-    def pre(self, i: int):
+    def pre(self, i: int) -> None:
         L = self.learn
         if L.depth == 0:           # called outside the module's forward (runtime/learn.py)
             self.cs = self.be.compute_stream()
@@ -251,7 +255,7 @@ class Ring(UnitPart):
         self.cur_g = g
         self.cur_mode = self.STREAMED
 
-    def post(self, i: int):
+    def post(self, i: int) -> None:
         s = self.cur_s
         mode = self.cur_mode
         self.cur_mode = 0
@@ -281,7 +285,7 @@ class Ring(UnitPart):
         self.fallback_loads += 1
 
     # ------------------------------------------------------------------ between steps
-    def resize(self, k: int):
+    def resize(self, k: int) -> None:
         """A ring of k slots: new pool, views, item copies; prefetch restarts at the next forward."""
         self.be.synchronize()
         old = self.pool
@@ -297,13 +301,13 @@ class Ring(UnitPart):
         self._report_compute_device()  # off the released pool
         self.learn.primed = False
 
-    def invalidate(self):
+    def invalidate(self) -> None:
         """Homes were written: copy every unit again before its next use (slots may hold old bytes)."""
         self.be.synchronize()
         self.content = [-1] * len(self.content)
         self.learn.forget()
 
-    def detach(self, rt):
+    def detach(self, rt: Runtime) -> None:
         if self.pool is not None:
             self.pool.release()
         self.pool = None

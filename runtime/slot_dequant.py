@@ -17,6 +17,12 @@ from . import gguf_stream as _gs
 from .hooks import UnitPart
 from .store import alloc_flat
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
+    import torch
+
 __all__ = ["SlotDequant"]
 
 
@@ -32,20 +38,20 @@ class SlotDequant(UnitPart):
     def covers(self, i: int) -> bool:
         return self.UD[i] is not None
 
-    def bind(self, slot_flats) -> None:
+    def bind(self, slot_flats: list[torch.Tensor]) -> None:
         """The ring has (new) slots: every view into them and into the scratch, units at the slot's start."""
         if self.scratch is not None:
             for ud in self.UD:
                 if ud is not None:
                     ud.bind(self.scratch, slot_flats)
 
-    def rebase(self, i: int, slot_flats, offset: int) -> None:
+    def rebase(self, i: int, slot_flats: list[torch.Tensor], offset: int) -> None:
         """The ring placed unit i at byte `offset` of its item's slot."""
         ud = self.UD[i]
         if ud is not None:
             ud.rebase(slot_flats, offset)
 
-    def attach(self, rt) -> None:
+    def attach(self, rt: Runtime) -> None:
         self.ring = rt.ring
 
     def pre(self, i: int) -> None:
@@ -55,7 +61,7 @@ class SlotDequant(UnitPart):
     def post(self, i: int) -> None:
         self.UD[i].clear()
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         for ud in self.UD:
             if ud is not None:
                 ud.clear()

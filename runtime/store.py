@@ -29,11 +29,15 @@ from . import pinning as _pinning
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .hooks import UnitPart
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .apply import Runtime
 
 log = logging.getLogger("distorch.runtime.store")
 
 
-def parse_device(dev) -> torch.device:
+def parse_device(dev: str | torch.device) -> torch.device:
     """'cpu', 'cpu:N' (a named host home / host compute) and 'cuda:N' -> torch.device."""
     s = str(dev)
     if s.startswith("cpu"):
@@ -41,7 +45,7 @@ def parse_device(dev) -> torch.device:
     return torch.device(s)
 
 
-def is_host(dev) -> bool:
+def is_host(dev: str | torch.device) -> bool:
     return str(dev).startswith("cpu")
 
 
@@ -103,7 +107,7 @@ class Layout:
         return lay
 
 
-def alloc_flat(nbytes: int, device, pin: bool) -> torch.Tensor:
+def alloc_flat(nbytes: int, device: str | torch.device, pin: bool) -> torch.Tensor:
     dev = parse_device(device)
     n = max(align_up(nbytes), ALIGN)
     if dev.type == "cpu":
@@ -169,7 +173,7 @@ class HostArena:
         self._next = end
         return self.flat[off:end]
 
-    def release(self):
+    def release(self) -> None:
         self.flat = None
         self.array = None
 
@@ -246,7 +250,7 @@ class Home:
         """The bytes one copy moves."""
         return self.flat[:self.nbytes]
 
-    def release(self):
+    def release(self) -> None:
         self.flat = None
 
 
@@ -269,7 +273,7 @@ class SlotPool:
         """views[s] = the unit's tensors as views into slot s."""
         return [[e.view(f) for e in layout.entries] for f in self.flats]
 
-    def release(self):
+    def release(self) -> None:
         self.flats = []
 
 
@@ -375,7 +379,7 @@ class HomeStore(UnitPart):
     def pageable_bytes(self) -> int:
         return sum(a.nbytes for a in self.arenas.values() if not a.pinned)
 
-    def stage(self, rt) -> None:
+    def stage(self, rt: Runtime) -> None:
         """undo, phase 1: every streamed parameter's bytes copied out of its home onto `rt.undo_device`
         (the step that may run out of memory); nothing is rebound yet.  Back to the host, a host home is
         not copied: its views become the parameters (no second copy of the model in RAM, nothing to fail),
@@ -389,7 +393,7 @@ class HomeStore(UnitPart):
     def unstage(self) -> None:
         self.staged = None
 
-    def detach(self, rt) -> None:
+    def detach(self, rt: Runtime) -> None:
         """Every streamed parameter bound to its staged copy on `rt.undo_device`; homes and arenas freed.
 
         Back to the host the staged tensors are the homes' own views; then, arena by arena, each unit's

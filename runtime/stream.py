@@ -25,13 +25,13 @@ class HostEvent:
     def __init__(self, enable_timing: bool = False):
         self.t = None
 
-    def record(self, stream=None):
+    def record(self, stream: torch.cuda.Stream | HostStream | None = None) -> None:
         self.t = time.perf_counter()
 
     def query(self) -> bool:
         return True
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         pass
 
     def elapsed_time(self, end: "HostEvent") -> float:
@@ -42,13 +42,13 @@ class HostEvent:
 class HostStream:
     """A stream on the host: work issued to it has already run."""
 
-    def wait_event(self, ev):
+    def wait_event(self, ev: HostEvent | torch.cuda.Event) -> None:
         pass
 
-    def wait_stream(self, other):
+    def wait_stream(self, other: HostStream | torch.cuda.Stream) -> None:
         pass
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         pass
 
 
@@ -115,7 +115,7 @@ class Link:
         else:
             self.stream = HostStream()
 
-    def ctx(self):
+    def ctx(self) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(self.stream) if self.cuda else _NULL
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -145,12 +145,12 @@ class Backend:
             raise RuntimeError(f"compute device {compute!r} needs CUDA, which this torch cannot see")
         self._host_stream = HostStream()
 
-    def event(self, timing: bool = False):
+    def event(self, timing: bool = False) -> torch.cuda.Event | HostEvent:
         if self.cuda:
             return torch.cuda.Event(enable_timing=timing)
         return HostEvent()
 
-    def compute_stream(self):
+    def compute_stream(self) -> torch.cuda.Stream | HostStream:
         if self.cuda:
             return torch.cuda.current_stream(self.device)
         return self._host_stream
@@ -158,6 +158,6 @@ class Backend:
     def link(self, src: str) -> Link:
         return Link(src, self.device, self.cuda)
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
