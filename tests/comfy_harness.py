@@ -547,3 +547,18 @@ def ksample(model, seed=42, steps=2):
     pos, neg = sd3_conditioning()
     lat = {"samples": torch.zeros(1, 16, 8, 8)}
     return nodes.KSampler().sample(model, seed, steps, 3.0, "euler", "normal", pos, neg, lat)[0]["samples"]
+
+
+def tiny_mmdit_state(depth: int = 2, seed: int = 0) -> dict:
+    """Random weights (fp32, x0.05) of a tiny SD3-style MMDiT that ComfyUI detects as SD3: hidden 64 x depth,
+    16 latent channels; built on meta from ComfyUI's own class (needs ComfyUI importable)."""
+    import torch
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    import comfy.ops
+    m = MMDiT(input_size=None, patch_size=2, in_channels=16, depth=depth, out_channels=16, adm_in_channels=64,
+              context_embedder_config={"target": "torch.nn.Linear",
+                                       "params": {"in_features": 32, "out_features": 64 * depth}},
+              pos_embed_max_size=8, num_patches=64, operations=comfy.ops.disable_weight_init,
+              dtype=torch.float32, device="meta")
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}

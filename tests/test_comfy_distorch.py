@@ -32,15 +32,7 @@ DEPTH = 2          # hidden 128, ~4 MB fp32
 
 
 def _make_sd3(path, depth=DEPTH, seed=0):
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-    import comfy.ops
-    m = MMDiT(input_size=None, patch_size=2, in_channels=16, depth=depth, out_channels=16, adm_in_channels=64,
-              context_embedder_config={"target": "torch.nn.Linear",
-                                       "params": {"in_features": 32, "out_features": 64 * depth}},
-              pos_embed_max_size=8, num_patches=64, operations=comfy.ops.disable_weight_init,
-              dtype=torch.float32, device="meta")
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}
+    sd = H.tiny_mmdit_state(depth, seed)
     safetensors.torch.save_file(sd, path)
     return sd
 

@@ -30,18 +30,6 @@ from distorch.formats.gguf_tensor import GGUFTensor, strict_gguf  # noqa: E402
 DEPTH = 2
 
 
-def _mmdit_state(seed=0):
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-    import comfy.ops
-    m = MMDiT(input_size=None, patch_size=2, in_channels=16, depth=DEPTH, out_channels=16, adm_in_channels=64,
-              context_embedder_config={"target": "torch.nn.Linear",
-                                       "params": {"in_features": 32, "out_features": 64 * DEPTH}},
-              pos_embed_max_size=8, num_patches=64, operations=comfy.ops.disable_weight_init,
-              dtype=torch.float32, device="meta")
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}
-
-
 def _write_gguf(path, sd, keep=()):
     """2-D weights whose rows split into 32-value blocks -> Q8_0 (except keys containing a `keep`
     string); everything else F32. Returns the quantized keys."""
@@ -92,7 +80,7 @@ def gguf_model(tmp_path_factory):
     d, lo = root / "diffusion_models", root / "loras"
     d.mkdir()
     lo.mkdir()
-    sd = _mmdit_state()
+    sd = H.tiny_mmdit_state(DEPTH)
     q = _write_gguf(d / "tiny_sd3_q8.gguf", sd)
     _write_lora(sd, lo / "tiny_sd3_lora.safetensors")
     # the same model with the Q8_0 weights dequantized (float32 safetensors): the LoRA reference
