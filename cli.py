@@ -1,7 +1,8 @@
 """`distorch` command line.
 
     distorch plan FILE [--compute DEV] [--offload GiB | --max-vram GiB] [--donor DEV[,DEV...]]
-                       [--expert STRING] [--devices SPEC] [--window SIZE] [--json]
+                       [--expert STRING] [--devices SPEC] [--window SIZE] [--granularity auto|block|sub]
+                       [--json]
     distorch --version
 
 FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (every name in
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--window", metavar="SIZE", default=None,
                     help="streaming window on the compute device (e.g. 2GiB; default: 2-3 slots of the largest "
                          "offloaded unit)")
+    pl.add_argument("--granularity", choices=("auto", "block", "sub"), default="auto",
+                    help="stream whole blocks, the layers inside them (sub), or whichever the simulation "
+                         "predicts faster, or as fast in less VRAM (auto, the default; as the nodes do)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -184,6 +188,14 @@ def format_table(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> str:
     lines.append(f"predicted step: {pr['step_s']:.4f} s = compute {pr['compute_s']:.4f} s + overhead {over:.4f} s "
                  f"(+{pct:.1f}%); floor {pr['floor_s']:.4f} s" + (f" [{links}]" if links else ""))
     lines.append(f"(compute time from {pr.get('basis', '?')}; see compiler/cost.py)")
+    gran = pr.get("granularity")
+    if gran:
+        what = "the layers inside blocks" if gran.get("chosen") == "sub" else "whole blocks"
+        alt = ""
+        if gran.get("sub_step_s") and gran.get("block_step_s"):
+            alt = (f" (predicted step: whole blocks {gran['block_step_s']:.4f} s, layers {gran['sub_step_s']:.4f} s"
+                   f"; passes/granularity.py)")
+        lines.append(f"streams {what}{alt}")
     return "\n".join(lines)
 
 
@@ -221,10 +233,16 @@ def _plan(args) -> int:
                             f"to plan for another machine pass --devices, e.g. --devices {compute}=12GiB,cpu=32GiB")
     if args.expert and (offload is not None or max_vram is not None):
         print("distorch: note: --expert overrides --offload/--max-vram/--donor", file=sys.stderr)
-    from .compiler.files import graph_from_file
+    from .compiler.files import graph_from_file, leaf_graph_from_file
+    from .passes.granularity import granularity
     graph = graph_from_file(args.file)
-    plan = partition(graph, inv, compute, offload_gb=offload, max_vram_gb=max_vram, donors=args.donor,
-                     expert=args.expert, window_bytes=window)
+    budget = dict(offload_gb=offload, max_vram_gb=max_vram, donors=args.donor, expert=args.expert,
+                  window_bytes=window)
+    plan = partition(graph, inv, compute, **budget)
+    if args.granularity != "block" and not args.expert and window is None and plan.offloaded_bytes() > 0:
+        # whole blocks or the layers inside them, as the nodes choose (passes/granularity.py)
+        graph, plan = granularity(graph, plan, leaf_graph_from_file(args.file), inv, compute, budget,
+                                  force=args.granularity == "sub")
     for w in plan.predicted.get("warnings", ()):
         print(f"distorch: warning: {w}", file=sys.stderr)
     sched = schedule(plan, graph)

@@ -198,6 +198,41 @@ def graph_from_tensors(infos: Iterable[TensorInfo], source: str = "", *, keep_ot
     return g
 
 
+def leaf_graph_from_tensors(infos: Iterable[TensorInfo], source: str = "") -> ModuleGraph:
+    """The layers inside the block units of graph_from_tensors(infos): one unit per module path (a key
+    less its last component, prefix stripped: double_blocks.7.img_attn.qkv) in first-appearance order,
+    kind "leaf"; tensors a block owns directly and everything outside blocks are left out.  The leaf
+    graph passes/granularity.py splits blocks with when there is no live module to trace."""
+    infos = list(infos)
+    stripped = [(strip_prefix(i.name), i) for i in infos]
+    has_prefix = any(p for (p, _), _ in stripped)
+    kept = [(rest, i) for (p, rest), i in stripped if p or not has_prefix]
+    groups = _group([rest for rest, _ in kept])
+    units: dict[str, Unit] = {}
+    for rest, i in kept:
+        uname, fam, kind = groups[rest]
+        mod = rest.rsplit(".", 1)[0]
+        if kind != "block" or mod == uname or not mod.startswith(uname + "."):
+            continue
+        u = units.get(mod)
+        if u is None:      # type: the block family, so tables count "double_blocks layer x120"
+            u = units[mod] = Unit(name=mod, type=f"{fam} layer", kind="leaf")
+        u.param_bytes += int(i.nbytes)
+        u.params += int(i.numel)
+        u.tensors.append(i.name)
+    g = ModuleGraph(list(units.values()), source=source)
+    g.shared = {}
+    return g
+
+
+def leaf_graph_from_file(path_or_builtin: str | os.PathLike[str]) -> ModuleGraph:
+    """leaf_graph_from_tensors of a weights file's header or of a built-in shape (as graph_from_file)."""
+    name = os.fspath(path_or_builtin)
+    if name in shapes.BUILTINS:
+        return leaf_graph_from_tensors(shapes.builtin_infos(name), source=f"builtin:{name}")
+    return leaf_graph_from_tensors(read_header(name), source=name)
+
+
 def graph_from_file(path_or_builtin: str | os.PathLike[str]) -> ModuleGraph:
     """ModuleGraph of a .safetensors / .gguf file (header only) or of a built-in shape ('flux-dev' ...)."""
     name = os.fspath(path_or_builtin) if not isinstance(path_or_builtin, str) else path_or_builtin

@@ -25,13 +25,14 @@ class Unit:
     flops: float = 0.0        # estimated FLOPs per call (0 when inputs are unknown)
     act_bytes: int = 0        # bytes of the activations it produces per call (0 when unknown)
     calls: int = 1            # times it runs per forward
-    kind: str = "block"       # "block" | "leaf" | "root"
+    kind: str = "block"       # "block" | "leaf" | "root" | "sub" (a layer of a split block)
     time_s: float | None = None  # measured compute time per forward, when known (fed back by runtime)
     params: int = 0           # parameter elements (0 when unknown): the compute estimate's size when
     #                           FLOPs are unknown (stored bytes under-count quantized weights)
     gguf: dict = field(default_factory=dict)  # GGUF parameters it owns (compiler.trace), empty when none:
     #   {"tensors", "stored_bytes", "dense_bytes", "largest_dense", "patched" (a layer applies per-call
     #    weight patches), "qtypes" {type: count}, "bytes_by_type" {type: [stored, dense]}}
+    parent: str = ""          # the block a sub-unit (kind "sub") was split from (passes/granularity.py)
 
     @property
     def bytes(self) -> int:
@@ -44,7 +45,7 @@ class Unit:
 class ModuleGraph:
     """Units in execution order; edge u->v when v runs right after u (the order is a path)."""
 
-    def __init__(self, units: Iterable[Unit], source: str = ""):
+    def __init__(self, units: Iterable[Unit], source: str = "") -> None:
         self.units: list[Unit] = list(units)
         self.source = source
         names = [u.name for u in self.units]

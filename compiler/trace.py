@@ -9,8 +9,9 @@ Units (granularity="block", the default):
   descendant of that module holds tensors (x_embedder, proj_out, final_layer.linear ...);
 - tensors a module with tensor-holding children owns directly (a `pos_embed` Parameter on the
   model) go to the ROOT unit ("<root>", kind "root"), which is created only when it holds something.
-granularity="leaf": every module that owns tensors directly is a unit (kind "leaf"); the model's
-own direct tensors go to ROOT.
+granularity="leaf": every module that owns tensors directly and whose submodules hold none is a unit
+(kind "leaf"); tensors a module with tensor-holding children owns directly (the model's own, a block's
+`modulation` Parameter) go to ROOT, so units stay disjoint subtrees.
 
 Unit.tensors are the qualified names (as in module.state_dict(), buffers included) of the tensors
 the unit OWNS. A tensor reachable from two units (tied weights) is owned by the unit that runs
@@ -96,7 +97,7 @@ def _find_units(module: nn.Module, granularity: str) -> dict[str, _UnitInfo]:
                 target = unit
             elif q == "":
                 target = root
-            elif granularity == "leaf" or leaf_like(m):
+            elif leaf_like(m):
                 target = units[q] = _UnitInfo(q, m, "leaf")
             else:
                 target = root

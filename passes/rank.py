@@ -37,14 +37,20 @@ POOL = 24
 
 # --- ranking --------------------------------------------------------------------------------------
 
+SMALL_SUB_BYTES = 1 << 20   # a sub-unit this small (a norm's scale) stays resident unless the budget needs it
+
+
 def _deferred(units: list[Unit]) -> set[int]:
-    """Indices that stay resident unless needed: the root remainder, and leaf units outside the blocks."""
-    blocks = [i for i, u in enumerate(units) if u.kind == "block"]
+    """Indices that stay resident unless needed: the root remainder, leaf units outside the blocks, and
+    sub-units (passes/granularity.py) under SMALL_SUB_BYTES, whose copies would cost more than they free."""
+    blocks = [i for i, u in enumerate(units) if u.kind in ("block", "sub")]
     out = set()
     for i, u in enumerate(units):
         if u.kind == "root":
             out.add(i)
-        elif blocks and u.kind != "block" and (i < blocks[0] or i > blocks[-1]):
+        elif u.kind == "sub" and u.bytes < SMALL_SUB_BYTES:
+            out.add(i)
+        elif blocks and u.kind not in ("block", "sub") and (i < blocks[0] or i > blocks[-1]):
             out.add(i)
     return out
 

@@ -1,4 +1,4 @@
-"""distorch.compile: trace -> partition -> quant_choice -> schedule -> verify -> apply, and its Handle.
+"""distorch.compile: trace -> partition -> granularity -> quant_choice -> schedule -> verify -> apply, and its Handle.
 
     handle = distorch.compile(model, compute="cuda:0", offload_gb=8, donors=["cpu"])
     out = model(x)                       # the same module, now streaming its offloaded units
@@ -35,6 +35,7 @@ from ..compiler.graph import ModuleGraph
 from ..compiler.plan import Plan
 from ..compiler.trace import trace
 from ..errors import DisTorchError
+from ..passes.granularity import granularity as granularity_pass
 from ..passes.partition import partition
 from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
@@ -42,7 +43,7 @@ from ..passes.verify import verify
 from . import stats as _stats
 from .apply import Runtime, apply
 
-__all__ = ["compile", "Handle", "placement_table", "norm_compute", "inventory_for", "HOST_COMPUTE"]
+__all__ = ["compile", "plan_model", "Handle", "placement_table", "norm_compute", "inventory_for", "HOST_COMPUTE"]
 
 log = logging.getLogger("distorch.runtime.api")
 
@@ -187,7 +188,7 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
             offload_gb: float | None = None, max_vram_gb: float | None = None,
             donors: Iterable[str] | str | None = ("cpu",), expert: str | None = None, plan: Plan | None = None,
             example_args: Any = None, example_kwargs: dict[str, Any] | None = None,
-            window_units: int | None = None, profile: bool = False, granularity: str = "block",
+            window_units: int | None = None, profile: bool = False, granularity: str = "auto",
             inventory: "_inv.Inventory | None" = None, progress: bool = True, quant: str = "auto",
             quant_budget_gb: float | None = None, clamp_offload: bool = False, **legacy: Any) -> Handle:
     """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring).
@@ -198,8 +199,10 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
     units are kept, build and verify the schedule, and only then change the module.  GGUF weights
     (formats.gguf_tensor): `quant` = "auto" | "quantized" | "dequantized" picks, for the resident units of
     a traced plan, per-call dequantization or a dense copy within the VRAM left (passes/quant_choice.py;
-    `quant_budget_gb` caps the extra GiB); offloaded units always stream quantized.  A given `plan=` is
-    used as it is (its `quant` field, if any), without the passes."""
+    `quant_budget_gb` caps the extra GiB); offloaded units always stream quantized.  `granularity`: "auto"
+    streams whole blocks or, where the simulated step is faster (or as fast in less VRAM), the layers
+    inside them (passes/granularity.py); "block" / "sub" fix the choice; "leaf" makes every weight-owning
+    leaf module a unit.  A given `plan=` is used as it is (its `quant` field, if any), without the passes."""
     if not isinstance(model, torch.nn.Module):
         raise DisTorchError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
     if "vram_gb" in legacy:
@@ -217,11 +220,12 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
         if example_args is not None and not isinstance(example_args, (tuple, list)):
             example_args = (example_args,)
         ran: list[str] = []
-        graph = _run(ran, "trace", _trace_unchanged, model, tuple(example_args or ()), example_kwargs,
-                     granularity=granularity)
+        if granularity not in GRANULARITY_MODES:
+            raise DisTorchError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITY_MODES)}")
         inv = inventory if inventory is not None else inventory_for(comp, donors)
-        plan = _run(ran, "partition", partition, graph, inv, comp, offload_gb=offload_gb,
-                    max_vram_gb=max_vram_gb, donors=donors or None, expert=expert, clamp=clamp_offload)
+        graph, plan = plan_model(model, comp, offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors,
+                                 expert=expert, example_args=example_args, example_kwargs=example_kwargs,
+                                 granularity=granularity, inventory=inv, clamp_offload=clamp_offload, ran=ran)
         for w in (plan.predicted or {}).get("warnings", ()):
             log.warning("distorch: %s", w)
         plan = _run(ran, "quant_choice", _quant_choice, plan, graph, inv, quant, quant_budget_gb)
@@ -236,6 +240,42 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
             type(model).__name__, plan.compute, time.perf_counter() - t_start, len(plan.units),
             plan.offloaded_bytes() / 2**30, (plan.model_bytes or 0) / 2**30)
     return Handle(rt, plan, graph)
+
+
+GRANULARITY_MODES = ("auto", "block", "sub", "leaf")
+
+
+def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,
+               offload_gb: float | None = None, max_vram_gb: float | None = None,
+               donors: Iterable[str] | str | None = ("cpu",), expert: str | None = None,
+               example_args: Any = None, example_kwargs: dict[str, Any] | None = None, granularity: str = "auto",
+               inventory: "_inv.Inventory | None" = None, clamp_offload: bool = False,
+               ran: list[str] | None = None) -> tuple[ModuleGraph, Plan]:
+    """trace -> partition -> granularity: the graph and the Plan compile() starts from (same arguments),
+    without changing the module.  `ran` collects the names of the passes that finished."""
+    ran = [] if ran is None else ran
+    if granularity not in GRANULARITY_MODES:
+        raise DisTorchError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITY_MODES)}")
+    comp = norm_compute(compute)
+    donors = _donor_list(donors)
+    if example_args is not None and not isinstance(example_args, (tuple, list)):
+        example_args = (example_args,)
+    graph = _run(ran, "trace", _trace_unchanged, model, tuple(example_args or ()), example_kwargs,
+                 granularity="block" if granularity in ("auto", "sub") else granularity)
+    inv = inventory if inventory is not None else inventory_for(comp, donors)
+    budget = dict(offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors or None, expert=expert,
+                  clamp=clamp_offload)
+    plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
+    if granularity in ("auto", "sub") and not expert and plan.offloaded_bytes() > 0:
+        graph, plan = _run(ran, "granularity", _choose_granularity, model, graph, plan, inv, comp, budget,
+                           force=granularity == "sub")
+    return graph, plan
+
+
+def _choose_granularity(model, graph: ModuleGraph, plan: Plan, inv, comp: str, budget: dict, force: bool = False):
+    """passes.granularity with the leaf graph of `model` (registration order, no call)."""
+    leaves = _trace_unchanged(model, (), None, granularity="leaf")
+    return granularity_pass(graph, plan, leaves, inv, comp, budget, force=force)
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):

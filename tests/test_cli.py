@@ -28,7 +28,12 @@ def test_flux_dev_on_12gb_card_table(capsys):
     assert "12.00 GiB" in lines["cuda:0"] and "32.00 GiB" in lines["cpu"]
     # one unit vocabulary (issue 13): sizes in GiB (2^30), speeds in GB/s (10^9); never a bare "GB" for 2^30
     assert " GB " not in out and "GB = 2^30" not in out and "GiB = 2^30 bytes" in out
-    assert "double_blocks x" in out and "single_blocks x" in out
+    # at this budget the layers inside the blocks stream (passes/granularity.py): counted per block family
+    assert "streams the layers inside blocks" in out
+    assert "double_blocks layer x" in out and "single_blocks layer x" in out
+    rc, out, err = run(["plan", "flux-dev", "--compute", "cuda:0", *DEV, "--offload", "16", "--granularity", "block"],
+                       capsys)
+    assert rc == 0 and "double_blocks x" in out and "single_blocks x" in out and "streams" not in out
 
 
 def test_flux_dev_json_schema(capsys):
@@ -40,6 +45,10 @@ def test_flux_dev_json_schema(capsys):
     assert set(d["devices"]) >= {"cuda:0", "cpu"}
     assert all(isinstance(v["bytes"], int) for v in d["devices"].values())
     assert sum(v["bytes"] for v in d["devices"].values()) == d["model_bytes"]
+    if d["predicted"].get("granularity", {}).get("chosen") == "sub":
+        from distorch.compiler.files import leaf_graph_from_file
+        from distorch.passes.granularity import sub_unit_graph
+        g = sub_unit_graph(g, leaf_graph_from_file("flux-dev"))
     assert {u["name"] for u in d["units"]} == {u.name for u in g.units}
     for u in d["units"]:
         assert {"name", "bytes", "device"} <= set(u) and u["device"] in d["devices"]
@@ -55,13 +64,24 @@ def test_flux_dev_json_schema(capsys):
 
 
 def test_expert_string_fed_back_gives_same_placement(capsys):
-    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--offload", "13.5", "--json"], capsys)
+    """The v2 expert string places whole blocks: fed back, a whole-block plan's string gives the same
+    placement; a plan streaming layers gives the same share per device, to within one block."""
+    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--offload", "13.5", "--granularity", "block",
+                      "--json"], capsys)
     a = json.loads(out)
     rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--expert", a["expert_string"], "--json"],
                      capsys)
     b = json.loads(out)
     assert rc == 0
     assert [(u["name"], u["device"]) for u in a["units"]] == [(u["name"], u["device"]) for u in b["units"]]
+    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--offload", "13.5", "--json"], capsys)
+    s = json.loads(out)
+    assert s["predicted"]["granularity"]["chosen"] == "sub"
+    rc, out, _ = run(["plan", "flux-dev", *DEV, "--compute", "cuda:0", "--expert", s["expert_string"], "--json"],
+                     capsys)
+    e = json.loads(out)
+    block = max(u["bytes"] for u in e["units"])
+    assert abs(e["devices"]["cpu"]["bytes"] - s["devices"]["cpu"]["bytes"]) <= block
 
 
 @pytest.mark.parametrize("model", ["sdxl", "wan2.1-14b"])
