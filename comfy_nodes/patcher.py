@@ -9,11 +9,13 @@ other node that clones the model keep the DisTorch behaviour. The mixin override
 methods that ComfyUI's memory manager (model_management.load_models_gpu / free_memory / LoadedModel)
 calls:
 
-* load()            weight patches (LoRA ...) are applied IN PLACE to the weights where they lie
-                    (offload device), computed on the compute device exactly as ComfyUI computes them
-                    (so results are bit-identical to the plain path); then `distorch.compile` binds the
-                    module with the Plan: resident units move to the compute device, offloaded units
-                    into their homes (pinned host buffer / donor GPU).  Reports
+* load()            `distorch.compile` binds the module with the Plan (resident units move to the compute
+                    device, offloaded units into their homes), then the weight patches (LoRA ...) are
+                    applied: streamed weights in their homes (stream_patches: patch math on the compute
+                    device, no host backup -- the unpatched bytes are re-read from the model file),
+                    resident ones by ComfyUI's own patch_weight_to_device; quantized / custom-stored
+                    weights are patched before compile, as before.  Results are bit-identical to the
+                    plain path.  Reports
                     model_loaded_weight_memory = resident bytes + slot window (what it really holds on
                     the GPU), model_lowvram = False, so ComfyUI never loads the offloaded weights itself.
 * partially_load()  when already compiled on that device: nothing to move.  When only the weight
@@ -58,14 +60,16 @@ import collections
 import copy
 import logging
 import threading
+from typing import Any       # ComfyUI's objects (patchers, executors, CLIP) are typed Any: it ships no types
 
 import torch
 
 from ..errors import DisTorchError
 from .comfy_api import comfy, mm, mp
 from .devices import same_device
+from . import stream_patches
 from .gguf_ops import LORA_FLOAT32           # model_options key: high_precision_loras
-from .state import model_state, target
+from .state import State, model_state, target
 
 log = logging.getLogger("distorch.comfy.patcher")
 
@@ -75,18 +79,23 @@ _lock = threading.RLock()
 _MIXED: dict[type, type] = {}
 
 
-def set_lora_precision(obj, high: bool) -> None:
+def set_lora_precision(obj: Any, high: bool) -> None:
     """high_precision_loras: store the choice on a MODEL's or CLIP's patcher (model_options)."""
     p = getattr(obj, "patcher", obj)
     if getattr(p, "model_options", None) is not None:
         p.model_options[LORA_FLOAT32] = bool(high)
 
 
-def lora_dtype(model_options, weight_dtype) -> torch.dtype:
+def lora_dtype(model_options: dict[str, Any] | None, weight_dtype: torch.dtype) -> torch.dtype:
     """dtype a weight patch is computed in (see the module docstring)."""
     if (model_options or {}).get(LORA_FLOAT32, True) or weight_dtype not in _LOW:
         return torch.float32
     return weight_dtype
+
+
+def _plain(model: Any, key: str) -> bool:
+    """Whether `key` is patched after compile (stream_patches.patchable: a plain tensor, not quantized)."""
+    return stream_patches.patchable(model, key)
 
 
 class DisTorchPatcherMixin:
@@ -95,20 +104,20 @@ class DisTorchPatcherMixin:
     distorch = True
 
     # -- what ComfyUI's memory manager reads
-    def model_size(self):
+    def model_size(self) -> int:
         st = model_state(self.model)
         if st is None:
             return super().model_size()
         return st.vram_bytes()
 
-    def get_ram_usage(self):
+    def get_ram_usage(self) -> int:
         st = model_state(self.model)
         return st.total_bytes if st is not None else super().get_ram_usage()
 
-    def distorch_state(self):
+    def distorch_state(self) -> State | None:
         return model_state(self.model)
 
-    def get_key_patches(self, filter_prefix=None):
+    def get_key_patches(self, filter_prefix: str | None = None) -> dict[str, Any]:
         """ComfyUI's merge nodes read the weights here: streamed ones are read from their homes."""
         p = super().get_key_patches(filter_prefix)
         st = model_state(self.model)
@@ -118,13 +127,18 @@ class DisTorchPatcherMixin:
         for k, v in p.items():
             if k in self.backup or not v:
                 continue
+            orig = stream_patches.original(self, k)      # patched in its home: the file has the original
+            if orig is not None:
+                p[k] = [(orig, v[0][1])] + list(v[1:])
+                continue
             w, _, _ = mp.get_key_weight(self.model, k)
             home = idx.get(id(w))
             if home is not None:
                 p[k] = [(home, v[0][1])] + list(v[1:])
         return p
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key: str, device_to: torch.device | None = None,
+                               inplace_update: bool = False) -> None:
         """ComfyUI's (float32 LoRA math) unless high_precision_loras is off for a plain fp16/bf16 weight."""
         if key in self.patches:
             w, set_func, convert_func = mp.get_key_weight(self.model, key)
@@ -144,7 +158,8 @@ class DisTorchPatcherMixin:
         return super().patch_weight_to_device(key, device_to, inplace_update)
 
     # -- loading
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+    def load(self, device_to: torch.device | None = None, lowvram_model_memory: float = 0,
+             force_patch_weights: bool = False, full_load: bool = False) -> None:
         st = model_state(self.model)
         if st is None:
             return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load)
@@ -153,10 +168,19 @@ class DisTorchPatcherMixin:
             if st.handle is not None and not same_device(st.device, device_to):
                 self._distorch_release(self.offload_device)
             if st.handle is None:
-                for key in list(self.patches):
+                # plain weights are patched after compile: the streamed ones in their homes (stream_patches,
+                # no host backup), the resident ones on the compute device; others (quantized ...) before
+                plain = {k for k in self.patches if _plain(self.model, k)}
+                for key in sorted(set(self.patches) - plain):
                     self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
                 st.compile(target(self.model), device_to)
                 st.log_plan(type(self.model).__name__)
+                done = stream_patches.apply_streamed(self, plain, device_to, st.stream_index(), lora_dtype) \
+                    if plain else set()
+                for key in sorted(plain - done):
+                    self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
+                if done:
+                    st.invalidate_slots()
             elif self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights:
                 self._distorch_repatch(device_to)
             self.model.device = device_to
@@ -170,7 +194,8 @@ class DisTorchPatcherMixin:
                 callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
             self.apply_hooks(self.forced_hooks, force_apply=True)
 
-    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+    def partially_load(self, device_to: torch.device, extra_memory: float = 0,
+                       force_patch_weights: bool = False) -> int:
         st = model_state(self.model)
         if st is None or st.handle is None or not same_device(st.device, device_to):
             return super().partially_load(device_to, extra_memory, force_patch_weights)
@@ -192,13 +217,14 @@ class DisTorchPatcherMixin:
             self.apply_hooks(self.forced_hooks, force_apply=True)
         return 0
 
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+    def partially_unload(self, device_to: torch.device, memory_to_free: float = 0,
+                         force_patch_weights: bool = False) -> int:
         st = model_state(self.model)
         if st is None:
             return super().partially_unload(device_to, memory_to_free, force_patch_weights)
         return 0      # a compiled placement is freed whole (ComfyUI then detaches the model)
 
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
+    def unpatch_model(self, device_to: torch.device | None = None, unpatch_weights: bool = True) -> None:
         st = model_state(self.model)
         if st is not None and unpatch_weights and st.handle is not None:
             self.eject_model()
@@ -207,7 +233,12 @@ class DisTorchPatcherMixin:
 
     # -- helpers
     def _distorch_release(self, to_device):
-        model_state(self.model).undo(to_device)
+        st = model_state(self.model)
+        if st.handle is not None and stream_patches.sources(self.model):
+            n = stream_patches.restore_streamed(self, st.stream_index())     # unpatched bytes from the file
+            st.invalidate_slots()
+            log.debug("DisTorch: %d streamed weights restored from the model file", n)
+        st.undo(to_device)
         if to_device is not None:
             self.model.to(to_device)
             self.model.device = to_device
@@ -229,14 +260,15 @@ class DisTorchPatcherMixin:
     def _distorch_repatch(self, device_to):
         """Write the current weight patches into the live storage, from the kept originals."""
         st = model_state(self.model)
-        keys = set(self.patches) | set(self.backup)
+        keys = set(self.patches) | set(self.backup) | set(stream_patches.sources(self.model))
         if not keys:
             return
         st.invalidate_slots()
         index = st.stream_index()
-        done = 0
+        handled = stream_patches.apply_streamed(self, keys, device_to, index, lora_dtype)   # streamed: in homes
+        done = len(handled)
         with torch.no_grad():
-            for key in sorted(keys):
+            for key in sorted(keys - handled):
                 live, set_func, convert_func = mp.get_key_weight(self.model, key)
                 if set_func is not None:
                     raise DisTorchError(f"weight {key!r} is a custom-stored tensor; DisTorch cannot re-patch it "
@@ -270,25 +302,20 @@ class DisTorchPatcherMixin:
         log.info("DisTorch: re-patched %d weights in place (no reload)", done)
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """WrappersMP.OUTER_SAMPLE: after a sampling run, log the measured step time beside the Plan's prediction."""
+def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """WrappersMP.OUTER_SAMPLE: after a sampling run, log the measured step time beside the Plan's prediction
+    (from measured unit times once a profiled step ran, else estimated; comfy_nodes/state.step_report).
+    Nothing runs between the run's steps: the statistics are read once, after it."""
     out = executor(*args, **kwargs)
     try:
         p = getattr(executor.class_obj, "model_patcher", None)
         st = model_state(getattr(p, "model", None))
         if st is not None and st.handle is not None:
-            d = st.handle.stats
-            meas, pred, comp = d.get("measured_step_s"), d.get("predicted_step_s"), d.get("predicted_compute_s")
-            if meas:
+            from .state import step_report     # the line's wording lives beside the placement table's
+            d = st.handle.stats                # synchronizes once, after the last step of the run
+            if d.get("measured_step_s"):
                 st.last_stats = d
-                msg = f"DisTorch: measured step {meas * 1e3:.1f} ms"
-                if pred:
-                    msg += f", predicted {pred * 1e3:.1f} ms"
-                if comp:
-                    msg += f"; overhead over the all-resident prediction: measured {(meas - comp) * 1e3:+.1f} ms"
-                    if pred:
-                        msg += f", predicted {(pred - comp) * 1e3:+.1f} ms"
-                log.info("%s (%d streamed units, %d slots)", msg, d.get("streamed_units", 0), d.get("window_slots", 0))
+                log.info("%s", step_report(d))
     except Exception as e:   # statistics are a courtesy: never fail a finished sampling run over them
         log.debug("DisTorch: no step statistics (%s)", e)
     return out
@@ -306,7 +333,7 @@ def mixed_class(base: type) -> type:
         return cls
 
 
-def classic_copy(p, cls):
+def classic_copy(p: Any, cls: type) -> Any:
     """A classic-based DisTorch patcher for p's model (the Dynamic-VRAM path)."""
     n = cls(p.model, p.load_device, p.offload_device)
     for k in ("patches", "object_patches", "weight_wrapper_patches", "attachments", "additional_models",

@@ -44,6 +44,7 @@ def backend() -> Any:
         device_list()                          -> ["cuda:0", ..., "cpu"]                   devices
         load_on_device(device, fn)             -> fn()'s outputs, retargeted to `device`   devices
         distorch(obj, compute_device, virtual_vram_gb, donor_device, expert, eject_models) -> obj   entry
+        remember_model_files(obj, loader_inputs)  the files obj was loaded from        stream_patches
         gguf_filenames(kind), gguf_clip_filenames(), gguf_path(kind, name),
         load_gguf_unet(path, ...), load_gguf_clip(paths, type)                             gguf_loaders
 
@@ -51,14 +52,14 @@ def backend() -> Any:
     (see comfy_api's docstring)."""
     global _BACKEND
     if _BACKEND is None:
-        from . import comfy_api, devices, entry, gguf_loaders
+        from . import comfy_api, devices, entry, gguf_loaders, stream_patches
         _BACKEND = types.SimpleNamespace(
             core_node_class=comfy_api.core_node_class, register_nodes=comfy_api.register_nodes,
             registered_nodes=comfy_api.registered_nodes,
             device_list=devices.device_list, load_on_device=devices.load_on_device, distorch=entry.distorch,
             gguf_filenames=gguf_loaders.gguf_filenames, gguf_clip_filenames=gguf_loaders.gguf_clip_filenames,
             gguf_path=gguf_loaders.gguf_path, load_gguf_unet=gguf_loaders.load_gguf_unet,
-            load_gguf_clip=gguf_loaders.load_gguf_clip)
+            load_gguf_clip=gguf_loaders.load_gguf_clip, remember_model_files=stream_patches.remember_inputs)
     return _BACKEND
 
 
@@ -210,8 +211,11 @@ def distorch2_wrapper(name: str, base: type, base_label: str, *, device_key: str
             kwargs["device"] = "default"
         be = backend()
         out = list(be.load_on_device(compute, lambda: call_base(base, kwargs)))
+        remember = getattr(be, "remember_model_files", None)   # LoRA'd streamed weights re-read originals there
         for i in distorch_outputs:
             if i < len(out) and out[i] is not None:
+                if remember is not None:
+                    remember(out[i], kwargs)
                 out[i] = be.distorch(out[i], compute, float(virtual_vram_gb), donor_device,
                                      expert_mode_allocations or "", bool(eject_models))
         return tuple(out)

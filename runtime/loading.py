@@ -41,6 +41,11 @@ for _n, _a in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_n] = getattr(torch, _a)
 
 
+def file_dtype(dtype_str: str) -> torch.dtype | None:
+    """The torch dtype of a .safetensors dtype string ("BF16", "F8_E4M3", ...), or None when unsupported."""
+    return _DTYPES.get(dtype_str)
+
+
 def load_into(module: torch.nn.Module, path: str, plan: Plan, *, graph: ModuleGraph | None = None, strict: bool = True,
               progress: bool = True, **apply_kw: Any) -> Runtime:
     """Read `path` into the homes of `plan` and apply the plan to `module` (see module docstring)."""

@@ -25,13 +25,14 @@ from ..compiler.ring_layout import ALIGN, align as align_up   # one alignment fo
 from .. import progress as _progress
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
+from . import fill as _fill
 from . import pinning as _pinning
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from .hooks import UnitPart
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import TextIO
     from .apply import Runtime
 
 log = logging.getLogger("distorch.runtime.store")
@@ -81,7 +82,7 @@ class Entry:
 class Layout:
     """Byte layout of a unit's tensors in one flat buffer."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.entries: list[Entry] = []
         self.nbytes = 0
 
@@ -127,7 +128,7 @@ class HostArena:
     array, which runs before numpy releases the data), i.e. once no view of it is alive.
     """
 
-    def __init__(self, nbytes: int, pin: bool, defer: bool = False):
+    def __init__(self, nbytes: int, pin: bool, defer: bool = False) -> None:
         import numpy as np
         n = max(align_up(nbytes, 4096), 4096)
         self.array = np.empty(n, dtype=np.uint8)
@@ -229,7 +230,7 @@ def pin_arenas(arenas: dict, what: str = "host homes") -> None:
 class Home:
     """A unit's weights in their home: one flat buffer plus the layout of its tensors."""
 
-    def __init__(self, unit: str, device: str, layout: Layout, flat: torch.Tensor):
+    def __init__(self, unit: str, device: str, layout: Layout, flat: torch.Tensor) -> None:
         self.unit = unit
         self.device = device
         self.layout = layout
@@ -257,7 +258,7 @@ class Home:
 class SlotPool:
     """W flat buffers on the compute device; views of every streamed unit into every slot."""
 
-    def __init__(self, device, n_slots: int, slot_bytes: int):
+    def __init__(self, device: str | torch.device, n_slots: int, slot_bytes: int) -> None:
         self.device = parse_device(device)
         self.slot_bytes = align_up(max(slot_bytes, 1))
         self.flats = [alloc_flat(self.slot_bytes, self.device, pin=False) for _ in range(n_slots)]
@@ -281,7 +282,7 @@ class Progress(_progress.Stage):
     """A byte stage of distorch.progress (ComfyUI's ProgressBar, a terminal bar, or log lines; one INFO line
     with time and GB/s at the end); not shown for totals under `min_bytes` (or 0: progress off)."""
 
-    def __init__(self, total: int, label: str, min_bytes: int = 256 << 20, stream=None):
+    def __init__(self, total: int, label: str, min_bytes: int = 256 << 20, stream: TextIO | None = None) -> None:
         super().__init__(label, total, "B", enabled=total > 0, min_total=min_bytes, stream=stream)
 
 
@@ -300,7 +301,7 @@ class HomeStore(UnitPart):
     """
 
     def __init__(self, units: list[str], streamed: dict, home_of: dict, given: dict | None = None, *,
-                 pin: bool, progress: bool):
+                 pin: bool, progress: bool) -> None:
         self.units = units
         self.homes: dict[str, Home] = {}
         given = given or {}
@@ -321,31 +322,17 @@ class HomeStore(UnitPart):
         self.arenas, arena_of = host_arenas(todo, home_of, pin)
         total = sum(sum(_gs.stored_bytes(p) for _, p in streamed[n]) for n in units)
         prog = Progress(total if progress else 0, "distorch: weights -> homes")
-        held = {}                  # host storages the parameters had: still alive after the move = a 2nd copy
-        freed, trim_every = 0, max(TRIM_BYTES, total // 50)
+        order = []
         for n in units:
             if n not in todo:
                 prog.update(self.homes[n].nbytes)
-                continue
-            h = Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(arena_of.get(n)))
-            with torch.no_grad():
-                for (_, p), v in zip(streamed[n], h.views()):
-                    old = p.raw if _gs.is_gguf(p) else p.data
-                    if old.device.type == "cpu" and old.untyped_storage().nbytes():
-                        st = old.untyped_storage()
-                        held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
-                    v.copy_(old)
-                    del old
-                    if _gs.is_gguf(p):     # quantized: the home holds the stored blocks
-                        _gs.set_raw(p, v)
-                    else:
-                        p.data = v         # the original storage is released here (unless held elsewhere)
-            self.homes[n] = h
+            else:
+                order.append(Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(arena_of.get(n))))
+
+        def homed(h):
+            self.homes[h.unit] = h
             prog.update(h.nbytes)
-            freed += h.nbytes
-            if freed >= trim_every:    # freed weights under glibc's mmap threshold stay in the heap until trimmed
-                _pinning.trim_heap()
-                freed = 0
+        held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50))
         prog.close()
         _pinning.trim_heap()
         pin_arenas(self.arenas)

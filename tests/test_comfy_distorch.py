@@ -172,9 +172,8 @@ def test_lora_strength_change_does_not_reload(models, monkeypatch, vram_gb):
     mm.unload_all_models()
 
     import distorch.runtime.api as api
-    import distorch.passes.partition as part
-    calls = {"compile": 0, "partition": 0, "read_unet": 0}
-    real_compile, real_partition, real_read = api.compile, part.partition, comfy.utils.load_torch_file
+    calls = {"compile": 0, "partition": 0, "read_unet": 0}      # "partition": plans made (trace -> granularity)
+    real_compile, real_partition, real_read = api.compile, api.plan_model, comfy.utils.load_torch_file
 
     def count_compile(*a, **k):
         calls["compile"] += 1
@@ -190,8 +189,7 @@ def test_lora_strength_change_does_not_reload(models, monkeypatch, vram_gb):
         return real_read(path, *a, **k)
 
     monkeypatch.setattr(api, "compile", count_compile)
-    monkeypatch.setattr(part, "partition", count_partition)
-    monkeypatch.setattr(state, "partition", count_partition)
+    monkeypatch.setattr(api, "plan_model", count_partition)
     monkeypatch.setattr(comfy.utils, "load_torch_file", count_read)
 
     m = entry.distorch(_load(models), "cpu", vram_gb, "cpu", "", False)
@@ -382,11 +380,10 @@ def test_custom_stored_weight_reloads_with_same_plan(models, monkeypatch):
     plain = _load(models)
     refs = {s: _sample(_lora(plain, models, s)) for s in (1.0, 0.5)}
     mm.unload_all_models()
-    import distorch.passes.partition as part
+    import distorch.runtime.api as rapi
     calls = []
-    real = part.partition
-    monkeypatch.setattr(part, "partition", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(state, "partition", part.partition)
+    real = rapi.plan_model
+    monkeypatch.setattr(rapi, "plan_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
     lin = m.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
 
@@ -448,3 +445,31 @@ def test_patches_to_moves_every_tensor_and_keeps_structure():
     assert moved[0][0] == 1.0 and moved[0][3] is None
     # the original is untouched
     assert patches[0][1].weights[0] is a and a.device.type == "cpu"
+
+
+@pytest.mark.parametrize("gran", ["sub", "auto"])
+def test_sub_units_in_comfyui_match_plain_loader_with_lora(models, monkeypatch, gran):
+    """DISTORCH_GRANULARITY=sub: the layers inside the blocks stream (smaller slots); the latent equals the
+    plain loader's, also with a LoRA and after a strength change (written into the sub-units' homes)."""
+    plain = _load(models)
+    refs = {s: _sample(_lora(plain, models, s)) for s in (1.0, 0.4)}
+    ref0 = _sample(plain)
+    mm.unload_all_models()
+    monkeypatch.setenv("DISTORCH_GRANULARITY", gran)
+    m = entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+    st = entry.state_of(m)
+    info = st.plan.predicted["granularity"]
+    if gran == "sub":
+        assert info["chosen"] == "sub"
+        streamed = [u.name for u in st.plan.units if u.device != st.plan.compute]
+        assert streamed and all(u.kind == "sub" for u in st.plan.units if u.name in set(streamed) and "blocks." in u.name)
+        assert any(n.count(".") >= 3 for n in streamed), streamed     # joint_blocks.0.x_block.attn.qkv ...
+    assert torch.equal(_sample(m), ref0)
+    for s in (1.0, 0.4):
+        assert torch.equal(_sample(_lora(m, models, s)), refs[s]), s
+
+
+def test_bad_granularity_setting_is_named(models, monkeypatch):
+    monkeypatch.setenv("DISTORCH_GRANULARITY", "layers")
+    with pytest.raises(DisTorchError, match="DISTORCH_GRANULARITY='layers'.*auto.*block.*sub"):
+        entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)

@@ -214,3 +214,65 @@ def test_plan_prices_homes_past_the_pinned_cap_at_the_pageable_rate():
     want = 2 * (1 << 30) / bw + 2 * (1 << 30) / (bw * inv_mod.PAGEABLE_FRACTION)
     assert slow["per_link_s"]["cpu>cuda:0"] == pytest.approx(want, rel=1e-3)
     assert slow["step_s"] > fast["step_s"]
+
+
+# ------------------------------------------------------------------------------------------ parallel fill
+def test_parallel_fill_gives_identical_bytes(monkeypatch):
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "CHUNK", 4096)                 # many pieces per tensor, across the threads
+    torch.manual_seed(3)
+    m = TinyDiT(depth=6, d=96, h=200)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    calls = []
+    real = fill.fill_units
+    monkeypatch.setattr(fill, "fill_units", lambda items, done, **k: calls.append(len(items)) or
+                        real(items, done, n_threads=4, window=2))
+    st, units = store_for(m, pin=False)
+    assert calls == [len(units)]
+    for n in units:
+        for k, p in m.get_submodule(n).named_parameters():
+            h = st.homes[n].flat
+            assert h.data_ptr() <= p.data_ptr() < h.data_ptr() + h.numel()
+            assert torch.equal(p, want[f"{n}.{k}"])
+    assert fill.pieces(torch.empty(10000), torch.zeros(10000), chunk=4096)[0][0].numel() == 1024
+
+
+@pytest.mark.parametrize("n_threads", [1, 4])
+def test_failing_copy_leaves_nothing_half_applied(monkeypatch, n_threads):
+    from distorch.errors import DisTorchError
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "CHUNK", 4096)
+    monkeypatch.setenv(fill.ENV, str(n_threads))
+    m = TinyDiT(depth=5, d=64, h=160)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: p.data_ptr() for k, p in m.named_parameters()}
+    bad = m.blocks[2].gate.weight.data_ptr()
+    real = fill.copy_piece
+
+    def copy(dst, src):
+        if src.data_ptr() == bad:
+            raise RuntimeError("disk on fire")
+        real(dst, src)
+    monkeypatch.setattr(fill, "copy_piece", copy)
+    with pytest.raises(DisTorchError, match=r"'blocks\.2'.*disk on fire"):
+        store_for(m, pin=False)
+    for k, p in m.named_parameters():
+        assert torch.equal(p, want[k]), k                   # every weight still has its bytes
+        unit = int(k.split(".")[1]) if k.startswith("blocks.") else -1
+        if unit >= 2:                                      # the failing unit and later ones: untouched
+            assert p.data_ptr() == before[k], k
+        elif unit >= 0:                                     # earlier ones: wholly in their homes
+            assert p.data_ptr() != before[k], k
+
+
+def test_parallel_fill_inside_inference_mode(monkeypatch):
+    """ComfyUI runs nodes under torch.inference_mode() (thread-local): the fill's workers copy in that mode."""
+    from distorch.runtime import fill
+    monkeypatch.setenv(fill.ENV, "4")
+    monkeypatch.setattr(fill, "CHUNK", 4096)
+    with torch.inference_mode():
+        m = TinyDiT(depth=3, d=64, h=128)
+        x = torch.randn(2, 64)
+        ref = m(x)
+        st, _ = store_for(m, pin=False)
+        assert torch.equal(m(x), ref)

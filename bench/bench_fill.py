@@ -1,0 +1,100 @@
+"""Cold start: how fast the homes fill (weights already in host RAM, as ComfyUI loaded them -> homes).
+
+Builds a model of --gb GB of bf16 Linear blocks on the CPU, then runs the real HomeStore (runtime/store.py
+through runtime/fill.py) for each thread count in --threads, and prints GB/s for the copy into the homes
+and, with CUDA, for page-locking them (cudaHostRegister), plus the total.  Every run checks the homes hold
+the exact bytes.  Prints one line per run and a final summary; no timing is asserted.
+
+    python bench/bench_fill.py --smoke                         # CPU, 0.5 GB, threads 1 and 4
+    python bench/bench_fill.py --gb 24 --threads 1,4,8,16      # GPU machine: pinned homes, target >= 10 GB/s
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from distorch.runtime import fill, pinning  # noqa: E402
+from distorch.runtime.store import HomeStore  # noqa: E402
+
+
+def model(gb: float, block_mb: int = 256) -> torch.nn.ModuleList:
+    d = 4096
+    per = max(1, int(block_mb * 2**20 / (d * d * 2)))
+    n = max(1, int(gb * 1e9 / (per * d * d * 2)))
+    blocks = torch.nn.ModuleList()
+    for i in range(n):
+        b = torch.nn.Module()
+        for j in range(per):
+            w = torch.empty(d, d, dtype=torch.bfloat16)
+            w.view(torch.int16).fill_(i * 31 + j)         # touched: resident like loaded weights
+            b.register_parameter(f"w{j}", torch.nn.Parameter(w, requires_grad=False))
+        blocks.append(b)
+    return blocks
+
+
+def run(gb: float, n_threads: int, pin: bool) -> dict:
+    m = model(gb)
+    streamed = {f"{i}": [(f"{i}.{k}", p) for k, p in b.named_parameters()] for i, b in enumerate(m)}
+    units = list(streamed)
+    total = sum(p.numel() * p.element_size() for b in m for p in b.parameters())
+    os.environ[fill.ENV] = str(n_threads)
+    p0 = pinning.pinned_bytes()
+    t0 = time.perf_counter()
+    real_pin = HomeStore.__init__.__globals__["pin_arenas"]
+    t_pin = [0.0]
+
+    def timed_pin(arenas, *a, **k):
+        t = time.perf_counter()
+        real_pin(arenas, *a, **k)
+        t_pin[0] = time.perf_counter() - t
+    HomeStore.__init__.__globals__["pin_arenas"] = timed_pin
+    try:
+        st = HomeStore(units, streamed, {n: "cpu" for n in units}, pin=pin, progress=False)
+    finally:
+        HomeStore.__init__.__globals__["pin_arenas"] = real_pin
+    dt = time.perf_counter() - t0
+    ok = all(bool((p.view(torch.int16) == int(n) * 31 + j).all())
+             for n in units for j, (_, p) in enumerate(streamed[n]))
+    pinned = pinning.pinned_bytes() - p0
+    for a in st.arenas.values():
+        a.unpin()
+    del st, m, streamed
+    gc.collect()
+    copy_s = dt - t_pin[0]
+    return {"threads": n_threads, "GB": total / 1e9, "copy_GBps": total / 1e9 / copy_s,
+            "pin_GBps": (total / 1e9 / t_pin[0]) if pinned else None, "total_GBps": total / 1e9 / dt,
+            "pinned_GB": pinned / 1e9, "exact": ok}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=4.0)
+    ap.add_argument("--threads", default="1,4,8")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke: 0.5 GB, threads 1,4")
+    a = ap.parse_args()
+    gb, ths = (0.5, [1, 4]) if a.smoke else (a.gb, [int(x) for x in a.threads.split(",")])
+    pin = torch.cuda.is_available()
+    dev = torch.cuda.get_device_name(0) if pin else "cpu only (homes pageable)"
+    print(f"bench_fill: {gb} GB bf16, {dev}, torch {torch.__version__}, {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    for n in ths:
+        r = run(gb, n, pin)
+        rows.append(r)
+        pin_s = f", pin {r['pin_GBps']:.1f} GB/s" if r["pin_GBps"] else ""
+        print(f"threads {n:>2}: {r['GB']:.2f} GB copy {r['copy_GBps']:.1f} GB/s{pin_s}, weights -> homes "
+              f"{r['total_GBps']:.1f} GB/s, exact={r['exact']}", flush=True)
+    best = max(rows, key=lambda r: r["total_GBps"])
+    print(f"best: threads {best['threads']} at {best['total_GBps']:.1f} GB/s (target >= 10 GB/s)")
+    if not all(r["exact"] for r in rows):
+        raise SystemExit("homes do not hold the exact bytes")
+
+
+if __name__ == "__main__":
+    main()
