@@ -10,19 +10,25 @@ State          the Plan (made once by `make_plan`, reused by every later compile
                compile / undo / stream_index / invalidate_slots / vram_bytes / log_plan.
 allocation_table(plan)
                the table users know (per device memory, share of the model, layer types, the v2
-               expert string, the predicted step overhead), logged once per model.
+               expert string, the predicted step and whether its unit times are estimates or
+               measurements), logged once per model.
 """
 from __future__ import annotations
 
 import logging
+import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..compiler.trace import trace
-from ..passes.partition import partition
+from ..errors import DisTorchError
 from ..runtime import api as runtime_api
+from ..runtime.stats import basis_text
 from .comfy_api import mm
 from .devices import same_device
+
+if TYPE_CHECKING:
+    from ..compiler.plan import Plan
 
 log = logging.getLogger("distorch.comfy.state")
 GiB = 1 << 30
@@ -30,7 +36,7 @@ _ATTR = "_distorch_state"   # key of the State in the torch model's __dict__
 
 
 class Config:
-    def __init__(self, compute: torch.device, vram_gb: float, donors: list[str], expert: str):
+    def __init__(self, compute: torch.device, vram_gb: float, donors: list[str], expert: str) -> None:
         self.compute = compute
         self.vram_gb = vram_gb
         self.donors = donors
@@ -45,19 +51,19 @@ class Config:
 class State:
     """DisTorch state of one torch model (patcher.model); every clone of its patcher sees the same one."""
 
-    def __init__(self, cfg: Config, total_bytes: int):
+    def __init__(self, cfg: Config, total_bytes: int) -> None:
         self.cfg = cfg
         self.total_bytes = int(total_bytes)
-        self.plan = None          # the Plan; made once, reused by every later compile
-        self.handle = None        # the live distorch Handle while loaded
-        self.device = None        # device it is compiled for
-        self.index = None         # id(param) -> its tensor in its home, for streamed params
+        self.plan: Plan | None = None                  # the Plan; made once, reused by every later compile
+        self.handle: runtime_api.Handle | None = None  # the live distorch Handle while loaded
+        self.device: torch.device | None = None        # device it is compiled for
+        self.index: dict | None = None                 # id(param) -> its tensor in its home, for streamed params
         self.logged = False
         self.compiles = 0
         self.releases = 0
         self.repatches = 0
-        self.last_stats = None    # runtime statistics of the latest sampling run (OUTER_SAMPLE wrapper)
-        self.sd_hook = None       # state_dict hook that reports streamed weights from their homes
+        self.last_stats: dict | None = None   # runtime statistics of the latest sampling run (OUTER_SAMPLE wrapper)
+        self.sd_hook: Any = None              # state_dict hook that reports streamed weights from their homes
 
     def vram_bytes(self) -> int:
         """Bytes the compiled model holds on its compute device."""
@@ -76,15 +82,15 @@ class State:
             return self.total_bytes
         return max(0, self.total_bytes - int(self.cfg.vram_gb * GiB))
 
-    def log_plan(self, what: str):
+    def log_plan(self, what: str) -> None:
         """Log the allocation table, once per model."""
         if self.plan is not None and not self.logged:
             self.logged = True
             log.info("%s", allocation_table(self.plan, what))
 
-    def compile(self, module, device):
+    def compile(self, module: torch.nn.Module, device: str | torch.device) -> runtime_api.Handle:
         """Bind `module` for `device` with the Plan (made now when there is none for that device)."""
-        kw = {"compute": "cpu" if torch.device(device).type == "cpu" else str(device), "progress": True}
+        kw: dict[str, Any] = {"compute": "cpu" if torch.device(device).type == "cpu" else str(device), "progress": True}
         if self.plan is not None and same_device(self.plan.compute, device):
             kw["plan"] = self.plan
         elif self.cfg.expert:
@@ -96,6 +102,12 @@ class State:
         h = runtime_api.compile(module, **kw)
         self.handle, self.plan, self.device, self.index = h, h.plan, torch.device(device), None
         self.compiles += 1
+        rt = h.runtime
+        if rt is not None and not rt.be.cuda:
+            # CUDA compute measures a step anyway (window autotune); on the host, measure one for the
+            # prediction alone (host timestamps: no device to synchronize), so that the log after
+            # sampling compares the step with a prediction from measured unit times
+            rt.autotune.measure_next()
         # Streamed parameters point at whichever slot they ran from last; anything that READS the weights
         # (state_dict for saving / merging, get_key_patches) must see their homes instead.
         idx = self.stream_index()
@@ -111,7 +123,7 @@ class State:
         self.sd_hook = reg(homes_in_state_dict) if names else None
         return h
 
-    def undo(self, to_device):
+    def undo(self, to_device: str | torch.device | None) -> None:
         """Free homes and slots; the weights end on `to_device`."""
         h = self.handle
         self.handle, self.index, self.device = None, None, None
@@ -131,7 +143,7 @@ class State:
             self.index = dict(rt.home_views()) if rt is not None else {}
         return self.index
 
-    def invalidate_slots(self):
+    def invalidate_slots(self) -> None:
         """Homes are about to be / were written: wait for copies in flight, then make the runtime copy
         every unit again before its next use (slots may hold the old bytes)."""
         rt = getattr(self.handle, "runtime", None)
@@ -139,40 +151,46 @@ class State:
             rt.invalidate()
 
 
-def model_state(model) -> State | None:
+def model_state(model: torch.nn.Module | None) -> State | None:
     """The State of a torch model (patcher.model), or None."""
     return model.__dict__.get(_ATTR) if model is not None else None
 
 
-def new_state(model, cfg: Config) -> State:
+def new_state(model: torch.nn.Module, cfg: Config) -> State:
     """A fresh State for `model` (replacing any earlier one)."""
     st = State(cfg, mm.module_size(model))
     model.__dict__[_ATTR] = st
     return st
 
 
-def target(model):
+def target(model: torch.nn.Module) -> torch.nn.Module:
     """The torch module DisTorch compiles: the diffusion model of a BaseModel, else the model itself."""
     dm = getattr(model, "diffusion_model", None)
     return dm if isinstance(dm, torch.nn.Module) else model
 
 
-def make_plan(module, cfg: Config):
+def make_plan(module: torch.nn.Module, cfg: Config) -> Plan:
     """Trace + partition without moving a byte (errors in the inputs surface at the loader node)."""
     comp = runtime_api.norm_compute(str(cfg.compute))
-    graph = trace(module)
-    inv = runtime_api.inventory_for(comp, cfg.donors)
     if cfg.expert:
-        return partition(graph, inv, comp, expert=cfg.expert)
-    plan = partition(graph, inv, comp, offload_gb=cfg.vram_gb, donors=cfg.donors, clamp=True)
+        return runtime_api.plan_model(module, comp, expert=cfg.expert, donors=cfg.donors)[1]
+    # trace -> partition -> granularity (whole blocks or the layers inside them), as compile() does;
+    # DISTORCH_GRANULARITY=block|sub fixes the choice (troubleshooting), default auto
+    gran = os.environ.get("DISTORCH_GRANULARITY", "auto").strip().lower() or "auto"
+    if gran not in ("auto", "block", "sub"):
+        raise DisTorchError(f"DISTORCH_GRANULARITY={os.environ['DISTORCH_GRANULARITY']!r}: give auto (the default), "
+                            f"block (whole blocks stream) or sub (the layers inside them stream), or unset it")
+    plan = runtime_api.plan_model(module, comp, offload_gb=cfg.vram_gb, donors=cfg.donors, clamp_offload=True,
+                                  granularity=gran)[1]
     for w in (plan.predicted or {}).get("warnings", ()):
         log.warning("DisTorch: %s", w)
     return plan
 
 
-def allocation_table(plan, title: str = "") -> str:
+def allocation_table(plan: Plan, title: str = "") -> str:
     """The table users know: per device memory, the share of the model (GiB = 2^30 bytes, %), layer types
-    and counts, the v2 expert string, the predicted step overhead.  Device names are never cut."""
+    and counts, the v2 expert string, the predicted step (streaming overhead on a GPU; compute + slot copies
+    on the host) and its basis.  Device names are never cut."""
     tot = plan.model_bytes or 1
     lines = ["=" * 78, f"DisTorch2 allocation{(' - ' + title) if title else ''}", "=" * 78,
              f"{'device':<10}{'memory GiB':>11}{'model GiB':>11}{'% model':>9}  layers (by type)", "-" * 78]
@@ -195,10 +213,62 @@ def allocation_table(plan, title: str = "") -> str:
     step, comp = pr.get("step_s"), pr.get("compute_s")
     if step:
         over = pr.get("overhead_s", (step - comp) if comp is not None else None)
-        extra = f", overhead {over * 1e3:.1f} ms ({100.0 * over / comp:.0f}% of compute)" if (
-            over is not None and comp) else ""
-        lines.append(f"predicted step {step * 1e3:.1f} ms (all resident {comp * 1e3 if comp else 0:.1f} ms){extra}"
-                     f" [{pr.get('basis', '?')}]")
+        if str(plan.compute).startswith("cpu"):
+            # the host computes: its compute is not overhead; what streaming adds are the slot copies
+            extra = f": compute on {plan.compute} {comp * 1e3:.1f} ms" if comp else ""
+            extra += f" + slot copies {over * 1e3:.1f} ms" if (over is not None and comp) else ""
+        else:
+            extra = f" (all resident {comp * 1e3 if comp else 0:.1f} ms)"
+            extra += f", streaming overhead {over * 1e3:.1f} ms ({100.0 * over / comp:.0f}% of compute)" if (
+                over is not None and comp) else ""
+        lines.append(f"predicted step {step * 1e3:.1f} ms{extra} [{basis_text(pr.get('basis'))}]")
+    gran = pr.get("granularity")
+    if gran:
+        lines.append(granularity_line(gran, pr))
     lines.append(f"v2 Expert String: {plan.expert_string}")
     lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def granularity_line(gran: dict, pr: dict) -> str:
+    """What streams: whole blocks or the layers inside them, with both predicted steps (passes/granularity.py)."""
+    b, sub = gran.get("block_step_s"), gran.get("sub_step_s")
+    what = "layers inside blocks" if gran.get("chosen") == "sub" else "whole blocks"
+    slots = f"{pr.get('slots', 0)} slots x {pr.get('slot_bytes', 0) / 2**20:.0f} MiB"
+    alt = ""
+    if b and sub:
+        alt = f" (predicted: whole blocks {b * 1e3:.1f} ms, layers {sub * 1e3:.1f} ms)"
+    return f"streams {what} through {slots}{alt}"
+
+
+def step_report(d: dict) -> str:
+    """The log line after a sampling run, from Handle.stats `d`: the measured step, the predicted one with
+    its basis ("from measured unit times" once a profiled step replaced the estimates, else "estimated"),
+    their ratio, then what the step is made of: on a GPU the streaming overhead over the all-resident
+    compute; on the host the host's own compute (not overhead) and the slot copies."""
+    meas, pred, comp = d.get("measured_step_s"), d.get("predicted_step_s"), d.get("predicted_compute_s")
+    basis = d.get("predicted_basis")
+    msg = f"DisTorch: measured step {meas * 1e3:.1f} ms" if meas else "DisTorch: no measured step"
+    if pred:
+        msg += f", predicted {pred * 1e3:.1f} ms {basis_text(basis)}"
+        if meas:
+            msg += f" (measured/predicted x{meas / pred:.2f})"
+        est = d.get("estimated_step_s")
+        if basis == "measured" and est:
+            msg += f", estimated before measuring {est * 1e3:.1f} ms"
+    if comp:
+        how = "measured" if basis == "measured" else "predicted"
+        if str(d.get("compute", "")).startswith("cpu"):
+            msg += f"; compute on the host ({d.get('compute')}) {comp * 1e3:.1f} ms ({how})"
+            if pred:
+                msg += f", slot copies {max(0.0, pred - comp) * 1e3:.1f} ms (predicted)"
+        else:
+            msg += f"; streaming overhead over the all-resident compute ({comp * 1e3:.1f} ms, {how}):"
+            if meas:
+                msg += f" measured {(meas - comp) * 1e3:+.1f} ms"
+            if pred:
+                msg += f"{',' if meas else ''} predicted {(pred - comp) * 1e3:+.1f} ms"
+    gap = d.get("measured_gap_s")
+    if gap:
+        msg += f"; {gap * 1e3:.1f} ms between forwards (the sampler's own work, measured once)"
+    return msg + f" ({d.get('streamed_units', 0)} streamed units, {d.get('window_slots', 0)} slots)"

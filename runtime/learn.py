@@ -29,6 +29,8 @@ Rules
 """
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = ["Learner", "FALLBACK"]
 
 FALLBACK = -1
@@ -39,7 +41,7 @@ def _nothing() -> None:
 
 
 class Learner:
-    def __init__(self, n_units: int, fill=None):
+    def __init__(self, n_units: int, fill: Callable[[], None] | None = None) -> None:
         self.seq: list[int] = list(range(n_units))
         self.n = n_units
         self.g = 0

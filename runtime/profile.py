@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .apply import Runtime
     import torch
-    from .stream import HostEvent
+    from .ring import Ring
+    from .stream import Backend, HostEvent
 
 __all__ = ["StepClock", "Profiler"]
 
@@ -31,7 +32,7 @@ HOST_KEEP = 64         # host times kept (the older half is dropped beyond this)
 
 
 class StepClock(UnitPart):
-    def __init__(self, be, ring, keep: int = 16):
+    def __init__(self, be: Backend, ring: Ring, keep: int = 16) -> None:
         self.ring = ring                                   # its compute stream
         self.events = [(be.event(True), be.event(True)) for _ in range(keep)]
         self.steps = 0                                     # forwards finished
@@ -59,7 +60,8 @@ class StepClock(UnitPart):
 class Profiler(UnitPart):
     """trace: (lane, unit, start event, end event, step) tuples; lane "compute" or "copy:<home device>"."""
 
-    def __init__(self, be, ring, clock, units: list[str], unit_mods: dict, on: bool):
+    def __init__(self, be: Backend, ring: Ring, clock: StepClock, units: list[str], unit_mods: dict,
+                 on: bool) -> None:
         self.be = be
         self.ring = ring
         self.clock = clock

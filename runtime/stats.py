@@ -5,9 +5,13 @@ to have completed), so call it between steps, never inside the model's forward.
 
 It reads the runtime's parts (runtime/apply.py): `clock` and `profiler` (runtime/profile.py), `ring`
 and its learner `learn` (runtime/ring.py, runtime/learn.py), `resident`, `autotune`.
+
+`measured_step` condenses the latest profiled step into what the cost model takes (unit times, link
+rates, the step, its stall, the gap before it); runtime/autotune.py re-predicts the step from it.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -80,6 +84,63 @@ def bytes_per_link(rt: Any) -> dict[str, int]:
     return per_link
 
 
+def stall_seconds(rt: Any, tl: list[dict]) -> float:
+    """Seconds in timeline `tl` (one step) that a streamed unit's compute started after the previous unit
+    finished because its copy was still running."""
+    comp = sorted((e for e in tl if e["lane"] == "compute"), key=lambda e: e["start_ms"])
+    copies: dict[str, list[dict]] = {}
+    for e in tl:
+        if e["lane"].startswith("copy"):
+            copies.setdefault(e["unit"], []).append(e)
+    stall = 0.0
+    prev_end = None
+    for e in comp:
+        if prev_end is not None and e["unit"] in rt.index:
+            cands = [c for c in copies.get(e["unit"], []) if c["end_ms"] <= e["start_ms"] + 1e-3]
+            if cands:
+                c_end = max(c["end_ms"] for c in cands)
+                stall += max(0.0, min(e["start_ms"], c_end) - prev_end)
+        prev_end = e["end_ms"]
+    return stall / 1e3
+
+
+def measured_step(rt: Any) -> dict | None:
+    """The latest profiled step as the cost model takes it, or None when there is none:
+
+        times    unit name -> compute seconds in the step (a unit called twice: both calls)
+        rates    home device -> bytes/s of its link: the bytes one step moves over it / the time its
+                 copies took; inf when the ring holds every item and no copy runs per step
+        step_s   GPU time of the step (root pre to post hook)
+        stall_s  time in it that compute waited for a copy (stall_seconds)
+        gap_s    GPU time between the previous step's end and this step's start (the caller's own work)
+
+    Synchronizes the device (reads events): call it between steps, once."""
+    tl = timeline(rt, steps=1)
+    steps = step_times(rt)
+    if not tl or not steps:
+        return None
+    times: dict[str, float] = {}
+    copy_s: dict[str, float] = {}
+    for e in tl:
+        d = (e["end_ms"] - e["start_ms"]) / 1e3
+        if e["lane"] == "compute":
+            times[e["unit"]] = times.get(e["unit"], 0.0) + d
+        else:
+            copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + d
+    per_link = bytes_per_link(rt)
+    rates = {k: per_link[k] / v for k, v in copy_s.items() if v > 0 and k in per_link}
+    ring = rt.ring
+    if ring.ng and ring.W >= ring.ng:           # every item stays in its slot: nothing moves per step
+        rates.update({k: math.inf for k in per_link if k not in copy_s})
+    gap = 0.0
+    se = rt.clock.step_events()
+    if len(se) >= 2:
+        g = _ms(se[-2][1], se[-1][0])
+        gap = max(0.0, g / 1e3) if g is not None else 0.0
+    return {"times": times, "rates": rates, "step_s": steps[-1], "stall_s": stall_seconds(rt, tl),
+            "gap_s": gap}
+
+
 def summarize(rt: Any, last: int = 5) -> dict:
     """Per-step statistics: bytes per link, copy and stall time, measured vs predicted step time."""
     times = step_times(rt)[-last:] if rt.active else []
@@ -102,8 +163,15 @@ def summarize(rt: Any, last: int = 5) -> dict:
         "fallback_loads": ring.fallback_loads,
         "measured_step_s": statistics.median(times) if times else None,
         "measured_host_s": statistics.median(clock.host_s[-last:]) if clock.host_s else None,
+        "compute": rt.plan.compute,
         "predicted_step_s": pred.get("step_s"),
         "predicted_compute_s": pred.get("compute_s"),
+        # "measured": re-simulated from a profiled step's unit times and link rates (runtime/autotune.py);
+        # else how the plan estimated them ("flops", "bytes-fallback"); estimated_step_s: the plan's own
+        "predicted_basis": pred.get("basis"),
+        "estimated_step_s": pred.get("estimated_step_s", pred.get("step_s") if pred.get("basis") != "measured"
+                                     else None),
+        "measured_gap_s": pred.get("gap_s"),
         "autotune": rt.autotune.result,
     }
     if d["measured_step_s"] and d["predicted_step_s"]:
@@ -111,27 +179,19 @@ def summarize(rt: Any, last: int = 5) -> dict:
     if prof.on and prof.trace:
         tl = timeline(rt, steps=1)
         copy_ms = sum(e["end_ms"] - e["start_ms"] for e in tl if e["lane"].startswith("copy"))
-        comp = sorted((e for e in tl if e["lane"] == "compute"), key=lambda e: e["start_ms"])
-        busy = sum(e["end_ms"] - e["start_ms"] for e in comp)
-        stall = 0.0
-        copies = {}
-        for e in tl:
-            if e["lane"].startswith("copy"):
-                copies.setdefault(e["unit"], []).append(e)
-        # stall: time a streamed unit's compute started after the previous unit finished because its copy
-        # was still running
-        prev_end = None
-        for e in comp:
-            if prev_end is not None and e["unit"] in rt.index:
-                cands = [c for c in copies.get(e["unit"], []) if c["end_ms"] <= e["start_ms"] + 1e-3]
-                if cands:
-                    c_end = max(c["end_ms"] for c in cands)
-                    stall += max(0.0, min(e["start_ms"], c_end) - prev_end)
-            prev_end = e["end_ms"]
+        busy = sum(e["end_ms"] - e["start_ms"] for e in tl if e["lane"] == "compute")
         d["copy_s"] = copy_ms / 1e3
         d["compute_busy_s"] = busy / 1e3
-        d["stall_s"] = stall / 1e3
+        d["stall_s"] = stall_seconds(rt, tl)
     return d
+
+
+def basis_text(basis: str | None) -> str:
+    """What a prediction's unit times are, in words: "from measured unit times" or "estimated (...)"."""
+    if basis == "measured":
+        return "from measured unit times"
+    how = {"flops": "FLOPs at the rated speed", "bytes-fallback": "weight sizes"}.get(basis or "")
+    return f"estimated ({how})" if how else "estimated"
 
 
 def format_stats(d: dict) -> str:
@@ -144,6 +204,7 @@ def format_stats(d: dict) -> str:
     m, p = d.get("measured_step_s"), d.get("predicted_step_s")
     lines.append("  step: measured " + (f"{m * 1e3:.1f} ms" if m else "-") +
                  ", predicted " + (f"{p * 1e3:.1f} ms" if p else "-") +
+                 (f" {basis_text(d.get('predicted_basis'))}" if p else "") +
                  (f" (x{m / p:.2f})" if m and p else ""))
     if "stall_s" in d:
         lines.append(f"  copy {d['copy_s'] * 1e3:.1f} ms, stall {d['stall_s'] * 1e3:.1f} ms per step")
