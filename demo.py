@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,7 @@ from .runtime.api import compile as dt_compile, inventory_for, norm_compute
 
 log = logging.getLogger("distorch.demo")
 
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     # small enough for a 2-core CPU in seconds
     "cpu": dict(dim=256, heads=4, double=4, single=8, in_ch=16, ctx_dim=64, pooled_dim=32,
                 img_tokens=256, txt_tokens=32, dtype=torch.float32),
@@ -46,31 +47,31 @@ CONFIGS = {
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(d))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
 
 
 class Modulation(nn.Module):
-    def __init__(self, d, n):
+    def __init__(self, d: int, n: int) -> None:
         super().__init__()
         self.n = n
         self.lin = nn.Linear(d, n * d)
 
-    def forward(self, vec):
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
 
 
 class MLP(nn.Sequential):
-    def __init__(self, d):
+    def __init__(self, d: int) -> None:
         super().__init__(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
 
 
-def _attn(q, k, v, heads):
+def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, d = q.shape
     q, k, v = (t.view(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v)
@@ -80,7 +81,7 @@ def _attn(q, k, v, heads):
 class DoubleBlock(nn.Module):
     """Image and text streams with their own weights, one joint attention (as in Flux)."""
 
-    def __init__(self, d, heads):
+    def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         for s in ("img", "txt"):
@@ -92,7 +93,7 @@ class DoubleBlock(nn.Module):
             setattr(self, f"{s}_proj", nn.Linear(d, d))
             setattr(self, f"{s}_mlp", MLP(d))
 
-    def forward(self, img, txt, vec):
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         qkv = []
         mods = []
@@ -115,7 +116,7 @@ class DoubleBlock(nn.Module):
 class SingleBlock(nn.Module):
     """Joint sequence, parallel attention + MLP from one input projection (as in Flux)."""
 
-    def __init__(self, d, heads):
+    def __init__(self, d: int, heads: int) -> None:
         super().__init__()
         self.heads, self.d = heads, d
         self.mod = Modulation(d, 3)
@@ -124,7 +125,7 @@ class SingleBlock(nn.Module):
         self.qnorm, self.knorm = RMSNorm(d), RMSNorm(d)
         self.linear2 = nn.Linear(d + 4 * d, d)
 
-    def forward(self, x, vec):
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         sh, sc, g = self.mod(vec)
         h = self.norm(x) * (1 + sc) + sh
         qkv, mlp = self.linear1(h).split([3 * self.d, 4 * self.d], -1)
@@ -141,7 +142,8 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
 
 
 class TinyFlux(nn.Module):
-    def __init__(self, dim, heads, double, single, in_ch, ctx_dim, pooled_dim, **_):
+    def __init__(self, dim: int, heads: int, double: int, single: int, in_ch: int, ctx_dim: int, pooled_dim: int,
+                 **_: object) -> None:
         super().__init__()
         self.img_in = nn.Linear(in_ch, dim)
         self.txt_in = nn.Linear(ctx_dim, dim)
@@ -153,7 +155,7 @@ class TinyFlux(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final = nn.Linear(dim, in_ch)
 
-    def forward(self, x, t, ctx, pooled):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         vec = self.time_in(timestep_embedding(t).to(x.dtype)) + self.vector_in(pooled)
         img, txt = self.img_in(x), self.txt_in(ctx)
         for b in self.double_blocks:
@@ -166,7 +168,7 @@ class TinyFlux(nn.Module):
         return self.final(self.final_norm(img) * (1 + sc) + sh)
 
 
-def _kind(device) -> str:
+def _kind(device: str | torch.device) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 

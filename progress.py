@@ -79,7 +79,7 @@ def format_amount(n: float, unit: str) -> str:
 class TextBar:
     """A one-line bar rewritten in place with '\\r' (for a terminal only); throttled to 4 writes/s."""
 
-    def __init__(self, label: str, total: int, unit: str, stream: Optional[TextIO] = None):
+    def __init__(self, label: str, total: int, unit: str, stream: Optional[TextIO] = None) -> None:
         self.label, self.total, self.unit = label, max(int(total), 1), unit
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
@@ -141,7 +141,7 @@ class Stage:
     """
 
     def __init__(self, label: str, total: int, unit: str = "B", *, enabled: bool = True, min_total: int = 0,
-                 stream: Optional[TextIO] = None):
+                 stream: Optional[TextIO] = None) -> None:
         self.label, self.unit = label, unit
         self.total = max(int(total), 0)
         self.done = 0

@@ -15,6 +15,7 @@ load_on_device(device, fn, *args, **kw)
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import torch
 
@@ -22,6 +23,7 @@ from ..errors import DisTorchError
 from .comfy_api import get_patcher, mm, unload_models
 
 log = logging.getLogger("distorch.comfy.devices")
+# ComfyUI's objects (ModelPatcher, CLIP, VAE, ...) are typed Any: ComfyUI ships no types.
 
 
 def device_list() -> list[str]:
@@ -54,7 +56,7 @@ def default_device() -> str:
     return device_list()[0]
 
 
-def parse_device(dev, what: str = "device") -> torch.device:
+def parse_device(dev: str | torch.device | None, what: str = "device") -> torch.device:
     """`dev` (a node's device input) as a torch.device that exists here; `what` names the input in errors."""
     if isinstance(dev, torch.device):
         d = dev
@@ -73,7 +75,7 @@ def parse_device(dev, what: str = "device") -> torch.device:
     return d
 
 
-def same_device(a, b) -> bool:
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
     """Device equality with DisTorch's names ('cpu:0' is the host computing) folded in."""
     def n(x):
         s = str(x)
@@ -107,7 +109,7 @@ def _retarget(obj, dev: torch.device):
     log.info("DisTorch: %s loads on %s", type(obj).__name__, dev)
 
 
-def load_on_device(device, fn, *args, **kw):
+def load_on_device(device: str | torch.device, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     """Run core loader `fn(*args, **kw)`; its MODEL/CLIP/VAE/CONTROL_NET/CLIP_VISION outputs load on `device`."""
     dev = parse_device(device)
     out = fn(*args, **kw)

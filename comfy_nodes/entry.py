@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
+
+import torch
 
 from ..errors import DisTorchError
 from .comfy_api import WrappersMP, get_patcher, mm, mp, patcher_slot, path, unload_models
 from .devices import parse_device, same_device
 from .patcher import classic_copy, mixed_class, outer_sample_wrapper
-from .state import Config, make_plan, model_state, new_state, target
+from .state import Config, State, make_plan, model_state, new_state, target
 
 log = logging.getLogger("distorch.comfy.entry")
+# ComfyUI's objects (ModelPatcher, CLIP, VAE, ControlNet, CLIPVision) are typed Any: ComfyUI ships no types.
 
 
-def eject(device) -> int:
+def eject(device: str | torch.device) -> int:
     """Unload every model ComfyUI holds on `device`; returns how many."""
     dev = parse_device(device, "compute_device")
     before = [lm for lm in mm.current_loaded_models if same_device(lm.device, dev)]
@@ -78,8 +82,9 @@ def _distorch_patcher(p, sampling: bool):
     return newp
 
 
-def distorch(obj, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cpu", expert="",
-             eject_models=True):
+def distorch(obj: Any, compute_device: str | torch.device = "cuda:0", virtual_vram_gb: float | str = 4.0,
+             donor_device: str | list[str] | tuple[str, ...] | None = "cpu", expert: str | None = "",
+             eject_models: bool = True) -> Any:
     """Hand ComfyUI a version of obj whose model runs under a DisTorch Plan (module docstring)."""
     if obj is None:
         raise DisTorchError("distorch() got no model (the loader returned None)")
@@ -120,7 +125,7 @@ def distorch(obj, compute_device="cuda:0", virtual_vram_gb=4.0, donor_device="cp
     return newp if holder is None else obj
 
 
-def release(obj) -> bool:
+def release(obj: Any) -> bool:
     """Unload obj from ComfyUI now (as its memory manager would): frees homes, slots, donor memory."""
     p = get_patcher(obj)
     if unload_models(lambda lm: lm.model is not None and lm.model.is_clone(p), first_only=True):
@@ -132,6 +137,6 @@ def release(obj) -> bool:
     return False
 
 
-def state_of(obj):
+def state_of(obj: Any) -> State | None:
     """The DisTorch state of obj's model (plan, handle, counters), or None."""
     return model_state(get_patcher(obj).model)

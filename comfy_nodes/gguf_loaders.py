@@ -28,6 +28,10 @@ bytes, gemma norms un-shifted); the LM head and decoder tensors an encoder does 
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any, Iterable
+
+import torch
 
 from ..errors import GGUFLoadError, GGUFNameError
 from ..formats.gguf_loader import load_gguf
@@ -37,12 +41,13 @@ from .comfy_api import comfy, folder_paths
 from .gguf_ops import dtype_option, gguf_operations, gguf_patcher_class
 
 log = logging.getLogger("distorch.comfy.gguf_loaders")
+# ComfyUI's objects (ModelPatcher, CLIP) are typed Any: ComfyUI ships no types.
 
 # kind -> (our folder key, shared with ComfyUI-GGUF; ComfyUI's folder it lists)
 _FOLDERS = {"unet": ("unet_gguf", "diffusion_models"), "clip": ("clip_gguf", "text_encoders")}
 
 
-def gguf_filenames(kind):
+def gguf_filenames(kind: str) -> list[str]:
     """.gguf files of the diffusion-model ('unet') or text-encoder ('clip') folders.
 
     Registers the keys `unet_gguf` / `clip_gguf` (shared with ComfyUI-GGUF, same meaning) on first use."""
@@ -52,11 +57,11 @@ def gguf_filenames(kind):
     return folder_paths.get_filename_list(key)
 
 
-def gguf_clip_filenames():
+def gguf_clip_filenames() -> list[str]:
     return sorted(set(folder_paths.get_filename_list("text_encoders")) | set(gguf_filenames("clip")))
 
 
-def gguf_path(kind, name):
+def gguf_path(kind: str, name: str) -> str:
     gguf_filenames(kind)
     key, target = _FOLDERS[kind]
     path = folder_paths.get_full_path(key, name) or folder_paths.get_full_path(target, name)
@@ -65,7 +70,8 @@ def gguf_path(kind, name):
     return path
 
 
-def load_gguf_unet(path, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
+def load_gguf_unet(path: str | os.PathLike[str], dequant_dtype: str | torch.dtype | None = None,
+                   patch_dtype: str | torch.dtype | None = None, patch_on_device: bool | None = None) -> Any:
     """A .gguf diffusion model -> ComfyUI ModelPatcher, through comfy.sd.load_diffusion_model_state_dict;
     weights stay quantized (dequantized per call)."""
     ops = gguf_operations(dequant_dtype)
@@ -102,7 +108,8 @@ def _clip_state_dict(path):
     return sd
 
 
-def load_gguf_clip(paths, clip_type="stable_diffusion", dequant_dtype=None):
+def load_gguf_clip(paths: Iterable[str | os.PathLike[str]], clip_type: str = "stable_diffusion",
+                   dequant_dtype: str | torch.dtype | None = None) -> Any:
     """Text encoder(s) from .gguf (original key names) and/or .safetensors files -> ComfyUI CLIP; GGUF
     weights stay quantized."""
     ops = gguf_operations(dequant_dtype)

@@ -24,6 +24,7 @@ quantized bytes: runtime/gguf_stream.py); units whose layers carry patches stay 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -35,9 +36,10 @@ from .comfy_api import comfy, mp
 LORA_FLOAT32 = "distorch_lora_float32"      # = patcher.LORA_FLOAT32 (high_precision_loras)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# ComfyUI's objects (patch lists, weight adapters, ModelPatcher classes) are typed Any: ComfyUI ships no types.
 
 
-def dtype_option(value, what: str):
+def dtype_option(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
     """A loader's dtype option ('default' / 'target' / float32 / float16 / bfloat16) -> dtype or None."""
     if value in (None, "", "default", "target"):
         return None
@@ -69,7 +71,7 @@ _OPS = {"Linear": GGUFLinear, "Conv1d": GGUFConv1d, "Conv2d": GGUFConv2d, "Conv3
 _OPS_CACHE: dict = {}
 
 
-def gguf_operations(dequant_dtype=None):
+def gguf_operations(dequant_dtype: str | torch.dtype | None = None) -> type:
     """A comfy.ops-style operations class (over comfy.ops.manual_cast) whose layers keep GGUF weights
     quantized and dequantize them per call (see the module docstring)."""
     dd = dtype_option(dequant_dtype, "dequant_dtype")
@@ -94,7 +96,7 @@ def gguf_operations(dequant_dtype=None):
 # ------------------------------------------------------------------------------------------------
 # weight patches of GGUF weights
 # ------------------------------------------------------------------------------------------------
-def patches_to(obj, device):
+def patches_to(obj: Any, device: str | torch.device) -> Any:
     """A copy of a ComfyUI patch list (tuples / lists / dicts of tensors, weight adapters holding their
     tensors in `.weights`) with every tensor on `device`; anything else is kept as it is."""
     if isinstance(obj, torch.Tensor):
@@ -119,13 +121,14 @@ class GGUFPatch:
     With `device` (the GGUF loaders' patch_on_device), the patch tensors are copied there once instead
     of being cast to the weight's device by every call."""
 
-    def __init__(self, key, patches, patch_dtype=None, device=None):
+    def __init__(self, key: str, patches: dict[str, Any], patch_dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
         self.key = key
         self.patches = patches
         self.patch_dtype = patch_dtype
         self.local = patches_to(patches[key], device) if device is not None else None
 
-    def __call__(self, weight):
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         dt = self.patch_dtype or (weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
                                   else torch.float32)
         p = self.local if self.local is not None else self.patches[self.key]
@@ -136,7 +139,7 @@ class GGUFPatch:
 _PATCHER_CLASSES: dict = {}
 
 
-def gguf_patcher_class(base):
+def gguf_patcher_class(base: type) -> type:
     """`base` (a ComfyUI ModelPatcher class) whose weight patches of GGUF weights are applied per call
     after dequantization instead of being written into the (quantized) weight."""
     cls = _PATCHER_CLASSES.get(base)

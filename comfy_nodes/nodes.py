@@ -5,11 +5,15 @@ packs' wrappers from the installed pack's classes, so their inputs never go stal
 not need ComfyUI-GGUF: without it they stand on the native GGUF base classes below (same input names
 and defaults as ComfyUI-GGUF's); with it they are generated from its classes instead.
 """
+from __future__ import annotations
+
 import logging
+from typing import Any
 
 from . import registry as R
 
 log = logging.getLogger("distorch.comfy.nodes")
+# ComfyUI's objects (MODEL, CLIP, VAE) are typed Any: ComfyUI ships no types.
 
 # name -> core loader (device selector `...MultiGPU` and `...DisTorch2MultiGPU` twins)
 CORE_LOADERS = {
@@ -70,12 +74,12 @@ GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
 # ---------------------------------------------------------------------------------------------
 # Native GGUF base classes (used when ComfyUI-GGUF is not installed)
 # ---------------------------------------------------------------------------------------------
-def gguf_filenames(kind):
+def gguf_filenames(kind: str) -> list[str]:
     """.gguf files of the diffusion-model ('unet') or text-encoder ('clip') model folders."""
     return R.backend().gguf_filenames(kind)
 
 
-def gguf_clip_filenames():
+def gguf_clip_filenames() -> list[str]:
     return R.backend().gguf_clip_filenames()
 
 
@@ -101,7 +105,7 @@ class UnetLoaderGGUFNative:
     TIP = "A .gguf diffusion model from models/unet or models/diffusion_models."
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {"unet_name": (gguf_filenames("unet"), {"tooltip": cls.TIP})}}
 
     RETURN_TYPES = ("MODEL",)
@@ -109,7 +113,8 @@ class UnetLoaderGGUFNative:
     CATEGORY = R.CATEGORY
     TITLE = "Unet Loader (GGUF)"
 
-    def load_unet(self, unet_name, dequant_dtype=None, patch_dtype=None, patch_on_device=None):
+    def load_unet(self, unet_name: str, dequant_dtype: str | None = None, patch_dtype: str | None = None,
+                  patch_on_device: bool | None = None) -> tuple[Any]:
         load = _backend_gguf("load_gguf_unet")
         return (load(_gguf_path("unet", unet_name), dequant_dtype=dequant_dtype, patch_dtype=patch_dtype,
                      patch_on_device=patch_on_device),)
@@ -117,7 +122,7 @@ class UnetLoaderGGUFNative:
 
 class UnetLoaderGGUFAdvancedNative(UnetLoaderGGUFNative):
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         inputs = super().INPUT_TYPES()
         inputs["required"].update({
             "dequant_dtype": (GGUF_DTYPES, {"default": "default",
@@ -137,7 +142,7 @@ class CLIPLoaderGGUFNative:
     TIP = "A text encoder (.gguf or .safetensors) from models/text_encoders or models/clip."
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         files = gguf_clip_filenames()
         names = ["clip_name"] if cls.N == 1 else [f"clip_name{i + 1}" for i in range(cls.N)]
         req = {n: (files, {"tooltip": cls.TIP}) for n in names}
@@ -150,7 +155,7 @@ class CLIPLoaderGGUFNative:
     CATEGORY = R.CATEGORY
     TITLE = "CLIPLoader (GGUF)"
 
-    def load_clip(self, type="stable_diffusion", **names):
+    def load_clip(self, type: str = "stable_diffusion", **names: str) -> tuple[Any]:
         paths = [_gguf_path("clip", names[k]) for k in sorted(names)]
         return (_backend_gguf("load_gguf_clip")(paths, type),)
 
@@ -162,7 +167,7 @@ class DualCLIPLoaderGGUFNative(CLIPLoaderGGUFNative):
 class TripleCLIPLoaderGGUFNative(CLIPLoaderGGUFNative):
     N, TYPE_FROM, TITLE = 3, None, "TripleCLIPLoader (GGUF)"
 
-    def load_clip(self, type="sd3", **names):
+    def load_clip(self, type: str = "sd3", **names: str) -> tuple[Any]:
         return super().load_clip(type=type, **names)
 
 
@@ -201,7 +206,7 @@ def _load_checkpoint(ckpt_name, unet_device, clip_device, vae_device):
 
 class CheckpointLoaderAdvancedMultiGPU:
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "ckpt_name": _ckpt_spec(),
             "unet_device": R.device_input("Device for the diffusion model."),
@@ -215,13 +220,14 @@ class CheckpointLoaderAdvancedMultiGPU:
     TITLE = "Checkpoint Loader Advanced (MultiGPU)"
     DESCRIPTION = "Loads a checkpoint with the diffusion model, text encoder and VAE each on its own device."
 
-    def load_checkpoint(self, ckpt_name, unet_device, clip_device, vae_device):
+    def load_checkpoint(self, ckpt_name: str, unet_device: str, clip_device: str,
+                        vae_device: str) -> tuple[Any, Any, Any]:
         return tuple(_load_checkpoint(ckpt_name, unet_device, clip_device, vae_device))
 
 
 class CheckpointLoaderAdvancedDisTorch2MultiGPU:
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
                 "ckpt_name": _ckpt_spec(),
@@ -250,10 +256,11 @@ class CheckpointLoaderAdvancedDisTorch2MultiGPU:
     TITLE = "Checkpoint Loader Advanced (DisTorch2)"
     DESCRIPTION = "Loads a checkpoint; DisTorch places the diffusion model and the text encoder each by its own budget."
 
-    def load_checkpoint(self, ckpt_name, unet_compute_device, unet_virtual_vram_gb, unet_donor_device,
-                        clip_compute_device, clip_virtual_vram_gb, clip_donor_device, vae_device,
-                        unet_expert_mode_allocations="", clip_expert_mode_allocations="",
-                        high_precision_loras=True, eject_models=True):
+    def load_checkpoint(self, ckpt_name: str, unet_compute_device: str, unet_virtual_vram_gb: float,
+                        unet_donor_device: str, clip_compute_device: str, clip_virtual_vram_gb: float,
+                        clip_donor_device: str, vae_device: str, unet_expert_mode_allocations: str = "",
+                        clip_expert_mode_allocations: str = "", high_precision_loras: bool = True,
+                        eject_models: bool = True) -> tuple[Any, Any, Any]:
         be = R.backend()
         model, clip, vae = _load_checkpoint(ckpt_name, unet_compute_device, clip_compute_device, vae_device)
         model = be.distorch(model, unet_compute_device, float(unet_virtual_vram_gb), unet_donor_device,
@@ -270,7 +277,7 @@ class CheckpointLoaderAdvancedDisTorch2MultiGPU:
 
 class DeviceSelectorMultiGPU:
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {"device": R.device_input("The device this node outputs.")}}
 
     RETURN_TYPES = (["cpu"],)  # set in build(): the device list, so it connects to every device input
@@ -280,7 +287,7 @@ class DeviceSelectorMultiGPU:
     TITLE = "Device Selector (MultiGPU)"
     DESCRIPTION = "Outputs a device name for any device input of the MultiGPU / DisTorch2 nodes."
 
-    def select_device(self, device):
+    def select_device(self, device: str) -> tuple[str]:
         return (device,)
 
 
@@ -300,10 +307,10 @@ def _gguf_family(base_for, out):
         out[f"{stem}DisTorchMultiGPU"] = R.legacy_distorch_wrapper(f"{stem}DisTorchMultiGPU", base, label)
 
 
-def build():
+def build() -> dict[str, type]:
     """NODE_CLASS_MAPPINGS of everything that can be built now."""
     be = R.backend()
-    out = {}
+    out: dict[str, type] = {}
     for stem, core_name in CORE_LOADERS.items():
         base = be.core_node_class(core_name)
         if base is None:
@@ -323,10 +330,10 @@ def build():
     return out
 
 
-def build_late():
+def build_late() -> dict[str, type]:
     """Nodes generated from other packs' classes: call again once every pack has loaded."""
     be = R.backend()
-    out = {}
+    out: dict[str, type] = {}
     _gguf_family(lambda stem: be.core_node_class(GGUF_LOADERS[stem]) or NATIVE_GGUF[stem], out)
     for pack, names in PACK_WRAPPERS.items():
         for ours, theirs in names.items():
@@ -336,5 +343,5 @@ def build_late():
     return out
 
 
-def display_names(mapping):
+def display_names(mapping: dict[str, type]) -> dict[str, str]:
     return {name: getattr(cls, "TITLE", name) for name, cls in mapping.items()}

@@ -67,7 +67,7 @@ _DEV_RE = re.compile(r"([a-z][a-z0-9_]*)(?::([0-9]+))?", re.ASCII)
 _SIZE_HELP = "b, KiB/MiB/GiB/TiB (binary; k/m/g/t too) or KB/MB/GB/TB (decimal), e.g. 24GiB or 512MiB"
 
 
-def show(text, limit: int = 60) -> str:
+def show(text: object, limit: int = 60) -> str:
     """repr() of a user's value for an error message, cut to `limit` characters."""
     s = str(text)
     if len(s) > limit:

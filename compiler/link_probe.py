@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import logging
 import statistics
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from .. import progress as _stages
+
+if TYPE_CHECKING:
+    from .inventory import Inventory
 
 log = logging.getLogger("distorch.compiler.inventory")   # the probe's logger
 
@@ -59,7 +64,7 @@ def _time_gemm(torch, dev: str, n: int = GEMM_N, reps: int = 5) -> float:
     return 2.0 * n ** 3 / statistics.median(times)
 
 
-def measure(torch, inv, n: int, copy_mib: int, progress: bool) -> None:
+def measure(torch: ModuleType, inv: Inventory, n: int, copy_mib: int, progress: bool) -> None:
     """Measure the links and compute rates of the `n` CUDA devices into `inv` (an Inventory), then refresh
     their free memory (after the probe's buffers are gone)."""
     nbytes = copy_mib << 20
@@ -69,8 +74,8 @@ def measure(torch, inv, n: int, copy_mib: int, progress: bool) -> None:
         measure_into(torch, inv, n, copy_mib, progress, nbytes, peers, st)
 
 
-def measure_into(torch, inv, n: int, copy_mib: int, progress: bool, nbytes: int, peers: list,
-                  st) -> None:
+def measure_into(torch: ModuleType, inv: Inventory, n: int, copy_mib: int, progress: bool, nbytes: int,
+                 peers: list[tuple[int, int]], st: _stages.Stage) -> None:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     bufs = {}
     for i in range(n):

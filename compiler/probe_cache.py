@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Container
 
 from ..errors import InventoryError
 from .device_spec import MAX_LINK_BPS, MAX_RATE_FLOPS, MIN_LINK_BPS, MIN_RATE_FLOPS, normalize_device, show
@@ -25,7 +26,7 @@ def cache_path() -> str:
 MAX_CACHE_BYTES = 1 << 20   # the cache holds a few numbers per machine; a larger file is not ours
 
 
-def check_entry(entry, devices=None) -> str | None:
+def check_entry(entry: object, devices: Container[str] | None = None) -> str | None:
     """None when `entry` (one machine's cached measurements) is usable, else why not.  `devices`: the
     devices of this machine, which every key must name (None: only the syntax is checked)."""
     if not isinstance(entry, dict) or not entry:
@@ -54,7 +55,7 @@ def check_entry(entry, devices=None) -> str | None:
     return None
 
 
-def read_cache(path: str, key: str, devices) -> tuple[dict, dict | None, bool]:
+def read_cache(path: str, key: str, devices: Container[str]) -> tuple[dict, dict | None, bool]:
     """The probe cache at `path`: (its valid entries, this machine's entry or None, whether anything was
     dropped).  Anything unusable is ignored with ONE warning; it never raises."""
     try:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Iterable
 
 from ..compiler.cost import simulate, unit_compute_s
 from ..compiler.graph import ModuleGraph, Unit
+from ..compiler.inventory import Inventory
 from ..compiler.plan import GiB
 from ..compiler.ring_layout import ALIGN, DEFAULT_SLOTS, MAX_SLOTS, align
 from ..errors import PartitionError
@@ -39,7 +41,7 @@ class Footprint:
     """The compute device's share of a placement: resident weights, slots, dequant scratch, transient
     dequantized copies, runtime buffers.  `fixed` = all of it but the slots; total(k) with k slots."""
 
-    def __init__(self, graph: ModuleGraph, offloaded, compute: str, facts: dict):
+    def __init__(self, graph: ModuleGraph, offloaded: Iterable[str], compute: str, facts: dict) -> None:
         off = set(offloaded)
         self.resident = sum(u.bytes for u in graph.units if u.name not in off)
         self.largest = max((graph[n].bytes for n in off), default=0)
@@ -115,7 +117,8 @@ def _default_window(graph, homes, compute, inventory, max_slots: int) -> int:
     return need * slot
 
 
-def window_within(graph, homes, compute, inventory, fp: Footprint, limit: int, window_bytes) -> int:
+def window_within(graph: ModuleGraph, homes: dict[str, str], compute: str, inventory: Inventory, fp: Footprint,
+                  limit: int, window_bytes: int | None) -> int:
     """The window for a placement within `limit` bytes on the compute device: the given one (checked),
     else _default_window with as many slots as the room holds."""
     if not homes:
@@ -134,8 +137,10 @@ def window_within(graph, homes, compute, inventory, fp: Footprint, limit: int, w
     return _default_window(graph, homes, compute, inventory, room)
 
 
-def place_budget(graph, inventory, compute, order, mode, offload, budget, donors_caps, facts, free,
-                  window_bytes, clamp):
+def place_budget(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], mode: str, offload: int,
+                 budget: int | None, donors_caps: list[tuple[str, int]], facts: dict, free: int,
+                 window_bytes: int | None, clamp: bool
+                 ) -> tuple[dict[str, str], int, Footprint, int | None, str | None]:
     """Offload/max-vram placement: the shortest prefix of `order` holding >= `offload` bytes whose
     footprint with one slot (or the given window) fits `budget`; then up to MORE_OFFLOAD_TRIES longer
     prefixes, each with its best window within the budget; the fastest simulated step wins (ties: the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from decimal import Decimal, ROUND_CEILING
 
+from ..compiler.graph import ModuleGraph
 from ..compiler.inventory import Inventory
 from ..errors import AllocationError, PartitionError
 from .allocation import budgets as alloc_budgets, parse_allocation
@@ -25,7 +26,8 @@ def _expert_donors(entries, bud: dict[str, int], inventory: Inventory, compute: 
     return [(d, bud[d]) for d in sort_donors(devs, inventory, compute)]
 
 
-def place_expert(graph, inventory, compute, order, expert: str):
+def place_expert(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str],
+                 expert: str) -> tuple[dict[str, str], dict[str, int]]:
     entries = parse_allocation(expert, inventory.names())
     if not entries:
         raise AllocationError("empty expert string")
@@ -65,7 +67,8 @@ def _fraction_string(graph, homes, inventory, compute, decimals: int) -> str:
     return ";".join(parts)
 
 
-def expert_string_for(graph, homes, inventory, compute, order) -> tuple[str, bool]:
+def expert_string_for(graph: ModuleGraph, homes: dict[str, str], inventory: Inventory, compute: str,
+                      order: list[str]) -> tuple[str, bool]:
     """The fraction-form string for a placement: 4 decimals, more when 4 do not reproduce it exactly.
     Returns (string, exact)."""
     s = ""

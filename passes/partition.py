@@ -21,6 +21,7 @@ compute device and the budget placement passes/budget.py; the expert string pass
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 from ..compiler.cost import simulate
 from ..compiler.graph import ModuleGraph
@@ -61,9 +62,10 @@ VRAM_GB_GONE = ("vram_gb= is gone (it did not bound what the model holds on the 
                 "max_vram_gb= (GiB the compiled model may hold ON it: resident weights + slots + scratch)")
 
 
-def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload_gb=None, max_vram_gb=None,
-              donors=None, expert: str | None = None, window_bytes: int | None = None, clamp: bool = False,
-              vram_gb=_UNSET) -> Plan:
+def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload_gb: float | None = None,
+              max_vram_gb: float | None = None, donors: Iterable[str] | str | None = None,
+              expert: str | None = None, window_bytes: int | None = None, clamp: bool = False,
+              vram_gb: object = _UNSET) -> Plan:
     """Place every unit of `graph` (see module docstring).  Pure function: raises before building anything
     on bad input (DisTorchError subclasses naming the bad value).
 

@@ -83,9 +83,9 @@ class Runtime:
 
     units[i] is streamed unit i in every per-unit list of the parts; index maps a name back."""
 
-    def __init__(self, module: torch.nn.Module, plan: Plan, graph=None, *, window_units: int | None = None,
-                 profile: bool = False, homes: dict | None = None, progress: bool = True,
-                 unit_dequant: bool | None = None, autotune: bool | None = None):
+    def __init__(self, module: torch.nn.Module, plan: Plan, graph: ModuleGraph | None = None, *,
+                 window_units: int | None = None, profile: bool = False, homes: dict | None = None,
+                 progress: bool = True, unit_dequant: bool | None = None, autotune: bool | None = None) -> None:
         if not isinstance(module, torch.nn.Module):
             raise DisTorchError(f"apply() needs a torch.nn.Module, got {type(module).__name__}")
         if getattr(module, "_distorch_runtime", None) is not None:

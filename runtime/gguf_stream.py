@@ -55,7 +55,7 @@ class RawBinder:
     parameter's quantized bytes (`param.raw = view`), so the hot path needs no type test."""
     __slots__ = ("param",)
 
-    def __init__(self, param):
+    def __init__(self, param: torch.Tensor) -> None:
         self.param = param
 
     @property
@@ -141,7 +141,7 @@ class UnitDequant:
 
     __slots__ = ("layout", "runs", "params", "nbytes", "slot_raw", "slot_raw0")
 
-    def __init__(self, binders, entries):
+    def __init__(self, binders: list[torch.Tensor | RawBinder], entries: list) -> None:
         runs = []              # [qtype, byte start, byte end, dtype, [(param, numel, shape)]]
         for b, e in zip(binders, entries):
             p = param_of(b)
@@ -233,7 +233,7 @@ def gguf_sites(module: nn.Module, unit_names: Iterable[str]) -> dict:
 class Dequantized:
     """Record of the parameters apply() replaced by dense copies (restored by `restore`)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sites: list[tuple] = []       # (module, name, original GGUF parameter)
         self.units: list[str] = []
         self.dense_bytes = 0

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .apply import Runtime
+    from .ring import Ring
+    from .slot_dequant import SlotDequant
 
 __all__ = ["SavedWeights"]
 
@@ -32,7 +34,7 @@ class SavedWeights(UnitPart):
     """The part (runtime/hooks.py); composed after the ring and the dequantizer, so its pre runs once the
     unit's weights are bound and its post before the slot is handed on."""
 
-    def __init__(self, ring, dequant):
+    def __init__(self, ring: Ring, dequant: SlotDequant) -> None:
         self.ring = ring
         self.dequant = dequant
         self.ctx = None

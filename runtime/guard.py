@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .apply import Runtime
+    from .ring import Ring
+    from .store import HomeStore
 
 __all__ = ["StateGuard", "StateError"]
 
@@ -45,7 +47,7 @@ class StateError(DisTorchError):
 
 
 class StateGuard(UnitPart):
-    def __init__(self, module: torch.nn.Module, store, ring, *, host: bool):
+    def __init__(self, module: torch.nn.Module, store: HomeStore, ring: Ring, *, host: bool) -> None:
         self.store = store
         self.ring = ring
         self.host = host            # compute on the host: streamed parameters rest on their homes

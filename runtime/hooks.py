@@ -101,7 +101,7 @@ class Chains:
 
     The per-unit lists are updated in place by `compose`, so torch hooks made once by `hook` follow."""
 
-    def __init__(self, n_units: int, names: list[str] | None = None):
+    def __init__(self, n_units: int, names: list[str] | None = None) -> None:
         self.names = list(names) if names is not None else [str(i) for i in range(n_units)]
         self.running = -1          # the streamed unit between its pre and post hooks, or -1
         self.refused = 0           # refused (re-entered) calls whose post hooks are still to come

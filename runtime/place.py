@@ -22,6 +22,7 @@ from .store import is_host, parse_device
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import Any
     from .apply import Runtime
 
 __all__ = ["Classified", "classify", "Resident"]
@@ -30,7 +31,7 @@ __all__ = ["Classified", "classify", "Resident"]
 class Classified:
     """How apply() sees a module under a plan (also used by runtime.loading)."""
 
-    def __init__(self, **kw):
+    def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
 
 
@@ -116,7 +117,7 @@ class Resident(UnitPart):
     `place` then moves every resident parameter and buffer to the compute device; `nbytes` is what they
     take there.  detach() puts the GGUF parameters back (moved to the undo device)."""
 
-    def __init__(self, module: torch.nn.Module, plan: Plan):
+    def __init__(self, module: torch.nn.Module, plan: Plan) -> None:
         self.dequantized = _gs.dequantize_units(module, plan, plan.compute)
         self.nbytes = 0
 

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .apply import Runtime
+    from .slot_dequant import SlotDequant
+    from .stream import Backend
 
 __all__ = ["Ring", "pack_items"]
 
@@ -93,7 +95,8 @@ class Ring(UnitPart):
 
     STREAMED, FALLBACK = 1, 2      # cur_mode of the unit running now (0: none)
 
-    def __init__(self, be, homes: list, params: list, plan_pos: list, slots: int, dequant=None):
+    def __init__(self, be: Backend, homes: list, params: list, plan_pos: list, slots: int,
+                 dequant: SlotDequant | None = None) -> None:
         self.be = be
         self.homes = homes                       # Home of unit i (runtime/store.py)
         self.names = [h.unit for h in homes]

@@ -29,7 +29,7 @@ __all__ = ["SlotDequant"]
 class SlotDequant(UnitPart):
     """UD[i]: unit i's UnitDequant, or None (no quantized GGUF tensor, or `on` false)."""
 
-    def __init__(self, params: list, homes: list, device, on: bool):
+    def __init__(self, params: list, homes: list, device: str | torch.device, on: bool) -> None:
         self.UD = [_gs.unit_dequant(P, h.layout.entries) if on else None for P, h in zip(params, homes)]
         self.nbytes = max((ud.nbytes for ud in self.UD if ud is not None), default=0)
         self.scratch = alloc_flat(self.nbytes, device, pin=False) if self.nbytes else None

@@ -22,7 +22,7 @@ class HostEvent:
     """Same methods as torch.cuda.Event; time is the host clock at record()."""
     __slots__ = ("t",)
 
-    def __init__(self, enable_timing: bool = False):
+    def __init__(self, enable_timing: bool = False) -> None:
         self.t = None
 
     def record(self, stream: torch.cuda.Stream | HostStream | None = None) -> None:
@@ -82,7 +82,7 @@ class Link:
     peer access is enabled through torch first), "srcstream" keeps torch's copy_ but on a dedicated
     stream of the source device, "torch" is torch's copy_ as is.  DISTORCH_PEER_COPY picks one."""
 
-    def __init__(self, src: str, compute, cuda: bool):
+    def __init__(self, src: str, compute: str | torch.device, cuda: bool) -> None:
         self.src = src
         self.cuda = cuda
         self.bytes_per_step = 0
@@ -138,7 +138,7 @@ class Link:
 class Backend:
     """Factory for the compute stream, events and links of one compute device."""
 
-    def __init__(self, compute):
+    def __init__(self, compute: str | torch.device) -> None:
         self.device = parse_device(compute)
         self.cuda = self.device.type == "cuda"
         if self.cuda and not torch.cuda.is_available():

@@ -131,6 +131,6 @@ def test_loggers_are_fixed_distorch_names():
         if rel.parts[0] in ("tests", "bench") or rel.parts[0].startswith("."):
             continue
         for m in re.finditer(r"getLogger\(([^)]*)\)", f.read_text()):
-            if m.group(1) and not re.fullmatch(r'"distorch(\.[a-z_.]+)?"', m.group(1)):  # () = root (demo main)
+            if m.group(1) and not re.fullmatch(r'"distorch(\.[a-z0-9_.]+)?"', m.group(1)):  # () = root (demo main)
                 bad.append(f"{rel}: getLogger({m.group(1)})")
     assert not bad, bad
