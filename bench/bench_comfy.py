@@ -1,42 +1,56 @@
-"""DisTorch2 inside a real ComfyUI: s/it against GB offloaded, beside ComfyUI's own loading.
+"""DisTorch2 inside a real ComfyUI: seconds per step against measured peak VRAM, beside ComfyUI's own loading.
 
-Runs ComfyUI (0.3.75, in-process, the way main.py imports it) with a full-size random-weight
-Flux-dev model (ComfyUI's own Flux class, bf16, 57 blocks, 23.8 GB), saved as a .safetensors file
-and loaded through ComfyUI's UNETLoader.  Then, at 1024x1024:
+Runs ComfyUI (0.3.75, in-process, the way main.py imports it, every node call under torch.inference_mode()
+as ComfyUI's executor runs them) with a full-size random-weight Flux-dev model (ComfyUI's own Flux class,
+bf16, 19 double + 38 single blocks, 22.17 GiB) written as a .safetensors file and loaded through ComfyUI's
+UNETLoader (once: every resolution and every row uses that one model).  Rows, at each --res:
 
-  * plain       -- the model as the UNETLoader returns it (resident on the GPU)
-  * comfy-N     -- ComfyUI's own partial loading with about N GB left off the GPU (a filler
-                   allocation makes its memory manager offload; the real amount is reported)
-  * distorch-X  -- the same model through comfy_nodes.entry.distorch() (what UNETLoaderDisTorch2MultiGPU does)
-                   with virtual_vram_gb = X, donor cpu
+  * plain         the model as UNETLoader returns it (resident on the GPU)
+  * ComfyUI-N     ComfyUI's own partial loading with about N GiB of the model left off the GPU (a filler
+                  allocation makes its memory manager offload; the real amount is reported, and the filler
+                  is subtracted from the peak)
+  * DisTorch2-X   the same model through comfy_nodes.entry.distorch() (what UNETLoaderDisTorch2MultiGPU
+                  does) with virtual_vram_gb = X, donor cpu; compiled once per X, every --res sampled on it
 
-Each row: median seconds per step over the timed steps (first step excluded: it loads), the floor
-max(resident step, streamed bytes / pinned host->GPU bandwidth), the Plan's prediction, peak VRAM.
+Each row: s/it (median step after the first, a synchronize in the step callback), measured peak VRAM
+(torch.cuda.max_memory_allocated during sampling), the plan's predicted footprint and step (and the
+runtime's own prediction and measured step after sampling), the VRAM-true floor
+    max(resident s/it, (model bytes - (peak - activations)) / pinned bandwidth),  activations = plain peak - model
+and the latent compared bit for bit with the plain row's.  Each ComfyUI point is also set against our s/it at
+the same peak VRAM (linear interpolation on our curve).  Results (md + json, written after every row, so a
+crash or a timeout keeps the rows done) and a chart (s/it against peak VRAM, one panel per resolution).
 
-    python bench/bench_comfy.py                       # the GPU run (writes bench/results/comfy_<gpu>.md)
-    python bench/bench_comfy.py --device cpu --double 1 --single 1 --res 64 --ctx 16 --vram 0,0.3 \
-        --native 0 --steps 3 --out /tmp/smoke.md      # a smoke run of the same code on CPU
+    python bench/bench_comfy.py --deadline 270          # the GPU run: bench/results/comfy_vram_<gpu>.md/.json/.png
+    python bench/bench_comfy.py --tiny                  # smoke run of the same code on CPU (tiny Flux, ~20 s)
+    python bench/bench_comfy.py --plot X.json X.png     # the chart again from a results JSON
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import math
 import os
+import re
 import statistics
+import struct
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1 << 30
+T0 = time.perf_counter()
+NAME = "bench_comfy"
 
 
 def say(*a):
-    print("[bench_comfy %6.1fs]" % (time.perf_counter() - T0), *a, file=sys.stderr, flush=True)
+    print("[%s %6.1fs]" % (NAME, time.perf_counter() - T0), *a, file=sys.stderr, flush=True)
 
 
-T0 = time.perf_counter()
-
-
+# ------------------------------------------------------------------------------------------------------
+# ComfyUI and distorch, imported the way ComfyUI runs
+# ------------------------------------------------------------------------------------------------------
 def boot(comfy_dir: str, cpu: bool):
     """ComfyUI's import order (main.py): options, cli args, cuda_malloc before torch, extra_config, nodes."""
     sys.path.insert(0, comfy_dir)
@@ -52,42 +66,11 @@ def boot(comfy_dir: str, cpu: bool):
         import cuda_malloc  # noqa: F401  (sets the allocator backend before torch initialises CUDA)
     import utils.extra_config  # noqa: F401
     import comfy.model_management as mm
+    import comfy.utils
     import nodes
     import folder_paths
+    comfy.utils.PROGRESS_BAR_ENABLED = False
     return mm, nodes, folder_paths
-
-
-def flux_params(double: int, single: int) -> dict:
-    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-                mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56],
-                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
-
-
-def flux_state_dict(double: int, single: int, dev) -> dict:
-    """Random bf16 Flux-dev-shaped weights with ComfyUI's own key names (its Flux class), on `dev`."""
-    import torch
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-    with torch.device("meta"):
-        m = Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init,
-                 **flux_params(double, single))
-    m = m.to_empty(device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for v in m.state_dict().values():
-            v.normal_(0.0, 0.02, generator=g) if v.dtype.is_floating_point else v.zero_()
-    return dict(m.state_dict())
-
-
-def make_flux_file(path: str, double: int, single: int, dev):
-    """flux_state_dict(...) saved to `path` (a .safetensors file)."""
-    import safetensors.torch
-    sd = {k: v.to("cpu") for k, v in flux_state_dict(double, single, dev).items()}
-    nbytes = sum(v.numel() * v.element_size() for v in sd.values())
-    safetensors.torch.save_file(sd, path)
-    del sd
-    gc.collect()
-    return nbytes
 
 
 def import_distorch():
@@ -106,9 +89,204 @@ def import_distorch():
     return comfy_nodes
 
 
-def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool) -> dict:
-    """ComfyUI's sampler (euler, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it = median
-    step after the first (which includes loading), peak VRAM, the latent."""
+def card_tag(name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA GeForce RTX 4090' -> 'rtx4090', 'cpu' -> 'cpu'."""
+    m = re.search(r"\b([ABHLV]\d{2,3}|GH\d{3}|GB\d{3}|B\d{3})\b", name)
+    if m:
+        return m.group(1).lower()
+    m = re.search(r"RTX\s*(\w+)", name)
+    if m:
+        return "rtx" + m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "gpu"
+
+
+def out_path(out: str | None, default_name: str) -> str:
+    """Where a result goes: `out` (default bench/results/<default_name>), under $OUT when that is set."""
+    out = out or os.path.join(REPO, "bench", "results", default_name)
+    if os.environ.get("OUT"):
+        out = os.path.join(os.environ["OUT"], os.path.basename(out))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    return out
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model files: a streaming safetensors writer (one tensor in host memory at a time)
+# ------------------------------------------------------------------------------------------------------
+def _st_dtype(dt) -> tuple[str, int]:
+    import torch
+    table = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2),
+             torch.float8_e4m3fn: ("F8_E4M3", 1), torch.float8_e5m2: ("F8_E5M2", 1), torch.int64: ("I64", 8),
+             torch.int32: ("I32", 4), torch.uint8: ("U8", 1), torch.bool: ("BOOL", 1)}
+    if dt not in table:
+        raise ValueError(f"dtype {dt} has no safetensors name here; use one of {sorted(str(k) for k in table)}")
+    return table[dt]
+
+
+def write_safetensors(path: str, specs: list, make, metadata: dict | None = None) -> int:
+    """Write a .safetensors file tensor by tensor: specs = [(name, shape, dtype)], make(name, shape, dtype)
+    returns that tensor (any device).  Written to path + '.part', renamed when complete.  Returns bytes of data."""
+    header, off = {}, 0
+    for name, shape, dt in specs:
+        code, size = _st_dtype(dt)
+        n = math.prod(shape) * size
+        header[name] = {"dtype": code, "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+        off += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path + ".part"
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(hb)))
+        fh.write(hb)
+        for name, shape, dt in specs:
+            t = make(name, shape, dt)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                raise ValueError(f"{name}: made {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dt}")
+            b = t.detach().contiguous().reshape(-1).to("cpu").view(__import__("torch").uint8).numpy()
+            fh.write(memoryview(b))
+            del t, b
+    os.replace(tmp, path)
+    return off
+
+
+def flux_params(double: int, single: int) -> dict:
+    """Flux-dev's config (ComfyUI's detection fixes hidden 3072 / 24 heads / axes 16,56,56 for Flux files)."""
+    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def flux_specs(double: int, single: int) -> list:
+    """[(key, shape, dtype)] of ComfyUI's Flux class in bf16 (built on the meta device)."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    with torch.device("meta"):
+        m = Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init,
+                 **flux_params(double, single))
+    return [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()]
+
+
+def make_flux_file(path: str, double: int, single: int, dev) -> int:
+    """Random bf16 Flux-dev-shaped weights (N(0, 0.02), generated on `dev`) with ComfyUI's key names."""
+    import torch
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def make(name, shape, dt):
+        t = torch.empty(shape, dtype=dt, device=dev)
+        return t.normal_(0.0, 0.02, generator=g) if dt.is_floating_point else t.zero_()
+    with torch.no_grad():
+        return write_safetensors(path, flux_specs(double, single), make)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------------
+def bit_equal(a, b) -> bool:
+    """Same shape, dtype and bits (NaNs compare by their bits, unlike torch.equal)."""
+    import torch
+    if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().contiguous().cpu(), b.detach().contiguous().cpu()
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class Guard:
+    """A time budget for a phase: deadline_s from the start of the process (0: none)."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline = deadline_s
+
+    def left(self) -> float:
+        return math.inf if not self.deadline else self.deadline - (time.perf_counter() - T0)
+
+    def allow(self, est_s: float, what: str, skipped: list) -> bool:
+        if self.left() >= est_s:
+            return True
+        skipped.append(what)
+        say(f"time guard: skipping {what} (needs ~{est_s:.0f}s, {self.left():.0f}s left)")
+        return False
+
+
+class RssSampler(threading.Thread):
+    """Host memory of this process every `period` s from /proc/self/status (VmRSS, RssAnon, RssFile,
+    RssShmem), the machine's used memory (MemTotal - MemAvailable), what distorch and ComfyUI have pinned.
+    `mark()` starts a new window; `peak()` is the sample with the largest VmRSS since the mark and the
+    largest value of each field."""
+    FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+    def __init__(self, period: float = 0.05, mm=None):
+        super().__init__(daemon=True)
+        self.period, self.mm = period, mm
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._win = None
+        self._pinning = None
+        try:
+            from distorch.runtime import pinning
+            self._pinning = pinning
+        except ImportError:
+            pass
+        self.mark()
+
+    def read(self) -> dict:
+        d = {}
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    k, _, v = line.partition(":")
+                    if k in self.FIELDS:
+                        d[k] = int(v.split()[0]) * 1024
+            with open("/proc/meminfo") as fh:
+                mi = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split(":")[0] in
+                      ("MemTotal", "MemAvailable")}
+            d["sys_used"] = mi["MemTotal"] - mi["MemAvailable"]
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+        d["distorch_pinned"] = self._pinning.pinned_bytes() if self._pinning is not None else 0
+        d["comfy_pinned"] = int(getattr(self.mm, "TOTAL_PINNED_MEMORY", 0) or 0) if self.mm is not None else 0
+        return d
+
+    def mark(self) -> dict:
+        d = self.read()
+        with self._lock:
+            self._win = {"at_peak": dict(d), "max": dict(d), "n": 1}
+        return d
+
+    def sample(self) -> None:
+        d = self.read()
+        with self._lock:
+            w = self._win
+            w["n"] += 1
+            if d.get("VmRSS", 0) > w["at_peak"].get("VmRSS", 0):
+                w["at_peak"] = dict(d)
+            for k, v in d.items():
+                w["max"][k] = max(w["max"].get(k, 0), v)
+
+    def peak(self) -> dict:
+        self.sample()
+        with self._lock:
+            return {"at_peak": dict(self._win["at_peak"]), "max": dict(self._win["max"]), "samples": self._win["n"]}
+
+    def run(self):
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def stop(self):
+        self._stop.set()
+
+
+def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0) -> dict:
+    """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it =
+    median step after the first (which includes loading), peak VRAM minus `filler_bytes`, the latent."""
     import torch
     import comfy.sample
     times = []
@@ -119,6 +297,7 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool) -> dic
         times.append(time.perf_counter())
 
     if not cpu:
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     lat = comfy.sample.fix_empty_latent_channels(m, latent)
     noise = comfy.sample.prepare_noise(lat, 42)
@@ -127,63 +306,237 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool) -> dic
                               callback=cb, disable_pbar=True, seed=42)
     first = times[0] - t0
     dts = [b - a_ for a_, b in zip(times, times[1:])]
-    sit = statistics.median(dts)
-    try:
-        peak = torch.cuda.max_memory_allocated(dev) if not cpu else 0
-    except Exception:
-        peak = 0
+    sit = statistics.median(dts) if dts else first
+    peak = 0
+    if not cpu:
+        peak = max(0, torch.cuda.max_memory_allocated(dev) - filler_bytes)
     finite = bool(torch.isfinite(out).all())
     say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load {first:.1f}s, "
-        f"peak {peak / GiB:.1f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
-    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "out": out}
+        f"peak {peak / GiB:.2f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
+    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "finite": finite, "out": out}
 
 
-def write_result(text: str, out: str | None, default_name: str) -> str:
-    """The results table to `out` (default bench/results/<default_name>; under $OUT when set)."""
-    out = out or os.path.join(REPO, "bench", "results", default_name)
-    if os.environ.get("OUT"):
-        out = os.path.join(os.environ["OUT"], os.path.basename(out))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(text)
+def comfy_filler(mm, model, latent_shape, off_bytes: int, dev):
+    """A device allocation that leaves ComfyUI room for all but `off_bytes` of `model` (plus what it reserves
+    for inference), so that its own partial loading offloads about `off_bytes`.  Returns (tensor, bytes)."""
+    import torch
+    free = mm.get_free_memory(dev)
+    need = model.memory_required([1] + list(latent_shape[1:])) + mm.minimum_inference_memory() \
+        + mm.extra_reserved_memory()
+    keep = model.model_size() - off_bytes + need
+    n = max(0, int(free - keep))
+    return torch.empty(n, dtype=torch.uint8, device=dev), n
+
+
+def unload_all(mm, cpu: bool) -> None:
+    import torch
+    mm.unload_all_models()
+    gc.collect()
+    if not cpu:
+        torch.cuda.empty_cache()
+
+
+def spread_order(vals: list) -> list:
+    """Budgets in an order that covers the range early (ends, then midpoints): a run cut short by its time
+    guard still has points across the whole curve."""
+    v = sorted(vals)
+    if len(v) <= 2:
+        return v[::-1]
+    order, seen = [v[-1], v[0]], {len(v) - 1, 0}
+    spans = [(0, len(v) - 1)]
+    while spans:
+        nxt = []
+        for lo, hi in spans:
+            if hi - lo < 2:
+                continue
+            mid = (lo + hi) // 2
+            if mid not in seen:
+                seen.add(mid)
+                order.append(v[mid])
+            nxt += [(lo, mid), (mid, hi)]
+        spans = nxt
+    return order + [x for i, x in enumerate(v) if i not in seen]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Analysis: floors, interpolation at equal VRAM, targets
+# ------------------------------------------------------------------------------------------------------
+def floor_at(peak: float, model_bytes: int, resident_s: float, act: float, bw: float | None) -> float | None:
+    """VRAM-true floor of a step that holds `peak` bytes on the device: the weights that do not fit stream."""
+    if not bw or resident_s is None:
+        return None
+    held = max(0.0, peak - act)
+    return max(resident_s, max(0.0, model_bytes - held) / bw)
+
+
+def interp(points: list, x: float) -> float | None:
+    """Linear interpolation of y at x on points [(x, y)] (sorted here); None outside their range."""
+    pts = sorted(points)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def analyze(rows: list, model_bytes: int, bw: float | None) -> dict:
+    """Per resolution label: plain s/it and activations, each row's floor and ratio, ComfyUI vs ours at equal
+    peak VRAM.  Rows get 'floor' and 'x_floor' keys.  Returns {label: {...}}."""
+    out = {}
+    for lab in dict.fromkeys(r["res"] for r in rows):
+        rs = [r for r in rows if r["res"] == lab]
+        plain = next((r for r in rs if r["kind"] == "plain"), None)
+        if plain is None:
+            continue
+        act = max(0, plain["peak"] - model_bytes) if plain["peak"] else 0
+        for r in rs:
+            f = floor_at(r["peak"], model_bytes, plain["s_it"], act, bw) if r["peak"] else None
+            r["floor"] = f
+            r["x_floor"] = r["s_it"] / f if f else None
+        ours = [(r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "distorch" and r["peak"]]
+        comp = []
+        for r in rs:
+            if r["kind"] != "comfy":
+                continue
+            o = interp(ours, r["peak"] / GiB)
+            comp.append({"res": lab, "off_gib": r["off"] / GiB, "peak_gib": r["peak"] / GiB, "comfy_s_it": r["s_it"],
+                         "ours_s_it": o, "speedup": (r["s_it"] / o) if o else None, "comfy_x_floor": r.get("x_floor")})
+        dis = [r for r in rs if r["kind"] == "distorch"]
+        xf = [r["x_floor"] for r in dis if r.get("x_floor")]
+        sp = [c["speedup"] for c in comp if c["speedup"]]
+        out[lab] = {"resident_s_it": plain["s_it"], "activations": act, "compare": comp,
+                    "distorch_points": len(dis), "comfy_points": len(comp),
+                    "max_x_floor": max(xf) if xf else None,
+                    "min_speedup": min(sp) if sp else None,
+                    "all_bit_identical": all(r.get("same") for r in rs if r["kind"] != "plain"),
+                    "peak_range_gib": [min(p for p, _ in ours), max(p for p, _ in ours)] if ours else None}
     return out
 
 
-# ComfyUI-MultiGPU v2.5.11 (DisTorch2, pageable donor memory), same model, same machine kind, measured
-# in an earlier session (shared/DESIGN.md): GiB offloaded -> s/it.
-SEED_PROJECT = [(0, 0.180), (4, 0.79), (8, 1.35), (16, 2.35), (22.17, 3.2)]
+def _f(x, fmt="%.3f", none=""):
+    return none if x is None else fmt % x
 
 
-def plot(json_path: str, png_path: str):
-    """s/it against GiB offloaded (the chart the existing project publishes), from a results JSON."""
-    import json
+def render_md(d: dict) -> str:
+    """The results document from the JSON-able dict d (rows analysed)."""
+    L = [f"# {d['title']}", "",
+         f"Card: {d['gpu']}; torch {d['torch']}; ComfyUI {d['comfyui']}; date {d['date']}.",
+         d["model_line"],
+         f"Command: `{d['command']}`"]
+    if d.get("bw"):
+        L.append(f"Pinned host->GPU bandwidth probed by distorch: {d['bw'] / 1e9:.1f} GB/s.")
+    L += ["", "s/it = median step after the first; peak = torch.cuda.max_memory_allocated during the sampling "
+          "(ComfyUI rows: minus the filler that makes ComfyUI offload); floor = max(resident s/it, (model - "
+          "(peak - activations)) / pinned bandwidth), activations = plain peak - model; predicted footprint = "
+          "plan.predicted['compute_peak_bytes'] (weights + slots + buffers, no activations); predicted step = "
+          "plan.predicted['step_s'] at compile, 'after profiling' = handle.stats['predicted_step_s'] after "
+          "sampling; runtime step = handle.stats['measured_step_s']. Bit-identical: the latent's bytes equal the "
+          "plain row's."]
+    for lab, a in d["analysis"].items():
+        L += ["", f"## {lab}", "",
+              "| configuration | GiB off | peak VRAM GiB | s/it | floor s/it | x floor | pred. footprint GiB "
+              "| pred. + act. GiB | pred. step s | pred. after profiling s | runtime step s | first step s | bit-identical |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in sorted((r for r in d["rows"] if r["res"] == lab),
+                        key=lambda r: ({"plain": 0, "distorch": 1, "block": 2, "comfy": 3}[r["kind"]], -r["peak"])):
+            pp = r.get("pred_peak")
+            L.append(f"| {r['name']} | {r['off'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {r['s_it']:.3f} | "
+                     f"{_f(r.get('floor'))} | {_f(r.get('x_floor'), '%.3f')} | {_f(pp and pp / GiB, '%.2f')} | "
+                     f"{_f(pp and (pp + a['activations']) / GiB, '%.2f')} | {_f(r.get('pred_step'))} | "
+                     f"{_f(r.get('pred_step_after'))} | {_f(r.get('meas_step'))} | {_f(r.get('first_s'), '%.2f')} | "
+                     f"{'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")
+        if a["compare"]:
+            L += ["", "ComfyUI's own partial loading against ours at the same peak VRAM (ours interpolated "
+                  "linearly on the DisTorch2 points):", "",
+                  "| ComfyUI GiB off | peak VRAM GiB | ComfyUI s/it | ComfyUI x floor | ours s/it at that VRAM | ComfyUI / ours |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+            for c in sorted(a["compare"], key=lambda c: -c["peak_gib"]):
+                L.append(f"| {c['off_gib']:.2f} | {c['peak_gib']:.2f} | {c['comfy_s_it']:.3f} | "
+                         f"{_f(c['comfy_x_floor'])} | {_f(c['ours_s_it'], none='outside our range')} | "
+                         f"{_f(c['speedup'], '%.3fx')} |")
+        L += ["", f"Summary {lab}: {a['distorch_points']} DisTorch2 points"
+              + (f" over peak {a['peak_range_gib'][0]:.2f}-{a['peak_range_gib'][1]:.2f} GiB" if a["peak_range_gib"] else "")
+              + f", worst {_f(a['max_x_floor'], '%.3fx', 'n/a')} of the floor; {a['comfy_points']} ComfyUI points, "
+              f"smallest speedup at equal VRAM {_f(a['min_speedup'], '%.3fx', 'n/a')}; every row bit-identical: "
+              f"{'yes' if a['all_bit_identical'] else 'NO'}."]
+    if d.get("skipped"):
+        L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
+    for n in d.get("notes", []):
+        L += ["", n]
+    for extra in d.get("extra_md", []):
+        L += [""] + extra
+    return "\n".join(L) + "\n"
+
+
+def save_results(d: dict, md_path: str) -> None:
+    """md + json side by side (atomic), rows analysed afresh; called after every row."""
+    d["analysis"] = analyze(d["rows"], d["total_bytes"], d.get("bw"))
+    write_atomic(md_path, render_md(d))
+    clean = dict(d)
+    clean["rows"] = [{k: v for k, v in r.items() if k != "out"} for r in d["rows"]]
+    write_atomic(os.path.splitext(md_path)[0] + ".json", json.dumps(clean, indent=1, default=str))
+
+
+def plot(json_path: str, png_path: str) -> str:
+    """s/it against measured peak VRAM, one panel per resolution: our curve, ComfyUI's points, the floor
+    curve, the resident point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     d = json.load(open(json_path))
-    rows = d["rows"]
-    dis = sorted((r["gb"], r["s_it"]) for r in rows if r["name"].startswith("DisTorch2"))
-    flo = sorted((r["gb"], r["floor"]) for r in rows if r.get("floor"))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(*zip(*SEED_PROJECT), "s--", color="tab:gray", label="ComfyUI-MultiGPU 2.5.11 (earlier run)")
-    ax.plot(*zip(*dis), "o-", color="tab:blue", label="DisTorch2 (this project)")
-    if flo:
-        ax.plot(*zip(*flo), ":", color="tab:green", label="floor: max(resident, bytes / pinned BW)")
-    for r in rows:
-        if r["name"].startswith("ComfyUI partial"):
-            ax.plot([r["gb"]], [r["s_it"]], "^", color="tab:orange", ms=9, label="ComfyUI's own partial load")
-        if r["name"].startswith("plain"):
-            ax.axhline(r["s_it"], color="k", lw=0.6, alpha=0.5)
-    ax.set_xlabel("GiB of the model off the GPU (virtual_vram_gb)")
-    ax.set_ylabel("seconds / iteration")
-    ax.set_title(f"Flux-dev 1024x1024 in ComfyUI, {d['gpu']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    labs = list(d["analysis"])
+    fig, axes = plt.subplots(1, max(1, len(labs)), figsize=(6.2 * max(1, len(labs)), 4.4), squeeze=False)
+    M, bw = d["total_bytes"], d.get("bw")
+    for ax, lab in zip(axes[0], labs):
+        a = d["analysis"][lab]
+        rs = [r for r in d["rows"] if r["res"] == lab]
+        ours = sorted((r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "distorch")
+        if ours:
+            ax.plot(*zip(*ours), "o-", color="tab:blue", label="DisTorch2 (this project)")
+        blk = sorted((r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "block")
+        if blk:
+            ax.plot(*zip(*blk), "s", color="tab:purple", ms=7, mfc="none", label="DisTorch2, whole blocks forced")
+        com = sorted((r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "comfy")
+        if com:
+            ax.plot(*zip(*com), "^", color="tab:orange", ms=9, label="ComfyUI's own partial loading")
+        plain = next((r for r in rs if r["kind"] == "plain"), None)
+        if plain:
+            ax.plot([plain["peak"] / GiB], [plain["s_it"]], "*", color="k", ms=13, label="resident (plain loader)")
+        if bw and plain and plain["peak"]:
+            act = a["activations"]
+            lo = act / GiB
+            xs = [lo + (plain["peak"] / GiB - lo) * i / 200 for i in range(201)]
+            ax.plot(xs, [floor_at(x * GiB, M, a["resident_s_it"], act, bw) for x in xs], ":", color="tab:green",
+                    label="VRAM-true floor")
+        ax.set_xlabel("peak VRAM during sampling (GiB)")
+        ax.set_ylabel("seconds / iteration")
+        ax.set_title(f"{d.get('short', '')} {lab}, {d['gpu']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
-    print(f"wrote {png_path}")
+    plt.close(fig)
+    return png_path
 
 
+def try_plot(md_path: str) -> None:
+    j, png = os.path.splitext(md_path)[0] + ".json", os.path.splitext(md_path)[0] + ".png"
+    try:
+        say(f"wrote {plot(j, png)}")
+    except Exception as e:   # matplotlib may be missing on the GPU machine: plot later from the JSON
+        say(f"no chart ({type(e).__name__}: {e}); later: python bench/bench_comfy.py --plot {j} {png}")
+
+
+def header(d: dict, gpu: str, torch, comfyui_version: str) -> None:
+    d.update(gpu=gpu, torch=torch.__version__, comfyui=comfyui_version,
+             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             command="python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Optional extras kept from earlier rounds: LoRA strength change, load / sample / unload cycles
+# ------------------------------------------------------------------------------------------------------
 def lora_bench(a, model, run, nodes, folder_paths, mm, entry, torch, cpu):
     """Changing a LoRA strength: ComfyUI reloads the model; DisTorch2 rewrites the patched weights in place."""
     import safetensors.torch
@@ -205,195 +558,268 @@ def lora_bench(a, model, run, nodes, folder_paths, mm, entry, torch, cpu):
         r = run(m, f"plain + LoRA {s_}")
         ref[s_] = r.pop("out")
         rows.append(dict(name="plain UNETLoader", strength=s_, **r))
-    mm.unload_all_models()
-    gc.collect()
-    if not cpu:
-        torch.cuda.empty_cache()
+    unload_all(mm, cpu)
     dm = entry.distorch(model, a.device, a.lora_vram, "cpu", "", True)
     st = entry.state_of(dm)
     for s_ in (1.0, 0.5):
         m = loader.load_lora_model_only(dm, name, s_)[0]
         r = run(m, f"distorch {a.lora_vram:g} GB + LoRA {s_}")
-        same = "yes" if torch.equal(r.pop("out"), ref[s_]) else "NO"
+        same = "yes" if bit_equal(r.pop("out"), ref[s_]) else "NO"
         rows.append(dict(name=f"DisTorch2 virtual_vram_gb={a.lora_vram:g}", strength=s_, compiles=st.compiles,
                          repatches=st.repatches, same=same, **r))
-    mm.unload_all_models()
+    unload_all(mm, cpu)
     return rows
 
 
-def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
-        return plot(sys.argv[2], sys.argv[3])
+def cycles_bench(a, model, run, mm, entry, torch, cpu):
+    """Load / sample / unload cycles: host RSS and device memory must stay flat."""
+    def rss():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    cyc = []
+    for i in range(a.cycles):
+        m = entry.distorch(model, a.device, a.cycle_vram, "cpu", "", True)
+        run(m, f"cycle {i}", steps=2)
+        unload_all(mm, cpu)
+        used = 0
+        if not cpu:
+            f_, t_ = torch.cuda.mem_get_info(torch.device(a.device))
+            used = t_ - f_
+        cyc.append((rss(), used))
+        say(f"cycle {i}: host RSS {cyc[-1][0] / GiB:.2f} GiB, device used {used / GiB:.2f} GiB")
+    return cyc
+
+
+def extras_md(a, lora_rows, cyc) -> list:
+    L = []
+    if lora_rows:
+        L += [f"LoRA (random, rank {a.lora_rank}, on every 2-D weight of the blocks): strength 1.0, then 0.5 "
+              f"(LoraLoaderModelOnly), plain vs DisTorch2 at virtual_vram_gb={a.lora_vram:g}. 'first step' includes "
+              "ComfyUI's load of the model (patching weights).", "",
+              "| model | strength | first step incl. load s | s/it | compiles so far | same latent as plain |",
+              "|---|---:|---:|---:|---:|---|"]
+        for r in lora_rows:
+            L.append(f"| {r['name']} | {r['strength']:g} | {r['first_s']:.2f} | {r['s_it']:.3f} | "
+                     f"{r.get('compiles', '')} | {r.get('same', '')} |")
+    if cyc:
+        r0, v0 = cyc[min(1, len(cyc) - 1)]
+        r1, v1 = cyc[-1]
+        L += ([""] if L else []) + [
+            f"Load / sample / unload cycles at virtual_vram_gb={a.cycle_vram:g} (after each unload): host RSS "
+            + ", ".join(f"{r / GiB:.2f}" for r, _ in cyc) + " GiB; device memory in use "
+            + ", ".join(f"{v / GiB:.2f}" for _, v in cyc) + " GiB. Change from cycle 2 to the last: RSS "
+            f"{100.0 * (r1 - r0) / max(r0, 1):+.2f} %, device {(v1 - v0) / 2**20:+.0f} MiB."]
+    return L
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--vram", default="0,4,8,12,16,23", help="virtual_vram_gb values (GB = 2^30 bytes)")
-    ap.add_argument("--native", default="17", help="GB ComfyUI's own partial loading should leave off the GPU (0: skip)")
+    ap.add_argument("--res", default="1024,512", help="square resolutions, one model load for all")
+    ap.add_argument("--vram", default="0,3,6,9,12,15,18,20,21.5,23",
+                    help="DisTorch2 virtual_vram_gb values (GiB; above the model size = everything offloaded)")
+    ap.add_argument("--native", default="4,8,12,16,20",
+                    help="GiB ComfyUI's own partial loading should leave off the GPU ('' or 0: none)")
+    ap.add_argument("--block-vram", default="18,21.5", help="budgets also run with whole blocks forced "
+                    "(DISTORCH_GRANULARITY=block), first resolution only ('' to skip)")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--ctx", type=int, default=256, help="text tokens")
     ap.add_argument("--double", type=int, default=19)
     ap.add_argument("--single", type=int, default=38)
-    ap.add_argument("--model-dir", default="/dev/shm/distorch_bench")
-    ap.add_argument("--cycles", type=int, default=6, help="load/sample/unload cycles at --cycle-vram (RSS, VRAM)")
+    ap.add_argument("--model-dir", default="/dev/shm/distorch_bench",
+                    help="where the model file is written (removed again once loaded)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds from start after which no new row starts (0: none)")
+    ap.add_argument("--wait-for", default="", help="before the first timed row wait (<= 120 s) until this file "
+                    "exists (another job making files must be done before anything is timed)")
+    ap.add_argument("--cycles", type=int, default=0, help="load/sample/unload cycles at --cycle-vram (RSS, VRAM)")
     ap.add_argument("--cycle-vram", type=float, default=8.0)
     ap.add_argument("--lora-rank", type=int, default=0, help="also: a random LoRA on every block weight, "
                     "strength 1.0 then 0.5, plain vs DisTorch2 at --lora-vram (0: skip)")
     ap.add_argument("--lora-vram", type=float, default=12.0)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: 1 double block (ComfyUI's Flux detection "
+                    "fixes the width), 64x64 and 32x32, 2 steps, 16 text tokens, budgets 0.5 and 3 GiB (all)")
+    ap.add_argument("--out", default=None, help="results .md (default bench/results/comfy_vram_<gpu>.md; "
+                    "under $OUT when set)")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.device, a.double, a.single, a.res, a.steps, a.ctx = "cpu", 1, 0, "64,32", 2, 16
+        a.vram, a.native = "0.5,3", ""
+        if a.model_dir == "/dev/shm/distorch_bench":
+            a.model_dir = "/tmp/distorch_bench_tiny"
+    return a
+
+
+def wait_for(path: str, limit_s: float = 120.0) -> None:
+    if not path:
+        return
+    t = time.perf_counter()
+    while not os.path.exists(path) and time.perf_counter() - t < limit_s:
+        time.sleep(0.5)
+    say(f"waited {time.perf_counter() - t:.1f}s for {path} ({'there' if os.path.exists(path) else 'NOT there'})")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
+        print(plot(argv[1], argv[2]))
+        return
+    a = parse_args(argv)
     cpu = a.device == "cpu"
     mm, nodes, folder_paths = boot(a.comfy, cpu)
     import torch
     import comfyui_version
     entry = import_distorch().entry
-
     dev = torch.device(a.device)
     gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
     say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
+    guard = Guard(a.deadline)
+    md = out_path(a.out, f"comfy_vram_{card_tag(gpu)}.md")
+    with torch.inference_mode():
+        run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfyui_version.__version__, guard, md)
 
+
+def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, guard, md):
     os.makedirs(a.model_dir, exist_ok=True)
     fname = f"flux_rand_{a.double}x{a.single}.safetensors"
     path = os.path.join(a.model_dir, fname)
     if not os.path.exists(path):
+        t = time.perf_counter()
         nb = make_flux_file(path, a.double, a.single, dev)
-        say(f"wrote {path}: {nb / GiB:.2f} GiB")
+        say(f"wrote {path}: {nb / GiB:.2f} GiB in {time.perf_counter() - t:.1f}s")
     folder_paths.add_model_folder_path("diffusion_models", a.model_dir)
     t = time.perf_counter()
     model = nodes.UNETLoader().load_unet(fname, "default")[0]
     say(f"UNETLoader: {type(model.model).__name__} {model.model_size() / GiB:.2f} GiB in {time.perf_counter() - t:.1f}s")
-    os.remove(path)                       # the loaded model holds the weights now; give /dev/shm back
+    os.remove(path)                       # the loaded model holds the weights now; give the space back
     total = model.model_size()
 
     g = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, a.ctx, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
                                                        "guidance": 3.5}]]
-    latent = torch.zeros(1, 16, a.res // 8, a.res // 8)
+    ress = [int(x) for x in a.res.split(",") if x.strip()]
+    label = {r: f"{r}x{r}" for r in ress}
+    latent = {r: torch.zeros(1, 16, r // 8, r // 8) for r in ress}
 
-    def run(m, label):
-        return sample_timed(m, label, latent, cond, a.steps, dev, cpu)
+    def run(m, lab, res=None, steps=None, filler=0):
+        res = res or ress[0]
+        return sample_timed(m, lab, latent[res], cond, steps or a.steps, dev, cpu, filler)
 
-    rows = []
-    lora_rows = []
+    d = {"title": f"DisTorch2 in ComfyUI {comfy_ver}: s/it against peak VRAM, Flux-dev-shaped model",
+         "short": "Flux-dev bf16", "total_bytes": total, "bw": None, "rows": [], "skipped": [], "notes": [],
+         "model_line": f"Model: random bf16 weights in ComfyUI's Flux class, {a.double} double + {a.single} single "
+                       f"blocks, {total / GiB:.2f} GiB, loaded once by ComfyUI's UNETLoader; euler, {a.steps} steps, "
+                       f"cfg 1, {a.ctx} text tokens; every node call under torch.inference_mode(). DisTorch2 rows: "
+                       f"one compile per budget, the resolutions sampled on it in the order {', '.join(label.values())}."}
+    header(d, gpu, torch, comfy_ver)
+    rows = d["rows"]
+    wait_for(a.wait_for)
+
+    def save():
+        save_results(d, md)
+
     # 1. plain: resident
-    r = run(model, "plain")
-    resident_s = r["s_it"]
-    rows.append(dict(name="plain UNETLoader (resident)", gb=0.0, **r))
-    ref = r["out"]
-    mm.unload_all_models()
-    gc.collect()
-    torch.cuda.empty_cache() if not cpu else None
+    ref = {}
+    for res in ress:
+        r = run(model, f"plain {label[res]}", res)
+        ref[res] = r.pop("out")
+        rows.append(dict(kind="plain", name="plain UNETLoader (resident)", res=label[res], off=0, **r))
+        save()
+    unload_all(mm, cpu)
 
-    # 2. ComfyUI's own partial loading
-    for n in [float(x) for x in a.native.split(",") if x.strip() and float(x) > 0]:
-        if cpu:
-            break
-        free = mm.get_free_memory(dev)
-        need = model.memory_required([1] + list(latent.shape[1:])) + mm.minimum_inference_memory() \
-            + mm.extra_reserved_memory()
-        keep = total - n * GiB + need            # ComfyUI loads about (free - need) of the weights
-        filler = torch.empty(max(0, int(free - keep)), dtype=torch.uint8, device=dev)
-        r = run(model, f"comfy native ~{n:g} GB off")
-        off = total - model.loaded_size()
-        rows.append(dict(name=f"ComfyUI partial load", gb=off / GiB, **r))
-        del filler
-        mm.unload_all_models()
-        gc.collect()
-        torch.cuda.empty_cache()
+    # 2. ComfyUI's own partial loading, a fresh load per budget and resolution
+    natives = [float(x) for x in a.native.split(",") if x.strip() and float(x) > 0] if not cpu else []
+    est = 0.0
+    for n in natives:
+        for res in ress:
+            if not guard.allow(est * 1.2 + 5, f"ComfyUI partial ~{n:g} GiB off at {label[res]}", d["skipped"]):
+                continue
+            t = time.perf_counter()
+            filler, fb = comfy_filler(mm, model, latent[res].shape, int(n * GiB), dev)
+            r = run(model, f"comfy native ~{n:g} GiB off {label[res]}", res, filler=fb)
+            off = total - model.loaded_size()
+            same = bit_equal(r.pop("out"), ref[res])
+            rows.append(dict(kind="comfy", name=f"ComfyUI partial load (asked {n:g} GiB off)", res=label[res],
+                             off=off, asked_gib=n, filler=fb, same=same, **r))
+            del filler
+            unload_all(mm, cpu)
+            save()
+            est = max(est, time.perf_counter() - t)
 
-    # 3. LoRA strength change (before the sweep: it needs `model` still plain)
-    if a.lora_rank:
-        lora_rows = lora_bench(a, model, run, nodes, folder_paths, mm, entry, torch, cpu)
-        gc.collect()
-
-    # 4. DisTorch2 at each virtual_vram_gb
-    from distorch.compiler.inventory import probe
-    bw = None
+    # 3. DisTorch2 at each virtual_vram_gb (one compile per budget; every resolution sampled on it)
     if not cpu:
-        inv = probe()
-        bw = inv.bandwidth("cpu", str(dev))
-        say(f"pinned host->GPU bandwidth (probed): {bw / 1e9:.1f} GB/s")
-    for v in [float(x) for x in a.vram.split(",") if x.strip()]:
+        from distorch.compiler.inventory import probe
+        d["bw"] = probe().bandwidth("cpu", str(dev))
+        say(f"pinned host->GPU bandwidth (probed): {d['bw'] / 1e9:.1f} GB/s")
+    est = 0.0
+    for v in spread_order([float(x) for x in a.vram.split(",") if x.strip()]):
+        if not guard.allow(max(est * 1.2, 15.0 if not cpu else 1.0), f"DisTorch2 virtual_vram_gb={v:g}", d["skipped"]):
+            continue
         t = time.perf_counter()
         m = entry.distorch(model, a.device, v, "cpu", "", True)
         plan_s = time.perf_counter() - t
         st = entry.state_of(m)
-        r = run(m, f"distorch {v:g} GB")
-        off = st.plan.offloaded_bytes()
-        pred = (st.plan.predicted or {}).get("step_s")
-        floor = max(resident_s, off / bw) if bw else None
-        same = torch.equal(r["out"], ref)
-        rows.append(dict(name=f"DisTorch2 virtual_vram_gb={v:g}", gb=off / GiB, pred=pred, floor=floor,
-                         plan_s=plan_s, same=same, window=st.plan.window_bytes, **r))
-        mm.unload_all_models()
-        assert st.handle is None
-        gc.collect()
-        torch.cuda.empty_cache() if not cpu else None
+        pred0 = dict(st.plan.predicted or {})
+        for res in ress:
+            r = run(m, f"distorch {v:g} GiB {label[res]}", res)
+            stats = {}
+            try:
+                stats = dict(st.handle.stats) if st.handle is not None else dict(st.last_stats or {})
+            except Exception as e:  # statistics are a courtesy
+                d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
+            same = bit_equal(r.pop("out"), ref[res])
+            gran = (pred0.get("granularity") or {}).get("chosen", "block")
+            rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g} [{gran}]", res=label[res], v=v,
+                             gran=gran,
+                             off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
+                             pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
+                             meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
+                             window_bytes=stats.get("window_bytes"), plan_s=plan_s, same=same, **r))
+            save()
+        unload_all(mm, cpu)
+        if st.handle is not None:
+            d["notes"].append(f"virtual_vram_gb={v:g}: the handle was still live after unload_all_models")
+        est = max(est, time.perf_counter() - t)
+        say(f"distorch {v:g} GiB: {time.perf_counter() - t:.1f}s for compile + {len(ress)} resolutions")
 
-    # 5. load / sample / unload cycles: host RSS and device memory must stay flat
-    cyc = []
-    if a.cycles:
-        def rss():
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        steps = a.steps
-        a.steps = 2
-        for i in range(a.cycles):
-            m = entry.distorch(model, a.device, a.cycle_vram, "cpu", "", True)
-            run(m, f"cycle {i}")
-            mm.unload_all_models()
-            gc.collect()
-            used = 0
-            if not cpu:
-                torch.cuda.empty_cache()
-                f_, t_ = torch.cuda.mem_get_info(dev)
-                used = t_ - f_
-            cyc.append((rss(), used))
-            say(f"cycle {i}: host RSS {cyc[-1][0] / GiB:.2f} GiB, device used {used / GiB:.2f} GiB")
-        a.steps = steps
+    # 3b. the same budgets with whole blocks forced (DISTORCH_GRANULARITY=block), first resolution only: what
+    #     streaming the layers inside the blocks bought, measured
+    for v in [float(x) for x in a.block_vram.split(",") if x.strip()]:
+        if not guard.allow(max(est * 0.7, 10.0 if not cpu else 1.0), f"whole blocks at {v:g}", d["skipped"]):
+            continue
+        os.environ["DISTORCH_GRANULARITY"] = "block"
+        try:
+            m = entry.distorch(model, a.device, v, "cpu", "", True)
+            st = entry.state_of(m)
+            pred0 = dict(st.plan.predicted or {})
+            res = ress[0]
+            r = run(m, f"distorch blocks {v:g} GiB {label[res]}", res)
+            same = bit_equal(r.pop("out"), ref[res])
+            rows.append(dict(kind="block", name=f"DisTorch2 virtual_vram_gb={v:g} [whole blocks forced]",
+                             res=label[res], v=v, gran="block", off=st.plan.offloaded_bytes(),
+                             pred_peak=pred0.get("compute_peak_bytes"), pred_step=pred0.get("step_s"),
+                             pred_step_after=None, meas_step=None, plan_s=None, same=same, **r))
+            save()
+            unload_all(mm, cpu)
+        finally:
+            os.environ.pop("DISTORCH_GRANULARITY", None)
 
-    lines = [f"# DisTorch2 in ComfyUI {comfyui_version.__version__}: Flux-dev-shaped model, {a.res}x{a.res}",
-             "",
-             f"Card: {gpu}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-             f"Model: random bf16 weights in ComfyUI's Flux class, {a.double} double + {a.single} single blocks, "
-             f"{total / GiB:.2f} GiB, loaded by ComfyUI's UNETLoader; euler, {a.steps} steps, cfg 1, "
-             f"{a.ctx} text tokens. s/it = median step time after the first step.",
-             f"Command: `python bench/bench_comfy.py {' '.join(sys.argv[1:])}`",
-             "" if bw is None else f"Pinned host->GPU bandwidth probed by distorch: {bw / 1e9:.1f} GB/s.",
-             "",
-             "| configuration | GiB off GPU | s/it | x resident | floor s/it | predicted s/it | peak VRAM GiB | same latent as plain |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        f = r.get("floor")
-        p = r.get("pred")
-        same = r.get("same")
-        lines.append(f"| {r['name']} | {r['gb']:.2f} | {r['s_it']:.3f} | {r['s_it'] / resident_s:.2f} | "
-                     f"{'' if f is None else f'{f:.3f}'} | {'' if not p else f'{p:.3f}'} | {r['peak'] / GiB:.1f} | "
-                     f"{'' if same is None else ('yes' if same else 'NO')} |")
-    if lora_rows:
-        lines += ["", f"LoRA (random, rank {a.lora_rank}, on every 2-D weight of the blocks): strength 1.0, then 0.5 "
-                  f"(LoraLoaderModelOnly), plain vs DisTorch2 at virtual_vram_gb={a.lora_vram:g}. 'first step' includes "
-                  "ComfyUI's load of the model (patching weights).", "",
-                  "| model | strength | first step incl. load s | s/it | compiles so far | same latent as plain |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for r in lora_rows:
-            lines.append(f"| {r['name']} | {r['strength']:g} | {r['first_s']:.2f} | {r['s_it']:.3f} | "
-                         f"{r.get('compiles', '')} | {r.get('same', '')} |")
-    if cyc:
-        r0, v0 = cyc[min(1, len(cyc) - 1)]
-        r1, v1 = cyc[-1]
-        lines += ["", f"Load / sample / unload cycles at virtual_vram_gb={a.cycle_vram:g} (after each unload): host RSS "
-                  + ", ".join(f"{r / GiB:.2f}" for r, _ in cyc) + " GiB; device memory in use "
-                  + ", ".join(f"{v / GiB:.2f}" for _, v in cyc) + " GiB. Change from cycle 2 to the last: RSS "
-                  f"{100.0 * (r1 - r0) / r0:+.2f} %, device {(v1 - v0) / 2**20:+.0f} MiB."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = write_result(text, a.out, f"comfy_{'cpu' if cpu else 'gpu'}.md")
-    import json
-    with open(os.path.splitext(out)[0] + ".json", "w") as fh:
-        json.dump({"gpu": gpu, "total_bytes": total, "cycles": cyc, "lora": lora_rows,
-                   "rows": [{k: v for k, v in r.items() if k != "out"} for r in rows]}, fh, indent=1)
-    say(f"wrote {out}")
+    # 4. optional extras (off by default)
+    lora_rows, cyc = [], []
+    if a.lora_rank and guard.allow(30, "LoRA", d["skipped"]):
+        lora_rows = lora_bench(a, model, lambda m, lab: run(m, lab), nodes, folder_paths, mm, entry, torch, cpu)
+    if a.cycles and guard.allow(30, "cycles", d["skipped"]):
+        cyc = cycles_bench(a, model, run, mm, entry, torch, cpu)
+    d["lora"], d["cycles"] = lora_rows, cyc
+    d["extra_md"] = [extras_md(a, lora_rows, cyc)] if (lora_rows or cyc) else []
+    save()
+    print(open(md).read())
+    say(f"wrote {md}")
+    try_plot(md)
 
 
 if __name__ == "__main__":

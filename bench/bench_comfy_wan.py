@@ -1,0 +1,645 @@
+"""A Wan-2.x-14B-shaped model in ComfyUI's fp8_scaled form inside ComfyUI 0.3.75: VRAM rows and the
+two-expert workflow (host RAM, cold and warm runs).
+
+Model: ComfyUI's own WanModel (comfy/ldm/wan/model.py), t2v, dim 5120, ffn 13824, 40 heads, 40 layers,
+in/out 16 channels, patch (1,2,2); random weights written as ComfyUI's fp8_scaled files read them: every
+Linear weight float8_e4m3fn with a float32 `<module>.scale_weight` beside it (weight * scale = the bf16
+weight), the rest bf16, and the `scaled_fp8` marker key (an empty float8_e4m3fn tensor of 2 elements, which
+ComfyUI's model_detection reads as "scaled fp8, no fp8 matmul"; `--fp8-marker 0` writes the 0-element form,
+which turns ComfyUI's fp8 matmul on where the card has it).  Two experts (high / low noise, different
+seeds), 14.3 GB each, and a random rank-64 LoRA per expert on every block Linear (ComfyUI's
+`diffusion_model.<module>.lora_up/lora_down.weight` keys, 613 MB).  Files go to --model-dir (disk, not
+/dev/shm: RAM is what is measured) and are made once (`--mode make`), reused by every process.
+
+  --mode vram      one expert at 480x832, 17 frames (latent 16x5x60x104), one process: plain (resident),
+                   DisTorch2 at --vram budgets, ComfyUI's own partial loading at --native budgets; s/it,
+                   peak VRAM, floor, bit-identity (bench_comfy's table and chart).  -> wan_vram_<gpu>.md/.json/.png
+  --mode workflow  the Wan 2.2 two-expert workflow: UNETLoader (or UNETLoaderDisTorch2MultiGPU) ->
+                   LoraLoaderModelOnly -> ModelSamplingSD3 (shift 8) per expert, KSamplerAdvanced euler cfg 1,
+                   high-noise expert steps 0-4 (leftover noise on), low-noise expert 4-8, at 480x832x17.
+                   ONE PROCESS PER CONFIGURATION (this driver spawns them), so host RSS is per configuration:
+                   plain, distorch:13, comfy:13 (ComfyUI's own partial load, ~13 GiB of each expert off),
+                   distorch:30 (all), distorch:9.  Per configuration: cold run (load -> both phases done) and
+                   warm run (both samplers again, models loaded), s/step, peak VRAM, peak host RSS and its
+                   breakdown (RssAnon / RssFile / RssShmem sampled every 50 ms, machine used memory, pinned
+                   bytes of distorch and of ComfyUI), RSS after unload_all_models + gc (models still
+                   referenced, as ComfyUI's cache holds them) and after dropping them, and the latents
+                   compared bit for bit with the plain run's.  -> wan_workflow_<gpu>.md/.json
+  --mode make      only the files (prints the marker file's path when done).
+
+Every node call runs under torch.inference_mode(), as ComfyUI's executor runs them.  Results are written
+after every row / configuration (a timeout late keeps what was done); --deadline guards each phase.
+
+    python bench/bench_comfy_wan.py --mode make
+    python bench/bench_comfy_wan.py --mode vram --deadline 100
+    python bench/bench_comfy_wan.py --mode workflow --deadline 200
+    python bench/bench_comfy_wan.py --tiny --mode workflow      # CPU smoke (dim 128, 2 layers, 64x64x5)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_comfy as B  # noqa: E402
+
+B.NAME = "bench_wan"
+say = B.say
+GiB = B.GiB
+REPO = B.REPO
+
+
+# ------------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------------
+def wan_params(a) -> dict:
+    return dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=a.dim, ffn_dim=a.ffn,
+                freq_dim=256, text_dim=4096, out_dim=16, num_heads=a.dim // 128, num_layers=a.layers,
+                window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+
+def wan_layout(a):
+    """([(key, shape, dtype)] of the bf16 model, the set of Linear module names) from ComfyUI's WanModel on meta."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+    with torch.device("meta"):
+        m = WanModel(device="meta", dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **wan_params(a))
+    lin = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    return [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()], lin
+
+
+def fp8_specs(a):
+    """The fp8_scaled file's tensors: Linear weights fp8 + scale_weight, the rest bf16, the marker."""
+    import torch
+    specs, lin = wan_layout(a)
+    out = []
+    for k, shape, dt in specs:
+        mod = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and mod in lin:
+            out += [(k, shape, torch.float8_e4m3fn), (mod + ".scale_weight", (), torch.float32)]
+        else:
+            out.append((k, shape, dt))
+    out.append(("scaled_fp8", (a.fp8_marker,), torch.float8_e4m3fn))
+    return out, lin
+
+
+def make_expert(path: str, a, seed: int, dev) -> int:
+    """Random weights N(0, 0.02); each Linear weight quantized per tensor: scale = absmax / 448."""
+    import torch
+    specs, lin = fp8_specs(a)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    pending = {}
+
+    def make(name, shape, dt):
+        if name == "scaled_fp8":
+            return torch.zeros(shape, dtype=dt)
+        if name.endswith(".scale_weight"):
+            return pending.pop(name)
+        w = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(0.0, 0.02, generator=g)
+        if dt == torch.float8_e4m3fn:
+            s = (w.abs().amax().float() / 448.0).clamp_min(1e-12)
+            pending[name.rsplit(".", 1)[0] + ".scale_weight"] = s.cpu().reshape(())
+            return (w.float() / s).to(torch.float8_e4m3fn)
+        return w.to(dt)
+    with torch.no_grad():
+        return B.write_safetensors(path, specs, make)
+
+
+def make_lora(path: str, a, seed: int, dev) -> int:
+    """Rank-r LoRA on every Linear inside blocks.* (ComfyUI key format), bf16, up/down N(0, 0.01)."""
+    import torch
+    specs, lin = wan_layout(a)
+    shapes = {k: s for k, s, _ in specs}
+    out = []
+    for mod in sorted(lin):
+        if not mod.startswith("blocks."):
+            continue
+        o, i = shapes[mod + ".weight"]
+        base = "diffusion_model." + mod
+        out += [(base + ".lora_up.weight", (o, a.lora_rank), torch.bfloat16),
+                (base + ".lora_down.weight", (a.lora_rank, i), torch.bfloat16)]
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def make(name, shape, dt):
+        return torch.empty(shape, dtype=dt, device=dev).normal_(0.0, 0.01, generator=g)
+    with torch.no_grad():
+        return B.write_safetensors(path, out, make)
+
+
+def file_ok(path: str) -> bool:
+    """A complete safetensors file (header parses, size = header + data)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in h.items() if k != "__metadata__"), default=0)
+        return os.path.getsize(path) == 8 + n + end
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def names(a) -> dict:
+    t = a.tag
+    return {"high": f"wan_{t}_high_fp8_scaled.safetensors", "low": f"wan_{t}_low_fp8_scaled.safetensors",
+            "lora_high": f"wan_{t}_high_lora_r{a.lora_rank}.safetensors",
+            "lora_low": f"wan_{t}_low_lora_r{a.lora_rank}.safetensors",
+            "ready": f"wan_{t}.ready", "ref": f"wan_{t}_ref_latents.pt"}
+
+
+def ensure_files(a) -> dict:
+    """Make the expert and LoRA files that are missing or incomplete; touch the ready marker."""
+    import torch
+    n = names(a)
+    dev = torch.device("cuda:0" if (a.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    os.makedirs(a.model_dir, exist_ok=True)
+    jobs = [("high", make_expert, 11), ("low", make_expert, 12)]
+    if a.lora_rank:
+        jobs += [("lora_high", make_lora, 21), ("lora_low", make_lora, 22)]
+    for key, fn, seed in jobs:
+        p = os.path.join(a.model_dir, n[key])
+        if file_ok(p):
+            continue
+        t = time.perf_counter()
+        nb = fn(p, a, seed, dev)
+        say(f"wrote {p}: {nb / 1e9:.2f} GB in {time.perf_counter() - t:.1f}s")
+    with open(os.path.join(a.model_dir, n["ready"]), "w") as fh:
+        fh.write("ok\n")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------------
+# --mode vram (issue 10): one expert, resident / DisTorch2 / ComfyUI partial
+# ------------------------------------------------------------------------------------------------------
+def latent_shape(a) -> tuple:
+    return (1, 16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8)
+
+
+def run_vram(a):
+    cpu = a.device == "cpu"
+    mm, nodes, folder_paths = B.boot(a.comfy, cpu)
+    import torch
+    import comfyui_version
+    entry = B.import_distorch().entry
+    dev = torch.device(a.device)
+    gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
+    guard = B.Guard(a.deadline)
+    md = B.out_path(a.out, f"wan_vram_{B.card_tag(gpu)}.md")
+    with torch.inference_mode():
+        n = ensure_files(a)
+        folder_paths.add_model_folder_path("diffusion_models", a.model_dir)
+        t = time.perf_counter()
+        model = nodes.UNETLoader().load_unet(n["high"], "default")[0]
+        total = model.model_size()
+        say(f"UNETLoader: {type(model.model.diffusion_model).__name__} {total / GiB:.2f} GiB in "
+            f"{time.perf_counter() - t:.1f}s")
+        g = torch.Generator().manual_seed(1)
+        cond = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
+        shape = latent_shape(a)
+        latent = torch.zeros(shape)
+        lab = f"{a.height}x{a.width}x{a.frames}"
+        d = {"title": f"DisTorch2 in ComfyUI {comfyui_version.__version__}: s/it against peak VRAM, "
+                      f"Wan-2.x-14B-shaped model in fp8_scaled form",
+             "short": "Wan fp8_scaled", "total_bytes": total, "bw": None, "rows": [], "skipped": [], "notes": [],
+             "model_line": f"Model: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.dim // 128} heads, "
+                           f"{a.layers} layers, random weights in fp8_scaled form (scaled_fp8 marker of "
+                           f"{a.fp8_marker} elements), {total / GiB:.2f} GiB as ComfyUI holds it, loaded by "
+                           f"UNETLoader; one expert; latent {tuple(shape[1:])} ({lab}), {a.ctx} text tokens, "
+                           f"euler, {a.steps} steps, cfg 1; every node call under torch.inference_mode()."}
+        B.header(d, gpu, torch, comfyui_version.__version__)
+        rows = d["rows"]
+
+        def run(m, label, filler=0):
+            return B.sample_timed(m, label, latent, cond, a.steps, dev, cpu, filler)
+
+        r = run(model, "plain")
+        ref = r.pop("out")
+        rows.append(dict(kind="plain", name="plain UNETLoader (resident)", res=lab, off=0, **r))
+        B.save_results(d, md)
+        B.unload_all(mm, cpu)
+        est = 0.0
+        for nat in ([float(x) for x in a.native.split(",") if x.strip() and float(x) > 0] if not cpu else []):
+            if not guard.allow(est * 1.2 + 5, f"ComfyUI partial ~{nat:g} GiB off", d["skipped"]):
+                continue
+            t = time.perf_counter()
+            filler, fb = B.comfy_filler(mm, model, shape, int(nat * GiB), dev)
+            r = run(model, f"comfy native ~{nat:g} GiB off", filler=fb)
+            off = total - model.loaded_size()
+            same = B.bit_equal(r.pop("out"), ref)
+            rows.append(dict(kind="comfy", name=f"ComfyUI partial load (asked {nat:g} GiB off)", res=lab, off=off,
+                             asked_gib=nat, filler=fb, same=same, **r))
+            del filler
+            B.unload_all(mm, cpu)
+            B.save_results(d, md)
+            est = max(est, time.perf_counter() - t)
+        if not cpu:
+            from distorch.compiler.inventory import probe
+            d["bw"] = probe().bandwidth("cpu", str(dev))
+            say(f"pinned host->GPU bandwidth (probed): {d['bw'] / 1e9:.1f} GB/s")
+        est = 0.0
+        for v in B.spread_order([float(x) for x in a.vram.split(",") if x.strip()]):
+            if not guard.allow(max(est * 1.2, 10.0 if not cpu else 1.0), f"DisTorch2 virtual_vram_gb={v:g}",
+                               d["skipped"]):
+                continue
+            t = time.perf_counter()
+            m = entry.distorch(model, a.device, v, "cpu", "", True)
+            st = entry.state_of(m)
+            pred0 = dict(st.plan.predicted or {})
+            r = run(m, f"distorch {v:g} GiB")
+            stats = {}
+            try:
+                stats = dict(st.handle.stats) if st.handle is not None else dict(st.last_stats or {})
+            except Exception as e:
+                d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
+            same = B.bit_equal(r.pop("out"), ref)
+            rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g}", res=lab, v=v,
+                             off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
+                             pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
+                             meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
+                             same=same, **r))
+            B.unload_all(mm, cpu)
+            B.save_results(d, md)
+            est = max(est, time.perf_counter() - t)
+        B.save_results(d, md)
+    print(open(md).read())
+    say(f"wrote {md}")
+    B.try_plot(md)
+
+
+# ------------------------------------------------------------------------------------------------------
+# --mode workflow (issue 11): one child process per configuration
+# ------------------------------------------------------------------------------------------------------
+def child(a):
+    """One configuration of the two-expert workflow, cold then warm; writes its row to --child-out."""
+    cpu = a.device == "cpu"
+    mm, nodes, folder_paths = B.boot(a.comfy, cpu)
+    import torch
+    import comfy.utils
+    cn = B.import_distorch()
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    dev = torch.device(a.device)
+    n = names(a)
+    folder_paths.add_model_folder_path("diffusion_models", a.model_dir)
+    folder_paths.add_model_folder_path("loras", a.model_dir)
+    kind, _, val = a.config.partition(":")
+    if kind not in ("plain", "distorch", "comfy"):
+        raise SystemExit(f"--config {a.config!r}: give plain, distorch:<virtual_vram_gb> or comfy:<GiB off>")
+    rss = B.RssSampler(0.05, mm)
+    rss.start()
+    row = {"config": a.config, "kind": kind, "value": float(val) if val else None}
+
+    def save():
+        B.write_atomic(a.child_out, json.dumps(row, indent=1, default=str))
+
+    marks = []
+    phase = {"name": None}
+
+    def hook(value, total, preview, **kw):
+        if not cpu:
+            torch.cuda.synchronize(dev)
+        marks.append((phase["name"], time.perf_counter()))
+    comfy.utils.set_progress_bar_global_hook(hook)
+
+    g = torch.Generator().manual_seed(1)
+    pos = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
+    neg = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
+    shape = latent_shape(a)
+    split = a.steps // 2
+    row["rss_before_load"] = rss.mark()
+    ks = nodes.KSamplerAdvanced()
+    filler, fb = None, 0
+
+    def load(which):
+        if kind == "distorch":
+            cls = cn.NODE_CLASS_MAPPINGS["UNETLoaderDisTorch2MultiGPU"]
+            m = cls().load(unet_name=n[which], weight_dtype="default", compute_device=a.device,
+                           virtual_vram_gb=float(val), donor_device="cpu", expert_mode_allocations="",
+                           eject_models=True)[0]
+        else:
+            m = nodes.UNETLoader().load_unet(n[which], "default")[0]
+        if a.lora_rank:
+            m = nodes.LoraLoaderModelOnly().load_lora_model_only(m, n["lora_" + which], 1.0)[0]
+        return ModelSamplingSD3().patch(m, a.shift)[0]
+
+    def off_of(m):
+        if kind == "distorch":
+            st = cn.entry.state_of(m)
+            return st.plan.offloaded_bytes() if st is not None and st.plan is not None else None
+        if kind == "comfy":
+            return m.model_size() - m.loaded_size()
+        return 0
+
+    def phases(models, run):
+        lat = {"samples": torch.zeros(shape)}
+        out = {}
+        for which, add, start, end, left in (("high", "enable", 0, split, "enable"),
+                                             ("low", "disable", split, 10000, "disable")):
+            phase["name"] = f"{run}:{which}"
+            marks.append((phase["name"] + ":start", time.perf_counter()))
+            lat = ks.sample(models[which], add, a.seed, a.steps, 1.0, "euler", "simple", pos, neg, lat, start, end,
+                            left)[0]
+            out[which] = lat["samples"]
+            row.setdefault("off", {})[which] = off_of(models[which])
+        if not cpu:
+            torch.cuda.synchronize(dev)
+        return out
+
+    def step_stats(run):
+        per = {}
+        for which in ("high", "low"):
+            p = f"{run}:{which}"
+            t0 = next(t for nm, t in marks if nm == p + ":start")
+            ts = [t for nm, t in marks if nm == p]
+            per[which] = {"first_s": ts[0] - t0 if ts else None, "steps": [b - x for x, b in zip(ts, ts[1:])]}
+        allsteps = per["high"]["steps"] + per["low"]["steps"]
+        return per, (statistics.median(allsteps) if allsteps else None)
+
+    def timed(run, fn):
+        if not cpu:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        rss.mark()
+        t = time.perf_counter()
+        res = fn()
+        row[f"{run}_s"] = time.perf_counter() - t
+        row[f"peak_vram_{run}"] = max(0, torch.cuda.max_memory_allocated(dev) - fb) if not cpu else 0
+        row[f"rss_{run}"] = rss.peak()
+        row[f"steps_{run}"], row[f"s_step_{run}"] = step_stats(run)
+        say(f"{a.config} {run}: {row[f'{run}_s']:.2f}s, {row[f's_step_{run}'] or 0:.3f} s/step, peak VRAM "
+            f"{row[f'peak_vram_{run}'] / GiB:.2f} GiB, peak RSS {row[f'rss_{run}']['max'].get('VmRSS', 0) / GiB:.2f} GiB")
+        save()
+        return res
+
+    with torch.inference_mode():
+        def cold():
+            nonlocal filler, fb
+            ms = {w: load(w) for w in ("high", "low")}
+            if kind == "comfy" and not cpu:
+                filler, fb = B.comfy_filler(mm, ms["high"], shape, int(float(val) * GiB), dev)
+                row["filler"] = fb
+            return ms, phases(ms, "cold")
+        models, out_cold = timed("cold", cold)
+        out_warm = timed("warm", lambda: phases(models, "warm"))
+        ref_path = os.path.join(a.model_dir, n["ref"])
+        lat = {k: v.detach().cpu() for k, v in out_cold.items()}
+        if kind == "plain":
+            torch.save(lat, ref_path)
+            row["same"] = {"high": True, "low": True}
+        elif os.path.exists(ref_path):
+            ref = torch.load(ref_path)
+            row["same"] = {k: B.bit_equal(lat[k], ref[k]) for k in ("high", "low")}
+        row["warm_same_as_cold"] = all(B.bit_equal(out_warm[k], out_cold[k]) for k in ("high", "low"))
+        row["finite"] = bool(torch.isfinite(lat["low"]).all())
+        save()
+        del filler
+        filler, fb = None, 0
+        mm.unload_all_models()
+        gc.collect()
+        if not cpu:
+            torch.cuda.empty_cache()
+        time.sleep(0.2)
+        row["rss_after_unload"] = rss.read()
+        del models, out_cold, out_warm, lat
+        gc.collect()
+        time.sleep(0.2)
+        row["rss_after_drop"] = rss.read()
+    rss.stop()
+    save()
+    say(f"{a.config}: done")
+
+
+WF_COLUMNS = ("| configuration | s/step warm | s/step cold | cold run s | warm run s | peak VRAM GiB | GiB off "
+              "(high/low) | RSS before load | peak RSS | RssAnon | RssFile | RssShmem | distorch pinned | ComfyUI "
+              "pinned | machine used (peak) | RSS after unload | after dropping models | bit-identical to plain "
+              "(high/low) |")
+
+
+def wf_md(d: dict) -> str:
+    def gb(x):
+        return "" if x is None else f"{x / GiB:.2f}"
+    L = [f"# {d['title']}", "", f"Card: {d['gpu']}; torch {d['torch']}; ComfyUI {d['comfyui']}; date {d['date']}.",
+         d["model_line"], f"Command: `{d['command']}`", "",
+         "One process per configuration. cold = UNETLoader (or UNETLoaderDisTorch2MultiGPU) + LoraLoaderModelOnly + "
+         "ModelSamplingSD3 for both experts and both KSamplerAdvanced phases; warm = both phases again, models "
+         "loaded. s/step = median step after each phase's first (progress-hook timestamps after a synchronize). "
+         "Peak RSS = the sample with the largest VmRSS (every 50 ms) with its RssAnon / RssFile / RssShmem; pinned "
+         "= the largest value during the run; machine used = MemTotal - MemAvailable (pinned memory that VmRSS "
+         "does not show is in it, and so is everything else on the machine). RSS after unload: "
+         "comfy.model_management.unload_all_models() + gc with the models still referenced (as ComfyUI's node "
+         "cache holds them); after dropping models: references deleted + gc. GiB = 2^30 bytes.", "",
+         WF_COLUMNS, "|" + "|".join(["---"] + ["---:"] * 16 + ["---"]) + "|"]
+    for r in d["rows"]:
+        if r.get("error") and "cold_s" not in r:
+            L.append(f"| {r['config']} | {r['error']} |" + " |" * 16)
+            continue
+        pk = max((r.get("peak_vram_cold") or 0), (r.get("peak_vram_warm") or 0))
+        rc = max((r.get(f"rss_{k}") or {"at_peak": {}, "max": {}} for k in ("cold", "warm")),
+                 key=lambda x: x["at_peak"].get("VmRSS", 0))
+        ap, mx = rc["at_peak"], rc["max"]
+        off = r.get("off") or {}
+        same = r.get("same")
+        L.append(
+            f"| {r['config']} | {B._f(r.get('s_step_warm'))} | {B._f(r.get('s_step_cold'))} | {B._f(r.get('cold_s'), '%.2f')} | "
+            f"{B._f(r.get('warm_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
+            f"{gb((r.get('rss_before_load') or {}).get('VmRSS'))} | {gb(ap.get('VmRSS'))} | {gb(ap.get('RssAnon'))} | "
+            f"{gb(ap.get('RssFile'))} | {gb(ap.get('RssShmem'))} | {gb(mx.get('distorch_pinned'))} | "
+            f"{gb(mx.get('comfy_pinned'))} | {gb(mx.get('sys_used'))} | {gb((r.get('rss_after_unload') or {}).get('VmRSS'))} | "
+            f"{gb((r.get('rss_after_drop') or {}).get('VmRSS'))} | "
+            f"{'' if same is None else '/'.join('yes' if same[k] else 'NO' for k in ('high', 'low'))}"
+            f"{'' if r.get('warm_same_as_cold', True) else ' (warm differs from cold)'}"
+            f"{' -- ' + r['error'] if r.get('error') else ''} |")
+    if d.get("skipped"):
+        L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
+    for nt in d.get("notes", []):
+        L += ["", nt]
+    return "\n".join(L) + "\n"
+
+
+def run_workflow(a):
+    """The driver: make the files (here, once), then one child process per configuration."""
+    guard = B.Guard(a.deadline)
+    n = names(a)
+    ready = os.path.join(a.model_dir, n["ready"])
+    if not os.path.exists(ready):
+        cmd = [sys.executable, os.path.abspath(__file__), "--mode", "make"] + pass_args(a)
+        say("making the files: " + " ".join(cmd[2:]))
+        subprocess.run(cmd, check=True)
+    ref = os.path.join(a.model_dir, n["ref"])
+    if os.path.exists(ref):
+        os.remove(ref)          # a stale reference from another run must not be compared against
+    gpu = "cpu" if a.device == "cpu" else gpu_name()
+    md = B.out_path(a.out, f"wan_workflow_{B.card_tag(gpu)}.md")
+    frames = f"{a.height}x{a.width}x{a.frames}"
+    d = {"title": "Wan 2.2-style two-expert workflow in ComfyUI: host RAM, cold and warm runs",
+         "gpu": gpu, "torch": "", "comfyui": "0.3.75", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+         "model_line": f"Two experts: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.layers} layers, random "
+                       f"weights in fp8_scaled form (files in {a.model_dir}, read from the page cache), each through "
+                       f"LoraLoaderModelOnly (random rank-{a.lora_rank} LoRA on every block Linear, strength 1) and "
+                       f"ModelSamplingSD3 (shift {a.shift:g}); KSamplerAdvanced euler / simple, cfg 1, {a.steps} steps: "
+                       f"high-noise expert steps 0-{a.steps // 2}, low-noise {a.steps // 2}-{a.steps}; {frames} "
+                       f"(latent {latent_shape(a)[1:]}), {a.ctx} text tokens.",
+         "rows": [], "skipped": [], "notes": []}
+    try:
+        import torch
+        d["torch"] = torch.__version__
+    except ImportError:
+        pass
+
+    def save():
+        B.write_atomic(md, wf_md(d))
+        B.write_atomic(os.path.splitext(md)[0] + ".json", json.dumps(d, indent=1, default=str))
+    est = 0.0
+    for cfg in [c.strip() for c in a.configs.split(",") if c.strip()]:
+        left = guard.left()
+        need = max(est * 1.1, a.min_child_s)
+        if not guard.allow(need, cfg, d["skipped"]):
+            save()
+            continue
+        out = os.path.join(a.model_dir, f"wan_{a.tag}_row_{cfg.replace(':', '_')}.json")
+        if os.path.exists(out):
+            os.remove(out)
+        cmd = [sys.executable, os.path.abspath(__file__), "--mode", "child", "--config", cfg, "--child-out", out] \
+            + pass_args(a)
+        readahead([os.path.join(a.model_dir, n[k]) for k in ("high", "low", "lora_high", "lora_low")])
+        limit = min(a.child_timeout, left - 3) if left != float("inf") else a.child_timeout
+        say(f"{cfg}: child process (limit {limit:.0f}s)")
+        t = time.perf_counter()
+        err = None
+        try:
+            p = subprocess.run(cmd, timeout=limit)
+            if p.returncode != 0:
+                err = f"exit code {p.returncode}"
+        except subprocess.TimeoutExpired:
+            err = f"killed after {limit:.0f}s"
+        dt = time.perf_counter() - t
+        est = max(est, dt)
+        row = {"config": cfg}
+        if os.path.exists(out):
+            row = json.load(open(out))
+        if err:
+            row["error"] = err
+        row["process_s"] = dt
+        d["rows"].append(row)
+        save()
+        say(f"{cfg}: {dt:.1f}s{' (' + err + ')' if err else ''}")
+    save()
+    print(open(md).read())
+    say(f"wrote {md}")
+
+
+def readahead(paths: list) -> None:
+    """Ask the kernel to have the files in the page cache (asynchronous; cheap when they are there already),
+    so that every configuration's cold run reads them from memory, as the first did."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out or "gpu"
+    except (OSError, subprocess.SubprocessError):
+        return "gpu"
+
+
+def pass_args(a) -> list:
+    """The model and workflow options a child needs, as command-line arguments."""
+    out = ["--comfy", a.comfy, "--device", a.device, "--model-dir", a.model_dir, "--dim", str(a.dim),
+           "--ffn", str(a.ffn), "--layers", str(a.layers), "--height", str(a.height), "--width", str(a.width),
+           "--frames", str(a.frames), "--ctx", str(a.ctx), "--steps", str(a.steps), "--lora-rank", str(a.lora_rank),
+           "--shift", str(a.shift), "--seed", str(a.seed), "--fp8-marker", str(a.fp8_marker), "--tag", a.tag]
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=["make", "vram", "workflow", "child", "paths"], default="workflow",
+                    help="paths: print the files' paths (JSON) and exit")
+    ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--model-dir", default="/tmp/distorch_wan", help="where the files are made and read (disk)")
+    ap.add_argument("--dim", type=int, default=5120)
+    ap.add_argument("--ffn", type=int, default=13824)
+    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--ctx", type=int, default=512, help="text tokens (UMT5 length)")
+    ap.add_argument("--steps", type=int, default=None, help="vram: 6; workflow: 8 (split in half)")
+    ap.add_argument("--lora-rank", type=int, default=64, help="workflow LoRA rank (0: no LoRA)")
+    ap.add_argument("--shift", type=float, default=8.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--fp8-marker", type=int, default=2, choices=[0, 2],
+                    help="elements of the scaled_fp8 marker: 2 = no fp8 matmul (default), 0 = fp8 matmul allowed")
+    ap.add_argument("--vram", default="4,8,14", help="vram mode: DisTorch2 virtual_vram_gb values")
+    ap.add_argument("--native", default="4,8,13", help="vram mode: GiB ComfyUI's partial load leaves off")
+    ap.add_argument("--configs", default="plain,distorch:13,comfy:13,distorch:30,distorch:9",
+                    help="workflow mode: plain | distorch:<virtual_vram_gb> | comfy:<GiB off>, in this order "
+                    "(plain first: it writes the reference latents; the time guard drops the last ones first)")
+    ap.add_argument("--child-timeout", type=float, default=150.0, help="workflow: seconds per configuration")
+    ap.add_argument("--min-child-s", type=float, default=25.0,
+                    help="workflow: start no configuration with less time than this left")
+    ap.add_argument("--deadline", type=float, default=0.0, help="seconds from start after which no new row starts")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: dim 128, ffn 256, 2 layers, 64x64x5, 16 tokens, "
+                    "LoRA rank 4")
+    ap.add_argument("--tag", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="plain", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="results .md (default bench/results/wan_<mode>_<gpu>.md; under $OUT "
+                    "when set)")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.device, a.dim, a.ffn, a.layers, a.height, a.width, a.frames, a.ctx = "cpu", 128, 256, 2, 64, 64, 5, 16
+        if a.lora_rank == 64:
+            a.lora_rank = 4
+        if a.model_dir == "/tmp/distorch_wan":
+            a.model_dir = "/tmp/distorch_wan_tiny"
+        if a.vram == "4,8,14":
+            a.vram = "0.0005,1"
+        if a.configs == "plain,distorch:13,comfy:13,distorch:30,distorch:9":
+            a.configs = "plain,distorch:0.0005,distorch:1"
+        a.min_child_s = min(a.min_child_s, 5.0)
+    if a.steps is None:
+        a.steps = 6 if a.mode == "vram" else 8
+    if a.tag is None:
+        a.tag = f"d{a.dim}l{a.layers}f{a.ffn}m{a.fp8_marker}"
+    if a.dim % 128:
+        raise SystemExit(f"--dim {a.dim}: ComfyUI's Wan detection takes heads = dim // 128; give a multiple of 128")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.mode == "paths":
+        print(json.dumps({k: os.path.join(a.model_dir, v) for k, v in names(a).items()}))
+    elif a.mode == "make":
+        B.boot(a.comfy, a.device == "cpu")
+        import torch
+        with torch.inference_mode():
+            n = ensure_files(a)
+        print(os.path.join(a.model_dir, n["ready"]))
+    elif a.mode == "vram":
+        run_vram(a)
+    elif a.mode == "child":
+        child(a)
+    else:
+        run_workflow(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issue 10 (criterion 5) and issue 11 (criterion 6) in ONE device call (<= ~9.5 min, H200).
+#
+# Device tool:  run(command="bash bench/gpu_bench.sh", carry=[".whl", ".benchc"], kind="nvidia-h200", timeout_s=600)
+# (.whl and .benchc as bench/gpu_suite.sh describes them.)  Everything it writes lands in $OUT:
+#   comfy_vram_<gpu>.md/.json/.png    bench_comfy.py: Flux-dev bf16 in ComfyUI, 1024 and 512, s/it vs peak VRAM
+#   wan_vram_<gpu>.md/.json/.png      bench_comfy_wan.py --mode vram: one Wan-14B fp8_scaled expert, 480x832x17
+#   wan_workflow_<gpu>.md/.json       bench_comfy_wan.py --mode workflow: the two-expert workflow, one process
+#                                     per configuration, cold / warm, host RSS breakdown
+#   *.log (full output of each phase), card.txt, timing.txt
+# Phases (each under `timeout`; every script writes its results after each row, so a phase cut short keeps
+# the rows it finished, and each has its own --deadline so it stops starting rows in time):
+#   0. setup (wheels, ComfyUI tree)                                                     ~10 s
+#   W. in the background from the start: the Wan files (2 x 14.3 GB experts + 2 x 613 MB LoRAs, on disk in
+#      /tmp/distorch_wan, made once and reused by every later process)                  ~40-70 s, overlapped
+#   A. Flux (FLUX_S, default 245 s): make + load the 22.17 GiB model, wait for W, plain, ComfyUI partial at
+#      5 budgets x 2 resolutions, DisTorch2 at 10 budgets (one compile each, both resolutions)
+#   B. Wan vram (WANV_S, default 95 s): plain, ComfyUI partial at 3 budgets, DisTorch2 at 3 budgets
+#   C. Wan workflow (the rest, about 200 s): plain, distorch:13, comfy:13, distorch:30, distorch:9
+# Override: FLUX_S=.. WANV_S=.. TOTAL_S=.. (the whole, default 560) FLUX_ARGS=.. WANV_ARGS=.. WANW_ARGS=..
+# CPU rehearsal of this script (tiny models, no wheels, no GPU; tests/test_bench_smoke.py runs it):
+#   SMOKE=1 PY=/work/venv/bin/python OUT=/tmp/gb bash bench/gpu_bench.sh
+set -o pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+OUT=${OUT:-/tmp/gpu_bench}
+export OUT
+mkdir -p "$OUT"
+TOTAL_S=${TOTAL_S:-575}
+FLUX_S=${FLUX_S:-275}
+WANV_S=${WANV_S:-95}
+WAN_DIR=${WAN_DIR:-/tmp/distorch_wan}
+el() { echo $(( $(date +%s) - START )); }
+note() { echo "[gpu_bench $(el)s] $*" | tee -a "$OUT/timing.txt"; }
+
+PY=${PY:-python3}
+SMOKE=${SMOKE:-0}
+TINY=""
+: > "$OUT/timing.txt"
+
+# ---- 0. setup (as bench/gpu_suite.sh)
+if [ "$SMOKE" = 1 ]; then
+    TINY="--tiny"; TAG=cpu; WAN_DIR=${WAN_DIR_SMOKE:-/tmp/distorch_wan_tiny}
+    FLUX_ARGS=${FLUX_ARGS:---model-dir /tmp/distorch_bench_tiny}
+else
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        > "$OUT/setup.log" 2>&1 || { echo "wheel install failed"; tail -20 "$OUT/setup.log"; exit 1; }
+    ln -sfn "$PWD" /tmp/site/distorch
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if [ ! -d .comfy/ComfyUI/comfy ]; then
+        mkdir -p .comfy/ComfyUI && tar xzf .benchc/comfy.tgz -C .comfy/ComfyUI || { echo "ComfyUI tarball missing"; exit 1; }
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+    TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader -i 0 | $PY -c \
+          "import sys; sys.path.insert(0, 'bench'); import bench_comfy as B; print(B.card_tag(sys.stdin.read().strip()))")
+fi
+export PYTHONUNBUFFERED=1
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/card.txt"
+free -g | tee -a "$OUT/card.txt"
+df -h /tmp /dev/shm | tee -a "$OUT/card.txt"
+note "setup done, card tag $TAG"
+
+# ---- preflight (~10 s): distorch.compile under torch.inference_mode, as ComfyUI's executor runs the loaders;
+# a failure here would fail every DisTorch2 row below, so stop and keep the device time
+PRE_DEV=cuda:0; [ "$SMOKE" = 1 ] && PRE_DEV=cpu
+$PY - "$PRE_DEV" > "$OUT/preflight.log" 2>&1 <<'PREFLIGHT'
+import sys
+import torch
+import distorch
+dev = sys.argv[1]
+torch.manual_seed(0)
+x = torch.randn(16, 1024)
+with torch.inference_mode():          # weights made, compiled and run in inference mode, as inside ComfyUI
+    m = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+    ref = m.to(dev)(x.to(dev)).cpu()
+    m = m.to("cpu")
+    h = distorch.compile(m, compute=dev, offload_gb=16 / 1024, donors=["cpu"], progress=False)
+    ok = all(torch.equal(m(x.to(dev)).cpu(), ref) for _ in range(3))
+    print("preflight:", "ok" if ok else "OUTPUT DIFFERS", h.stats.get("streamed_units"), "streamed units")
+    h.undo()
+sys.exit(0 if ok else 1)
+PREFLIGHT
+PRE=$?
+if [ "$PRE" != 0 ]; then note "preflight failed (exit $PRE): not running the benchmarks"; tail -n 15 "$OUT/preflight.log"; exit 1; fi
+note "$(tail -n 1 "$OUT/preflight.log")"
+
+# ---- W. Wan files in the background (the flag is touched whether or not it worked: nobody waits forever)
+MADE="$WAN_DIR/.made_by_gpu_bench"
+mkdir -p "$WAN_DIR"; rm -f "$MADE"
+( $PY bench/bench_comfy_wan.py --mode make $TINY --model-dir "$WAN_DIR" > "$OUT/wan_make.log" 2>&1
+  echo "exit $?" >> "$OUT/wan_make.log"; touch "$MADE" ) &
+MAKE_PID=$!
+
+# ---- A. Flux in ComfyUI
+note "A: Flux (limit ${FLUX_S}s)"
+timeout -k 5 "$FLUX_S" $PY bench/bench_comfy.py $TINY --deadline $((FLUX_S - 20)) --wait-for "$MADE" \
+    --out "bench/results/comfy_vram_${TAG}.md" ${FLUX_ARGS:-} > "$OUT/flux.log" 2>&1
+note "A: exit $?"
+grep "bench_comfy" "$OUT/flux.log" | tail -n 4
+wait "$MAKE_PID"
+note "W: $(tail -n 1 "$OUT/wan_make.log")"
+
+# ---- B. Wan, one expert: s/it against peak VRAM
+note "B: Wan vram (limit ${WANV_S}s)"
+timeout -k 5 "$WANV_S" $PY bench/bench_comfy_wan.py --mode vram $TINY --model-dir "$WAN_DIR" --deadline $((WANV_S - 15)) \
+    --out "bench/results/wan_vram_${TAG}.md" ${WANV_ARGS:-} > "$OUT/wan_vram.log" 2>&1
+note "B: exit $?"
+grep "bench_wan" "$OUT/wan_vram.log" | tail -n 3
+
+# ---- C. Wan two-expert workflow, one process per configuration: what is left of TOTAL_S
+WANW_S=$(( TOTAL_S - $(el) ))
+[ "$WANW_S" -lt 60 ] && WANW_S=60
+note "C: Wan workflow (limit ${WANW_S}s)"
+timeout -k 5 "$WANW_S" $PY bench/bench_comfy_wan.py --mode workflow $TINY --model-dir "$WAN_DIR" \
+    --deadline $((WANW_S - 5)) --out "bench/results/wan_workflow_${TAG}.md" ${WANW_ARGS:-} > "$OUT/wan_workflow.log" 2>&1
+note "C: exit $?"
+
+# ---- charts again from the JSON (a phase cut short never drew its own), then the summary
+for f in comfy_vram wan_vram; do
+    [ -f "$OUT/${f}_${TAG}.json" ] && $PY bench/bench_comfy.py --plot "$OUT/${f}_${TAG}.json" "$OUT/${f}_${TAG}.png" \
+        > /dev/null 2>> "$OUT/plot.log"
+done
+note "done"
+echo; echo "=================== summary ==================="
+for f in comfy_vram wan_vram; do
+    echo "--- $f"; grep -E "^(Summary|Skipped)" "$OUT/${f}_${TAG}.md" 2>/dev/null || echo "(no results)"
+    grep -E "^\| [0-9]" "$OUT/${f}_${TAG}.md" 2>/dev/null | head -n 12
+done
+echo "--- wan_workflow"; grep -E "^\|" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null || echo "(no results)"
+grep -E "^Skipped" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null
+echo "--- errors (last lines of each log with Traceback)"
+for l in "$OUT"/*.log; do grep -q Traceback "$l" && { echo "## $l"; grep -A 3 -E "Error|error:" "$l" | tail -n 8; }; done
+cat "$OUT/timing.txt"

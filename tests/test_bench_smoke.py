@@ -1,0 +1,223 @@
+"""The ComfyUI benchmarks (bench/bench_comfy.py, bench/bench_comfy_wan.py) proven on CPU before a GPU runs them.
+
+Smoke runs: each script's --tiny mode in a subprocess against the real ComfyUI 0.3.75 (skipped without it
+unless DISTORCH_REQUIRE_COMFYUI=1), asserting that the result files exist, carry every row, and that every
+row's latent is bit-identical to the plain loader's.  Each smoke run may use at most 60 s of CPU time (its own
+processes, measured by getrusage, so that a busy machine does not fail it); a hung run is cut after a wall
+limit.  The pure helpers (floor, interpolation, ordering, the safetensors writer, the RSS sampler) are tested
+directly.  `DISTORCH_SMOKE_GPU_BENCH=1` also rehearses bench/gpu_bench.sh end to end on CPU (minutes).
+"""
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_harness import COMFY_DIR, require_comfy
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_comfy as B  # noqa: E402
+
+CPU_LIMIT_S = 60.0
+WALL_LIMIT_S = 420.0
+GiB = 1 << 30
+
+
+def run_script(args, tmp_path, env_extra=None):
+    """Run a bench script (CPU), return (returncode, output, CPU seconds its processes used)."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}     # results go where --out says
+    env.update({"DISTORCH_COMFYUI_DIR": str(COMFY_DIR), "PYTHONUNBUFFERED": "1"})
+    env.update(env_extra or {})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=WALL_LIMIT_S)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return p.returncode, p.stdout + p.stderr, cpu
+
+
+def check_run(rc, out, cpu):
+    assert rc == 0, out[-4000:]
+    assert cpu < CPU_LIMIT_S, f"smoke run used {cpu:.0f} s of CPU (limit {CPU_LIMIT_S:.0f})"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Smoke runs (real ComfyUI)
+# ------------------------------------------------------------------------------------------------------
+def test_bench_comfy_tiny(tmp_path):
+    require_comfy()
+    md = tmp_path / "comfy_vram_cpu.md"
+    rc, out, cpu = run_script(["bench/bench_comfy.py", "--tiny", "--model-dir", str(tmp_path / "m"),
+                               "--out", str(md)], tmp_path)
+    check_run(rc, out, cpu)
+    d = json.loads(md.with_suffix(".json").read_text())
+    rows = d["rows"]
+    labs = ["64x64", "32x32"]
+    assert [r["res"] for r in rows if r["kind"] == "plain"] == labs
+    dis = [r for r in rows if r["kind"] == "distorch"]
+    assert sorted((r["v"], r["res"]) for r in dis) == sorted((v, lab) for v in (0.5, 3.0) for lab in labs)
+    assert all(r["same"] is True for r in dis), [(r["name"], r["res"], r["same"]) for r in dis]
+    assert all(d["analysis"][lab]["all_bit_identical"] for lab in labs)
+    blk = [r for r in rows if r["kind"] == "block"]          # whole blocks forced, first resolution
+    assert blk and all(r["same"] is True and r["gran"] == "block" and r["res"] == labs[0] for r in blk)
+    full = max(dis, key=lambda r: r["v"])
+    assert full["off"] >= 0.95 * d["total_bytes"]   # virtual_vram_gb above the model: (nearly) all offloaded
+    assert 0 < min(dis, key=lambda r: r["v"])["off"] < d["total_bytes"]
+    assert all(r["pred_peak"] and r["pred_step"] and r["meas_step"] for r in dis)
+    assert not (tmp_path / "m" / "flux_rand_1x0.safetensors").exists()    # the file is removed once loaded
+    text = md.read_text()
+    assert "## 64x64" in text and "## 32x32" in text and "| NO |" not in text
+
+
+def test_bench_wan_vram_tiny(tmp_path):
+    require_comfy()
+    md = tmp_path / "wan_vram_cpu.md"
+    rc, out, cpu = run_script(["bench/bench_comfy_wan.py", "--tiny", "--mode", "vram", "--model-dir",
+                               str(tmp_path / "w"), "--out", str(md)], tmp_path)
+    check_run(rc, out, cpu)
+    d = json.loads(md.with_suffix(".json").read_text())
+    kinds = [r["kind"] for r in d["rows"]]
+    assert kinds.count("plain") == 1 and kinds.count("distorch") == 2
+    assert all(r["same"] is True for r in d["rows"] if r["kind"] != "plain")
+    assert d["analysis"]["64x64x5"]["all_bit_identical"]
+    assert max(r["off"] for r in d["rows"] if r["kind"] == "distorch") >= 0.95 * d["total_bytes"]
+    # the file is ComfyUI's fp8_scaled form: fp8 Linear weights, a scale per weight, the marker
+    from safetensors import safe_open
+    f = next((tmp_path / "w").glob("*_high_fp8_scaled.safetensors"))
+    with safe_open(str(f), "pt") as st:
+        keys = set(st.keys())
+        assert st.get_tensor("blocks.0.self_attn.q.weight").dtype == torch.float8_e4m3fn
+        assert st.get_tensor("blocks.0.self_attn.q.scale_weight").dtype == torch.float32
+        assert st.get_tensor("scaled_fp8").numel() == 2
+        assert st.get_tensor("blocks.0.modulation").dtype == torch.bfloat16
+    assert {"head.head.scale_weight", "blocks.1.ffn.2.scale_weight", "blocks.0.cross_attn.k.scale_weight"} <= keys
+
+
+def test_bench_wan_workflow_tiny(tmp_path):
+    require_comfy()
+    md = tmp_path / "wan_workflow_cpu.md"
+    rc, out, cpu = run_script(["bench/bench_comfy_wan.py", "--tiny", "--mode", "workflow", "--model-dir",
+                               str(tmp_path / "w"), "--configs", "plain,distorch:0.0005", "--out", str(md)], tmp_path)
+    check_run(rc, out, cpu)
+    d = json.loads(md.with_suffix(".json").read_text())
+    rows = {r["config"]: r for r in d["rows"]}
+    assert set(rows) == {"plain", "distorch:0.0005"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["same"] == {"high": True, "low": True} and r["warm_same_as_cold"]
+        assert r["cold_s"] > 0 and r["warm_s"] > 0 and r["s_step_warm"] > 0
+        for k in ("rss_before_load", "rss_after_unload", "rss_after_drop"):
+            assert r[k]["VmRSS"] > 0 and "RssAnon" in r[k] and "RssShmem" in r[k]
+        assert r["rss_cold"]["at_peak"]["VmRSS"] >= r["rss_before_load"]["VmRSS"] * 0.9
+        assert len(r["steps_warm"]["high"]["steps"]) == 3 and len(r["steps_warm"]["low"]["steps"]) == 3
+    assert 0 < rows["distorch:0.0005"]["off"]["high"]
+    assert len(list((tmp_path / "w").glob("*_lora_r4.safetensors"))) == 2
+    assert "| plain |" in md.read_text()
+
+
+@pytest.mark.skipif(os.environ.get("DISTORCH_SMOKE_GPU_BENCH") != "1",
+                    reason="rehearsal of bench/gpu_bench.sh takes minutes: DISTORCH_SMOKE_GPU_BENCH=1 runs it")
+def test_gpu_bench_script_rehearsal(tmp_path):
+    require_comfy()
+    env = {k: v for k, v in os.environ.items()}
+    env.update(SMOKE="1", PY=sys.executable, OUT=str(tmp_path / "out"), DISTORCH_COMFYUI_DIR=str(COMFY_DIR),
+               WAN_DIR_SMOKE=str(tmp_path / "w"), FLUX_ARGS=f"--model-dir {tmp_path / 'm'}")
+    p = subprocess.run(["bash", "bench/gpu_bench.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for f in ("comfy_vram_cpu.json", "wan_vram_cpu.json", "wan_workflow_cpu.json", "timing.txt"):
+        assert (tmp_path / "out" / f).exists(), f
+    assert "NO" not in (tmp_path / "out" / "wan_workflow_cpu.md").read_text().split("|---")[-1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers (no ComfyUI)
+# ------------------------------------------------------------------------------------------------------
+def test_floor_is_resident_until_the_weights_no_longer_fit():
+    M, act, bw, res = 20 * GiB, 1 * GiB, 50e9, 0.17
+    assert B.floor_at(M + act, M, res, act, bw) == res                  # everything held: resident
+    assert B.floor_at(M + act + GiB, M, res, act, bw) == res            # more than the model: still resident
+    f = B.floor_at(act + 2 * GiB, M, res, act, bw)                       # 2 GiB held: 18 GiB streamed
+    assert f == pytest.approx(18 * GiB / bw)
+    assert B.floor_at(act + 2 * GiB, M, res, act, None) is None
+
+
+def test_interp_inside_and_outside_the_curve():
+    pts = [(10.0, 0.3), (2.0, 0.5), (20.0, 0.2)]
+    assert B.interp(pts, 6.0) == pytest.approx(0.4)
+    assert B.interp(pts, 20.0) == pytest.approx(0.2)
+    assert B.interp(pts, 1.0) is None and B.interp(pts, 21.0) is None and B.interp([], 3.0) is None
+
+
+def test_spread_order_covers_the_range_first():
+    v = [0, 3, 6, 9, 12, 15, 18, 20, 21.5, 23]
+    o = B.spread_order(v)
+    assert sorted(o) == v and len(o) == len(v)
+    assert o[:2] == [23, 0] and o[2] in (12, 15)
+    assert B.spread_order([4, 1]) == [4, 1] and B.spread_order([]) == []
+
+
+def test_analyze_floor_ratio_and_speedup_at_equal_vram():
+    M = 20 * GiB
+    rows = [dict(kind="plain", res="r", name="p", peak=M + GiB, s_it=0.2, off=0),
+            dict(kind="distorch", res="r", name="d1", peak=11 * GiB, s_it=0.22, off=10 * GiB, same=True),
+            dict(kind="distorch", res="r", name="d2", peak=3 * GiB, s_it=0.42, off=18 * GiB, same=True),
+            dict(kind="comfy", res="r", name="c", peak=7 * GiB, s_it=0.40, off=14 * GiB, same=False)]
+    a = B.analyze(rows, M, 100e9)["r"]
+    assert a["activations"] == GiB
+    assert rows[1]["floor"] == pytest.approx(max(0.2, 10 * GiB / 100e9))
+    assert a["compare"][0]["ours_s_it"] == pytest.approx(0.32)
+    assert a["compare"][0]["speedup"] == pytest.approx(0.40 / 0.32)
+    assert a["all_bit_identical"] is False                    # the ComfyUI row differs
+    md = B.render_md({"title": "t", "gpu": "g", "torch": "x", "comfyui": "y", "date": "z", "model_line": "m",
+                      "command": "c", "rows": rows, "analysis": {"r": a}})
+    assert "| NO |" in md and "1.250x" in md
+
+
+def test_write_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file
+    src = {"a": torch.randn(3, 5).to(torch.bfloat16), "b.scale_weight": torch.tensor(0.25),
+           "c": (torch.randn(4, 4) * 10).to(torch.float8_e4m3fn), "scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+           "d": torch.arange(7, dtype=torch.int64)}
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in src.items()]
+    p = str(tmp_path / "x.safetensors")
+    n = B.write_safetensors(p, specs, lambda name, shape, dt: src[name], metadata={"k": 1})
+    assert n == sum(v.numel() * v.element_size() for v in src.values())
+    back = load_file(p)
+    assert set(back) == set(src) and all(B.bit_equal(back[k], src[k]) for k in src)
+    with pytest.raises(ValueError, match="declared"):
+        B.write_safetensors(p, [("a", (2, 2), torch.float32)], lambda *a: torch.zeros(3))
+    assert B.bit_equal(load_file(p)["a"], src["a"])            # a failed write leaves the old file
+
+
+def test_bit_equal_compares_bits():
+    x = torch.tensor([1.0, float("nan"), -0.0])
+    assert B.bit_equal(x, x.clone()) and not torch.equal(x, x.clone())
+    assert not B.bit_equal(x, torch.tensor([1.0, float("nan"), 0.0]))     # -0.0 and 0.0 differ in bits
+    assert not B.bit_equal(x, x.double()) and not B.bit_equal(x, None)
+
+
+def test_card_tag_and_guard():
+    assert B.card_tag("NVIDIA H200") == "h200" and B.card_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert B.card_tag("NVIDIA GeForce RTX 4090") == "rtx4090" and B.card_tag("cpu") == "cpu"
+    skipped = []
+    g = B.Guard(0)
+    assert g.left() == math.inf and g.allow(1e9, "x", skipped) and not skipped
+    g = B.Guard(1e-9)
+    assert not g.allow(1.0, "late row", skipped) and skipped == ["late row"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_rss_sampler_sees_an_allocation():
+    s = B.RssSampler(0.01)
+    base = s.mark()
+    assert base["VmRSS"] > 0 and {"RssAnon", "RssFile", "RssShmem", "sys_used"} <= set(base)
+    buf = torch.ones(64 << 20, dtype=torch.uint8)        # 64 MiB touched
+    pk = s.peak()
+    assert pk["max"]["RssAnon"] - base["RssAnon"] > 48 << 20
+    del buf
