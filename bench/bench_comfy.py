@@ -663,10 +663,64 @@ def wait_for(path: str, limit_s: float = 120.0) -> None:
     say(f"waited {time.perf_counter() - t:.1f}s for {path} ({'there' if os.path.exists(path) else 'NOT there'})")
 
 
+def merge(out_md: str, paths: list) -> str:
+    """Runs of this benchmark (their JSONs, each with its own resident baseline) as one document and chart:
+    every run's rows keep the floor and ratio computed against their own run's resident row; ComfyUI's
+    points and the whole-blocks rows are compared with our points of all runs at the same peak VRAM."""
+    import json
+    ds = [json.load(open(p)) for p in paths]
+    rows = []
+    for k, d in enumerate(ds, 1):
+        rows += [dict(r, run=k) for r in d["rows"]]
+    labs = list(dict.fromkeys(r["res"] for r in rows))
+    L = [f"# {ds[-1]['title']} ({len(ds)} runs merged)", "",
+         "Rows from separate device calls, each with its own resident (plain) row; floor and x floor are "
+         "computed against the row's own run. Runs:", ""]
+    for k, d in enumerate(ds, 1):
+        res = ", ".join(f"{lab} {a['resident_s_it']:.3f} s/it" for lab, a in d["analysis"].items())
+        L.append(f"- run {k}: {d['gpu']}, {d['date']}, pinned {d.get('bw', 0) / 1e9:.1f} GB/s, resident {res}; "
+                 f"`{d['command']}`")
+    L += ["", f"Merged by `python bench/bench_comfy.py --merge {out_md} {' '.join(paths)}`."]
+    for lab in labs:
+        rs = [r for r in rows if r["res"] == lab]
+        ours = sorted((r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "distorch")
+        L += ["", f"## {lab}", "", "| run | configuration | GiB off | peak VRAM GiB | s/it | x floor | bit-identical |",
+              "|---:|---|---:|---:|---:|---:|---|"]
+        for r in sorted(rs, key=lambda r: ({"plain": 0, "distorch": 1, "block": 2, "comfy": 3}[r["kind"]], -r["peak"])):
+            L.append(f"| {r['run']} | {r['name']} | {r['off'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {r['s_it']:.3f} | "
+                     f"{_f(r.get('x_floor'))} | {'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")
+        L += ["", "Against ours at the same peak VRAM (linear between our points of all runs):", "",
+              "| run | configuration | peak VRAM GiB | its s/it | ours at that VRAM | it / ours |", "|---:|---|---:|---:|---:|---:|"]
+        sp = []
+        for r in sorted((r for r in rs if r["kind"] in ("comfy", "block")), key=lambda r: -r["peak"]):
+            o = interp(ours, r["peak"] / GiB)
+            if o and r["kind"] == "comfy":
+                sp.append(r["s_it"] / o)
+            L.append(f"| {r['run']} | {r['name']} | {r['peak'] / GiB:.2f} | {r['s_it']:.3f} | "
+                     f"{_f(o, none='outside our range')} | {_f(o and r['s_it'] / o, '%.3fx')} |")
+        xf = [r["x_floor"] for r in rs if r["kind"] == "distorch" and r.get("x_floor")]
+        L += ["", f"Summary {lab}: {len(ours)} DisTorch2 points, worst {_f(max(xf) if xf else None, '%.3fx', 'n/a')} "
+              f"of the floor; ComfyUI / ours at equal VRAM {', '.join('%.3fx' % x for x in sp) or 'n/a'}; every row "
+              f"bit-identical: {'yes' if all(r.get('same') for r in rs if r['kind'] != 'plain') else 'NO'}."]
+    write_atomic(out_md, "\n".join(L) + "\n")
+    m = dict(ds[-1], rows=rows)
+    jpath = os.path.splitext(out_md)[0] + ".json"
+    with open(jpath, "w") as fh:
+        json.dump(m, fh, indent=1)
+    try:
+        plot(jpath, os.path.splitext(out_md)[0] + ".png")
+    except Exception as e:      # matplotlib missing: the table is the result
+        say(f"no chart ({type(e).__name__}: {e})")
+    return out_md
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 3 and argv[0] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
         print(plot(argv[1], argv[2]))
+        return
+    if len(argv) >= 3 and argv[0] == "--merge":      # python bench/bench_comfy.py --merge OUT.md A.json B.json ...
+        print(merge(argv[1], argv[2:]))
         return
     a = parse_args(argv)
     cpu = a.device == "cpu"

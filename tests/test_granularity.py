@@ -261,3 +261,20 @@ def test_sub_units_stream_bit_identical_on_cuda(kind):
         finally:
             h.undo()
         assert torch.equal(m(x), ref)
+
+
+def test_estimated_compute_weighs_the_fast_scenario():
+    """Flux-dev at --offload 6 on a declared H200: at the estimated compute both plans hide every copy (a
+    tie: whole blocks), but with compute 2x faster than estimated the layers hide more: layers."""
+    from distorch.compiler.files import graph_from_file, leaf_graph_from_file
+    from distorch.passes.granularity import granularity
+    inv = declare("cuda:0=141GiB,cpu=120GiB;cpu>cuda:0=55GB/s")
+    g = graph_from_file("flux-dev")
+    budget = dict(offload_gb=6)
+    plan = partition(g, inv, "cuda:0", **budget)
+    g2, p2 = granularity(g, plan, leaf_graph_from_file("flux-dev"), inv, "cuda:0", budget)
+    info = p2.predicted["granularity"]
+    assert info["sub_step_s"] == pytest.approx(info["block_step_s"], rel=MIN_GAIN)
+    assert info["sub_step_fast_s"] < info["block_step_fast_s"] * (1 - 2 * MIN_GAIN)
+    assert info["chosen"] == "sub" and g2.granularity == "sub"
+    assert p2.predicted["compute_peak_bytes"] <= g.total_bytes - 6 * GiB
