@@ -268,13 +268,16 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
     plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
     if granularity in ("auto", "sub") and not expert and plan.offloaded_bytes() > 0:
         graph, plan = _run(ran, "granularity", _choose_granularity, model, graph, plan, inv, comp, budget,
-                           force=granularity == "sub")
+                           force=granularity == "sub", args=tuple(example_args or ()), kwargs=example_kwargs)
     return graph, plan
 
 
-def _choose_granularity(model, graph: ModuleGraph, plan: Plan, inv, comp: str, budget: dict, force: bool = False):
-    """passes.granularity with the leaf graph of `model` (registration order, no call)."""
-    leaves = _trace_unchanged(model, (), None, granularity="leaf")
+def _choose_granularity(model, graph: ModuleGraph, plan: Plan, inv, comp: str, budget: dict, force: bool = False,
+                        args: tuple = (), kwargs: dict | None = None):
+    """passes.granularity with the leaf graph of `model`: traced on the example inputs when there are any (the
+    layers then come in call order, which the ring expects from its first step on), else registration order
+    (the ring learns the call order in its first step, with fallback loads)."""
+    leaves = _trace_unchanged(model, args, kwargs, granularity="leaf")
     return granularity_pass(graph, plan, leaves, inv, comp, budget, force=force)
 
 

@@ -278,3 +278,21 @@ def test_estimated_compute_weighs_the_fast_scenario():
     assert info["sub_step_fast_s"] < info["block_step_fast_s"] * (1 - 2 * MIN_GAIN)
     assert info["chosen"] == "sub" and g2.granularity == "sub"
     assert p2.predicted["compute_peak_bytes"] <= g.total_bytes - 6 * GiB
+
+
+def test_traced_sub_units_come_in_call_order_so_the_ring_never_falls_back():
+    """With example inputs the layers are ordered as they are called (a Flux double block calls img_mod,
+    then txt_mod ..., not in registration order): the ring's first step already expects that order."""
+    import test_torch_compile as T
+    m, args = T._model_and_inputs()
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    with torch.no_grad():
+        ref = m(*args)
+        h = distorch.compile(m, compute="cpu", offload_gb=0.5 * total / GiB, donors=["cpu"], example_args=args,
+                             progress=False, granularity="sub")
+        for _ in range(3):
+            assert torch.equal(m(*args), ref)
+    st = h.stats
+    assert h.plan.predicted["granularity"]["chosen"] == "sub"
+    assert st["deviations"] == 0 and st["fallback_loads"] == 0, (st["deviations"], st["fallback_loads"])
+    h.undo()
