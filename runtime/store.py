@@ -384,7 +384,8 @@ class HomeStore(UnitPart):
         """Every streamed parameter bound to its staged copy on `rt.undo_device`; homes and arenas freed.
 
         Back to the host the staged tensors are the homes' own views; then, arena by arena, each unit's
-        tensors are copied into storages of their own and the unit's pages are given back at once
+        tensors are copied into anonymous mappings of their own (runtime.pinning.mapped_copy: unmapped when
+        the model is dropped, never left in glibc's heap) and the unit's pages are given back at once
         (runtime.pinning.drop_pages), so RAM holds about one unit more than the model at any moment and
         the arena is gone at the end.  Only when nothing but the parameters uses the arena (counted); else
         the parameters stay views of it (still one copy), as they do if a copy fails for lack of memory."""
@@ -428,7 +429,7 @@ class HomeStore(UnitPart):
         with torch.no_grad():
             for i, (ptr, nbytes) in units:
                 try:
-                    new = [tensor(p).detach().clone() for p in self.params[i]]
+                    new = [_pinning.mapped_copy(tensor(p)) for p in self.params[i]]
                 except (RuntimeError, MemoryError) as e:
                     log.warning("distorch: undo left the host weights in their arena (copy failed: %s)", e)
                     return

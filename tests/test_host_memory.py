@@ -276,3 +276,40 @@ def test_parallel_fill_inside_inference_mode(monkeypatch):
         ref = m(x)
         st, _ = store_for(m, pin=False)
         assert torch.equal(m(x), ref)
+
+
+# ------------------------------------------------------------------------------------------ undo to the host
+def _mapped(t: torch.Tensor) -> bool:
+    """A mapping of its own starts at a page boundary; glibc's chunks (heap or mmapped) start past a header."""
+    return t.data_ptr() % 4096 == 0
+
+
+def test_undo_to_host_gives_each_weight_a_mapping_of_its_own():
+    """Weights copied back to the host by undo() sit in anonymous mappings of their own (not glibc's heap,
+    which keeps freed memory until malloc_trim): dropping the model later unmaps them at once."""
+    from distorch.runtime import pinning
+    t = torch.randn(512, 1024)                      # 2 MiB
+    c = pinning.mapped_copy(t)
+    assert torch.equal(c, t) and c.dtype == t.dtype and c.shape == t.shape and _mapped(c)
+    f8 = torch.randn(1024, 2048).to(torch.float8_e4m3fn)
+    c8 = pinning.mapped_copy(f8)
+    assert c8.dtype == torch.float8_e4m3fn and torch.equal(c8.view(torch.uint8), f8.view(torch.uint8))
+    del c, c8
+    gc.collect()
+    r0 = anon()
+    big = pinning.mapped_copy(torch.zeros(64 << 20, dtype=torch.uint8).fill_(1))
+    assert anon() - r0 >= 60 * MiB
+    del big
+    gc.collect()
+    assert anon() - r0 <= 4 * MiB, "the mapping must go with the last view"
+
+    m = TinyDiT().eval()
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        ref = m(x)
+    rt = apply(m, plan_all(m), progress=False)
+    rt.undo()                                        # back to the host, as ComfyUI's unload does
+    bigs = [p for p in m.blocks.parameters() if p.numel() * p.element_size() >= pinning.MAPPED_MIN_BYTES]
+    assert len(bigs) >= 4 and all(_mapped(p) for p in bigs)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
