@@ -219,22 +219,24 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: per 32-value sub-block scale and offset, (n, 8, 1) float32 each."""
     n = b.shape[0]
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _k_scale_min(b[:, 4:16])
-    dd = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    return (d * sc.to(torch.float32)).reshape(n, 8, 1), (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    dd, dm = _k_scales(b)
     q = _nibbles(b[:, 16:144].reshape(n, 4, 32), -2).reshape(n, 8, 32).to(torch.float32)
     return (dd * q - dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _k_scale_min(b[:, 4:16])
-    dd = (d * sc.to(torch.float32)).reshape(n, 8, 1)
-    dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    dd, dm = _k_scales(b)
     hi = _bits(b[:, 16:48], -2).reshape(n, 8, 32)
     lo = _nibbles(b[:, 48:176].reshape(n, 4, 32), -2).reshape(n, 8, 32)
     q = (lo | (hi << 4)).to(torch.float32)

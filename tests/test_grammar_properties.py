@@ -330,7 +330,7 @@ def _exact_size(text: str):
         return None
     mult = {"b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10 ** 3, "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
             "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9, "t": 1 << 40, "tib": 1 << 40, "tb": 10 ** 12}.get(unit)
-    if mult is None or not unit.isascii():
+    if mult is None:
         return None
     with localcontext() as ctx:
         ctx.prec = 200
