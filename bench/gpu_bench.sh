@@ -7,17 +7,18 @@
 #   wan_vram_<gpu>.md/.json/.png      bench_comfy_wan.py --mode vram: one Wan-14B fp8_scaled expert, 480x832x17
 #   wan_workflow_<gpu>.md/.json       bench_comfy_wan.py --mode workflow: the two-expert workflow, one process
 #                                     per configuration, cold / warm, host RSS breakdown
-#   *.log (full output of each phase), card.txt, timing.txt
+#   results.tgz: the JSONs, *.log (full output of each phase), card.txt, timing.txt (the device tool brings
+#                back at most 8 files per call; a first run lost its Wan results to that)
 # Phases (each under `timeout`; every script writes its results after each row, so a phase cut short keeps
 # the rows it finished, and each has its own --deadline so it stops starting rows in time):
 #   0. setup (wheels, ComfyUI tree)                                                     ~10 s
 #   W. in the background from the start: the Wan files (2 x 14.3 GB experts + 2 x 613 MB LoRAs, on disk in
 #      /tmp/distorch_wan, made once and reused by every later process)                  ~40-70 s, overlapped
-#   A. Flux (FLUX_S, default 245 s): make + load the 22.17 GiB model, wait for W, plain, ComfyUI partial at
+#   A. Flux (FLUX_S, default 275 s): make + load the 22.17 GiB model, wait for W, plain, ComfyUI partial at
 #      5 budgets x 2 resolutions, DisTorch2 at 10 budgets (one compile each, both resolutions)
 #   B. Wan vram (WANV_S, default 95 s): plain, ComfyUI partial at 3 budgets, DisTorch2 at 3 budgets
 #   C. Wan workflow (the rest, about 200 s): plain, distorch:13, comfy:13, distorch:30, distorch:9
-# Override: FLUX_S=.. WANV_S=.. TOTAL_S=.. (the whole, default 560) FLUX_ARGS=.. WANV_ARGS=.. WANW_ARGS=..
+# Override: FLUX_S=.. WANV_S=.. TOTAL_S=.. (the whole, default 575) PHASES=A|B|C|.. FLUX_ARGS=.. WANV_ARGS=.. WANW_ARGS=..
 # CPU rehearsal of this script (tiny models, no wheels, no GPU; tests/test_bench_smoke.py runs it):
 #   SMOKE=1 PY=/work/venv/bin/python OUT=/tmp/gb bash bench/gpu_bench.sh
 set -o pipefail
@@ -34,6 +35,9 @@ el() { echo $(( $(date +%s) - START )); }
 note() { echo "[gpu_bench $(el)s] $*" | tee -a "$OUT/timing.txt"; }
 
 PY=${PY:-python3}
+PHASES=${PHASES:-ABC}      # A Flux, B Wan vram, C Wan workflow (measured on an H200, 2026-12-01: A alone with 10
+#                            budgets x 2 resolutions + 5 ComfyUI points x 2 takes ~450 s, B+C ~400 s: give them
+#                            two calls, PHASES=A FLUX_S=540 TOTAL_S=560, then PHASES=BC WANV_S=150 TOTAL_S=560)
 SMOKE=${SMOKE:-0}
 TINY=""
 : > "$OUT/timing.txt"
@@ -84,36 +88,48 @@ PRE=$?
 if [ "$PRE" != 0 ]; then note "preflight failed (exit $PRE): not running the benchmarks"; tail -n 15 "$OUT/preflight.log"; exit 1; fi
 note "$(tail -n 1 "$OUT/preflight.log")"
 
+has() { case "$PHASES" in *"$1"*) return 0;; esac; return 1; }
+
 # ---- W. Wan files in the background (the flag is touched whether or not it worked: nobody waits forever)
 MADE="$WAN_DIR/.made_by_gpu_bench"
 mkdir -p "$WAN_DIR"; rm -f "$MADE"
-( $PY bench/bench_comfy_wan.py --mode make $TINY --model-dir "$WAN_DIR" > "$OUT/wan_make.log" 2>&1
-  echo "exit $?" >> "$OUT/wan_make.log"; touch "$MADE" ) &
-MAKE_PID=$!
+if has B || has C; then
+    ( $PY bench/bench_comfy_wan.py --mode make $TINY --model-dir "$WAN_DIR" > "$OUT/wan_make.log" 2>&1
+      echo "exit $?" >> "$OUT/wan_make.log"; touch "$MADE" ) &
+    MAKE_PID=$!
+else
+    touch "$MADE"; MAKE_PID=""
+fi
 
 # ---- A. Flux in ComfyUI
-note "A: Flux (limit ${FLUX_S}s)"
-timeout -k 5 "$FLUX_S" $PY bench/bench_comfy.py $TINY --deadline $((FLUX_S - 20)) --wait-for "$MADE" \
-    --out "bench/results/comfy_vram_${TAG}.md" ${FLUX_ARGS:-} > "$OUT/flux.log" 2>&1
-note "A: exit $?"
-grep "bench_comfy" "$OUT/flux.log" | tail -n 4
-wait "$MAKE_PID"
-note "W: $(tail -n 1 "$OUT/wan_make.log")"
+if has A; then
+    note "A: Flux (limit ${FLUX_S}s)"
+    timeout -k 5 "$FLUX_S" $PY bench/bench_comfy.py $TINY --deadline $((FLUX_S - 20)) --wait-for "$MADE" \
+        --out "bench/results/comfy_vram_${TAG}.md" ${FLUX_ARGS:-} > "$OUT/flux.log" 2>&1
+    note "A: exit $?"
+    grep "bench_comfy" "$OUT/flux.log" | tail -n 4
+fi
+[ -n "$MAKE_PID" ] && wait "$MAKE_PID" && note "W: $(tail -n 1 "$OUT/wan_make.log")"
+if ! has B && ! has C; then WANV_S=0; fi
 
 # ---- B. Wan, one expert: s/it against peak VRAM
+if has B; then
 note "B: Wan vram (limit ${WANV_S}s)"
 timeout -k 5 "$WANV_S" $PY bench/bench_comfy_wan.py --mode vram $TINY --model-dir "$WAN_DIR" --deadline $((WANV_S - 15)) \
     --out "bench/results/wan_vram_${TAG}.md" ${WANV_ARGS:-} > "$OUT/wan_vram.log" 2>&1
 note "B: exit $?"
 grep "bench_wan" "$OUT/wan_vram.log" | tail -n 3
+fi
 
 # ---- C. Wan two-expert workflow, one process per configuration: what is left of TOTAL_S
+if has C; then
 WANW_S=$(( TOTAL_S - $(el) ))
 [ "$WANW_S" -lt 60 ] && WANW_S=60
 note "C: Wan workflow (limit ${WANW_S}s)"
 timeout -k 5 "$WANW_S" $PY bench/bench_comfy_wan.py --mode workflow $TINY --model-dir "$WAN_DIR" \
     --deadline $((WANW_S - 5)) --out "bench/results/wan_workflow_${TAG}.md" ${WANW_ARGS:-} > "$OUT/wan_workflow.log" 2>&1
 note "C: exit $?"
+fi
 
 # ---- charts again from the JSON (a phase cut short never drew its own), then the summary
 for f in comfy_vram wan_vram; do
@@ -131,3 +147,9 @@ grep -E "^Skipped" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null
 echo "--- errors (last lines of each log with Traceback)"
 for l in "$OUT"/*.log; do grep -q Traceback "$l" && { echo "## $l"; grep -A 3 -E "Error|error:" "$l" | tail -n 8; }; done
 cat "$OUT/timing.txt"
+# the device tool brings back at most 8 files per call: keep the .md/.png results, pack the rest
+if [ "$SMOKE" != 1 ]; then
+    (cd "$OUT" && tar czf results.tgz --ignore-failed-read ./*.json ./*.log timing.txt card.txt 2>/dev/null \
+        && rm -f ./*.json ./*.log timing.txt card.txt)
+    ls "$OUT"
+fi
