@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 10 (criterion 5) and issue 11 (criterion 6) in ONE device call (<= ~9.5 min, H200).
+# The GPU benchmarks of issue 10 (criterion 5) and issue 11 (criterion 6): one device call, or two with PHASES (H200).
 #
 # Device tool:  run(command="bash bench/gpu_bench.sh", carry=[".whl", ".benchc"], kind="nvidia-h200", timeout_s=600)
 # (.whl and .benchc as bench/gpu_suite.sh describes them.)  Everything it writes lands in $OUT:
