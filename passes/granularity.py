@@ -35,7 +35,7 @@ from ..compiler.plan import Plan
 from ..errors import PartitionError
 from .partition import partition
 
-__all__ = ["sub_unit_graph", "choose", "granularity", "HOOK_S", "MIN_GAIN", "VRAM_GAIN_BYTES"]
+__all__ = ["sub_unit_graph", "choose", "granularity", "below_blocks", "HOOK_S", "MIN_GAIN", "VRAM_GAIN_BYTES"]
 
 HOOK_S = 30e-6      # host time per streamed unit and step (pre + post hook, an event, the views): each
 #                     streamed unit a plan adds over whole blocks adds this to its compute time (the host
@@ -185,3 +185,23 @@ def granularity(blocks: ModuleGraph, plan: Plan, leaves: ModuleGraph, inventory:
                 info["chosen"] = "sub"
     plan.predicted["granularity"] = info
     return graph, plan
+
+
+def below_blocks(error: PartitionError) -> bool:
+    """The whole-blocks partition failed only because the budget is under its minimum working set (one
+    block-sized slot + what cannot move): the layers inside the blocks, with layer-sized slots, may fit."""
+    return "minimum working set" in str(error)
+
+
+def sub_only(blocks: ModuleGraph, leaves: ModuleGraph, inventory: Inventory, compute: str, budget: dict,
+             error: PartitionError) -> tuple[ModuleGraph, Plan]:
+    """The sub-unit plan for a budget whole blocks cannot meet (`error`, from passes.partition on `blocks`):
+    re-raises `error` when the model does not split, and the sub-unit partition's own PartitionError (which
+    names the smaller, true minimum working set) when the layers do not fit either."""
+    sub = sub_unit_graph(blocks, leaves)
+    if sub is None:
+        raise error
+    plan = partition(sub, inventory, compute, **budget)
+    plan.predicted["granularity"] = {"chosen": "sub", "block_error": str(error),
+                                     "sub_step_s": (plan.predicted or {}).get("step_s")}
+    return sub, plan

@@ -34,8 +34,8 @@ from ..compiler import inventory as _inv
 from ..compiler.graph import ModuleGraph
 from ..compiler.plan import Plan
 from ..compiler.trace import trace
-from ..errors import DisTorchError
-from ..passes.granularity import granularity as granularity_pass
+from ..errors import DisTorchError, PartitionError
+from ..passes.granularity import below_blocks, granularity as granularity_pass, sub_only
 from ..passes.partition import partition
 from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
@@ -265,10 +265,19 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
     inv = inventory if inventory is not None else inventory_for(comp, donors)
     budget = dict(offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors or None, expert=expert,
                   clamp=clamp_offload)
-    plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
-    if granularity in ("auto", "sub") and not expert and plan.offloaded_bytes() > 0:
+    splits = granularity in ("auto", "sub") and not expert
+    args = tuple(example_args or ())
+    try:
+        plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
+    except PartitionError as e:
+        if not splits or not below_blocks(e):
+            raise
+        # a budget under whole blocks' minimum working set: the layers inside them may fit (smaller slots)
+        leaves = _trace_unchanged(model, args, example_kwargs, granularity="leaf")
+        return _run(ran, "granularity", sub_only, graph, leaves, inv, comp, budget, e)
+    if splits and plan.offloaded_bytes() > 0:
         graph, plan = _run(ran, "granularity", _choose_granularity, model, graph, plan, inv, comp, budget,
-                           force=granularity == "sub", args=tuple(example_args or ()), kwargs=example_kwargs)
+                           force=granularity == "sub", args=args, kwargs=example_kwargs)
     return graph, plan
 
 

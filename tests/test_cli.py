@@ -217,7 +217,8 @@ def test_max_vram_caps_the_footprint_and_table_prints_it(capsys):
     (["--vram", "3"], "--offload 3"),                     # refused, naming both new options
     (["--vram", "3"], "--max-vram"),
     (["--offload", "3", "--max-vram", "8"], "give one"),
-    (["--max-vram", "0.2"], "minimum working set"),
+    (["--max-vram", "0.1"], "minimum working set"),       # under one layer-sized slot (0.126 GiB)
+    (["--max-vram", "0.5", "--granularity", "block"], "minimum working set"),   # under one block-sized slot
     (["--max-vram", "-1"], "negative"),
     (["--max-vram", "abc"], "not a number"),
     (["--offload", "22.1"], "minimum working set"),         # leaves less than one slot's room

@@ -296,3 +296,30 @@ def test_traced_sub_units_come_in_call_order_so_the_ring_never_falls_back():
     assert h.plan.predicted["granularity"]["chosen"] == "sub"
     assert st["deviations"] == 0 and st["fallback_loads"] == 0, (st["deviations"], st["fallback_loads"])
     h.undo()
+
+
+def test_budget_under_whole_blocks_minimum_streams_layers():
+    """A max_vram_gb under one block-sized slot is not an error when the layers inside the blocks fit; the
+    error, when even they do not fit, names their (smaller, true) minimum."""
+    from distorch.cli import main
+    from distorch.errors import PartitionError
+    from distorch.passes.granularity import below_blocks, sub_only
+    with torch.device("meta"):
+        m = Net(d=1024, n=4)                              # blocks of 34 MB, layers of at most 17 MB
+    inv = declare("cuda:0=8GiB,cpu=8GiB;cpu>cuda:0=25GB/s")
+    gb, gl = trace(m), trace(m, granularity="leaf")
+    block = max(u.bytes for u in gb.units if u.kind == "block")
+    cap = 0.7 * block / GiB                               # below one block-sized slot
+    with pytest.raises(PartitionError, match="minimum working set") as ei:
+        partition(gb, inv, "cuda:0", max_vram_gb=cap)
+    assert below_blocks(ei.value)
+    g, plan = sub_only(gb, gl, inv, "cuda:0", dict(max_vram_gb=cap), ei.value)
+    assert plan.predicted["granularity"]["chosen"] == "sub" and "block_error" in plan.predicted["granularity"]
+    assert plan.predicted["compute_peak_bytes"] <= cap * GiB and g.granularity == "sub"
+    with pytest.raises(PartitionError, match=r"minimum working set") as e2:
+        sub_only(gb, gl, inv, "cuda:0", dict(max_vram_gb=0.01 * block / GiB), ei.value)
+    assert e2.value is not ei.value and "slot for the largest streamed unit" in str(e2.value)
+    dev = "cuda:0=141GiB,cpu=120GiB;cpu>cuda:0=55GB/s"
+    assert main(["plan", "flux-dev", "--compute", "cuda:0", "--devices", dev, "--max-vram", "0.5"]) == 0
+    assert main(["plan", "flux-dev", "--compute", "cuda:0", "--devices", dev, "--max-vram", "0.5",
+                 "--granularity", "block"]) == 2
