@@ -99,8 +99,12 @@ def test_bench_wan_vram_tiny(tmp_path):
     assert {"head.head.scale_weight", "blocks.1.ffn.2.scale_weight", "blocks.0.cross_attn.k.scale_weight"} <= keys
 
 
-def test_bench_wan_workflow_tiny(tmp_path):
+@pytest.mark.parametrize("gran", ["auto", "sub"])
+def test_bench_wan_workflow_tiny(tmp_path, monkeypatch, gran):
+    """The two-expert fp8_scaled workflow with LoRAs; with DISTORCH_GRANULARITY=sub the layers inside the
+    blocks stream (scaled-fp8 layers, LoRA'd weights re-read from the file): still bit-identical."""
     require_comfy()
+    monkeypatch.setenv("DISTORCH_GRANULARITY", gran)
     md = tmp_path / "wan_workflow_cpu.md"
     rc, out, cpu = run_script(["bench/bench_comfy_wan.py", "--tiny", "--mode", "workflow", "--model-dir",
                                str(tmp_path / "w"), "--configs", "plain,distorch:0.0005", "--out", str(md)], tmp_path)
