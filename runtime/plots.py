@@ -17,7 +17,7 @@ import importlib.util
 import os
 from typing import Any
 
-__all__ = ["require", "PlotDependencyError", "INSTALL_HINT", "timeline_png", "placement_png", "bench_png"]
+__all__ = ["require", "PlotDependencyError", "INSTALL_HINT", "timeline_png", "placement_png", "placement_groups", "bench_png"]
 
 INSTALL_HINT = "pip install matplotlib (or, in a checkout of distorch: pip install -e .[plot])"
 
@@ -78,26 +78,48 @@ def timeline_png(events: list[dict], path: str, title: str = "distorch timeline"
     return path
 
 
+def placement_groups(plan: Any) -> list[tuple[str, dict[str, int]]]:
+    """(label, {device: bytes}) per bar in execution order: one per unit, except that the layers of a split
+    block (kind "sub", passes/granularity.py) share one bar, the block's, stacked by where each layer lives
+    (label: the first two parts of the name, `double_blocks.3`, the block a layer list holds)."""
+    groups: list[tuple[str, dict[str, int]]] = []
+    for u in sorted(plan.units, key=lambda u: u.order):
+        key = ".".join(u.name.split(".")[:2]) if getattr(u, "kind", "") == "sub" else u.name
+        if getattr(u, "kind", "") == "sub" and groups and groups[-1][0] == key:
+            per = groups[-1][1]
+        else:
+            per = {}
+            groups.append((key, per))
+        per[u.device] = per.get(u.device, 0) + u.bytes
+    return groups
+
+
 def placement_png(plan: Any, path: str, title: str = "placement per unit") -> str:
-    """Bar per unit in execution order, height = MiB, colour = home device."""
+    """Bar per unit in execution order (a split block's layers stacked in one bar), height = MiB, colour =
+    home device."""
     plt = _plt()
-    units = sorted(plan.units, key=lambda u: u.order)
-    devs = sorted({u.device for u in units}, key=lambda d: (d != plan.compute, d))
+    groups = placement_groups(plan)
+    devs = sorted({u.device for u in plan.units}, key=lambda d: (d != plan.compute, d))
     col = {d: _COLORS[i % len(_COLORS)] for i, d in enumerate(devs)}
-    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(units) + 3), 4))
-    xs = range(len(units))
-    ax.bar(xs, [u.bytes / 2**20 for u in units], color=[col[u.device] for u in units], width=0.85)
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(groups) + 3), 4))
+    xs = range(len(groups))
+    bottom = [0.0] * len(groups)
+    for d in devs:
+        h = [per.get(d, 0) / 2**20 for _, per in groups]
+        if any(h):
+            ax.bar(xs, h, bottom=bottom, color=col[d], width=0.85)
+            bottom = [b + x for b, x in zip(bottom, h)]
     # the legend's entries are patches in the bars' own colours (an empty bar() gives a handle with no
     # patch, which matplotlib draws in the first cycle colour: every entry blue)
     from matplotlib.patches import Patch
     ax.legend(handles=[Patch(facecolor=col[d], label=f"{d} (compute)" if d == plan.compute else f"{d} (home, streamed)")
                        for d in devs])
-    ax.set_xlabel("unit (execution order)")
+    ax.set_xlabel("unit, or block of split layers (execution order)")
     ax.set_ylabel("MiB")
     ax.set_title(title)
-    if len(units) <= 40:
+    if len(groups) <= 40:
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([u.name for u in units], rotation=90, fontsize=6)
+        ax.set_xticklabels([g for g, _ in groups], rotation=90, fontsize=6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -323,3 +323,16 @@ def test_budget_under_whole_blocks_minimum_streams_layers():
     assert main(["plan", "flux-dev", "--compute", "cuda:0", "--devices", dev, "--max-vram", "0.5"]) == 0
     assert main(["plan", "flux-dev", "--compute", "cuda:0", "--devices", dev, "--max-vram", "0.5",
                  "--granularity", "block"]) == 2
+
+
+def test_placement_plot_stacks_the_layers_of_a_split_block():
+    from distorch.compiler.files import graph_from_file, leaf_graph_from_file
+    from distorch.runtime import plots
+    inv = declare("cuda:0=141GiB,cpu=120GiB;cpu>cuda:0=55GB/s")
+    sub = sub_unit_graph(graph_from_file("flux-dev"), leaf_graph_from_file("flux-dev"))
+    plan = partition(sub, inv, "cuda:0", offload_gb=14)
+    groups = plots.placement_groups(plan)
+    labels = [g for g, _ in groups]
+    assert len(groups) < 80 and "double_blocks.0" in labels and "single_blocks.37" in labels
+    assert sum(sum(per.values()) for _, per in groups) == plan.model_bytes
+    assert any(len(per) == 2 for _, per in groups)          # a block partly resident, partly streamed
