@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 
