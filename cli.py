@@ -234,24 +234,15 @@ def _plan(args) -> int:
     if args.expert and (offload is not None or max_vram is not None):
         print("distorch: note: --expert overrides --offload/--max-vram/--donor", file=sys.stderr)
     from .compiler.files import graph_from_file, leaf_graph_from_file
-    from .errors import PartitionError
-    from .passes.granularity import below_blocks, granularity, sub_only
+    from .passes.granularity import place as place_granularity
     graph = graph_from_file(args.file)
     budget = dict(offload_gb=offload, max_vram_gb=max_vram, donors=args.donor, expert=args.expert,
                   window_bytes=window)
-    splits = args.granularity != "block" and not args.expert and window is None
-    try:
+    if args.granularity == "block" or args.expert or window is not None:
         plan = partition(graph, inv, compute, **budget)
-    except PartitionError as e:
-        if not splits or not below_blocks(e):
-            raise
-        # under whole blocks' minimum working set: the layers inside them may fit (passes/granularity.py)
-        graph, plan = sub_only(graph, leaf_graph_from_file(args.file), inv, compute, budget, e)
-    else:
-        if splits and plan.offloaded_bytes() > 0:
-            # whole blocks or the layers inside them, as the nodes choose (passes/granularity.py)
-            graph, plan = granularity(graph, plan, leaf_graph_from_file(args.file), inv, compute, budget,
-                                      force=args.granularity == "sub")
+    else:   # whole blocks or the layers inside them, as the nodes choose (passes/granularity.py)
+        graph, plan = place_granularity(graph, lambda: leaf_graph_from_file(args.file), inv, compute, budget,
+                                        args.granularity)
     for w in plan.predicted.get("warnings", ()):
         print(f"distorch: warning: {w}", file=sys.stderr)
     sched = schedule(plan, graph)

@@ -27,6 +27,7 @@ blocks, tensors the leaf graph does not own), and the caller keeps whole blocks.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Callable
 
 from ..compiler.cost import simulate, unit_compute_s
 from ..compiler.graph import ROOT, ModuleGraph, Unit
@@ -35,7 +36,8 @@ from ..compiler.plan import Plan
 from ..errors import PartitionError
 from .partition import partition
 
-__all__ = ["sub_unit_graph", "choose", "granularity", "below_blocks", "HOOK_S", "MIN_GAIN", "VRAM_GAIN_BYTES"]
+__all__ = ["sub_unit_graph", "choose", "granularity", "below_blocks", "sub_only", "place", "HOOK_S", "MIN_GAIN",
+           "VRAM_GAIN_BYTES"]
 
 HOOK_S = 30e-6      # host time per streamed unit and step (pre + post hook, an event, the views): each
 #                     streamed unit a plan adds over whole blocks adds this to its compute time (the host
@@ -106,10 +108,6 @@ def sub_unit_graph(blocks: ModuleGraph, leaves: ModuleGraph) -> ModuleGraph | No
     return g
 
 
-def streamed_units(plan: Plan) -> int:
-    return sum(1 for u in plan.units if u.device != plan.compute and u.bytes > 0)
-
-
 def choose(options: list[tuple[ModuleGraph, Plan]]) -> int:
     """Index of the plan to use: options[0] (whole blocks) unless another predicts a step faster by more
     than MIN_GAIN, after HOOK_S for each streamed unit it adds (the fastest such one); else one as fast
@@ -118,7 +116,7 @@ def choose(options: list[tuple[ModuleGraph, Plan]]) -> int:
     base, peak0 = pb.get("step_s"), pb.get("compute_peak_bytes")
     if base is None:
         return 0
-    n0 = streamed_units(options[0][1])
+    n0 = len(options[0][1].offloaded())
     best, best_cost = 0, base * (1 - MIN_GAIN)
     frees = None            # as fast within MIN_GAIN and holding VRAM_GAIN_BYTES less: the fallback choice
     for i, (_, p) in enumerate(options[1:], 1):
@@ -127,7 +125,7 @@ def choose(options: list[tuple[ModuleGraph, Plan]]) -> int:
         if s is None:
             continue
         # the hooks' host time overlaps the waits for copies: it lengthens the step only past them
-        cost = max(s, pp.get("compute_s", 0.0) + HOOK_S * max(0, streamed_units(p) - n0))
+        cost = max(s, pp.get("compute_s", 0.0) + HOOK_S * max(0, len(p.offloaded()) - n0))
         if cost < best_cost:
             best, best_cost = i, cost
         elif (frees is None and peak is not None and peak0 is not None and cost <= base * (1 + MIN_GAIN)
@@ -205,3 +203,25 @@ def sub_only(blocks: ModuleGraph, leaves: ModuleGraph, inventory: Inventory, com
     plan.predicted["granularity"] = {"chosen": "sub", "block_error": str(error),
                                      "sub_step_s": (plan.predicted or {}).get("step_s")}
     return sub, plan
+
+
+def _direct(name: str, fn: Callable, *args: Any, **kw: Any) -> Any:
+    return fn(*args, **kw)
+
+
+def place(blocks: ModuleGraph, leaves: Callable[[], ModuleGraph], inventory: Inventory, compute: str, budget: dict,
+          mode: str = "auto", run: Callable = _direct) -> tuple[ModuleGraph, Plan]:
+    """passes.partition of `blocks` under `budget`, then this pass (mode "auto" chooses, "sub" takes the
+    sub-unit plan whenever the model splits); a budget under whole blocks' minimum working set goes to
+    sub_only.  `leaves()` gives the leaf graph, called only when needed (tracing a module for it may cost a
+    forward).  `run(name, fn, *args, **kw)` calls each pass (runtime.api names them in its errors)."""
+    try:
+        plan = run("partition", partition, blocks, inventory, compute, **budget)
+    except PartitionError as e:
+        if not below_blocks(e):
+            raise
+        return run("granularity", sub_only, blocks, leaves(), inventory, compute, budget, e)
+    if plan.offloaded_bytes() > 0:
+        return run("granularity", granularity, blocks, plan, leaves(), inventory, compute, budget,
+                   force=mode == "sub")
+    return blocks, plan

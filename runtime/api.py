@@ -34,8 +34,8 @@ from ..compiler import inventory as _inv
 from ..compiler.graph import ModuleGraph
 from ..compiler.plan import Plan
 from ..compiler.trace import trace
-from ..errors import DisTorchError, PartitionError
-from ..passes.granularity import below_blocks, granularity as granularity_pass, sub_only
+from ..errors import DisTorchError
+from ..passes.granularity import place as granularity_place
 from ..passes.partition import partition
 from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
@@ -265,29 +265,15 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
     inv = inventory if inventory is not None else inventory_for(comp, donors)
     budget = dict(offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors or None, expert=expert,
                   clamp=clamp_offload)
-    splits = granularity in ("auto", "sub") and not expert
-    args = tuple(example_args or ())
-    try:
-        plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
-    except PartitionError as e:
-        if not splits or not below_blocks(e):
-            raise
-        # a budget under whole blocks' minimum working set: the layers inside them may fit (smaller slots)
-        leaves = _trace_unchanged(model, args, example_kwargs, granularity="leaf")
-        return _run(ran, "granularity", sub_only, graph, leaves, inv, comp, budget, e)
-    if splits and plan.offloaded_bytes() > 0:
-        graph, plan = _run(ran, "granularity", _choose_granularity, model, graph, plan, inv, comp, budget,
-                           force=granularity == "sub", args=args, kwargs=example_kwargs)
-    return graph, plan
+    if granularity not in ("auto", "sub") or expert:
+        return graph, _run(ran, "partition", partition, graph, inv, comp, **budget)
 
-
-def _choose_granularity(model, graph: ModuleGraph, plan: Plan, inv, comp: str, budget: dict, force: bool = False,
-                        args: tuple = (), kwargs: dict | None = None):
-    """passes.granularity with the leaf graph of `model`: traced on the example inputs when there are any (the
-    layers then come in call order, which the ring expects from its first step on), else registration order
-    (the ring learns the call order in its first step, with fallback loads)."""
-    leaves = _trace_unchanged(model, args, kwargs, granularity="leaf")
-    return granularity_pass(graph, plan, leaves, inv, comp, budget, force=force)
+    def leaves() -> ModuleGraph:
+        # traced on the example inputs when there are any: the layers then come in call order, which the
+        # ring expects from its first step on (else registration order, learned in the first step)
+        return _trace_unchanged(model, tuple(example_args or ()), example_kwargs, granularity="leaf")
+    return granularity_place(graph, leaves, inv, comp, budget, granularity,
+                             run=lambda name, fn, *a, **k: _run(ran, name, fn, *a, **k))
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):

@@ -37,17 +37,6 @@ def _make_sd3(path, depth=DEPTH, seed=0):
     return sd
 
 
-def _make_lora(sd, path, rank=4, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    lora = {}
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.dim() == 2 and "joint_blocks" in k:
-            base = "diffusion_model." + k[: -len(".weight")]
-            lora[base + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.1
-            lora[base + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.1
-    safetensors.torch.save_file(lora, path)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_models")
@@ -56,7 +45,7 @@ def models(tmp_path_factory):
     lora_dir.mkdir()
     sd = _make_sd3(str(unet_dir / "tiny_sd3.safetensors"))
     _make_sd3(str(unet_dir / "tiny_sd3_b.safetensors"), seed=1)
-    _make_lora(sd, str(lora_dir / "tiny_lora.safetensors"))
+    H.save_tiny_lora(sd, str(lora_dir / "tiny_lora.safetensors"))
     folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
     folder_paths.add_model_folder_path("loras", str(lora_dir))
     return {"unet": "tiny_sd3.safetensors", "unet_b": "tiny_sd3_b.safetensors", "lora": "tiny_lora.safetensors", "sd": sd}

@@ -24,17 +24,6 @@ from distorch.runtime import pinning  # noqa: E402
 MiB = 1 << 20
 
 
-def _lora_for(sd, path, rank=4, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    lora = {}
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.dim() == 2 and "joint_blocks" in k:
-            base = "diffusion_model." + k[: -len(".weight")]
-            lora[base + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.1
-            lora[base + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.1
-    safetensors.torch.save_file(lora, path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_homes")
@@ -43,11 +32,11 @@ def files(tmp_path_factory):
     lora_dir.mkdir()
     small = H.tiny_mmdit_state(2, 0)
     safetensors.torch.save_file(small, str(unet_dir / "lh_small.safetensors"))
-    _lora_for(small, str(lora_dir / "lh_small_lora.safetensors"))
+    H.save_tiny_lora(small, str(lora_dir / "lh_small_lora.safetensors"))
     # ~300 MiB once loaded (fp16 file, cast to float32 by ComfyUI on CPU): a second copy would show in RSS
     big = {k: v.half() for k, v in H.tiny_mmdit_state(8, 1).items()}
     safetensors.torch.save_file(big, str(unet_dir / "lh_big.safetensors"))
-    _lora_for(big, str(lora_dir / "lh_big_lora.safetensors"))
+    H.save_tiny_lora(big, str(lora_dir / "lh_big_lora.safetensors"))
     del big, small
     folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
     folder_paths.add_model_folder_path("loras", str(lora_dir))
