@@ -36,6 +36,7 @@ import torch
 
 try:
     from distorch.formats import bf16_codec as codec
+    from distorch.formats.bf16_encode import encode
 except ImportError:  # pragma: no cover - run from a checkout whose folder is not named distorch
     sys.exit("put the folder holding this package (as `distorch`) on PYTHONPATH")
 
@@ -90,7 +91,7 @@ def timed_encode(t: torch.Tensor, executor=None, reps: int = 2) -> tuple[codec.E
     best, enc = float("inf"), None
     for _ in range(reps):
         t0 = time.perf_counter()
-        enc = codec.encode(t, executor=executor)
+        enc = encode(t, executor=executor)
         best = min(best, time.perf_counter() - t0)
     return enc, t.numel() * 2 / best / 1e6
 
@@ -196,7 +197,7 @@ def main() -> int:
         lines += ["", f"Levels on {tuple(t.shape)} normal 0.02 bf16 (default block and warps):", "",
                   "| max levels | widths | ratio | dec GB/s triton | exact |", "|---|---|---|---|---|"]
         for levels in (2, 3, 4):
-            enc = codec.encode(t, max_levels=levels).to(dev)
+            enc = encode(t, max_levels=levels).to(dev)
             out.zero_()
             codec.decode_triton(enc, out)
             ok = exact(out, ref)
@@ -208,7 +209,7 @@ def main() -> int:
         lines += ["", f"Triton kernel on {tuple(t.shape)} normal 0.02 bf16 by block size and warps (GB/s of output):",
                   "", "| block | ratio | warps 4 | warps 8 | warps 16 |", "|---|---|---|---|---|"]
         for block in (1024, 2048, 4096):
-            enc = codec.encode(t, block=block).to(dev)
+            enc = encode(t, block=block).to(dev)
             row = [f"{block}", f"{enc.ratio:.4f}"]
             for w in (4, 8, 16):
                 out.zero_()

@@ -15,7 +15,8 @@ import torch
 
 from distorch.errors import DisTorchError, FileFormatError
 from distorch.formats import bf16_codec as codec
-from distorch.formats.bf16_codec import CodecError, CodecMeta, Encoded, decode, encode
+from distorch.formats.bf16_codec import CodecError, CodecMeta, Encoded, decode
+from distorch.formats.bf16_encode import choose_widths, encode
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -190,7 +191,7 @@ def brute_force_bits(counts, max_levels):
 def test_choose_widths_is_optimal(seed, max_levels):
     g = torch.Generator().manual_seed(seed)
     counts = (torch.rand(40, generator=g) ** 6 * 10000).long().tolist()
-    ws = codec.choose_widths(counts, n_blocks=0, max_levels=max_levels)   # n_blocks=0: code bits only
+    ws = choose_widths(counts, n_blocks=0, max_levels=max_levels)   # n_blocks=0: code bits only
     assert 1 <= len(ws) <= max_levels
     f = sorted((c for c in counts if c), reverse=True)
     covered, total = 0, 0
@@ -201,11 +202,11 @@ def test_choose_widths_is_optimal(seed, max_levels):
 
 
 def test_choose_widths_edges():
-    assert codec.choose_widths([0, 5, 0]) == (0,)
-    assert codec.choose_widths([]) == (0,)
-    assert codec.choose_widths([1] * 256, max_levels=1) == (8,)
+    assert choose_widths([0, 5, 0]) == (0,)
+    assert choose_widths([]) == (0,)
+    assert choose_widths([1] * 256, max_levels=1) == (8,)
     with pytest.raises(DisTorchError, match="max_levels"):
-        codec.choose_widths([1, 2], max_levels=5)
+        choose_widths([1, 2], max_levels=5)
 
 
 def test_layout_aligned_and_sized():
