@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             y = y_comp
             if have_triton:
                 best = None
-                for tile in (tiles if qt in COMMON else [dq._TRITON.TILE]):
+                for tile in (tiles if qt in COMMON else [dq._triton().TILE]):
                     r = raw
                     f = (lambda r=r, tile=tile: dq._triton_run(qt, r, torch.bfloat16, tile=tile))
                     f()
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if any(tile_best.values()):
         notes.append("- Triton tile (weights per program) vs device time summed over the common types: " +
                      ", ".join(f"{t}: {sum(v) * 1e6:.0f} us" for t, v in tile_best.items() if v) +
-                     f" (default tile {dq._TRITON.TILE})")
+                     f" (default tile {dq._triton().TILE})")
     # small-tensor cost of one call (the runtime calls it per weight per step)
     try:
         small = random_blocks(QT.Q8_0, 3072 * 3072 // 32, device, gen)

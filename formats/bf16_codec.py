@@ -55,6 +55,7 @@ import sys
 import torch
 
 from ..errors import DisTorchError, FileFormatError
+from .optional import lazy_module
 
 __all__ = ["CodecError", "CodecMeta", "Encoded", "decode", "decode_triton", "scratch_bytes", "layout",
            "triton_available", "MAX_LEVELS", "DEFAULT_MAX_LEVELS", "DEFAULT_BLOCK", "DTYPES"]
@@ -371,20 +372,12 @@ def _check_out(enc: Encoded, out: torch.Tensor | None) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Triton decoder: formats/bf16_codec_triton.py, imported on first use (Triton is optional)
 
-_TRITON = None          # the bf16_codec_triton module once imported; False when unavailable
+_triton = lazy_module(".bf16_codec_triton", __package__, "Triton bf16 decoder", log)   # the module, or None
 
 
 def triton_available() -> bool:
     """Whether the Triton decoder can be imported (it runs on CUDA, or on the CPU with TRITON_INTERPRET=1)."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import bf16_codec_triton
-            _TRITON = bf16_codec_triton
-        except Exception as e:  # no triton, or a triton we cannot use
-            log.info("distorch: Triton bf16 decoder unavailable (%s: %s)", type(e).__name__, e)
-            _TRITON = False
-    return _TRITON is not False
+    return _triton() is not None
 
 
 def decode_triton(enc: Encoded, out: torch.Tensor | None = None, *, num_warps: int | None = None) -> torch.Tensor:
@@ -394,5 +387,5 @@ def decode_triton(enc: Encoded, out: torch.Tensor | None = None, *, num_warps: i
         raise DisTorchError("decode_triton needs Triton (pip install triton); decode() works without it")
     out = _check_out(enc, out)
     if enc.meta.numel:
-        _TRITON.launch(enc, out, num_warps=num_warps)
+        _triton().launch(enc, out, num_warps=num_warps)
     return out

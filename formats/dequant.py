@@ -47,6 +47,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import DisTorchError, GGUFError, UnsupportedQuantError
+from .optional import lazy_module
 
 __all__ = ["dequantize", "dequantize_into", "quantized_nbytes", "check_supported", "as_qtype", "supported_names",
            "set_backend", "get_backend", "triton_available", "warmup", "BLOCK_SIZES", "PLAIN_TYPES",
@@ -304,19 +305,11 @@ def _eager(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Triton path (CUDA): formats/dequant_triton.py, imported on first use (Triton is an optional
 # dependency, and importing it costs time); same fp32 arithmetic as the torch code above, bit-identical.
 
-_TRITON = None          # the dequant_triton module once imported; False when unavailable
+_triton = lazy_module(".dequant_triton", __package__, "Triton dequantizer", log)   # the module, or None
 
 
 def triton_available() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import dequant_triton
-            _TRITON = dequant_triton
-        except Exception as e:  # no triton, or a triton we cannot use
-            log.info("distorch: Triton dequantizer unavailable (%s: %s)", type(e).__name__, e)
-            _TRITON = False
-    return _TRITON is not False
+    return _triton() is not None
 
 
 def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None = None,
@@ -325,7 +318,7 @@ def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None 
     n_out = raw.numel() // ts * qb
     if out is None:
         out = torch.empty(n_out, dtype=dtype, device=raw.device)
-    _TRITON.launch(raw, out, _levels(raw.device), n_out, int(qt), qb, ts, tile=tile, num_warps=num_warps)
+    _triton().launch(raw, out, _levels(raw.device), n_out, int(qt), qb, ts, tile=tile, num_warps=num_warps)
     return out
 
 
