@@ -48,6 +48,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_comfy as B  # noqa: E402
+import comfy_report as R  # noqa: E402
 
 B.NAME = "bench_wan"
 say = B.say
@@ -295,7 +296,7 @@ def child(a):
     row = {"config": a.config, "kind": kind, "value": float(val) if val else None}
 
     def save():
-        B.write_atomic(a.child_out, json.dumps(row, indent=1, default=str))
+        R.write_atomic(a.child_out, json.dumps(row, indent=1, default=str))
 
     marks = []
     phase = {"name": None}
@@ -445,8 +446,8 @@ def wf_md(d: dict) -> str:
         off = r.get("off") or {}
         same = r.get("same")
         L.append(
-            f"| {r['config']} | {B._f(r.get('s_step_warm'))} | {B._f(r.get('s_step_cold'))} | {B._f(r.get('cold_s'), '%.2f')} | "
-            f"{B._f(r.get('warm_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
+            f"| {r['config']} | {R._f(r.get('s_step_warm'))} | {R._f(r.get('s_step_cold'))} | {R._f(r.get('cold_s'), '%.2f')} | "
+            f"{R._f(r.get('warm_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
             f"{gb((r.get('rss_before_load') or {}).get('VmRSS'))} | {gb(ap.get('VmRSS'))} | {gb(ap.get('RssAnon'))} | "
             f"{gb(ap.get('RssFile'))} | {gb(ap.get('RssShmem'))} | {gb(mx.get('distorch_pinned'))} | "
             f"{gb(mx.get('comfy_pinned'))} | {gb(mx.get('sys_used'))} | {gb((r.get('rss_after_unload') or {}).get('VmRSS'))} | "
@@ -493,8 +494,8 @@ def run_workflow(a):
         pass
 
     def save():
-        B.write_atomic(md, wf_md(d))
-        B.write_atomic(os.path.splitext(md)[0] + ".json", json.dumps(d, indent=1, default=str))
+        R.write_atomic(md, wf_md(d))
+        R.write_atomic(os.path.splitext(md)[0] + ".json", json.dumps(d, indent=1, default=str))
     est = 0.0
     for cfg in [c.strip() for c in a.configs.split(",") if c.strip()]:
         left = guard.left()

@@ -23,6 +23,7 @@ from comfy_harness import COMFY_DIR, require_comfy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_comfy as B  # noqa: E402
+import comfy_report as R  # noqa: E402
 
 CPU_LIMIT_S = 60.0
 WALL_LIMIT_S = 420.0
@@ -144,18 +145,18 @@ def test_gpu_bench_script_rehearsal(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 def test_floor_is_resident_until_the_weights_no_longer_fit():
     M, act, bw, res = 20 * GiB, 1 * GiB, 50e9, 0.17
-    assert B.floor_at(M + act, M, res, act, bw) == res                  # everything held: resident
-    assert B.floor_at(M + act + GiB, M, res, act, bw) == res            # more than the model: still resident
-    f = B.floor_at(act + 2 * GiB, M, res, act, bw)                       # 2 GiB held: 18 GiB streamed
+    assert R.floor_at(M + act, M, res, act, bw) == res                  # everything held: resident
+    assert R.floor_at(M + act + GiB, M, res, act, bw) == res            # more than the model: still resident
+    f = R.floor_at(act + 2 * GiB, M, res, act, bw)                       # 2 GiB held: 18 GiB streamed
     assert f == pytest.approx(18 * GiB / bw)
-    assert B.floor_at(act + 2 * GiB, M, res, act, None) is None
+    assert R.floor_at(act + 2 * GiB, M, res, act, None) is None
 
 
 def test_interp_inside_and_outside_the_curve():
     pts = [(10.0, 0.3), (2.0, 0.5), (20.0, 0.2)]
-    assert B.interp(pts, 6.0) == pytest.approx(0.4)
-    assert B.interp(pts, 20.0) == pytest.approx(0.2)
-    assert B.interp(pts, 1.0) is None and B.interp(pts, 21.0) is None and B.interp([], 3.0) is None
+    assert R.interp(pts, 6.0) == pytest.approx(0.4)
+    assert R.interp(pts, 20.0) == pytest.approx(0.2)
+    assert R.interp(pts, 1.0) is None and R.interp(pts, 21.0) is None and R.interp([], 3.0) is None
 
 
 def test_spread_order_covers_the_range_first():
@@ -172,13 +173,13 @@ def test_analyze_floor_ratio_and_speedup_at_equal_vram():
             dict(kind="distorch", res="r", name="d1", peak=11 * GiB, s_it=0.22, off=10 * GiB, same=True),
             dict(kind="distorch", res="r", name="d2", peak=3 * GiB, s_it=0.42, off=18 * GiB, same=True),
             dict(kind="comfy", res="r", name="c", peak=7 * GiB, s_it=0.40, off=14 * GiB, same=False)]
-    a = B.analyze(rows, M, 100e9)["r"]
+    a = R.analyze(rows, M, 100e9)["r"]
     assert a["activations"] == GiB
     assert rows[1]["floor"] == pytest.approx(max(0.2, 10 * GiB / 100e9))
     assert a["compare"][0]["ours_s_it"] == pytest.approx(0.32)
     assert a["compare"][0]["speedup"] == pytest.approx(0.40 / 0.32)
     assert a["all_bit_identical"] is False                    # the ComfyUI row differs
-    md = B.render_md({"title": "t", "gpu": "g", "torch": "x", "comfyui": "y", "date": "z", "model_line": "m",
+    md = R.render_md({"title": "t", "gpu": "g", "torch": "x", "comfyui": "y", "date": "z", "model_line": "m",
                       "command": "c", "rows": rows, "analysis": {"r": a}})
     assert "| NO |" in md and "1.250x" in md
 
