@@ -281,7 +281,8 @@ class RssSampler(threading.Thread):
 
 def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0) -> dict:
     """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it =
-    median step after the first (which includes loading), peak VRAM minus `filler_bytes`, the latent."""
+    median step after the first (which includes loading), peak VRAM minus `filler_bytes`, the latent, and the
+    host memory through the run: peak VmRSS, peak RssAnon, distorch's pinned bytes (RssSampler)."""
     import torch
     import comfy.sample
     times = []
@@ -296,9 +297,15 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
         torch.cuda.reset_peak_memory_stats(dev)
     lat = comfy.sample.fix_empty_latent_channels(m, latent)
     noise = comfy.sample.prepare_noise(lat, 42)
+    rss = RssSampler()                      # host memory through the run (load included)
+    rss.start()
     t0 = time.perf_counter()
-    out = comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", cond, cond, lat,
-                              callback=cb, disable_pbar=True, seed=42)
+    try:
+        out = comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", cond, cond, lat,
+                                  callback=cb, disable_pbar=True, seed=42)
+    finally:
+        host = rss.peak()
+        rss.stop()
     first = times[0] - t0
     dts = [b - a_ for a_, b in zip(times, times[1:])]
     sit = statistics.median(dts) if dts else first
@@ -308,7 +315,9 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
     finite = bool(torch.isfinite(out).all())
     say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load {first:.1f}s, "
         f"peak {peak / GiB:.2f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
-    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "finite": finite, "out": out}
+    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "finite": finite, "out": out,
+            "rss_peak": host["at_peak"].get("VmRSS", 0), "rss_anon_peak": host["max"].get("RssAnon", 0),
+            "pinned_peak": host["max"].get("distorch_pinned", 0)}
 
 
 def comfy_filler(mm, model, latent_shape, off_bytes: int, dev):

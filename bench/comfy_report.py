@@ -96,13 +96,15 @@ def render_md(d: dict) -> str:
           "(peak - activations)) / pinned bandwidth), activations = plain peak - model; predicted footprint = "
           "plan.predicted['compute_peak_bytes'] (weights + slots + buffers, no activations); predicted step = "
           "plan.predicted['step_s'] at compile, 'after profiling' = handle.stats['predicted_step_s'] after "
-          "sampling; runtime step = handle.stats['measured_step_s']. Bit-identical: the latent's bytes equal the "
+          "sampling; runtime step = handle.stats['measured_step_s']; host RSS = this process's VmRSS (and RssAnon) "
+          "at their peak during the run, sampled every 50 ms. Bit-identical: the latent's bytes equal the "
           "plain row's."]
     for lab, a in d["analysis"].items():
         L += ["", f"## {lab}", "",
               "| configuration | GiB off | peak VRAM GiB | s/it | floor s/it | x floor | pred. footprint GiB "
-              "| pred. + act. GiB | pred. step s | pred. after profiling s | runtime step s | first step s | bit-identical |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| pred. + act. GiB | pred. step s | pred. after profiling s | runtime step s | first step s "
+              "| peak host RSS GiB | RssAnon GiB | bit-identical |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted((r for r in d["rows"] if r["res"] == lab),
                         key=lambda r: ({"plain": 0, "distorch": 1, "block": 2, "comfy": 3}[r["kind"]], -r["peak"])):
             pp = r.get("pred_peak")
@@ -110,6 +112,8 @@ def render_md(d: dict) -> str:
                      f"{_f(r.get('floor'))} | {_f(r.get('x_floor'), '%.3f')} | {_f(pp and pp / GiB, '%.2f')} | "
                      f"{_f(pp and (pp + a['activations']) / GiB, '%.2f')} | {_f(r.get('pred_step'))} | "
                      f"{_f(r.get('pred_step_after'))} | {_f(r.get('meas_step'))} | {_f(r.get('first_s'), '%.2f')} | "
+                     f"{_f(r.get('rss_peak') and r['rss_peak'] / GiB, '%.2f')} | "
+                     f"{_f(r.get('rss_anon_peak') and r['rss_anon_peak'] / GiB, '%.2f')} | "
                      f"{'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")
         if a["compare"]:
             L += ["", "ComfyUI's own partial loading against ours at the same peak VRAM (ours interpolated "
@@ -212,11 +216,12 @@ def merge(out_md: str, paths: list) -> str:
     for lab in labs:
         rs = [r for r in rows if r["res"] == lab]
         ours = sorted((r["peak"] / GiB, r["s_it"]) for r in rs if r["kind"] == "distorch")
-        L += ["", f"## {lab}", "", "| run | configuration | GiB off | peak VRAM GiB | s/it | x floor | bit-identical |",
-              "|---:|---|---:|---:|---:|---:|---|"]
+        L += ["", f"## {lab}", "", "| run | configuration | GiB off | peak VRAM GiB | s/it | x floor | peak host RSS GiB "
+              "| bit-identical |", "|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in sorted(rs, key=lambda r: ({"plain": 0, "distorch": 1, "block": 2, "comfy": 3}[r["kind"]], -r["peak"])):
             L.append(f"| {r['run']} | {r['name']} | {r['off'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {r['s_it']:.3f} | "
-                     f"{_f(r.get('x_floor'))} | {'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")
+                     f"{_f(r.get('x_floor'))} | {_f(r.get('rss_peak') and r['rss_peak'] / GiB, '%.2f', 'not recorded')} | "
+                     f"{'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")
         L += ["", "Against ours at the same peak VRAM (linear between our points of all runs):", "",
               "| run | configuration | peak VRAM GiB | its s/it | ours at that VRAM | it / ours |", "|---:|---|---:|---:|---:|---:|"]
         sp = []

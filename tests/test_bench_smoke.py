@@ -65,6 +65,8 @@ def test_bench_comfy_tiny(tmp_path):
     assert sorted((r["v"], r["res"]) for r in dis) == sorted((v, lab) for v in (0.5, 3.0) for lab in labs)
     assert all(r["same"] is True for r in dis), [(r["name"], r["res"], r["same"]) for r in dis]
     assert all(d["analysis"][lab]["all_bit_identical"] for lab in labs)
+    assert all(r["rss_peak"] > 0 and r["rss_anon_peak"] > 0 for r in rows)     # host memory beside s/it
+    assert "peak host RSS GiB" in md.read_text()
     blk = [r for r in rows if r["kind"] == "block"]          # whole blocks forced, first resolution
     assert blk and all(r["same"] is True and r["gran"] == "block" and r["res"] == labs[0] for r in blk)
     full = max(dis, key=lambda r: r["v"])
