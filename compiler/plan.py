@@ -42,6 +42,10 @@ class Plan:
     # GGUF units: unit name -> one of CHOICES (passes/quant_choice.py, runtime/gguf_stream.py);
     # units not named: streamed when offloaded, else resident quantized
     quant: dict = field(default_factory=dict)
+    # units whose bf16/fp16 weights stream losslessly compressed (passes/codec_choice.py chooses,
+    # runtime/codec_stream.py carries it out): unit name -> its predicted bytes as streamed (compressed
+    # codable tensors + the rest raw); units not named stream raw
+    codec: dict = field(default_factory=dict)
 
     @property
     def model_bytes(self) -> int:

@@ -15,6 +15,8 @@ runtime/hooks.py (attach / begin / pre / post / end / detach, composed once):
     clock      step events, host time per step, the step count                           runtime/profile.py
     profiler   per-unit and per-copy events (profile=True, or while autotune measures)   runtime/profile.py
     dequant    streamed GGUF units dequantized in their slot, one launch per run         runtime/slot_dequant.py
+    codec      units streamed compressed (Plan.codec): packed bf16/fp16 bytes decoded     runtime/codec_stream.py
+               from the slot into one scratch buffer, the parameters bound there
 
 Every tensor is classified once (runtime/place.py): a parameter reached only from inside ONE offloaded
 unit is *streamed* -- it moves into the unit's home and its original storage is released; everything
@@ -59,6 +61,7 @@ from .hooks import Chains
 from .place import Resident, classify
 from .profile import Profiler, StepClock
 from .ring import Ring
+from .codec_stream import SlotDecode, encode_units
 from .slot_dequant import SlotDequant
 from .store import HomeStore, parse_device
 from .stream import Backend
@@ -106,12 +109,24 @@ class Runtime:
         if window_units is not None and int(window_units) < 1 and self.units:
             raise DisTorchError(f"window_units={window_units!r}: need at least 1 slot to stream "
                                 f"{len(self.units)} unit(s)")
-        self.store = HomeStore(self.units, c.streamed, c.home_of, homes, pin=be.cuda, progress=progress)
+        # Plan.codec units: their bf16/fp16 weights coded once, homed and streamed compressed
+        coded_units = [n for n in self.units if n in (plan.codec or {}) and n not in (homes or {})]
+        coded = encode_units(c.streamed, coded_units, self.device, progress=progress) if coded_units else None
+        try:
+            self.store = HomeStore(self.units, c.streamed, c.home_of, homes, pin=be.cuda, progress=progress,
+                                   coded=coded)
+        except BaseException:
+            if coded:
+                coded.restore()       # every coded weight decoded back (from its home if it got one)
+            raise
+        if coded:
+            coded.enc.clear()         # the binders hold the metadata and the homes the bytes from here on
         self.resident.place(c.resident, c.buffers, self.device)
         hs = [self.store.homes[n] for n in self.units]
         # one slot's share of the plan's window: the largest streamed unit as the plan counts it (the
         # planner sizes the window as n_slots x that, compiler.ring_layout.n_slots_for)
-        self.unit_bytes = max((u.bytes for u in plan.units if u.name in self.index), default=0) or \
+        self.unit_bytes = max(((plan.codec or {}).get(u.name) or u.bytes for u in plan.units
+                               if u.name in self.index), default=0) or \
             max((h.nbytes for h in hs), default=0)
         if window_units is None:
             big = self.unit_bytes
@@ -119,6 +134,7 @@ class Runtime:
         if unit_dequant is None:
             unit_dequant = be.cuda
         self.dequant = SlotDequant(self.store.params, hs, self.device, unit_dequant)
+        self.codec = SlotDecode(self.store.params, self.device, coded.stats() if coded else None)
         pos = {u.name: k for k, u in enumerate(sorted(plan.units, key=lambda u: u.order))}
         self.ring = Ring(be, hs, self.store.params, [pos[n] for n in self.units], window_units, self.dequant)
         self.learn = self.ring.learn
@@ -127,11 +143,11 @@ class Runtime:
         if autotune is None:
             autotune = be.cuda and (plan.predicted or {}).get("basis") != "measured"
         self.autotune = Autotune(bool(autotune and self.units))
-        self.saved = SavedWeights(self.ring, self.dequant)
+        self.saved = SavedWeights(self.ring, [self.dequant, self.codec])
         self.guard = StateGuard(module, self.store, self.ring, host=not be.cuda)
         # pre/begin run in this order, post/end in reverse, detach in reverse (runtime/hooks.py)
         self.parts = [self.resident, self.store, self.guard, self.autotune, self.ring, self.clock,
-                      self.profiler, self.dequant, self.saved]
+                      self.profiler, self.dequant, self.codec, self.saved]
         self._pending = None           # parts still to detach while an undo() is under way
 
         self.chains = Chains(len(self.units), self.units)

@@ -20,6 +20,7 @@ $DISTORCH_FILL_THREADS sets the pool size (default min(8, CPUs); 1 = the serial 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from typing import Callable
@@ -112,18 +113,25 @@ def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], None], *,
             submit_upto(i + 1 + window)
 
 
-def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every: int) -> dict:
+def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every: int,
+                    coded: dict | None = None) -> dict:
     """Copy the parameters of each Home's unit (`streamed[home.unit]`: [(name, param)]) into it in parallel,
     then, unit by unit in order, rebind them to their home (the old storages are released) and call
     on_homed(home).  Heap memory freed on the way is given back every `trim_every` bytes.  Returns the host
-    storages the parameters had ({ptr: (weakref, nbytes)}): one still alive afterwards is a second copy."""
+    storages the parameters had ({ptr: (weakref, nbytes)}): one still alive afterwards is a second copy.
+    `coded`: id(param) -> formats.bf16_codec.Encoded of the compressed parameters (runtime/codec_stream.py):
+    their packed bytes are copied instead, the parameter is not rebound, and the entry is dropped from
+    `coded` then points at the home's bytes (its temporary bytes are freed; a failure later still decodes
+    it back from there)."""
+    coded = {} if coded is None else coded
     from torch.multiprocessing.reductions import StorageWeakRef
     held: dict = {}
     items = []
     for h in homes:
         pairs = []
         for (_, p), v in zip(streamed[h.unit], h.views()):
-            old = p.raw if _gs.is_gguf(p) else p.data
+            enc = coded.get(id(p))
+            old = enc.buf if enc is not None else p.raw if _gs.is_gguf(p) else p.data
             if old.device.type == "cpu" and old.untyped_storage().nbytes():
                 st = old.untyped_storage()
                 held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
@@ -135,7 +143,9 @@ def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every:
         h = homes[i]
         with torch.no_grad():
             for (_, p), (v, _) in zip(streamed[h.unit], items[i][1]):
-                if _gs.is_gguf(p):      # quantized: the home holds the stored blocks
+                if id(p) in coded:      # compressed: the home holds its packed bytes; the temporary goes
+                    coded[id(p)] = dataclasses.replace(coded[id(p)], buf=v)     # (restorable from the home)
+                elif _gs.is_gguf(p):    # quantized: the home holds the stored blocks
                     _gs.set_raw(p, v)
                 else:
                     p.data = v          # the original storage is released here (unless held elsewhere)

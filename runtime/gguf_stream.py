@@ -72,7 +72,9 @@ def binder(p: torch.Tensor) -> torch.Tensor | RawBinder:
 
 
 def param_of(b: torch.Tensor | RawBinder) -> torch.Tensor:
-    return b.param if type(b) is RawBinder else b
+    """The parameter behind a runtime list entry: itself, or the one a binder (RawBinder here, CodedBinder
+    in runtime/codec_stream.py) stands in for."""
+    return b if isinstance(b, torch.Tensor) else b.param
 
 
 def retag_device(p: torch.Tensor, raw: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ bytes soon after; its parameters are rebound to other views too.  Autograd saves
 backward needs -- a weight (by reference, as a leaf), a view of one (`w.t()` inside F.linear) -- so
 a backward after the slot was refilled would compute with someone else's bytes.  While a streamed unit
 runs with grad enabled, this part installs torch.autograd.graph.saved_tensors_hooks whose pack hook
-clones every saved tensor that lives in a slot (or in the GGUF dequantization scratch) and leaves every
+clones every saved tensor that lives in a slot (or in the GGUF dequantization or bf16 decode scratch) and leaves every
 other tensor alone.  Backward then reads exactly the values the forward used: input and weight
 gradients equal the uncompiled model's.  The cost is the usual one of training: the weights autograd
 saved stay in memory (on the compute device) until backward frees the graph.  Under torch.no_grad /
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .apply import Runtime
     from .ring import Ring
-    from .slot_dequant import SlotDequant
 
 __all__ = ["SavedWeights"]
 
@@ -34,9 +33,9 @@ class SavedWeights(UnitPart):
     """The part (runtime/hooks.py); composed after the ring and the dequantizer, so its pre runs once the
     unit's weights are bound and its post before the slot is handed on."""
 
-    def __init__(self, ring: Ring, dequant: SlotDequant) -> None:
+    def __init__(self, ring: Ring, scratch_parts: list) -> None:
         self.ring = ring
-        self.dequant = dequant
+        self.scratch_parts = scratch_parts      # parts with a `scratch` buffer units compute from (dequant, codec)
         self.ctx = None
         self._pool = None
         self.ptrs: frozenset = frozenset()
@@ -46,9 +45,10 @@ class SavedWeights(UnitPart):
         pool = self.ring.pool
         if pool is not self._pool:
             flats = list(pool.flats) if pool is not None else []
-            scratch = getattr(self.dequant, "scratch", None)
-            if scratch is not None:
-                flats.append(scratch)
+            for part in self.scratch_parts:
+                scratch = getattr(part, "scratch", None)
+                if scratch is not None:
+                    flats.append(scratch)
             self.ptrs = frozenset(f.untyped_storage().data_ptr() for f in flats)
             self._pool = pool
         return self.ptrs

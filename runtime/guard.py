@@ -28,7 +28,9 @@ import copy
 import torch
 
 from ..errors import DisTorchError
+from ..formats.bf16_encode import encode
 from . import gguf_stream as _gs
+from .codec_stream import CodedBinder, decode_home, is_coded
 from .hooks import UnitPart
 from typing import TYPE_CHECKING
 
@@ -151,13 +153,21 @@ class StateGuard(UnitPart):
                     state_dict[k] = hv[id(p)]
 
     def _load_pre(self, mod, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        # compressed homes first, all or nothing: new values may code to more bytes than their home holds
+        coded = _code_all([(prefix + q, b, v, state_dict.get(prefix + q)) for q, (b, v) in self.names.items()
+                           if is_coded(b) and state_dict.get(prefix + q) is not None], error_msgs)
         with torch.no_grad():
+            for b, v, enc in coded:
+                v[:enc.nbytes].copy_(enc.buf)
+                b.meta = enc.meta
             for q, (b, v) in self.names.items():
                 val = state_dict.get(prefix + q)
                 if val is None:
                     continue
                 p = _gs.param_of(b)
-                if p is not b:
+                if is_coded(b):
+                    continue
+                elif p is not b:
                     raw = getattr(val, "raw", None)
                     if _gs.is_gguf(val) and raw is not None and raw.numel() == v.numel():
                         v.copy_(raw.reshape(v.shape))
@@ -197,8 +207,11 @@ class StateGuard(UnitPart):
             p = _gs.param_of(b)
             if id(p) in memo:
                 continue
-            val = v if share else v.clone()
-            new = torch.nn.Parameter(val, requires_grad=p.requires_grad) if p is b else p.with_raw(val)
+            if is_coded(b):
+                new = torch.nn.Parameter(decode_home(b.meta, v, "cpu"), requires_grad=p.requires_grad)
+            else:
+                val = v if share else v.clone()
+                new = torch.nn.Parameter(val, requires_grad=p.requires_grad) if p is b else p.with_raw(val)
             memo[id(p)] = new
             keep.append(p)
         if share:
@@ -238,6 +251,28 @@ class StateGuard(UnitPart):
                 sub.__dict__.pop(k, None)
         self.patched = []
         self.dense, self.names, self.rest = [], {}, []
+
+
+def _code_all(items: list, error_msgs: list) -> list:
+    """[(key, binder, home view, new value)] of compressed parameters -> [(binder, home view, Encoded)] to
+    write.  A value of the wrong shape is left to error_msgs (torch's own report); one that codes to more
+    bytes than its home holds raises StateError before anything is written."""
+    out, over = [], []
+    for k, b, home, val in items:
+        m = b.meta
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(m.shape):
+            error_msgs.append(f"{k}: a compressed streamed parameter takes a tensor of shape {tuple(m.shape)} "
+                              f"(got {tuple(getattr(val, 'shape', ())) or type(val).__name__})")
+            continue
+        enc = encode(val.detach().to("cpu", m.torch_dtype).contiguous())
+        if enc.nbytes > home.numel():
+            over.append(f"{k} ({enc.nbytes} bytes coded, its home holds {home.numel()})")
+        out.append((b, home, enc))
+    if over:
+        raise StateError(f"load_state_dict changed nothing: {len(over)} compressed streamed weight(s) code to "
+                         f"more bytes than their homes hold: {'; '.join(over[:3])}{' ...' if len(over) > 3 else ''}. "
+                         "Call handle.undo(), load the weights, and compile again")
+    return out
 
 
 class _ApplyGuard:

@@ -15,6 +15,8 @@ attributes so that tests on a machine without CUDA can put a fake in (monkeypatc
 """
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -129,6 +131,27 @@ def drop_pages(ptr: int, nbytes: int) -> None:
 MAPPED_MIN_BYTES = 1 << 20   # host copies at least this large get an anonymous mapping of their own
 
 
+def mapped_empty(shape: "tuple | torch.Size", dtype: "torch.dtype") -> "torch.Tensor":
+    """An uninitialised contiguous host tensor in an anonymous memory mapping of its own (see mapped_copy:
+    why), for at least MAPPED_MIN_BYTES; a plain torch.empty otherwise or where mapping fails."""
+    import torch
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MAPPED_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    import mmap
+    try:
+        if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
+            # private: counted as the process's anonymous memory (RssAnon), not shared with a forked child
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            buf = mmap.mmap(-1, nbytes)
+        out = torch.frombuffer(buf, dtype=torch.uint8)
+    except (OSError, ValueError, RuntimeError):
+        return torch.empty(shape, dtype=dtype)
+    del buf                               # the tensor's storage holds the mapping now
+    return out.view(dtype).view(tuple(shape))
+
+
 def mapped_copy(t: "torch.Tensor") -> "torch.Tensor":
     """A contiguous host copy of `t` in an anonymous memory mapping of its own (mmap), for tensors of at least
     MAPPED_MIN_BYTES; a plain clone otherwise or where mapping fails.
@@ -139,21 +162,9 @@ def mapped_copy(t: "torch.Tensor") -> "torch.Tensor":
     freed whenever ComfyUI drops the model, long after; a mapping of their own is unmapped the moment the
     last view of it dies, so dropping the model gives the memory back (an H200 Wan-14B fp8 run kept 16 GiB
     after the models were dropped: the 26 MB attention weights, 60 % of the bytes, sat in the heap)."""
-    import torch
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or nbytes < MAPPED_MIN_BYTES or not t.is_contiguous():
         return t.detach().clone()
-    import mmap
-    try:
-        if hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS"):
-            # private: counted as the process's anonymous memory (RssAnon), not shared with a forked child
-            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        else:
-            buf = mmap.mmap(-1, nbytes)
-        out = torch.frombuffer(buf, dtype=torch.uint8)
-    except (OSError, ValueError, RuntimeError):
-        return t.detach().clone()
-    del buf                               # the tensor's storage holds the mapping now
-    out = out.view(t.dtype).view(t.shape)
+    out = mapped_empty(tuple(t.shape), t.dtype)
     out.copy_(t.detach())
     return out

@@ -150,10 +150,10 @@ class Ring(UnitPart):
         runs), since code may pick its inputs' device from a weight (ComfyUI's text encoders do)."""
         for P, V0 in zip(self.P, self.V0):
             for b, v in zip(P, V0[0]):
-                if b is not _gs.param_of(b):
+                if type(b) is _gs.RawBinder:
                     _gs.retag_device(b.param, v)
                 elif self.be.cuda:
-                    b.data = v
+                    b.data = v       # a CodedBinder keeps the view; runtime/codec_stream.py binds its parameter
 
     def _group(self):
         """Ring items from the learner's `seq` (pack_items), their copies' sources and targets, and the

@@ -173,6 +173,8 @@ def summarize(rt: Any, last: int = 5) -> dict:
                                      else None),
         "measured_gap_s": pred.get("gap_s"),
         "autotune": rt.autotune.result,
+        # units streamed compressed (runtime/codec_stream.py): tensors, raw and stored bytes, ratio, encode time
+        "codec": dict(rt.codec.stats) if getattr(rt, "codec", None) is not None and rt.codec.stats else None,
     }
     if d["measured_step_s"] and d["predicted_step_s"]:
         d["measured_over_predicted"] = d["measured_step_s"] / d["predicted_step_s"]

@@ -28,12 +28,14 @@ from . import gguf_stream as _gs
 from . import fill as _fill
 from . import pinning as _pinning
 
+from .codec_stream import CodedBinder, decode_home, is_coded
 from .hooks import UnitPart
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import TextIO
     from .apply import Runtime
+    from .codec_stream import Coded
 
 log = logging.getLogger("distorch.runtime.store")
 
@@ -301,10 +303,11 @@ class HomeStore(UnitPart):
     """
 
     def __init__(self, units: list[str], streamed: dict, home_of: dict, given: dict | None = None, *,
-                 pin: bool, progress: bool) -> None:
+                 pin: bool, progress: bool, coded: Coded | None = None) -> None:
         self.units = units
         self.homes: dict[str, Home] = {}
         given = given or {}
+        enc = coded.enc if coded else {}
         todo: dict[str, Layout] = {}
         for n in units:
             h = given.get(n)
@@ -317,10 +320,11 @@ class HomeStore(UnitPart):
                     if p.is_meta:
                         raise DisTorchError(f"parameter {q!r} is on the meta device (no data); load weights "
                                             "with distorch.runtime.loading.load_into(module, path, plan) first")
-                todo[n] = Layout.of(tensors)
+                # a coded tensor (runtime/codec_stream.py) is homed as its packed bytes
+                todo[n] = Layout.of([(q, enc[id(p)].buf if id(p) in enc else p) for q, p in tensors])
         # arenas are filled pageable and pinned afterwards (runtime.pinning caps the pinned bytes)
         self.arenas, arena_of = host_arenas(todo, home_of, pin)
-        total = sum(sum(_gs.stored_bytes(p) for _, p in streamed[n]) for n in units)
+        total = sum(todo[n].nbytes if n in todo else self.homes[n].nbytes for n in units)
         prog = Progress(total if progress else 0, "distorch: weights -> homes")
         order = []
         for n in units:
@@ -332,7 +336,7 @@ class HomeStore(UnitPart):
         def homed(h):
             self.homes[h.unit] = h
             prog.update(h.nbytes)
-        held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50))
+        held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50), coded=enc)
         prog.close()
         _pinning.trim_heap()
         pin_arenas(self.arenas)
@@ -341,7 +345,9 @@ class HomeStore(UnitPart):
             log.warning("distorch: %.2f GiB of the host weights moved into homes are still referenced elsewhere "
                         "(a .data alias, a state dict, a patch backup), so host RAM holds them twice",
                         self.held_bytes / 2**30)
-        self.params = [[_gs.binder(p) for _, p in streamed[n]] for n in units]
+        meta = coded.meta if coded else {}
+        self.params = [[CodedBinder(p, meta[id(p)], v) if id(p) in meta else _gs.binder(p)
+                        for (_, p), v in zip(streamed[n], self.homes[n].views())] for n in units]
 
     def home_views(self) -> dict:
         """id(parameter) -> its tensor in its home, for every streamed parameter (a GGUF parameter's entry
@@ -350,7 +356,10 @@ class HomeStore(UnitPart):
         for i, n in enumerate(self.units):
             for p, v in zip(self.params[i], self.homes[n].views()):
                 q = _gs.param_of(p)
-                out[id(q)] = v if q is p else q.with_raw(v)    # GGUF: the same weight over its home bytes
+                if is_coded(p):           # compressed: its values decoded (a new tensor; writes do not reach it)
+                    out[id(q)] = decode_home(p.meta, v, "cpu")
+                else:
+                    out[id(q)] = v if q is p else q.with_raw(v)    # GGUF: the same weight over its home bytes
         return out
 
     def adopt_arenas(self, arenas: dict) -> None:
@@ -373,9 +382,16 @@ class HomeStore(UnitPart):
         and detach unpins its arena, which then lives as long as those parameters."""
         self.staged = None
         to_host = torch.device(rt.undo_device).type == "cpu"
+        dev = torch.device(rt.undo_device)
+
+        def staged(b, v):
+            if is_coded(b):       # compressed: decoded (on a GPU when there is one) into memory of its own
+                out = _pinning.mapped_empty(b.meta.shape, b.meta.torch_dtype) if dev.type == "cpu" else None
+                return decode_home(b.meta, v, dev, out=out)
+            return v if to_host and v.device.type == "cpu" else v.to(dev, copy=True)
         with torch.no_grad():
-            self.staged = [[v if to_host and v.device.type == "cpu" else v.to(rt.undo_device, copy=True)
-                            for v in self.homes[n].views()] for n in self.units]
+            self.staged = [[staged(b, v) for b, v in zip(self.params[i], self.homes[n].views())]
+                           for i, n in enumerate(self.units)]
 
     def unstage(self) -> None:
         self.staged = None
@@ -421,19 +437,23 @@ class HomeStore(UnitPart):
         def tensor(p):
             q = _gs.param_of(p)
             return q.raw if _gs.is_gguf(q) else q
-        st = tensor(self.params[units[0][0]][0]).untyped_storage()
-        bound = sum(len(self.params[i]) for i, _ in units)
-        if _storage_users(st) != bound + 1:      # +1: `st` itself; more = someone else reads the arena
-            return
-        del st
+        # coded parameters were decoded into memory of their own (stage): only the others view the arena
+        views = [[p for p in self.params[i] if not is_coded(p)] for i, _ in units]
+        first = next((ps[0] for ps in views if ps), None)
+        if first is not None:
+            st = tensor(first).untyped_storage()
+            bound = sum(len(ps) for ps in views)
+            if _storage_users(st) != bound + 1:      # +1: `st` itself; more = someone else reads the arena
+                return
+            del st
         with torch.no_grad():
-            for i, (ptr, nbytes) in units:
+            for ps, (i, (ptr, nbytes)) in zip(views, units):
                 try:
-                    new = [_pinning.mapped_copy(tensor(p)) for p in self.params[i]]
+                    new = [_pinning.mapped_copy(tensor(p)) for p in ps]
                 except (RuntimeError, MemoryError) as e:
                     log.warning("distorch: undo left the host weights in their arena (copy failed: %s)", e)
                     return
-                for p, v in zip(self.params[i], new):
+                for p, v in zip(ps, new):
                     _gs.rebind(p, v)
                 del new
                 _pinning.drop_pages(ptr, nbytes)

@@ -1,0 +1,171 @@
+"""Units streamed compressed (Plan.codec, runtime/codec_stream.py) on CPU: the same homes / ring / decode
+code that runs on CUDA, with the torch reference decoder.  Outputs, gradients, state dicts and undo must
+equal the uncompiled model's bit for bit."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from distorch.errors import DisTorchError
+from distorch.runtime import fill as _fill
+from distorch.runtime import stats as rstats
+from distorch.runtime.apply import apply
+from distorch.runtime.codec_stream import CodedBinder, SlotDecode
+from distorch.runtime.guard import StateError
+
+from test_runtime import ToyDiT, make_plan, toy_inputs
+
+D = 256          # Linear weights of 256 x 256 and up: at least formats.bf16_encode.MIN_CODED_NUMEL values
+
+
+def toy(dtype=torch.bfloat16, depth=3):
+    torch.manual_seed(0)
+    m = ToyDiT(d=D, depth=depth).eval().to(dtype)
+    x, t = toy_inputs()
+    args = (x.to(dtype), t.to(dtype))
+    return m, args
+
+
+def coded_plan(m, offloaded, codec=None, **kw):
+    plan = make_plan(m, offloaded, **kw)
+    names = offloaded if codec is None else codec
+    plan.codec = {u.name: u.bytes for u in plan.units if u.name in names}
+    return plan
+
+
+def state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("which,slots", [("all", 1), ("all", 2), ("some", 2)])
+def test_compressed_units_bit_identical(dtype, which, slots):
+    m, args = toy(dtype)
+    with torch.no_grad():
+        ref = m(*args)
+    before = state(m)
+    off = [f"blocks.{i}" for i in range(3)] if which == "all" else ["blocks.0", "blocks.2"]
+    rt = apply(m, coded_plan(m, off), window_units=slots, progress=False)
+    coded = [b for P in rt.store.params for b in P if type(b) is CodedBinder]
+    assert coded, "no tensor was coded"
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(m(*args), ref)
+    st = rstats.summarize(rt)["codec"]
+    assert st["tensors"] == len(coded) and st["raw_bytes"] > st["stored_bytes"] > 0
+    if dtype == torch.bfloat16:
+        assert st["ratio"] < 0.8, st
+    # homes hold the packed bytes: fewer than the raw ones
+    raw = sum(p.numel() * p.element_size() for n in off for p in m.get_submodule(n).parameters())
+    assert sum(h.nbytes for h in rt.store.homes.values()) < raw
+    after = state(m)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    rt.undo("cpu")
+    for k, v in m.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(m(*args), ref)
+
+
+def test_uncoded_units_of_the_plan_stream_raw():
+    m, args = toy()
+    with torch.no_grad():
+        ref = m(*args)
+    off = ["blocks.0", "blocks.1", "blocks.2"]
+    rt = apply(m, coded_plan(m, off, codec=["blocks.1"]), progress=False)
+    kinds = [any(type(b) is CodedBinder for b in P) for P in rt.store.params]
+    assert kinds == [False, True, False]
+    with torch.no_grad():
+        assert torch.equal(m(*args), ref)
+    rt.undo()
+
+
+def test_load_state_dict_and_deepcopy():
+    m, args = toy()
+    other, _ = toy()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+        ref_other = other(*args)
+        ref = m(*args)
+    rt = apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
+    clone = copy.deepcopy(m)
+    assert not hasattr(clone, "_distorch_runtime")
+    with torch.no_grad():
+        assert torch.equal(clone(*args), ref)
+    # values that code to more bytes than their homes hold: refused before anything is written
+    with pytest.raises(StateError, match="changed nothing"):
+        m.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(m(*args), ref)
+    # values that fit (a permutation of each weight's own values codes to the same size) are written
+    new = {k: (v.flip(0) if v.dim() == 2 and k.startswith("blocks.") else v) for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        fresh, _ = toy()
+        fresh.load_state_dict(new)
+        ref_new = fresh(*args)
+    m.load_state_dict(new)
+    with torch.no_grad():
+        assert torch.equal(m(*args), ref_new)
+    st = m.state_dict()
+    for k, v in new.items():
+        assert torch.equal(st[k], v), k
+    rt.undo()
+    with torch.no_grad():
+        assert torch.equal(m(*args), ref_new)
+
+
+def test_gradients_equal_uncompiled():
+    m, args = toy(torch.float32)
+    m = m.to(torch.bfloat16)
+    ref_m = copy.deepcopy(m)
+    x = args[0].to(torch.bfloat16).requires_grad_(True)
+    t = args[1].to(torch.bfloat16)
+    ref_m(x, t).float().square().sum().backward()
+    gx_ref, gw_ref = x.grad.clone(), {k: p.grad.clone() for k, p in ref_m.named_parameters()}
+    x.grad = None
+    apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
+    m(x, t).float().square().sum().backward()
+    assert torch.equal(x.grad, gx_ref)
+    for k, p in m.named_parameters():
+        if k.startswith("blocks."):
+            assert p.grad is not None and torch.equal(p.grad, gw_ref[k]), k
+
+
+def test_failed_fill_restores_every_weight(monkeypatch):
+    m, args = toy()
+    before = state(m)
+    calls = [0]
+    real = _fill.copy_piece
+
+    def flaky(d, s):
+        calls[0] += 1
+        if calls[0] > 12:
+            raise RuntimeError("disk on fire")
+        real(d, s)
+    monkeypatch.setattr(_fill, "copy_piece", flaky)
+    monkeypatch.setenv(_fill.ENV, "1")
+    with pytest.raises(DisTorchError, match="disk on fire"):
+        apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
+    monkeypatch.setattr(_fill, "copy_piece", real)
+    after = {k: v for k, v in m.state_dict().items()}
+    for k, v in before.items():
+        assert after[k].shape == v.shape and torch.equal(after[k], v), k
+
+
+def test_scratch_is_one_unit_and_parameters_keep_their_shape():
+    m, args = toy()
+    shapes = {k: (p.shape, p.dtype) for k, p in m.named_parameters()}
+    rt = apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
+    part = rt.codec
+    assert isinstance(part, SlotDecode)
+    one = max(sum(p.numel() * p.element_size() for p in m.get_submodule(f"blocks.{i}").parameters())
+              for i in range(3))
+    assert 0 < part.nbytes <= one
+    for k, p in m.named_parameters():
+        assert (p.shape, p.dtype) == shapes[k], k
+    rt.undo()
