@@ -16,7 +16,22 @@ from ..errors import DisTorchError
 from .bf16_codec import (DEFAULT_BLOCK, DEFAULT_CHUNK, DEFAULT_MAX_LEVELS, DTYPES, MAX_LEVELS, MAX_NUMEL,
                          _OFFSET_BITS, CodecMeta, Encoded, _check_meta, layout)
 
-__all__ = ["encode", "choose_widths"]
+__all__ = ["encode", "choose_widths", "codable", "MIN_CODED_NUMEL"]
+
+MIN_CODED_NUMEL = 1 << 16      # smaller tensors (biases, norm scales) stream raw: too small to pay a launch
+
+
+def codable(t: torch.Tensor) -> bool:
+    """Whether the runtime codes tensor `t` when its unit streams compressed: a plain (not subclassed)
+    bfloat16 / float16 tensor, dense, with MIN_CODED_NUMEL .. MAX_NUMEL values.  The one rule the tracer's
+    facts (compiler/trace.py), the planner (passes/codec_choice.py) and the runtime (runtime/codec_stream.py)
+    share."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    n = t.numel()
+    if n < MIN_CODED_NUMEL or n > MAX_NUMEL:
+        return False
+    return t.is_contiguous()
 
 
 # ------------------------------------------------------------------------------------------------
