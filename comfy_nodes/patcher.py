@@ -167,7 +167,15 @@ class DisTorchPatcherMixin:
             self.unpatch_hooks()
             if st.handle is not None and not same_device(st.device, device_to):
                 self._distorch_release(self.offload_device)
+            changed = self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights
+            if st.handle is not None and changed and self._distorch_coded_patched():
+                # a unit streamed compressed got a weight patch: it cannot be patched in its packed home;
+                # load again with that unit streaming raw
+                self._distorch_release(self.offload_device)
             if st.handle is None:
+                hit = self._distorch_coded_patched()
+                if hit:
+                    st.drop_codec(hit)
                 # plain weights are patched after compile: the streamed ones in their homes (stream_patches,
                 # no host backup), the resident ones on the compute device; others (quantized ...) before
                 plain = {k for k in self.patches if _plain(self.model, k)}
@@ -248,6 +256,8 @@ class DisTorchPatcherMixin:
     def _distorch_repatchable(self) -> bool:
         """Whether every patched weight is a plain tensor we can rewrite in place (not a custom op's
         set_weight storage, not a quantized tensor subclass)."""
+        if self._distorch_coded_patched():
+            return False
         for key in set(self.patches) | set(self.backup):
             try:
                 w, set_func, _ = mp.get_key_weight(self.model, key)
@@ -256,6 +266,32 @@ class DisTorchPatcherMixin:
             if set_func is not None or type(w) not in (torch.Tensor, torch.nn.Parameter):
                 return False
         return True
+
+    def _distorch_coded_patched(self) -> set:
+        """The units of the plan that stream compressed (Plan.codec) and own a weight with a patch (LoRA):
+        a packed home cannot be patched, so those units must stream raw."""
+        st = model_state(self.model)
+        plan = st.plan if st is not None else None
+        if plan is None or not plan.codec or not self.patches:
+            return set()
+        module = target(self.model)
+        owner = {}
+        for n in plan.codec:
+            try:
+                sub = module.get_submodule(n)
+            except AttributeError:
+                continue
+            for p in sub.parameters():
+                owner[id(p)] = n
+        hit = set()
+        for key in self.patches:
+            try:
+                w = mp.get_key_weight(self.model, key)[0]
+            except Exception:
+                continue
+            if id(w) in owner:
+                hit.add(owner[id(w)])
+        return hit
 
     def _distorch_repatch(self, device_to):
         """Write the current weight patches into the live storage, from the kept originals."""

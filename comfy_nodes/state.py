@@ -15,6 +15,7 @@ allocation_table(plan)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,16 @@ class State:
         if self.cfg.expert:
             return self.total_bytes
         return max(0, self.total_bytes - int(self.cfg.vram_gb * GiB))
+
+    def drop_codec(self, units: set) -> None:
+        """These units of the plan stream raw instead of compressed (their weights carry patches)."""
+        plan = self.plan
+        keep = {n: b for n, b in plan.codec.items() if n not in units}
+        pr = dict(plan.predicted or {})
+        note = f"{len(units)} unit(s) carry weight patches (LoRA) and stream raw instead of compressed"
+        pr["warnings"] = list(pr.get("warnings", ())) + [note]
+        self.plan = dataclasses.replace(plan, codec=keep, predicted=pr)
+        log.info("DisTorch: %s", note)
 
     def log_plan(self, what: str) -> None:
         """Log the allocation table, once per model."""
@@ -181,10 +192,23 @@ def make_plan(module: torch.nn.Module, cfg: Config) -> Plan:
         raise DisTorchError(f"DISTORCH_GRANULARITY={os.environ['DISTORCH_GRANULARITY']!r}: give auto (the default), "
                             f"block (whole blocks stream) or sub (the layers inside them stream), or unset it")
     plan = runtime_api.plan_model(module, comp, offload_gb=cfg.vram_gb, donors=cfg.donors, clamp_offload=True,
-                                  granularity=gran)[1]
+                                  granularity=gran, compress=compress_mode())[1]
     for w in (plan.predicted or {}).get("warnings", ()):
         log.warning("DisTorch: %s", w)
     return plan
+
+
+COMPRESS_ENV = "DISTORCH_COMPRESS"
+
+
+def compress_mode() -> str:
+    """$DISTORCH_COMPRESS: auto (default: the planner streams a unit compressed where that makes the step
+    faster, passes/codec_choice.py), on (every offloaded bf16/fp16 unit), off."""
+    raw = os.environ.get(COMPRESS_ENV, "auto").strip().lower() or "auto"
+    if raw not in ("auto", "on", "off"):
+        raise DisTorchError(f"{COMPRESS_ENV}={os.environ[COMPRESS_ENV]!r}: give auto (the default), on (stream every "
+                            "offloaded bf16/fp16 weight losslessly compressed) or off, or unset it")
+    return raw
 
 
 def allocation_table(plan: Plan, title: str = "") -> str:
@@ -225,6 +249,9 @@ def allocation_table(plan: Plan, title: str = "") -> str:
     gran = pr.get("granularity")
     if gran:
         lines.append(granularity_line(gran, pr))
+    line = codec_line(pr.get("codec"))
+    if line:
+        lines.append(line)
     lines.append(f"v2 Expert String: {plan.expert_string}")
     lines.append("=" * 78)
     return "\n".join(lines)
@@ -239,6 +266,16 @@ def granularity_line(gran: dict, pr: dict) -> str:
     if b and sub:
         alt = f" (predicted: whole blocks {b * 1e3:.1f} ms, layers {sub * 1e3:.1f} ms)"
     return f"streams {what} through {slots}{alt}"
+
+
+def codec_line(c: dict | None) -> str:
+    """What streams losslessly compressed (passes/codec_choice.py), or "" when nothing does."""
+    if not c or not c.get("units"):
+        return ""
+    raw, stored = c.get("raw_bytes", 0), c.get("stored_bytes", 0)
+    return (f"compressed ({c.get('mode')}): {len(c['units'])} units stream {raw / GiB:.2f} GiB as {stored / GiB:.2f} GiB "
+            f"(x{stored / max(1, raw):.2f}, decoded on the compute device: {c.get('decode_s_per_step', 0) * 1e3:.1f} ms "
+            f"per step; all raw: {c.get('step_s_raw', 0) * 1e3:.1f} ms)")
 
 
 def step_report(d: dict) -> str:

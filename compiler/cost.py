@@ -12,7 +12,10 @@ Per-unit compute time on the compute device, first that applies:
      The size is 2 bytes x `Unit.params` when the parameter count is known (trace, file headers), so a
      quantized model (Q8_0: ~1.06 bytes per parameter) is estimated like its bf16 original.
 Per-unit transfer time: `bytes / inventory.bandwidth(home, compute) + COPY_FIXED_S` (5 us per copy: one
-copy per unit, its weights gathered in one flat pinned buffer).
+copy per unit, its weights gathered in one flat pinned buffer); `bytes` is the unit's bytes as streamed
+(`simulate(streamed=)`: a unit whose bf16/fp16 weights stream compressed moves fewer, Plan.codec).
+Per-unit decode time of compressed weights (`decode_seconds`, on the compute stream after the copy):
+dense bytes / DECODE_BW + DECODE_LAUNCH_S per tensor on a CUDA device; the torch decoder's rates elsewhere.
 
 `simulate` replays the step as the runtime executes it: one compute stream running the units in
 order; one copy engine per link (src -> compute), FIFO in execution order; a window of equal slots on the
@@ -28,13 +31,15 @@ computes when the previous unit is done and its item's copy has landed.  Several
 max(compute, bytes_l / bandwidth_l).
 
 `best_window` is the runtime's autotune policy: given measured unit times and link rates, the slot count.
+`StepModel` is simulate's arrays kept for a caller that changes one unit at a time and simulates again
+(passes/codec_choice.py); simulate() is one StepModel run.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from .graph import ROOT, Unit
-from .inventory import Inventory
+from .inventory import Inventory, is_host
 from .ring_layout import item_keys, n_slots_for, slot_gates, stream_groups
 
 if TYPE_CHECKING:
@@ -85,6 +90,31 @@ def dequant_seconds(qtype: str | Enum, stored_bytes: int, dense_bytes: int, *, c
     copy moves `copy_bw` bytes/s (read + write counted): (stored + dense) / (efficiency * copy_bw)."""
     eff = DEQUANT_EFFICIENCY.get(getattr(qtype, "name", qtype), 1.0)
     return (stored_bytes + dense_bytes) / (eff * copy_bw)
+
+
+# Decoding bf16/fp16 weights streamed compressed (formats/bf16_codec.py), by where the model computes.
+DECODE_BW = 4.7e11         # B/s of output, the Triton decoder on a CUDA GPU: ~470 GB/s on an H200 for a
+#                            3072 x 12288 bf16 layer at the default 3 levels (bench/results/codec_h200.md)
+DECODE_LAUNCH_S = 15e-6    # device time per tensor decoded (launch, a short tail, the prefix sums' ramp):
+#                            an estimate, not measured (that file's GB/s are of large tensors only)
+DECODE_BW_TORCH = 1.0e10   # B/s, the torch decoder on another accelerator (no Triton): 9.8-15.8 GB/s on an
+#                            H200 in the same file, its lower end
+DECODE_BW_HOST = 1.3e8     # B/s, the torch decoder on the host: 131-134 MB/s in the same file ("cpu dec")
+
+
+def decode_seconds(dense_bytes: int, tensors: int, compute: str) -> float:
+    """Predicted time on `compute`'s stream to decode `tensors` compressed bf16/fp16 tensors back into
+    `dense_bytes` of weights: dense_bytes / DECODE_BW + DECODE_LAUNCH_S per tensor on a CUDA device,
+    dense_bytes / DECODE_BW_HOST when the host computes (so compressing never pays there), the torch
+    decoder's DECODE_BW_TORCH on other accelerators."""
+    if dense_bytes <= 0:
+        return 0.0
+    dev = str(compute)
+    if is_host(dev):
+        return dense_bytes / DECODE_BW_HOST
+    if dev.split(":")[0] in ("cuda", "hip"):
+        return dense_bytes / DECODE_BW + DECODE_LAUNCH_S * max(0, int(tensors))
+    return dense_bytes / DECODE_BW_TORCH + DECODE_LAUNCH_S * max(0, int(tensors))
 
 
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,
@@ -150,49 +180,90 @@ def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[
     return last, stall
 
 
-def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, inventory: Inventory,
-             window_bytes: int, steps: int = DEFAULT_STEPS) -> dict:
-    """Predict one steady-state step.  homes: unit name -> home device (missing = compute).
-    Returns dict(step_s, compute_s, stall_s, overhead_s, floor_s, per_link_bytes, per_link_s, n_slots,
-    offloaded_bytes)."""
-    ct, tt, link, off, sizes = [], [], [], [], []
-    per_link_bytes: dict[str, int] = {}
-    per_link_s: dict[str, float] = {}
-    pinned_seen = 0
-    for i, u in enumerate(units_in_order):
-        ct.append(unit_compute_s(u, compute, inventory))
-        h = homes.get(u.name, compute)
-        if h != compute:
-            key = f"{h}>{compute}"
+class StepModel:
+    """`simulate`'s arrays for one placement, kept so that a caller can change one unit's compute time or
+    bytes as streamed and simulate again without rebuilding them (passes/codec_choice.py weighs one unit
+    more per simulation): `set(i, compute_s=, nbytes=)` then `run(window_bytes)`.  simulate() is one run."""
+
+    def __init__(self, units_in_order: list[Unit], homes: dict[str, str], compute: str, inventory: Inventory,
+                 streamed: dict[str, int] | None = None) -> None:
+        self.compute, self.inventory = compute, inventory
+        self.pinned_limit = getattr(inventory, "pinned_limit", None)
+        self.ct: list[float] = []
+        self.tt: list[float] = []
+        self.link: list = []
+        self.off: list[int] = []
+        self.home: dict[int, str] = {}
+        self.nbytes: dict[int, int] = {}
+        for i, u in enumerate(units_in_order):
+            self.ct.append(unit_compute_s(u, compute, inventory))
+            h = homes.get(u.name, compute)
+            if h != compute:
+                self.link.append(f"{h}>{compute}")
+                self.off.append(i)
+                self.home[i] = h
+                self.nbytes[i] = u.bytes if streamed is None else streamed.get(u.name, u.bytes)
+            else:
+                self.link.append(None)
+            self.tt.append(0.0)
+        self.keys = item_keys([self.link[i] for i in self.off], self.off) if self.off else []
+        self._transfers()
+
+    def _transfers(self) -> None:
+        pinned_seen = 0
+        for i in self.off:
+            h, nb = self.home[i], self.nbytes[i]
             pageable = False
-            if h == "cpu" and getattr(inventory, "pinned_limit", None) is not None:
-                pinned_seen += u.bytes      # homes pin in execution order; past the cap they stay pageable
-                pageable = pinned_seen > inventory.pinned_limit
-            t = unit_transfer_s(u.bytes, h, compute, inventory, pageable=pageable)
-            tt.append(t)
-            link.append(key)
-            off.append(i)
-            sizes.append(u.bytes)
-            per_link_bytes[key] = per_link_bytes.get(key, 0) + u.bytes
-            per_link_s[key] = per_link_s.get(key, 0.0) + t
-        else:
-            tt.append(0.0)
-            link.append(None)
-    n_slots = n_slots_for(window_bytes, sizes)
-    if off and n_slots < 1:
-        raise ValueError(f"window of {window_bytes} bytes cannot hold the largest offloaded unit "
-                         f"({max(sizes)} bytes)")
-    groups = stream_groups(sizes, max(sizes), item_keys([link[i] for i in off], off)) if off else None
-    if groups is not None:
-        n_slots = min(n_slots, len(groups))
-    step, stall = simulate_core(ct, tt, link, off, n_slots, steps, groups)
-    compute_s = sum(ct)
-    floor = max([compute_s] + list(per_link_s.values()))
-    if step < floor:
-        step = floor
-    return {"step_s": step, "compute_s": compute_s, "stall_s": step - compute_s if step > compute_s else 0.0,
-            "overhead_s": step - compute_s, "floor_s": floor, "per_link_bytes": per_link_bytes,
-            "per_link_s": per_link_s, "n_slots": n_slots, "offloaded_bytes": sum(sizes)}
+            if h == "cpu" and self.pinned_limit is not None:
+                pinned_seen += nb           # homes pin in execution order; past the cap they stay pageable
+                pageable = pinned_seen > self.pinned_limit
+            self.tt[i] = unit_transfer_s(nb, h, self.compute, self.inventory, pageable=pageable)
+
+    def set(self, i: int, compute_s: float | None = None, nbytes: int | None = None) -> None:
+        """Unit i (execution order) now computes in `compute_s` / streams `nbytes` (an offloaded unit)."""
+        if compute_s is not None:
+            self.ct[i] = float(compute_s)
+        if nbytes is not None and i in self.nbytes:
+            self.nbytes[i] = int(nbytes)
+            if self.pinned_limit is not None:
+                self._transfers()
+            else:
+                self.tt[i] = unit_transfer_s(int(nbytes), self.home[i], self.compute, self.inventory)
+
+    def run(self, window_bytes: int, steps: int = DEFAULT_STEPS) -> dict:
+        """simulate's dict for the units as they are now and a window of `window_bytes`."""
+        off, link, tt = self.off, self.link, self.tt
+        sizes = [self.nbytes[i] for i in off]
+        per_link_bytes: dict[str, int] = {}
+        per_link_s: dict[str, float] = {}
+        for i, nb in zip(off, sizes):
+            key = link[i]
+            per_link_bytes[key] = per_link_bytes.get(key, 0) + nb
+            per_link_s[key] = per_link_s.get(key, 0.0) + tt[i]
+        n_slots = n_slots_for(window_bytes, sizes)
+        if off and n_slots < 1:
+            raise ValueError(f"window of {window_bytes} bytes cannot hold the largest offloaded unit "
+                             f"({max(sizes)} bytes)")
+        groups = stream_groups(sizes, max(sizes), self.keys) if off else None
+        if groups is not None:
+            n_slots = min(n_slots, len(groups))
+        step, stall = simulate_core(self.ct, tt, link, off, n_slots, steps, groups)
+        compute_s = sum(self.ct)
+        floor = max([compute_s] + list(per_link_s.values()))
+        if step < floor:
+            step = floor
+        return {"step_s": step, "compute_s": compute_s, "stall_s": step - compute_s if step > compute_s else 0.0,
+                "overhead_s": step - compute_s, "floor_s": floor, "per_link_bytes": per_link_bytes,
+                "per_link_s": per_link_s, "n_slots": n_slots, "offloaded_bytes": sum(sizes)}
+
+
+def simulate(units_in_order: list[Unit], homes: dict[str, str], compute: str, inventory: Inventory,
+             window_bytes: int, steps: int = DEFAULT_STEPS, streamed: dict[str, int] | None = None) -> dict:
+    """Predict one steady-state step.  homes: unit name -> home device (missing = compute); streamed:
+    unit name -> its bytes as streamed, when not `Unit.bytes` (compressed weights, Plan.codec): what its
+    copy moves and its share of a slot.  Returns dict(step_s, compute_s, stall_s, overhead_s, floor_s,
+    per_link_bytes, per_link_s, n_slots, offloaded_bytes), bytes as streamed."""
+    return StepModel(units_in_order, homes, compute, inventory, streamed).run(window_bytes, steps)
 
 
 WINDOW_GAIN = 0.01     # best_window takes the fewest slots within 1 % of the best step
@@ -205,13 +276,15 @@ def best_window(plan: Plan, times: dict, rates: dict, step_s: float, *, unit_byt
     times: unit name -> measured compute seconds per step (ROOT gets the rest of `step_s`); rates:
     home device -> measured bytes/s of its link to the compute device; unit_bytes: one slot's share of
     the window (the largest streamed unit); current: the slots the ring has; limit: the most it may get
-    (memory, MAX_SLOTS, ring items).  Simulates every count from 1 to max(limit, current), adds `gap_s`
+    (memory, MAX_SLOTS, ring items).  Units in `plan.codec` move their bytes as streamed (the measured
+times include their decoding).  Simulates every count from 1 to max(limit, current), adds `gap_s`
     (the measured GPU time between steps, which no slot count buys back: no copy is issued while the host
     is away) to each, and returns (k, {count: predicted step seconds}): the fewest slots, never fewer than
     `current`, within WINDOW_GAIN of the best."""
     placed = sorted(plan.units, key=lambda u: u.order)
     root_t = max(0.0, step_s - sum(times.values()))
-    units = [Unit(u.name, u.type, param_bytes=u.bytes, kind=u.kind,
+    codec = getattr(plan, "codec", None) or {}      # units streamed compressed: their bytes as streamed
+    units = [Unit(u.name, u.type, param_bytes=int(codec.get(u.name, u.bytes)), kind=u.kind,
                   time_s=root_t if u.name == ROOT else times.get(u.name, 0.0)) for u in placed]
     homes = {u.name: u.device for u in placed}
     inv = Inventory(source="measured")

@@ -4,7 +4,8 @@
 KB-MB at the start of the file, whatever the file size); `graph_from_tensors(infos, source)` groups
 tensor names into transfer units by key structure and orders them like the forward pass of the
 known architectures; `graph_from_file(path_or_builtin)` does both, or uses a built-in shape
-(`compiler.shapes`).
+(`compiler.shapes`).  Units record the bf16/fp16 tensors the runtime could stream compressed
+(`Unit.codec`, `codable_info`), their packed size estimated as CODEC_RATIO of their bytes (no values read).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..formats.gguf_reader import read_gguf_header
 from ..formats.safetensors import read_safetensors_header
 from ..formats.tensor_info import TensorInfo
 from . import shapes
-from .graph import ROOT, ModuleGraph, Unit
+from .graph import CODEC_MAX_NUMEL, CODEC_MIN_NUMEL, ROOT, ModuleGraph, Unit, add_codec_fact, codec_default_bytes
 
 if TYPE_CHECKING:
     from typing import Iterable
@@ -54,6 +55,28 @@ def _loadable_gguf(path: str, infos: list[TensorInfo]) -> list[TensorInfo]:
         raise GGUFFileError(f"{path}: unsupported tensor type: {listed}{more}; DisTorch reads "
                             f"{supported_names()} (re-quantize the model to one of these)")
     return infos
+
+
+_CODED_DTYPES = {"BF16": "bfloat16", "F16": "float16"}   # header dtype -> codec dtype (safetensors and GGUF
+#                                                          spell them alike; GGUF F16/BF16 load as plain tensors)
+
+
+def codable_info(info: TensorInfo) -> str | None:
+    """The codec dtype ("bfloat16" | "float16") of a header's tensor the runtime could stream compressed
+    (formats.bf16_encode.codable, from its dtype and size alone), else None."""
+    name = _CODED_DTYPES.get(str(info.dtype_str).upper())
+    if name is None or not CODEC_MIN_NUMEL <= info.numel <= CODEC_MAX_NUMEL:
+        return None
+    return name
+
+
+def _count(u: Unit, i: TensorInfo) -> None:
+    u.param_bytes += int(i.nbytes)
+    u.params += int(i.numel)
+    u.tensors.append(i.name)
+    coded = codable_info(i)
+    if coded is not None:
+        add_codec_fact(u, int(i.nbytes), codec_default_bytes(int(i.nbytes), coded))
 
 
 # --- grouping keys into units -----------------------------------------------------------------
@@ -165,9 +188,7 @@ def graph_from_tensors(infos: Iterable[TensorInfo], source: str = "", *, keep_ot
             u = units[uname] = Unit(name=uname, type=fam, kind=kind)
             unit_fam[uname] = fam
             fam_first.setdefault(fam, len(fam_first))
-        u.param_bytes += int(i.nbytes)
-        u.params += int(i.numel)
-        u.tensors.append(i.name)
+        _count(u, i)
     # family order: known ranks; unknown families keep first-appearance order, right after the known
     # family that appeared before them (or first, when none did)
     fams = sorted(fam_first, key=fam_first.get)
@@ -217,9 +238,7 @@ def leaf_graph_from_tensors(infos: Iterable[TensorInfo], source: str = "") -> Mo
         u = units.get(mod)
         if u is None:      # type: the block family, so tables count "double_blocks layer x120"
             u = units[mod] = Unit(name=mod, type=f"{fam} layer", kind="leaf")
-        u.param_bytes += int(i.nbytes)
-        u.params += int(i.numel)
-        u.tensors.append(i.name)
+        _count(u, i)
     g = ModuleGraph(list(units.values()), source=source)
     g.shared = {}
     return g

@@ -33,6 +33,9 @@ class Unit:
     #   {"tensors", "stored_bytes", "dense_bytes", "largest_dense", "patched" (a layer applies per-call
     #    weight patches), "qtypes" {type: count}, "bytes_by_type" {type: [stored, dense]}}
     parent: str = ""          # the block a sub-unit (kind "sub") was split from (passes/granularity.py)
+    codec: dict = field(default_factory=dict)  # its parameters the runtime can stream compressed (bf16/fp16,
+    #   formats.bf16_encode.codable), empty when none: {"tensors", "dense_bytes", "largest_dense",
+    #   "est_bytes" (their packed bytes, estimated: compiler.trace, compiler.files)}; passes/codec_choice.py
 
     @property
     def bytes(self) -> int:
@@ -139,3 +142,31 @@ def stored_nbytes(t: object) -> int:
     if n is not None:
         return int(n)
     return int(t.numel()) * int(t.element_size())
+
+
+# --- bf16/fp16 weights the runtime can stream compressed ----------------------------------------------
+# The rule itself is formats.bf16_encode.codable (compiler.trace applies it to live tensors); a weights
+# file's header (compiler.files) has no tensors, so these mirror its bounds without importing torch
+# (tests/test_codec_choice.py checks they agree).
+CODEC_MIN_NUMEL = 1 << 16               # formats.bf16_encode.MIN_CODED_NUMEL
+CODEC_MAX_NUMEL = 2**31 - 2**21         # formats.bf16_codec.MAX_NUMEL
+# Packed bytes / raw bytes when a tensor's values are unknown (a meta tensor, a file header): the
+# escape-levels format at its default 3 levels on trained-like weights, bench/results/codec_h200.md
+# (random normal bf16: 0.675, student-t: 0.690; fp16: 0.857), rounded.
+CODEC_RATIO = {"bfloat16": 0.68, "float16": 0.86}
+
+
+def codec_default_bytes(dense_bytes: int, dtype_name: str) -> int:
+    """Estimated packed bytes of `dense_bytes` of `dtype_name` ("bfloat16" | "float16") weights whose
+    values are unknown: CODEC_RATIO of them, rounded up."""
+    return -(-int(dense_bytes) * int(CODEC_RATIO[dtype_name] * 1000) // 1000)
+
+
+def add_codec_fact(unit: Unit, dense_bytes: int, est_bytes: int) -> None:
+    """Count one codable tensor of `dense_bytes` (raw) and `est_bytes` (packed, estimated) in `unit.codec`."""
+    f = unit.codec or {"tensors": 0, "dense_bytes": 0, "largest_dense": 0, "est_bytes": 0}
+    f["tensors"] += 1
+    f["dense_bytes"] += int(dense_bytes)
+    f["largest_dense"] = max(f["largest_dense"], int(dense_bytes))
+    f["est_bytes"] += int(est_bytes)
+    unit.codec = f

@@ -63,6 +63,12 @@ class Plan:
     def offloaded_bytes(self) -> int:
         return sum(u.bytes for u in self.offloaded())
 
+    def streamed_sizes(self) -> dict[str, int]:
+        """Offloaded unit -> its bytes as streamed (`codec`: compressed, else raw): what its copy moves and
+        its share of a slot."""
+        codec = self.codec or {}
+        return {u.name: int(codec.get(u.name, u.bytes)) for u in self.offloaded()}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["model_bytes"] = self.model_bytes

@@ -112,7 +112,8 @@ def schedule(plan: Plan, graph: ModuleGraph | None = None) -> Schedule:
     """Build the Schedule of `plan` (graph is accepted for symmetry; the Plan carries all it needs)."""
     order = sorted(plan.units, key=lambda u: u.order)
     off = [u for u in order if u.device != plan.compute]
-    sizes = [u.bytes for u in off]
+    streamed = plan.streamed_sizes()          # compressed units (Plan.codec) move their packed bytes
+    sizes = [streamed[u.name] for u in off]
     slot_bytes = max(sizes) if sizes else 0
     n_slots = n_slots_for(plan.window_bytes, sizes) if sizes else 0
     if off and n_slots < 1:
@@ -132,10 +133,10 @@ def schedule(plan: Plan, graph: ModuleGraph | None = None) -> Schedule:
         for k in grp:
             u = off[k]
             loads.append(LoadOp(unit=u.name, src=u.device, dst=plan.compute, link=f"{u.device}>{plan.compute}",
-                                bytes=u.bytes, item=q, item_offset=used, slot=slot,
+                                bytes=streamed[u.name], item=q, item_offset=used, slot=slot,
                                 slot_offset=slot * slot_bytes + used, issue_after=trigger, next_step=ds < 0,
                                 use_order=u.order, release_after=last))
-            used = align(used + u.bytes)
+            used = align(used + streamed[u.name])
     items = [[off[k].name for k in grp] for grp in groups]
     first_of = {grp[0]: q for q, grp in enumerate(groups)}
     last_of = {grp[-1]: q for q, grp in enumerate(groups)}

@@ -63,7 +63,7 @@ def check(plan: Plan, sched: Schedule) -> list[str]:
     if sched.n_slots * sched.slot_bytes > sched.window_bytes or sched.window_bytes != plan.window_bytes:
         errs.append(f"window exceeded: {sched.n_slots} slots x {sched.slot_bytes} bytes vs window "
                     f"{sched.window_bytes} (plan: {plan.window_bytes})")
-    errs += _check_items(off, sched)
+    errs += _check_items(off, sched, plan.streamed_sizes())
     if errs:
         return errs
     if off:
@@ -71,7 +71,7 @@ def check(plan: Plan, sched: Schedule) -> list[str]:
     return errs
 
 
-def _check_items(off, sched: Schedule) -> list[str]:
+def _check_items(off, sched: Schedule, size: dict) -> list[str]:
     """Static facts of the ring items and the LoadOps."""
     errs: list[str] = []
     items = sched.items
@@ -110,7 +110,6 @@ def _check_items(off, sched: Schedule) -> list[str]:
         errs.append("loads are not in the order of the ring items")
         return errs
     home = {u.name: u.device for u in off}
-    size = {u.name: u.bytes for u in off}
     gates = slot_gates(n_items, sched.n_slots)
     for q, it in enumerate(items):
         if len({home[n] for n in it}) > 1:

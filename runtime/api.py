@@ -1,4 +1,5 @@
-"""distorch.compile: trace -> partition -> granularity -> quant_choice -> schedule -> verify -> apply, and its Handle.
+"""distorch.compile: trace -> partition -> granularity -> codec_choice -> quant_choice -> schedule -> verify -> apply,
+and its Handle.
 
     handle = distorch.compile(model, compute="cuda:0", offload_gb=8, donors=["cpu"])
     out = model(x)                       # the same module, now streaming its offloaded units
@@ -37,6 +38,7 @@ from ..compiler.trace import trace
 from ..errors import DisTorchError
 from ..passes.granularity import place as granularity_place
 from ..passes.partition import partition
+from ..passes.codec_choice import MODES as CODEC_MODES, choose_codec
 from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
 from ..passes.verify import verify
@@ -190,7 +192,8 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
             example_args: Any = None, example_kwargs: dict[str, Any] | None = None,
             window_units: int | None = None, profile: bool = False, granularity: str = "auto",
             inventory: "_inv.Inventory | None" = None, progress: bool = True, quant: str = "auto",
-            quant_budget_gb: float | None = None, clamp_offload: bool = False, **legacy: Any) -> Handle:
+            quant_budget_gb: float | None = None, clamp_offload: bool = False, compress: str = "auto",
+            **legacy: Any) -> Handle:
     """Rewrite `model` in place to stream its weights under a Plan; returns a Handle (module docstring).
 
     Without `plan=`: trace the model (on `example_args` / `example_kwargs`), place its units over the
@@ -202,7 +205,10 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
     `quant_budget_gb` caps the extra GiB); offloaded units always stream quantized.  `granularity`: "auto"
     streams whole blocks or, where the simulated step is faster (or as fast in less VRAM), the layers
     inside them (passes/granularity.py); "block" / "sub" fix the choice; "leaf" makes every weight-owning
-    leaf module a unit.  A given `plan=` is used as it is (its `quant` field, if any), without the passes."""
+    leaf module a unit.  `compress`: "auto" streams an offloaded unit's bf16/fp16 weights losslessly
+    compressed where the simulated step is faster (decoded on the compute device after the copy,
+    passes/codec_choice.py, runtime/codec_stream.py); "on" every offloaded unit that has such weights;
+    "off" none.  A given `plan=` is used as it is (its `quant` and `codec` fields), without the passes."""
     if not isinstance(model, torch.nn.Module):
         raise DisTorchError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
     if "vram_gb" in legacy:
@@ -225,7 +231,8 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
         inv = inventory if inventory is not None else inventory_for(comp, donors)
         graph, plan = plan_model(model, comp, offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors,
                                  expert=expert, example_args=example_args, example_kwargs=example_kwargs,
-                                 granularity=granularity, inventory=inv, clamp_offload=clamp_offload, ran=ran)
+                                 granularity=granularity, inventory=inv, clamp_offload=clamp_offload,
+                                 compress=compress, ran=ran)
         for w in (plan.predicted or {}).get("warnings", ()):
             log.warning("distorch: %s", w)
         plan = _run(ran, "quant_choice", _quant_choice, plan, graph, inv, quant, quant_budget_gb)
@@ -249,13 +256,15 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
                offload_gb: float | None = None, max_vram_gb: float | None = None,
                donors: Iterable[str] | str | None = ("cpu",), expert: str | None = None,
                example_args: Any = None, example_kwargs: dict[str, Any] | None = None, granularity: str = "auto",
-               inventory: "_inv.Inventory | None" = None, clamp_offload: bool = False,
+               inventory: "_inv.Inventory | None" = None, clamp_offload: bool = False, compress: str = "auto",
                ran: list[str] | None = None) -> tuple[ModuleGraph, Plan]:
-    """trace -> partition -> granularity: the graph and the Plan compile() starts from (same arguments),
-    without changing the module.  `ran` collects the names of the passes that finished."""
+    """trace -> partition -> granularity -> codec_choice: the graph and the Plan compile() starts from (same
+    arguments), without changing the module.  `ran` collects the names of the passes that finished."""
     ran = [] if ran is None else ran
     if granularity not in GRANULARITY_MODES:
         raise DisTorchError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITY_MODES)}")
+    if compress not in CODEC_MODES:
+        raise DisTorchError(f"compress={compress!r}: expected one of {', '.join(CODEC_MODES)}")
     comp = norm_compute(compute)
     donors = _donor_list(donors)
     if example_args is not None and not isinstance(example_args, (tuple, list)):
@@ -266,14 +275,16 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
     budget = dict(offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors or None, expert=expert,
                   clamp=clamp_offload)
     if granularity not in ("auto", "sub") or expert:
-        return graph, _run(ran, "partition", partition, graph, inv, comp, **budget)
-
-    def leaves() -> ModuleGraph:
-        # traced on the example inputs when there are any: the layers then come in call order, which the
-        # ring expects from its first step on (else registration order, learned in the first step)
-        return _trace_unchanged(model, tuple(example_args or ()), example_kwargs, granularity="leaf")
-    return granularity_place(graph, leaves, inv, comp, budget, granularity,
-                             run=lambda name, fn, *a, **k: _run(ran, name, fn, *a, **k))
+        plan = _run(ran, "partition", partition, graph, inv, comp, **budget)
+    else:
+        def leaves() -> ModuleGraph:
+            # traced on the example inputs when there are any: the layers then come in call order, which the
+            # ring expects from its first step on (else registration order, learned in the first step)
+            return _trace_unchanged(model, tuple(example_args or ()), example_kwargs, granularity="leaf")
+        graph, plan = granularity_place(graph, leaves, inv, comp, budget, granularity,
+                                        run=lambda name, fn, *a, **k: _run(ran, name, fn, *a, **k))
+    # per offloaded unit: its bf16/fp16 weights streamed raw or losslessly compressed (passes/codec_choice.py)
+    return graph, _run(ran, "codec_choice", choose_codec, plan, graph, inv, mode=compress)
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):

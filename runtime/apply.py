@@ -199,7 +199,8 @@ class Runtime:
     def home_views(self) -> dict:
         """id(parameter) -> its tensor in its home, for every streamed parameter (for code that reads or
         patches weights between steps, e.g. LoRA; call invalidate() after writing). A GGUF parameter's
-        entry is a GGUFTensor over its quantized bytes in the home."""
+        entry is a GGUFTensor over its quantized bytes in the home; a compressed one (Plan.codec) has no
+        entry (state_dict() decodes it)."""
         return self.store.home_views()
 
     def invalidate(self) -> None:

@@ -148,6 +148,8 @@ class StateGuard(UnitPart):
                 p = _gs.param_of(b)
                 if p is b:
                     state_dict[k] = v
+                elif is_coded(b):
+                    state_dict[k] = decode_home(b.meta, v, "cpu")     # a new tensor: its values, decoded
                 else:
                     hv = hv if hv is not None else self.store.home_views()
                     state_dict[k] = hv[id(p)]

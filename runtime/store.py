@@ -351,14 +351,13 @@ class HomeStore(UnitPart):
 
     def home_views(self) -> dict:
         """id(parameter) -> its tensor in its home, for every streamed parameter (a GGUF parameter's entry
-        is a GGUFTensor over its quantized bytes in the home)."""
+        is a GGUFTensor over its quantized bytes in the home) but the compressed ones, whose home holds
+        packed bytes (runtime/codec_stream.py: state_dict decodes them; patching them is not supported)."""
         out = {}
         for i, n in enumerate(self.units):
             for p, v in zip(self.params[i], self.homes[n].views()):
                 q = _gs.param_of(p)
-                if is_coded(p):           # compressed: its values decoded (a new tensor; writes do not reach it)
-                    out[id(q)] = decode_home(p.meta, v, "cpu")
-                else:
+                if not is_coded(p):       # a compressed one has no dense home (guard's state_dict decodes it)
                     out[id(q)] = v if q is p else q.with_raw(v)    # GGUF: the same weight over its home bytes
         return out
 
