@@ -15,6 +15,14 @@ freedom, std ~0.02; bf16, and fp16 for one case):
                device-to-device copy of the output's size (read + write, as a bandwidth reference)
   cpu dec MB/s the torch decoder on the CPU (the CI / compute="cpu" path), normal 0.02 bf16 only
 
+A second table times the encoder in torch ops on the device (formats/bf16_encode_torch.py, what the
+runtime uses at load on a GPU) on the same tensors: encode_on on a tensor already on the device (median
+of a few runs, torch.cuda.synchronize around each), its two phases (prepare: histograms and sizes, one
+sync; write: coding and packing), the runtime's whole path for one tensor (pageable host tensor ->
+device -> encode -> packed bytes in pinned host memory), the peak device scratch against
+bf16_encode_torch.temp_bytes, and whether the bytes equal the numpy encoder's.  On the CPU the same
+table reports the torch encoder running on the CPU.
+
 Every GPU decode is checked bit-exact (int16 view) against the input.  Then, on the large tensor, the
 number of levels (ratio against decode speed) and the Triton kernel's block size and warps are swept.  Prints markdown and writes it to $OUT/codec.md when OUT is
 set.  Without CUDA it runs a small CPU smoke version (torch decoder; the Triton kernel too when
@@ -37,6 +45,7 @@ import torch
 try:
     from distorch.formats import bf16_codec as codec
     from distorch.formats.bf16_encode import encode
+    from distorch.formats.bf16_encode_torch import encode_on, prepare, temp_bytes
 except ImportError:  # pragma: no cover - run from a checkout whose folder is not named distorch
     sys.exit("put the folder holding this package (as `distorch`) on PYTHONPATH")
 
@@ -127,6 +136,72 @@ def device_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def wall(fn, reps: int) -> float:
+    """Median wall seconds of fn() over `reps` runs after one warm-up, the device synchronised around each."""
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    fn()
+    ts = []
+    for _ in range(max(1, reps)):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def device_encode_rows(cases: list, dev: str, reps: int) -> tuple[list[str], int, dict]:
+    """The encode-on-device table: one row per (shape, kind, dtype, host tensor, numpy Encoded, numpy pool
+    MB/s); returns its lines, the number of mismatches, and the rates of the big normal 0.02 bf16 case."""
+    lines = ["", f"Encoder in torch ops on the device ({'CUDA' if CUDA else 'CPU'}; formats/bf16_encode_torch.py): "
+             f"GB/s = raw input bytes / wall time (median of {reps} runs, synchronised)", "",
+             "| tensor | data | dtype | widths | enc GB/s | prepare ms | write ms | host->dev->host GB/s | "
+             "x numpy pool | scratch MiB | bound MiB | same bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    failures, big = 0, {}
+    for shape, kind, dtype, t, ref, mbsp in cases:
+        g = t.to(dev)
+        enc = encode_on(g)
+        same = enc.meta == ref.meta and torch.equal(enc.buf.cpu(), ref.buf)
+        failures += not same
+        raw = t.numel() * 2
+        s_all = wall(lambda: encode_on(g), reps)
+        s_prep = wall(lambda: prepare(g), reps)
+        job = prepare(g)
+        s_write = wall(lambda: job.write(), reps)
+        if CUDA:
+            host = torch.empty(job.nbytes, dtype=torch.uint8, pin_memory=True)
+            s_path = wall(lambda: prepare(t.to(dev)).write(host), reps)
+            path = f"{raw / s_path / 1e9:.1f}"
+            torch.cuda.synchronize()
+            del enc
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            enc = encode_on(g)
+            torch.cuda.synchronize()
+            scratch = torch.cuda.max_memory_allocated() - base - enc.nbytes
+            mib = f"{scratch / 2**20:.0f}"
+            failures += scratch > temp_bytes(t.numel(), dtype)
+        else:
+            path, mib = "n/a", "n/a"
+        del job
+        lines.append(f"| {shape[0]}x{shape[1]} | {kind} | {str(dtype)[6:]} | {enc.meta.widths} | {raw / s_all / 1e9:.3g} | "
+                     f"{s_prep * 1e3:.1f} | {s_write * 1e3:.1f} | {path} | {raw / s_all / 1e6 / mbsp:.2g} | {mib} | "
+                     f"{temp_bytes(t.numel(), dtype) / 2**20:.0f} | {'yes' if same else 'NO'} |")
+        print(lines[-1], flush=True)
+        if shape == cases[-1][0] and (kind, dtype) == ("normal 0.02", torch.bfloat16):
+            big = {"gbs": raw / s_all / 1e9, "pool_mbs": mbsp, "path_gbs": float(path) if CUDA else None}
+    if big and CUDA:
+        flux = 23.8e9
+        line = (f"A FLUX.1-dev-sized checkpoint (23.8 GB of bf16) at the {cases[-1][0][0]}x{cases[-1][0][1]} normal "
+                f"0.02 bf16 rate: {flux / big['gbs'] / 1e9:.1f} s encoding on the device")
+        if big["path_gbs"]:
+            line += f" ({flux / big['path_gbs'] / 1e9:.1f} s with the upload and the packed bytes' download)"
+        line += f", against {flux / big['pool_mbs'] / 1e6:.0f} s for the numpy encoder on the thread pool."
+        lines += ["", line]
+    return lines, failures, big
+
+
 def exact(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.int16), b.reshape(-1).view(torch.int16))
 
@@ -159,6 +234,7 @@ def main() -> int:
     failures = 0
     pool = ThreadPoolExecutor(workers)
     big = None
+    cases = []
     for shape in shapes:
         for kind, dtype in kinds:
             t = make(kind, shape, dtype)
@@ -190,7 +266,12 @@ def main() -> int:
             print(lines[-1], flush=True)
             if shape == shapes[-1] and kind == "normal 0.02" and dtype == torch.bfloat16:
                 big = (t, ref)
+            cases.append((shape, kind, dtype, t, enc, mbsp))
     pool.shutdown()
+    rows, bad, _ = device_encode_rows(cases, dev, max(3, reps // 4))
+    lines += rows
+    failures += bad
+    del cases
     if CUDA and have_triton and big is not None:
         t, ref = big
         out = torch.empty_like(ref)

@@ -215,7 +215,8 @@ def encode(t: torch.Tensor, *, block: int = DEFAULT_BLOCK, chunk: int = DEFAULT_
         place(lay.offsets, [off.reshape(-1).view(np.uint8)], ends[0])
     else:
         place(lay.offsets, [], ends[0])
-    table = np.array((order + [0] * meta.table_len())[:meta.table_len()], np.uint8)
+    # symbols by rank; ranks no value has are written 0 (an fp16 table must hold exponents < 32 only)
+    table = np.array((order[:distinct] + [0] * meta.table_len())[:meta.table_len()], np.uint8)
     place(lay.table, [table], ends[1])
     place(lay.raw, [p["raw"] for p in pieces], ends[2])
     place(lay.hi, [p["hi"] for p in pieces] if fp16 else [], ends[3])

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -132,48 +133,61 @@ class Coded:
                 "encode_s": self.seconds, "encoded_on": self.where}
 
 
-def _encode_one(t: torch.Tensor, device: torch.device, pool: ThreadPoolExecutor | None) -> _codec.Encoded:
-    """t coded; the packed bytes on the host.  On a CUDA device through formats.bf16_encode_torch when it
-    is there (the tensor goes up, its packed bytes come back), else the host encoder on `pool`."""
-    if device.type == "cuda":
-        gpu = _gpu_encoder()
-        if gpu is not None:
-            enc = gpu(t.detach().to(device, non_blocking=False))
-            return _codec.Encoded(enc.meta, enc.buf.to("cpu"))
-    return encode(t.detach(), executor=pool)
+GPU_WORKERS = 3         # tensors coded at once on a CUDA device (upload, code, download overlap)
 
 
-def _gpu_encoder():
-    try:
-        from ..formats.bf16_encode_torch import encode_on
-    except ImportError:
-        return None
-    return encode_on
+def _encode_gpu(t: torch.Tensor, device: torch.device, infer: bool) -> _codec.Encoded:
+    """t coded on `device` (formats.bf16_encode_torch: byte-identical to the host encoder) on a stream of
+    this worker thread's own; the packed bytes come back to the host.  One sync (the packed size)."""
+    from ..formats.bf16_encode_torch import prepare
+    st = _stream.stream = getattr(_stream, "stream", None) or torch.cuda.Stream(device)
+    with torch.inference_mode(infer), torch.cuda.stream(st):
+        job = prepare(t.detach().to(device))
+        return job.write(out=torch.empty(job.nbytes, dtype=torch.uint8))
+
+
+_stream = threading.local()
 
 
 def encode_units(streamed: dict, units: list[str], compute: str | torch.device, *, progress: bool = True) -> Coded:
     """Code the codable tensors (formats.bf16_encode.codable) of `units` (streamed[name]: [(qualified
     name, param)]), each parameter's dense storage released once its packed bytes exist (module
-    docstring).  A failure restores what was coded and re-raises as a DisTorchError naming the tensor."""
+    docstring).  On a CUDA compute device GPU_WORKERS tensors are coded at once there; else the host
+    encoder codes each tensor's chunks on a thread pool.  A failure restores what was coded and re-raises
+    as a DisTorchError naming the tensor."""
     dev = torch.device(compute) if not str(compute).startswith("cpu") else torch.device("cpu")
     out = Coded()
-    todo = [(n, q, p) for n in units for q, p in streamed.get(n, ()) if codable(p)]
+    seen: set[int] = set()
+    todo = []
+    for n in units:
+        for q, p in streamed.get(n, ()):
+            if codable(p) and id(p) not in seen:      # a tied parameter reached twice is coded once
+                seen.add(id(p))
+                todo.append((n, q, p))
     total = sum(p.numel() * p.element_size() for _, _, p in todo)
     if not todo:
         return out
-    out.where = "cuda" if dev.type == "cuda" and _gpu_encoder() is not None else "host"
+    out.where = "cuda" if dev.type == "cuda" else "host"
     prog = _progress.Stage("distorch: compressing weights", total, "B", enabled=progress and total > 0,
                            min_total=256 << 20)
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=_fill.threads(), thread_name_prefix="distorch-encode") \
-        if out.where == "host" and _fill.threads() > 1 else None
+    infer = torch.is_inference_mode_enabled()
+    workers = GPU_WORKERS if out.where == "cuda" else _fill.threads()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distorch-encode") if workers > 1 else None
+
+    def start(t: torch.Tensor) -> Future:
+        if out.where == "cuda":
+            return pool.submit(_encode_gpu, t, dev, infer) if pool is not None else _done(_encode_gpu, t, dev, infer)
+        return _done(encode, t.detach(), executor=pool)      # chunks of one tensor in parallel
+    futs: dict[int, Future] = {}
     try:
         with torch.no_grad():
-            for n, q, p in todo:
-                if id(p) in out.meta:          # tied: one parameter reached twice
-                    continue
+            for k, (n, q, p) in enumerate(todo):
+                for j in range(k, min(len(todo), k + 2 * workers)):    # a few tensors in flight, in order
+                    if j not in futs:
+                        futs[j] = start(todo[j][2].data)
                 try:
-                    enc = _encode_one(p.data, dev, pool)
+                    enc = futs.pop(k).result()
                 except Exception as e:
                     raise DisTorchError(f"compressing {q!r} ({str(p.dtype).removeprefix('torch.')} "
                                         f"{tuple(p.shape)}) failed: {type(e).__name__}: {e}") from e
@@ -189,17 +203,31 @@ def encode_units(streamed: dict, units: list[str], compute: str | torch.device, 
                 p.data = torch.empty(0, dtype=p.dtype)
                 prog.update(nb)
     except BaseException:
+        for f in futs.values():
+            f.cancel()
         out.restore()
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        if out.where == "cuda":
+            torch.cuda.empty_cache()     # the workers' cached blocks (their own streams) back to the driver
         prog.close()
     out.seconds = time.perf_counter() - t0
-    log.info("distorch: compressed %d tensors of %d units on %s: %.2f -> %.2f GiB (x%.3f) in %.1f s",
+    log.info("distorch: compressed %d tensors of %d units on %s: %.2f -> %.2f GiB (x%.3f) in %.1f s (%.2f GB/s)",
              len(out.meta), len(out.units), out.where, out.raw_bytes / 2**30, out.stored_bytes / 2**30,
-             out.stored_bytes / max(1, out.raw_bytes), out.seconds)
+             out.stored_bytes / max(1, out.raw_bytes), out.seconds, out.raw_bytes / max(out.seconds, 1e-9) / 1e9)
     return out
+
+
+def _done(fn, *a, **kw) -> Future:
+    """fn(*a, **kw) run now, as a finished Future (its exception kept for .result())."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(*a, **kw))
+    except Exception as e:
+        f.set_exception(e)
+    return f
 
 
 class SlotDecode(UnitPart):

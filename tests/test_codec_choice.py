@@ -20,7 +20,7 @@ from distorch.errors import DisTorchError
 from distorch.formats.bf16_codec import MAX_NUMEL
 from distorch.formats.bf16_encode import MIN_CODED_NUMEL, encode, estimate_nbytes
 from distorch.formats.tensor_info import TensorInfo
-from distorch.passes.codec_choice import (MIN_GAIN, CodecChoiceError, choose_codec, codec_info, codec_table,
+from distorch.passes.codec_choice import (FAST_SCALE, MIN_GAIN, CodecChoiceError, choose_codec, codec_info, codec_table,
                                           streamed_sizes)
 from distorch.passes.granularity import sub_unit_graph
 from distorch.passes.partition import partition
@@ -242,8 +242,19 @@ def test_compute_bound_plan_stays_raw_and_never_slower():
         g = synthetic(flops_per_byte=fpb)
         plan = _full(g, inv)
         out = choose_codec(plan, g, inv)
-        assert out.predicted["step_s"] <= out.predicted["codec"]["step_s_raw"] * (1 + 1e-12)
-        assert out.predicted["step_s"] <= plan.predicted["step_s"] * (1 + 1e-12)
+        c = out.predicted["codec"]
+        # estimated unit times: the choice's score (mean step at the estimate and at FAST_SCALE x it) is
+        # never worse than all raw, and at least MIN_GAIN better when anything is compressed
+        assert c["score"]["scales"] == [1.0, FAST_SCALE]
+        assert c["score"]["chosen"] <= c["score"]["raw"] * (1 + 1e-12)
+        if c["units"]:
+            assert c["score"]["chosen"] <= c["score"]["raw"] * (1 - MIN_GAIN)
+    for u in g.units:                                       # measured times: never slower, at the measurement
+        u.time_s = 1.0 if u.name != "root" else 0.1
+    plan = _full(g, inv)
+    out = choose_codec(plan, g, inv)
+    assert out.predicted["codec"]["score"]["scales"] == [1.0]
+    assert out.predicted["step_s"] <= out.predicted["codec"]["step_s_raw"] * (1 + 1e-12)
 
 
 def test_budget_counts_the_scratch_and_shrinks_the_set():
