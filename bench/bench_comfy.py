@@ -111,6 +111,14 @@ def out_path(out: str | None, default_name: str) -> str:
     return out
 
 
+def write_result(text: str, out: str | None, default_name: str) -> str:
+    """Write a results document where out_path says (bench_comfy_clip.py, bench_comfy_gguf.py); returns its path."""
+    path = out_path(out, default_name)
+    with open(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------
 # Model files: a streaming safetensors writer (one tensor in host memory at a time)
 # ------------------------------------------------------------------------------------------------------
@@ -279,17 +287,24 @@ class RssSampler(threading.Thread):
         self._stop.set()
 
 
-def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0) -> dict:
+def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0,
+                 detail: bool = False) -> dict:
     """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it =
     median step after the first (which includes loading), peak VRAM minus `filler_bytes`, the latent, and the
-    host memory through the run: peak VmRSS, peak RssAnon, distorch's pinned bytes (RssSampler)."""
+    host memory through the run: peak VmRSS, peak RssAnon, distorch's pinned bytes (RssSampler).
+    `detail` adds "host" (the sampler's whole window: every field at the VmRSS peak and each field's
+    maximum, ComfyUI's pinned bytes included) and "peak_steps" (peak VRAM of the steps after the first,
+    without the load's transients)."""
     import torch
     import comfy.sample
-    times = []
+    times, load_peak = [], []
 
     def cb(step, x0, x, total_steps):
         if not cpu:
             torch.cuda.synchronize(dev)
+            if detail and not times:      # the load and the first step: its peak kept, then a new window
+                load_peak.append(torch.cuda.max_memory_allocated(dev))
+                torch.cuda.reset_peak_memory_stats(dev)
         times.append(time.perf_counter())
 
     if not cpu:
@@ -297,7 +312,7 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
         torch.cuda.reset_peak_memory_stats(dev)
     lat = comfy.sample.fix_empty_latent_channels(m, latent)
     noise = comfy.sample.prepare_noise(lat, 42)
-    rss = RssSampler()                      # host memory through the run (load included)
+    rss = RssSampler(mm=sys.modules.get("comfy.model_management") if detail else None)  # load included
     rss.start()
     t0 = time.perf_counter()
     try:
@@ -309,15 +324,19 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
     first = times[0] - t0
     dts = [b - a_ for a_, b in zip(times, times[1:])]
     sit = statistics.median(dts) if dts else first
-    peak = 0
+    peak = peak_steps = 0
     if not cpu:
-        peak = max(0, torch.cuda.max_memory_allocated(dev) - filler_bytes)
+        peak_steps = max(0, torch.cuda.max_memory_allocated(dev) - filler_bytes)
+        peak = max([peak_steps] + [max(0, p - filler_bytes) for p in load_peak])
     finite = bool(torch.isfinite(out).all())
     say(f"{label}: {sit:.3f} s/it (steps {[round(x, 3) for x in dts]}), first step incl. load {first:.1f}s, "
         f"peak {peak / GiB:.2f} GiB{'' if finite else ' (non-finite latent: random weights)'}")
-    return {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "finite": finite, "out": out,
-            "rss_peak": host["at_peak"].get("VmRSS", 0), "rss_anon_peak": host["max"].get("RssAnon", 0),
-            "pinned_peak": host["max"].get("distorch_pinned", 0)}
+    r = {"s_it": sit, "first_s": first, "peak": peak, "steps": dts, "finite": finite, "out": out,
+         "rss_peak": host["at_peak"].get("VmRSS", 0), "rss_anon_peak": host["max"].get("RssAnon", 0),
+         "pinned_peak": host["max"].get("distorch_pinned", 0)}
+    if detail:
+        r.update(host=host, peak_steps=peak_steps if load_peak else peak)
+    return r
 
 
 def comfy_filler(mm, model, latent_shape, off_bytes: int, dev):
@@ -449,17 +468,11 @@ def extras_md(a, lora_rows, cyc) -> list:
 # ------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_args(ap) -> None:
+    """The options every Flux-in-ComfyUI bench shares: where ComfyUI is, the device, the sampling, the model's
+    blocks and file, the time guard."""
     ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--res", default="1024,512", help="square resolutions, one model load for all")
-    ap.add_argument("--vram", default="0,3,6,9,12,15,18,20,21.5,23",
-                    help="DisTorch2 virtual_vram_gb values (GiB; above the model size = everything offloaded)")
-    ap.add_argument("--native", default="4,8,12,16,20",
-                    help="GiB ComfyUI's own partial loading should leave off the GPU ('' or 0: none)")
-    ap.add_argument("--block-vram", default="18,21.5", help="budgets also run with whole blocks forced "
-                    "(DISTORCH_GRANULARITY=block), first resolution only ('' to skip)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--ctx", type=int, default=256, help="text tokens")
     ap.add_argument("--double", type=int, default=19)
@@ -468,6 +481,32 @@ def parse_args(argv=None):
                     help="where the model file is written (removed again once loaded)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds from start after which no new row starts (0: none)")
+
+
+def start(comfy_dir: str, device: str):
+    """ComfyUI booted for `device` and distorch's nodes imported: (mm, nodes, folder_paths, torch, ComfyUI's
+    version, distorch.comfy_nodes.entry, the torch device, the card's name or 'cpu')."""
+    cpu = device == "cpu"
+    mm, nodes, folder_paths = boot(comfy_dir, cpu)
+    import torch
+    import comfyui_version
+    entry = import_distorch().entry
+    dev = torch.device(device)
+    gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
+    say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
+    return mm, nodes, folder_paths, torch, comfyui_version.__version__, entry, dev, gpu
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(ap)
+    ap.add_argument("--res", default="1024,512", help="square resolutions, one model load for all")
+    ap.add_argument("--vram", default="0,3,6,9,12,15,18,20,21.5,23",
+                    help="DisTorch2 virtual_vram_gb values (GiB; above the model size = everything offloaded)")
+    ap.add_argument("--native", default="4,8,12,16,20",
+                    help="GiB ComfyUI's own partial loading should leave off the GPU ('' or 0: none)")
+    ap.add_argument("--block-vram", default="18,21.5", help="budgets also run with whole blocks forced "
+                    "(DISTORCH_GRANULARITY=block), first resolution only ('' to skip)")
     ap.add_argument("--wait-for", default="", help="before the first timed row wait (<= 120 s) until this file "
                     "exists (another job making files must be done before anything is timed)")
     ap.add_argument("--cycles", type=int, default=0, help="load/sample/unload cycles at --cycle-vram (RSS, VRAM)")
@@ -507,20 +546,16 @@ def main(argv=None):
         return
     a = parse_args(argv)
     cpu = a.device == "cpu"
-    mm, nodes, folder_paths = boot(a.comfy, cpu)
-    import torch
-    import comfyui_version
-    entry = import_distorch().entry
-    dev = torch.device(a.device)
-    gpu = "cpu" if cpu else torch.cuda.get_device_name(dev)
-    say(f"ComfyUI {comfyui_version.__version__}, torch {torch.__version__}, {gpu}")
+    mm, nodes, folder_paths, torch, comfy_ver, entry, dev, gpu = start(a.comfy, a.device)
     guard = Guard(a.deadline)
     md = out_path(a.out, f"comfy_vram_{card_tag(gpu)}.md")
     with torch.inference_mode():
-        run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfyui_version.__version__, guard, md)
+        run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, guard, md)
 
 
-def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, guard, md):
+def load_flux(a, dev, nodes, folder_paths):
+    """The Flux-dev-shaped model (a.double / a.single blocks) through ComfyUI's UNETLoader: its file written
+    into a.model_dir when missing, loaded, then removed (the loaded model holds the weights)."""
     os.makedirs(a.model_dir, exist_ok=True)
     fname = f"flux_rand_{a.double}x{a.single}.safetensors"
     path = os.path.join(a.model_dir, fname)
@@ -533,11 +568,20 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
     model = nodes.UNETLoader().load_unet(fname, "default")[0]
     say(f"UNETLoader: {type(model.model).__name__} {model.model_size() / GiB:.2f} GiB in {time.perf_counter() - t:.1f}s")
     os.remove(path)                       # the loaded model holds the weights now; give the space back
-    total = model.model_size()
+    return model
 
+
+def flux_cond(torch, ctx: int) -> list:
+    """A random Flux conditioning (seed 1): ctx T5 tokens, the pooled CLIP vector, guidance 3.5."""
     g = torch.Generator().manual_seed(1)
-    cond = [[torch.randn(1, a.ctx, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
-                                                       "guidance": 3.5}]]
+    return [[torch.randn(1, ctx, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
+                                                     "guidance": 3.5}]]
+
+
+def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, guard, md):
+    model = load_flux(a, dev, nodes, folder_paths)
+    total = model.model_size()
+    cond = flux_cond(torch, a.ctx)
     ress = [int(x) for x in a.res.split(",") if x.strip()]
     label = {r: f"{r}x{r}" for r in ress}
     latent = {r: torch.zeros(1, 16, r // 8, r // 8) for r in ress}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 10 (criterion 5) and issue 11 (criterion 6): one device call, or two with PHASES (H200).
+# The GPU benchmarks of issue 10 (criterion 5), issue 11 (criterion 6) and issue 14 (criterion 4, phase D): one
+# device call, or several with PHASES (H200).
 #
 # Device tool:  run(command="bash bench/gpu_bench.sh", carry=[".whl", ".benchc"], kind="nvidia-h200", timeout_s=600)
 # (.whl and .benchc as bench/gpu_suite.sh describes them.)  Everything it writes lands in $OUT:
@@ -7,6 +8,8 @@
 #   wan_vram_<gpu>.md/.json/.png      bench_comfy_wan.py --mode vram: one Wan-14B fp8_scaled expert, 480x832x17
 #   wan_workflow_<gpu>.md/.json       bench_comfy_wan.py --mode workflow: the two-expert workflow, one process
 #                                     per configuration, cold / warm, host RSS breakdown
+#   comfy_codec_<gpu>.md/.json        bench_comfy_codec.py (phase D): Flux-dev bf16 at 1024, DisTorch2 raw vs
+#                                     compressed vs ComfyUI's loading, decode GB/s, a T5-XXL-shaped encoder
 #   results.tgz: the JSONs, *.log (full output of each phase), card.txt, timing.txt (the device tool brings
 #                back at most 8 files per call; a first run lost its Wan results to that)
 # Phases (each under `timeout`; every script writes its results after each row, so a phase cut short keeps
@@ -17,8 +20,15 @@
 #   A. Flux (FLUX_S, default 275 s): make + load the 22.17 GiB model, wait for W, plain, ComfyUI partial at
 #      5 budgets x 2 resolutions, DisTorch2 at 10 budgets (one compile each, both resolutions)
 #   B. Wan vram (WANV_S, default 95 s): plain, ComfyUI partial at 3 budgets, DisTorch2 at 3 budgets
+#   D. compressed bf16 streaming (CODEC_S, default 500 s; run it alone: PHASES=D): make + load the Flux model
+#      (~45 s), plain (~10 s), decode GB/s (~5 s), DisTorch2 compressed and raw fully offloaded (virtual_vram_gb=30,
+#      ~25 s each), ComfyUI at its lowest budget (~20 s), then per partial budget 16 and 8 GiB: compressed, raw,
+#      ComfyUI (~65 s each), then the T5-XXL-shaped encoder: its state dict, plain, compressed, raw (~90 s);
+#      about 370 s in all, a --deadline of CODEC_S - 25 s stops starting rows in time
 #   C. Wan workflow (the rest, about 200 s): plain, distorch:13, comfy:13, distorch:30, distorch:9
-# Override: FLUX_S=.. WANV_S=.. TOTAL_S=.. (the whole, default 575) PHASES=A|B|C|.. FLUX_ARGS=.. WANV_ARGS=.. WANW_ARGS=..
+# Override: FLUX_S=.. WANV_S=.. CODEC_S=.. TOTAL_S=.. (the whole, default 575) PHASES=A|B|C|D|.. FLUX_ARGS=..
+#           WANV_ARGS=.. WANW_ARGS=.. CODEC_ARGS=..
+#   e.g. the codec bench alone:  run(command="PHASES=D bash bench/gpu_bench.sh", carry=[".whl", ".benchc"], ...)
 # CPU rehearsal of this script (tiny models, no wheels, no GPU; tests/test_bench_smoke.py runs it):
 #   SMOKE=1 PY=/work/venv/bin/python OUT=/tmp/gb bash bench/gpu_bench.sh
 set -o pipefail
@@ -30,6 +40,7 @@ mkdir -p "$OUT"
 TOTAL_S=${TOTAL_S:-575}
 FLUX_S=${FLUX_S:-275}
 WANV_S=${WANV_S:-95}
+CODEC_S=${CODEC_S:-500}
 WAN_DIR=${WAN_DIR:-/tmp/distorch_wan}
 el() { echo $(( $(date +%s) - START )); }
 note() { echo "[gpu_bench $(el)s] $*" | tee -a "$OUT/timing.txt"; }
@@ -37,7 +48,8 @@ note() { echo "[gpu_bench $(el)s] $*" | tee -a "$OUT/timing.txt"; }
 PY=${PY:-python3}
 PHASES=${PHASES:-ABC}      # A Flux, B Wan vram, C Wan workflow (measured on an H200, 2026-12-01: A alone with 10
 #                            budgets x 2 resolutions + 5 ComfyUI points x 2 takes ~450 s, B+C ~400 s: give them
-#                            two calls, PHASES=A FLUX_S=540 TOTAL_S=560, then PHASES=BC WANV_S=150 TOTAL_S=560)
+#                            two calls, PHASES=A FLUX_S=540 TOTAL_S=560, then PHASES=BC WANV_S=150 TOTAL_S=560);
+#                            D, the codec bench, is not in the default: a call of its own, PHASES=D (CODEC_S=500)
 SMOKE=${SMOKE:-0}
 TINY=""
 : > "$OUT/timing.txt"
@@ -121,6 +133,15 @@ note "B: exit $?"
 grep "bench_wan" "$OUT/wan_vram.log" | tail -n 3
 fi
 
+# ---- D. compressed bf16 streaming in ComfyUI (issue 14): raw vs compressed vs ComfyUI's own loading
+if has D; then
+    note "D: codec (limit ${CODEC_S}s)"
+    timeout -k 5 "$CODEC_S" $PY bench/bench_comfy_codec.py $TINY --deadline $((CODEC_S - 25)) \
+        --out "bench/results/comfy_codec_${TAG}.md" ${CODEC_ARGS:-} > "$OUT/codec.log" 2>&1
+    note "D: exit $?"
+    grep "bench_comfy" "$OUT/codec.log" | tail -n 4
+fi
+
 # ---- C. Wan two-expert workflow, one process per configuration: what is left of TOTAL_S
 if has C; then
 WANW_S=$(( TOTAL_S - $(el) ))
@@ -144,6 +165,11 @@ for f in comfy_vram wan_vram; do
 done
 echo "--- wan_workflow"; grep -E "^\|" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null || echo "(no results)"
 grep -E "^Skipped" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null
+if has D; then
+    echo "--- comfy_codec"
+    awk '/^## Headline/{on=1} /^s\/it = /{on=0} on' "$OUT/comfy_codec_${TAG}.md" 2>/dev/null || echo "(no results)"
+    grep -E "^(Skipped|Not run)" "$OUT/comfy_codec_${TAG}.md" 2>/dev/null
+fi
 echo "--- errors (last lines of each log with Traceback)"
 for l in "$OUT"/*.log; do grep -q Traceback "$l" && { echo "## $l"; grep -A 3 -E "Error|error:" "$l" | tail -n 8; }; done
 cat "$OUT/timing.txt"

@@ -221,4 +221,5 @@ def measured_prediction(plan: Plan, times: dict, rates: dict, step_s: float, *, 
             inv.links[(src, plan.compute)] = b / t
     for src, r in rates.items():
         inv.links[(src, plan.compute)] = r
-    return simulate(units, homes, plan.compute, inv, int(window_bytes))
+    # units streamed compressed (Plan.codec) move their packed bytes; the window was sized for those
+    return simulate(units, homes, plan.compute, inv, int(window_bytes), streamed=dict(plan.codec or {}) or None)

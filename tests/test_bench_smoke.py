@@ -1,4 +1,5 @@
-"""The ComfyUI benchmarks (bench/bench_comfy.py, bench/bench_comfy_wan.py) proven on CPU before a GPU runs them.
+"""The ComfyUI benchmarks (bench/bench_comfy.py, bench/bench_comfy_wan.py, bench/bench_comfy_codec.py) proven on
+CPU before a GPU runs them.
 
 Smoke runs: each script's --tiny mode in a subprocess against the real ComfyUI 0.3.75 (skipped without it
 unless DISTORCH_REQUIRE_COMFYUI=1), asserting that the result files exist, carry every row, and that every
@@ -23,6 +24,7 @@ from comfy_harness import COMFY_DIR, require_comfy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_comfy as B  # noqa: E402
+import bench_comfy_codec as K  # noqa: E402
 import comfy_report as R  # noqa: E402
 
 CPU_LIMIT_S = 60.0
@@ -128,6 +130,43 @@ def test_bench_wan_workflow_tiny(tmp_path, monkeypatch, gran):
     assert "| plain |" in md.read_text()
 
 
+def test_bench_comfy_codec_tiny(tmp_path):
+    """Raw against compressed inside ComfyUI.  On a host ComfyUI holds the tiny Flux in fp32: nothing in it is
+    codable, so its compressed rows run with the runtime's codec statistics null (reported, not a crash); the
+    bf16 CLIP-L streams really compressed, its conditioning bit-identical to the plain CLIP's."""
+    require_comfy()
+    md = tmp_path / "comfy_codec_cpu.md"
+    rc, out, cpu = run_script(["bench/bench_comfy_codec.py", "--tiny", "--model-dir", str(tmp_path / "m"),
+                               "--out", str(md)], tmp_path)
+    check_run(rc, out, cpu)
+    d = json.loads(md.with_suffix(".json").read_text())
+    rows, clips = d["rows"], d["clip"]
+    assert not [r for r in rows + clips if r.get("error")]
+    assert [r["kind"] for r in rows] == ["plain"] + ["distorch"] * 4      # ComfyUI rows need a GPU
+    dis = rows[1:]
+    assert [(r["v"], r["mode"]) for r in dis] == [(3.0, "on"), (3.0, "off"), (0.5, "on"), (0.5, "off")]
+    assert all(r["same"] is True for r in dis)
+    assert all(r["codec"] is None and r["ratio"] is None for r in dis)         # fp32: nothing compressed
+    assert dis[0]["off"] >= 0.95 * d["total_bytes"] and dis[0]["streamed"] == dis[0]["off"]
+    assert 0 < dis[2]["off"] < d["total_bytes"]
+    assert all(r["rss_peak"] > 0 and r["rss_anon_peak"] > 0 and "rss_file_peak" in r for r in rows)
+    assert all(r["cold_s"] >= r["first_s"] > 0 and r["rss_before"] > 0 and r["rss_after"] > 0 for r in dis)
+    assert d["decode"]["gbps"] is None and "n/a" in d["decode"]["note"]
+    clip = {r["mode"]: r for r in clips}
+    assert set(clip) == {None, "on", "off"}
+    c = clip["on"]["codec"]
+    assert c and c["tensors"] > 0 and c["stored_bytes"] < c["raw_bytes"] and 0.6 < c["ratio"] < 0.72
+    assert clip["on"]["home_bytes"] <= 0.72 * clip["on"]["off"] and clip["on"]["streamed"] == clip["on"]["home_bytes"]
+    assert clip["off"]["codec"] is None and clip["off"]["home_bytes"] == clip["off"]["off"]
+    assert clip["on"]["same"] is True and clip["off"]["same"] is True and clip[None]["deterministic"]
+    h = d["headline"]
+    assert h["all_identical"] and h["clip_identical"] and h["ratio"] is None and not h["failed"]
+    text = md.read_text()
+    assert text.index("## Headline") < text.index("## Flux-dev-shaped model") and "| NO |" not in text
+    assert "Not run: ComfyUI partial load" in text
+    assert not (tmp_path / "m" / "flux_rand_1x0.safetensors").exists()
+
+
 @pytest.mark.skipif(os.environ.get("DISTORCH_SMOKE_GPU_BENCH") != "1",
                     reason="rehearsal of bench/gpu_bench.sh takes minutes: DISTORCH_SMOKE_GPU_BENCH=1 runs it")
 def test_gpu_bench_script_rehearsal(tmp_path):
@@ -140,6 +179,20 @@ def test_gpu_bench_script_rehearsal(tmp_path):
     for f in ("comfy_vram_cpu.json", "wan_vram_cpu.json", "wan_workflow_cpu.json", "timing.txt"):
         assert (tmp_path / "out" / f).exists(), f
     assert "NO" not in (tmp_path / "out" / "wan_workflow_cpu.md").read_text().split("|---")[-1]
+
+
+@pytest.mark.skipif(os.environ.get("DISTORCH_SMOKE_GPU_BENCH") != "1",
+                    reason="rehearsal of bench/gpu_bench.sh: DISTORCH_SMOKE_GPU_BENCH=1 runs it")
+def test_gpu_bench_phase_d_rehearsal(tmp_path):
+    """PHASES=D alone: setup, preflight, the codec bench, its headline in the summary."""
+    require_comfy()
+    env = {k: v for k, v in os.environ.items()}
+    env.update(SMOKE="1", PHASES="D", PY=sys.executable, OUT=str(tmp_path / "out"), DISTORCH_COMFYUI_DIR=str(COMFY_DIR),
+               CODEC_ARGS=f"--model-dir {tmp_path / 'm'}")
+    p = subprocess.run(["bash", "bench/gpu_bench.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "out" / "comfy_codec_cpu.json").exists() and "D: exit 0" in p.stdout
+    assert "--- comfy_codec" in p.stdout and "## Headline" in p.stdout.split("--- comfy_codec")[1]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -200,6 +253,37 @@ def test_write_safetensors_round_trip(tmp_path):
     with pytest.raises(ValueError, match="declared"):
         B.write_safetensors(p, [("a", (2, 2), torch.float32)], lambda *a: torch.zeros(3))
     assert B.bit_equal(load_file(p)["a"], src["a"])            # a failed write leaves the old file
+
+
+def test_codec_headline_against_the_targets():
+    """The headline of bench_comfy_codec: s/it against today's raw link floor, homes against the raw
+    offloaded bytes, each against its target; a failed row is named, not counted as identical."""
+    G = GiB
+    rows = [dict(kind="plain", name="plain", s_it=0.17, off=0),
+            dict(kind="distorch", mode="on", v=30.0, name="comp", s_it=0.31, off=22 * G, home_bytes=int(14.9 * G),
+                 pinned_peak=15 * G, ratio=0.675, codec={"ratio": 0.675}, same=True),
+            dict(kind="distorch", mode="off", v=30.0, name="raw", s_it=0.44, off=22 * G, home_bytes=22 * G,
+                 pinned_peak=22 * G, ratio=None, codec=None, same=True),
+            dict(kind="distorch", mode="on", v=8.0, name="comp 8", s_it=0.2, off=8 * G, same=False),
+            dict(kind="error", name="raw 8", error="ValueError: boom")]
+    dec = {"gbps": 470.0, "weight": "w", "shape": [3072, 12288], "widths": [3, 2, 3], "ratio": 0.675,
+           "encode_mbps": 900.0, "copy_gbps": 2000.0, "exact": True}
+    d = {"rows": rows, "all_gb": 30.0, "bw": 55e9, "decode": dec, "clip": [],
+         "title": "t", "gpu": "NVIDIA H200", "torch": "x", "comfyui": "y", "date": "z", "model_line": "m",
+         "command": "c", "res": 1024, "encoder": "t5xxl", "clip_gb": 30.0, "decode_reps": 20, "total_bytes": 22 * G}
+    h = K.headline(d)
+    floor = 22 * G / 55e9
+    assert h["raw_floor_s"] == pytest.approx(floor)
+    assert h["comp_x"] == pytest.approx(0.31 / floor) and h["raw_x"] == pytest.approx(0.44 / floor)
+    assert h["homes_comp"] == pytest.approx(14.9 / 22) and h["homes_comp_pinned"] == pytest.approx(15 / 22)
+    assert h["ratio"] == 0.675 and h["decode_gbps"] == 470.0 and h["failed"] == ["raw 8"]
+    assert h["all_identical"] is False                       # the 8 GiB compressed row differs
+    md = K.render(dict(d, headline=h))
+    assert "| <= 0.75 | yes |" in md and "| <= 0.72 | yes |" in md and "| <= 0.32 on the H200 | yes |" in md
+    assert "failed: ValueError: boom" in md and "Failed (the error is in its row): raw 8." in md
+    assert "| NO |" in md and "470 GB/s" in md and "the whole model decodes in 0.050 s" in md
+    assert "Compressed, fully offloaded: 0.310 s/it = 0.722x today's raw link floor (0.429 s" in md
+    assert "the homes hold 0.677x the raw offloaded bytes" in md
 
 
 def test_bit_equal_compares_bits():

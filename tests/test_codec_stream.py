@@ -225,3 +225,23 @@ def test_compress_mode_is_checked():
     m, _ = toy(depth=1)
     with pytest.raises(DisTorchError, match="compress='zip'"):
         distorch.compile(m, "cpu", offload_gb=0.0001, compress="zip", progress=False)
+
+
+def test_measured_prediction_of_a_compressed_plan():
+    """After a profiled step the prediction is re-simulated from measured unit times with the units' bytes
+    as streamed (the window was sized for the packed bytes; raw ones would not fit it)."""
+    import distorch
+    m, args = toy(depth=4)
+    with torch.no_grad():
+        ref = m(*args)
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    h = distorch.compile(m, "cpu", offload_gb=0.6 * size / 2**30, compress="on", granularity="block",
+                         example_args=args, profile=True, progress=False)
+    try:
+        assert h.plan.codec and h.plan.window_bytes < max(u.bytes for u in h.plan.offloaded()) * 2
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(*args), ref)
+        assert h.plan.predicted["basis"] == "measured"
+    finally:
+        h.undo()

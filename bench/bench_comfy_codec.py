@@ -1,0 +1,629 @@
+"""Compressed bf16 streaming inside a real ComfyUI (issue 14, criterion 4): DisTorch2 raw against compressed.
+
+One process, ComfyUI 0.3.75 in-process as bench/bench_comfy.py runs it (every node call under
+torch.inference_mode(), as ComfyUI's executor runs them), its Flux-dev-sized bf16 model (bench_comfy's file,
+made once, 22.17 GiB) at one resolution (1024x1024), rows in this order (most important first, so that a
+time guard that stops early keeps what matters):
+
+  * plain                   UNETLoader's model, resident: the reference latent
+  * decode                  formats.bf16_codec.decode_triton on one of the model's block weights (a 3072 x 12288
+                            bf16 Linear weight, coded by formats.bf16_encode.encode): GB/s of output, median of
+                            repeated launches timed with CUDA events (bench_codec.device_time); CPU: n/a
+  * DisTorch2 compressed / raw at --all-gb (everything offloaded): DISTORCH_COMPRESS=on / off while the node
+                            runs (comfy_nodes/state.py reads it when it plans)
+  * ComfyUI's own partial loading at its lowest budget (--native-all GiB left off, as bench_comfy's lowest)
+  * per partial budget (--vram, GiB offloaded): DisTorch2 compressed, raw, and ComfyUI asked to leave as much off
+  * a text encoder (T5-XXL-shaped, ComfyUI's own class, random bf16 weights, bench_comfy_clip's state dict)
+    through the CLIP DisTorch2 node's entry point, fully offloaded: plain CLIP, DisTorch2 compressed, raw
+
+Each Flux row: s/it (median step after the first), peak VRAM (torch.cuda.max_memory_allocated through the
+sampling, and of the steps after the first alone), cold time (node call to the end of the first step: plan,
+load, compression), host memory (peak VmRSS; RssAnon, RssFile, RssShmem, distorch's and ComfyUI's pinned
+bytes at their peak; VmRSS before the node call and after sampling), the runtime's codec statistics
+(handle.stats["codec"]: ratio, stored bytes, encode time; null where nothing was compressed), the bytes its
+homes hold and the bytes one step streams, the link floor (streamed bytes / probed pinned bandwidth) and the
+s/it against today's raw link floor (raw offloaded bytes / bandwidth), and the latent compared bit for bit
+with the plain row's.  Results (md with a headline table + json) are written after every row.
+
+DisTorch2 rows compile a clone of UNETLoader's patcher (what a node gets as its input): distorch() turns the
+patcher it is given into a DisTorch patcher in place, and the ComfyUI rows need ComfyUI's own.
+
+    python bench/bench_comfy_codec.py --deadline 475     # GPU: bench/results/comfy_codec_<gpu>.md/.json
+    PHASES=D bash bench/gpu_bench.sh                     # the same through the GPU driver (setup, preflight)
+    python bench/bench_comfy_codec.py --tiny             # the same code on CPU, tiny budgets (smoke test, ~25 s)
+    python bench/bench_comfy_codec.py --tiny --host-bf16 # ... the Flux kept bf16 so that it compresses (slow)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_comfy as BC  # noqa: E402  (ComfyUI boot, the Flux file, sampling, host memory, time guard)
+import bench_comfy_clip as BCL  # noqa: E402  (the text encoder's state dict)
+from comfy_report import _f, write_atomic  # noqa: E402
+
+GiB = BC.GiB
+COMPRESS_ENV = "DISTORCH_COMPRESS"
+MODE_NAME = {"on": "compressed", "off": "raw", "auto": "auto"}
+PROMPT = "a photo of a red fox in the snow, golden hour, 35 mm, shallow depth of field"
+# targets of issue 14, criterion 4
+TARGET_X_FLOOR, TARGET_S_IT_H200, TARGET_HOMES = 0.75, 0.32, 0.72
+
+
+def say(*a):
+    print("[bench_comfy_codec %6.1fs]" % (time.perf_counter() - BC.T0), *a, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    BC.common_args(ap)      # --comfy --device --steps --ctx --double --single --model-dir --deadline
+    ap.add_argument("--res", type=int, default=1024, help="square resolution")
+    ap.add_argument("--all-gb", type=float, default=30.0,
+                    help="virtual_vram_gb of the fully offloaded rows (above the model: everything streams)")
+    ap.add_argument("--vram", default="16,8", help="partial budgets, in this order: DisTorch2 virtual_vram_gb and "
+                    "the GiB ComfyUI's own partial loading is asked to leave off the GPU ('' to skip)")
+    ap.add_argument("--native-all", type=float, default=20.0,
+                    help="ComfyUI's lowest budget, GiB left off the GPU (bench_comfy's lowest; 0: skip)")
+    ap.add_argument("--modes", default="on,off", help="DISTORCH_COMPRESS values, a row each per budget, in this order")
+    ap.add_argument("--encoder", default="t5xxl", choices=["t5xxl", "clip_l", "none"])
+    ap.add_argument("--clip-gb", type=float, default=30.0, help="virtual_vram_gb of the text encoder rows")
+    ap.add_argument("--encodes", type=int, default=4, help="encodes per text-encoder row (the first loads)")
+    ap.add_argument("--decode-reps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke: 1 double block (hidden 3072: ComfyUI's Flux "
+                    "detection fixes it), 64x64, 2 steps, 16 tokens, budgets 3 (all) and 0.5 GiB, no ComfyUI rows "
+                    "(they need a GPU); ComfyUI holds the Flux in fp32 on a host, so nothing of it is codable "
+                    "(codec null: the path where the runtime compresses nothing); the compressed path runs on a "
+                    "bf16 CLIP-L at 0.01 GiB (a few layers: the host's torch decoder runs at tens of MB/s)")
+    ap.add_argument("--host-bf16", action="store_true", help="on a host, keep the Flux in bf16 (ComfyUI's "
+                    "--bf16-unet) and stream single layers (DISTORCH_GRANULARITY=sub): its compressed rows really "
+                    "compress (slow: ~10 s a step on the host decoder for the 0.16 GiB the smallest plan streams)")
+    ap.add_argument("--out", default=None, help="results .md (default bench/results/comfy_codec_<gpu>.md; "
+                    "under $OUT when set)")
+    if ap.parse_known_args(argv)[0].tiny:      # tiny's values, unless given on the command line
+        ap.set_defaults(device="cpu", double=1, single=0, res=64, steps=2, ctx=16, all_gb=3.0, vram="0.5",
+                        native_all=0.0, encoder="clip_l", clip_gb=0.01, encodes=2, model_dir="/tmp/distorch_codec_tiny")
+    return ap.parse_args(argv)
+
+
+def floats(s: str) -> list:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pieces of a row
+# ------------------------------------------------------------------------------------------------------
+def runtime_stats(st) -> dict:
+    """The runtime's statistics of a DisTorch state: the live handle's, else the last sampling run's."""
+    if st is None:
+        return {}
+    if st.handle is not None:
+        return dict(st.handle.stats)
+    return dict(st.last_stats or {})
+
+
+def codec_facts(stats: dict, plan, bw: float | None) -> dict:
+    """What the runtime compressed and streamed: codec statistics (None: nothing compressed), the bytes the
+    host homes hold, the bytes one step moves (measured per link, else the plan's units as streamed), the
+    link floor of those bytes and today's raw link floor (the plan's offloaded bytes, raw)."""
+    off = plan.offloaded_bytes() if plan is not None else 0
+    codec = stats.get("codec") or None
+    streamed = sum((stats.get("bytes_per_step") or {}).values())
+    if not streamed:
+        streamed = off - (codec or {}).get("raw_bytes", 0) + (codec or {}).get("stored_bytes", 0)
+    homes = sum(v for k, v in (stats.get("home_bytes") or {}).items() if str(k).startswith("cpu"))
+    pred = dict((plan.predicted or {}).get("codec") or {}) if plan is not None else {}
+    if isinstance(pred.get("units"), list):         # the planner's choice, its unit names counted
+        pred["units"] = len(pred["units"])
+    return {"off": off, "codec": codec, "ratio": (codec or {}).get("ratio"),
+            "stored_bytes": (codec or {}).get("stored_bytes"), "encode_s": (codec or {}).get("encode_s"),
+            "codec_units": len(getattr(plan, "codec", None) or {}), "pred_codec": pred or None,
+            "streamed": streamed, "home_bytes": homes, "homes_x_raw": homes / off if off and homes else None,
+            "floor": streamed / bw if bw else None, "raw_floor": off / bw if bw else None}
+
+
+def host_fields(host: dict | None, before: dict | None = None, after: dict | None = None) -> dict:
+    """The host-memory breakdown of a row from RssSampler windows (bytes)."""
+    host = host or {"at_peak": {}, "max": {}}
+    mx = host["max"]
+    return {"rss_peak": host["at_peak"].get("VmRSS", 0), "rss_anon_peak": mx.get("RssAnon", 0),
+            "rss_file_peak": mx.get("RssFile", 0), "rss_shmem_peak": mx.get("RssShmem", 0),
+            "pinned_peak": mx.get("distorch_pinned", 0), "comfy_pinned_peak": mx.get("comfy_pinned", 0),
+            "rss_before": (before or {}).get("VmRSS"), "rss_after": (after or {}).get("VmRSS")}
+
+
+class Compress:
+    """DISTORCH_COMPRESS set to `mode` inside the block (None: as it was), restored after."""
+
+    def __init__(self, mode: str | None):
+        self.mode, self.old = mode, None
+
+    def __enter__(self):
+        self.old = os.environ.get(COMPRESS_ENV)
+        if self.mode is not None:
+            os.environ[COMPRESS_ENV] = self.mode
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(COMPRESS_ENV, None)
+        else:
+            os.environ[COMPRESS_ENV] = self.old
+
+
+def decode_speed(a, model, torch, cpu: bool, dev) -> dict:
+    """decode_triton on one of the model's own block weights (a 3072 x 12288 Linear weight where there is one):
+    output GB/s of the median launch (CUDA events), the weight's ratio, bit-exact check, a device-to-device
+    copy of the output's size for reference."""
+    sd = model.model.diffusion_model.state_dict()
+    name = "double_blocks.0.img_mlp.2.weight"
+    if name not in sd or sd[name].dtype != torch.bfloat16:
+        name = max((k for k, v in sd.items() if v.dim() == 2 and v.dtype == torch.bfloat16),
+                   key=lambda k: sd[k].numel(), default=None)
+    if cpu or name is None:
+        return {"weight": name or "-", "shape": list(sd[name].shape) if name else [], "gbps": None,
+                "note": "n/a (CPU run: the Triton kernel needs a GPU)" if cpu else
+                        "n/a (the model holds no bf16 weight)"}
+    w = sd[name]
+    d = {"weight": name, "shape": list(w.shape), "gbps": None}
+    from concurrent.futures import ThreadPoolExecutor
+    from distorch.formats import bf16_codec as codec
+    from distorch.formats.bf16_encode import encode
+    import bench_codec as BK      # imported here: it needs the distorch package importable
+    if not codec.triton_available():
+        d["note"] = "n/a (Triton not importable)"
+        return d
+    host = w.detach().to("cpu")
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        t = time.perf_counter()
+        enc = encode(host, executor=pool)
+        enc_s = time.perf_counter() - t
+    ref = w.detach().to(dev)
+    g = enc.to(dev)
+    out = torch.empty_like(ref)
+    codec.decode_triton(g, out)
+    exact = BK.exact(out, ref)
+    s = BK.device_time(lambda: codec.decode_triton(g, out), a.decode_reps)
+    s_copy = BK.device_time(lambda: ref.copy_(out), a.decode_reps)
+    nb = w.numel() * w.element_size()
+    d.update(gbps=nb / s / 1e9, decode_s=s, copy_gbps=nb / s_copy / 1e9, ratio=enc.ratio, widths=list(enc.meta.widths),
+             exact=exact, encode_mbps=nb / enc_s / 1e6)
+    say(f"decode {name} {tuple(w.shape)}: {d['gbps']:.0f} GB/s (copy {d['copy_gbps']:.0f}), ratio {enc.ratio:.4f}, "
+        f"exact {exact}")
+    del g, out, ref
+    return d
+
+
+# ------------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------------
+def _gib(x, fmt="%.2f", none=""):
+    return _f(None if x is None else x / GiB, fmt, none)
+
+
+def _yes(x) -> str:
+    return "" if x is None else ("yes" if x else "NO")
+
+
+def _met(x, target) -> str:
+    return "" if x is None else ("yes" if x <= target else "no")
+
+
+def headline(d: dict) -> dict:
+    """The numbers the issue's criterion asks for, from the rows done so far (None: not measured)."""
+    rows, allv = d["rows"], d["all_gb"]
+
+    def pick(kind, mode=None, v=None):
+        return next((r for r in rows if r["kind"] == kind and r.get("mode") == mode and r.get("v") == v
+                     and not r.get("error")), None)
+    comp, raw = pick("distorch", "on", allv), pick("distorch", "off", allv)
+    ref_off = (raw or comp or {}).get("off")
+    bw = d.get("bw")
+    raw_floor = ref_off / bw if (ref_off and bw) else None
+    h = {"raw_floor_s": raw_floor, "raw_s_it": (raw or {}).get("s_it"), "comp_s_it": (comp or {}).get("s_it"),
+         "raw_x": None, "comp_x": None, "homes_raw": None, "homes_comp": None,
+         "ratio": (comp or {}).get("ratio"), "decode_gbps": (d.get("decode") or {}).get("gbps"),
+         "all_identical": all(r.get("same") for r in rows if r["kind"] != "plain" and not r.get("error")),
+         "comp_codec": (comp or {}).get("codec") is not None if comp else None,
+         "failed": [r["name"] for r in rows + d.get("clip", []) if r.get("error")],
+         "plain_s_it": next((r["s_it"] for r in rows if r["kind"] == "plain"), None)}
+    if raw_floor:
+        h["raw_x"] = h["raw_s_it"] / raw_floor if h["raw_s_it"] else None
+        h["comp_x"] = h["comp_s_it"] / raw_floor if h["comp_s_it"] else None
+    for key, r in (("homes_raw", raw), ("homes_comp", comp)):
+        if r and ref_off:
+            h[key] = r["home_bytes"] / ref_off if r.get("home_bytes") else None
+            h[key + "_pinned"] = r["pinned_peak"] / ref_off if r.get("pinned_peak") else None
+    clip = {r.get("mode"): r for r in d.get("clip", []) if not r.get("error")}
+    h["clip_raw_s"] = (clip.get("off") or {}).get("enc_s")
+    h["clip_comp_s"] = (clip.get("on") or {}).get("enc_s")
+    h["clip_ratio"] = (clip.get("on") or {}).get("ratio")
+    h["clip_identical"] = all(r.get("same") for r in d.get("clip", []) if r.get("mode") and not r.get("error")) \
+        if d.get("clip") else None
+    return h
+
+
+def render(d: dict) -> str:
+    h = d["headline"]
+    bw = d.get("bw")
+    on_h200 = "H200" in d["gpu"]
+    L = [f"# {d['title']}", "",
+         f"Card: {d['gpu']}; torch {d['torch']}; ComfyUI {d['comfyui']}; date {d['date']}.",
+         d["model_line"], f"Command: `{d['command']}`",
+         f"Pinned host->GPU bandwidth probed by distorch: {bw / 1e9:.1f} GB/s." if bw else
+         "No pinned bandwidth (CPU run): link floors n/a.", "",
+         "## Headline", "",
+         "| measure | raw | compressed | target | met |", "|---|---:|---:|---|---|",
+         f"| fully offloaded (virtual_vram_gb={d['all_gb']:g}) s/it | {_f(h['raw_s_it'])} | {_f(h['comp_s_it'])} | "
+         f"<= {TARGET_S_IT_H200} on the H200 | {_met(h['comp_s_it'], TARGET_S_IT_H200) if on_h200 else 'n/a'} |",
+         f"| s/it / today's raw link floor ({_f(h['raw_floor_s'], '%.3f s', 'n/a')} = raw offloaded bytes / pinned "
+         f"bandwidth) | {_f(h['raw_x'])} | {_f(h['comp_x'])} | <= {TARGET_X_FLOOR} | "
+         f"{_met(h['comp_x'], TARGET_X_FLOOR)} |",
+         f"| host bytes of the homes / raw offloaded bytes (runtime's home_bytes) | {_f(h['homes_raw'])} | "
+         f"{_f(h['homes_comp'])} | <= {TARGET_HOMES} | {_met(h['homes_comp'], TARGET_HOMES)} |",
+         f"| pinned host bytes (peak, measured) / raw offloaded bytes | {_f(h.get('homes_raw_pinned'))} | "
+         f"{_f(h.get('homes_comp_pinned'))} | <= {TARGET_HOMES} | {_met(h.get('homes_comp_pinned'), TARGET_HOMES)} |",
+         f"| compression ratio (stored / raw bytes of the coded tensors) | | "
+         f"{_f(h['ratio'], '%.4f', 'null' if h['comp_codec'] is False else '')} | | |",
+         f"| decode GB/s (Triton, {(d.get('decode') or {}).get('weight', '')}) | | "
+         f"{_f(h['decode_gbps'], '%.0f', 'n/a')} | | |",
+         f"| every DisTorch2 / ComfyUI latent bit-identical to the plain loader's | | {_yes(h['all_identical'])} | "
+         f"bit-identical | {_yes(h['all_identical'])} |"]
+    if d.get("clip"):
+        L.append(f"| text encoder ({d['encoder']}, virtual_vram_gb={d['clip_gb']:g}): later encodes s | "
+                 f"{_f(h['clip_raw_s'])} | "
+                 f"{_f(h['clip_comp_s'])} | | |")
+        L.append(f"| text encoder: ratio; conditioning bit-identical to the plain CLIP's | | "
+                 f"{_f(h['clip_ratio'], '%.4f', 'null')}; {_yes(h['clip_identical'])} | bit-identical | "
+                 f"{_yes(h['clip_identical'])} |")
+    if h["comp_s_it"] and h["comp_x"] and h["homes_comp"]:
+        L += ["", f"Compressed, fully offloaded: {h['comp_s_it']:.3f} s/it = {h['comp_x']:.3f}x today's raw link floor "
+              f"({h['raw_floor_s']:.3f} s; raw streaming gives {_f(h['raw_s_it'])} s/it, resident "
+              f"{_f(h['plain_s_it'])} s/it); the homes hold {h['homes_comp']:.3f}x the raw offloaded bytes "
+              f"(measured ratio {_f(h['ratio'], '%.4f', 'null')})."]
+    L += ["", "s/it = median step after the first; peak VRAM = torch.cuda.max_memory_allocated through the sampling "
+          "(load and compression included; ComfyUI rows: minus the filler that makes ComfyUI offload), 'steps' = the "
+          "steps after the first alone; cold s = node call to the end of the first step (plan, load, compression, "
+          "first step); encode s = the runtime's compression time (stats codec encode_s); ratio and stored GiB = "
+          "stats codec (null: the runtime compressed nothing); streamed = bytes one step moves (stats bytes_per_step); "
+          "link floor = streamed / pinned bandwidth; x raw floor = s/it / (raw offloaded bytes / pinned bandwidth); "
+          "homes = host bytes the runtime's homes hold (stats home_bytes); pinned = distorch's pinned bytes at their "
+          "peak; host RSS = this process's VmRSS at its peak, RssAnon / RssFile / RssShmem at theirs (50 ms "
+          "samples), VmRSS before the node call and after sampling. Bit-identical: the latent's bytes equal the "
+          "plain row's.", "",
+          f"## Flux-dev-shaped model, {d['res']}x{d['res']}", "",
+          "| configuration | GiB off | peak VRAM GiB | peak steps GiB | s/it | cold s | encode s | ratio | stored GiB "
+          "| streamed GiB/step | link floor s | x raw floor | homes GiB | pinned GiB | peak RSS GiB | RssAnon | RssFile "
+          "| RssShmem | RSS before / after GiB | bit-identical |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in d["rows"]:
+        if r.get("error"):
+            L.append(f"| {r['name']} | failed: {r['error'][:160]} |" + " |" * 18)
+            continue
+        xr = r["s_it"] / r["raw_floor"] if r.get("raw_floor") else None
+        L.append(f"| {r['name']} | {_gib(r.get('off'))} | {_gib(r.get('peak'))} | {_gib(r.get('peak_steps'))} | "
+                 f"{r['s_it']:.3f} | {_f(r.get('cold_s'), '%.1f')} | {_f(r.get('encode_s'), '%.1f')} | "
+                 f"{_f(r.get('ratio'), '%.4f', 'null' if r['kind'] == 'distorch' else '')} | "
+                 f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('streamed'))} | {_f(r.get('floor'))} | {_f(xr)} | "
+                 f"{_gib(r.get('home_bytes'))} | {_gib(r.get('pinned_peak'))} | {_gib(r.get('rss_peak'))} | "
+                 f"{_gib(r.get('rss_anon_peak'))} | {_gib(r.get('rss_file_peak'))} | {_gib(r.get('rss_shmem_peak'))} | "
+                 f"{_gib(r.get('rss_before'))} / {_gib(r.get('rss_after'))} | "
+                 f"{'' if r['kind'] == 'plain' else _yes(r.get('same'))} |")
+    dec = d.get("decode")
+    if dec:
+        L += ["", "## Decode", ""]
+        if dec.get("gbps"):
+            L.append(f"formats.bf16_codec.decode_triton on the model's `{dec['weight']}` {tuple(dec['shape'])} "
+                     f"(bf16, coded by formats.bf16_encode.encode, widths {tuple(dec['widths'])}, ratio "
+                     f"{dec['ratio']:.4f}, host encoder {dec['encode_mbps']:.0f} MB/s): {dec['gbps']:.0f} GB/s of "
+                     f"decoded output, median of 3 x {d['decode_reps']} launches timed with CUDA events (a device "
+                     f"copy of the same bytes: {dec['copy_gbps']:.0f} GB/s); bit-exact: {_yes(dec['exact'])}. At "
+                     f"that rate the whole model decodes in {d['total_bytes'] / (dec['gbps'] * 1e9):.3f} s.")
+        else:
+            L.append(f"`{dec['weight']}` {tuple(dec['shape'])}: {dec.get('note', 'n/a')}")
+    if d.get("clip"):
+        L += ["", f"## Text encoder ({d['encoder']}) through the CLIP DisTorch2 node, virtual_vram_gb={d['clip_gb']:g}",
+              "", d.get("clip_line", ""), "",
+              "| configuration | GiB off | first encode s | later encodes s (median) | cold s | peak VRAM GiB "
+              "| peak later GiB | encode s | ratio | stored GiB | homes GiB | link floor s | x raw floor | peak RSS GiB "
+              "| conditioning bit-identical |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in d["clip"]:
+            if r.get("error"):
+                L.append(f"| {r['name']} | failed: {r['error'][:160]} |" + " |" * 13)
+                continue
+            xr = r["enc_s"] / r["raw_floor"] if r.get("raw_floor") else None
+            L.append(f"| {r['name']} | {_gib(r.get('off'))} | {r['first_s']:.3f} | {r['enc_s']:.3f} | "
+                     f"{_f(r.get('cold_s'), '%.1f')} | {_gib(r.get('peak'))} | {_gib(r.get('peak_later'))} | "
+                     f"{_f(r.get('encode_s'), '%.1f')} | {_f(r.get('ratio'), '%.4f', 'null' if r.get('mode') else '')} | "
+                     f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('home_bytes'))} | {_f(r.get('floor'))} | {_f(xr)} | "
+                     f"{_gib(r.get('rss_peak'))} | {'' if not r.get('mode') else _yes(r.get('same'))} |")
+    if h["failed"]:
+        L += ["", "Failed (the error is in its row): " + ", ".join(h["failed"]) + "."]
+    if d.get("skipped"):
+        L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
+    if d.get("not_run"):
+        L += ["", "Not run: " + ", ".join(d["not_run"]) + "."]
+    for n in d.get("notes", []):
+        L += ["", n]
+    return "\n".join(L) + "\n"
+
+
+def save_results(d: dict, md: str) -> None:
+    """md + json side by side (atomic), the headline recomputed; called after every row."""
+    import json
+    d["headline"] = headline(d)
+    write_atomic(md, render(d))
+    write_atomic(os.path.splitext(md)[0] + ".json", json.dumps(d, indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    a = parse_args(argv)
+    cpu = a.device == "cpu"
+    mm, nodes, folder_paths, torch, comfy_ver, entry, dev, gpu = BC.start(a.comfy, a.device)
+    if a.host_bf16:
+        # ComfyUI keeps a diffusion model in fp32 on a host: keep the file's bf16 (it computes in fp32), and
+        # stream single layers rather than the 0.65 GiB block
+        from comfy.cli_args import args as comfy_args
+        comfy_args.bf16_unet = True
+        os.environ.setdefault("DISTORCH_GRANULARITY", "sub")
+    md = BC.out_path(a.out, f"comfy_codec_{BC.card_tag(gpu)}.md")
+    with torch.inference_mode():
+        Bench(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, md).run()
+    print(open(md).read())
+    say(f"wrote {md}")
+
+
+class Bench:
+    # first guess of a row's seconds (GPU), replaced by the longest measured one of its kind (x 1.2)
+    EST = {"distorch": 30.0, "comfy": 25.0, "clip_setup": 60.0, "clip": 30.0}
+
+    def __init__(self, a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, md):
+        self.a, self.cpu, self.dev, self.mm, self.nodes, self.fp = a, cpu, dev, mm, nodes, folder_paths
+        self.entry, self.torch, self.md = entry, torch, md
+        self.guard = BC.Guard(a.deadline)
+        self.est = {k: (v if not cpu else 1.0) for k, v in self.EST.items()}
+        self.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+        self.d = {"title": f"Compressed bf16 streaming in ComfyUI {comfy_ver}: DisTorch2 raw vs compressed vs "
+                           "ComfyUI's own loading, Flux-dev-shaped model and a T5-XXL-shaped text encoder",
+                  "res": a.res, "all_gb": a.all_gb, "encoder": a.encoder, "clip_gb": a.clip_gb,
+                  "decode_reps": a.decode_reps, "bw": None, "rows": [], "clip": [], "decode": None,
+                  "skipped": [], "not_run": [], "notes": []}
+        BC.header(self.d, gpu, torch, comfy_ver)
+
+    def save(self):
+        save_results(self.d, self.md)
+
+    def timed_kind(self, kind: str, seconds: float):
+        self.est[kind] = max(self.est[kind], 1.2 * seconds)
+
+    def attempt(self, what: str, rows: list, fn) -> None:
+        """fn() appends its row; a failure becomes a row with the error (the bench goes on with the next)."""
+        try:
+            fn()
+        except Exception as e:
+            traceback.print_exc()
+            rows.append({"kind": "error", "name": what, "error": f"{type(e).__name__}: {e}"})
+            say(f"{what} failed: {type(e).__name__}: {e}")
+            self.unload()
+        self.save()
+
+    def unload(self):
+        BC.unload_all(self.mm, self.cpu)
+
+    # -- Flux ------------------------------------------------------------------------------------------
+    def sample(self, m, label, filler=0):
+        return BC.sample_timed(m, label, self.latent, self.cond, self.a.steps, self.dev, self.cpu, filler, detail=True)
+
+    def run(self):
+        a, torch, d = self.a, self.torch, self.d
+        self.model = BC.load_flux(a, self.dev, self.nodes, self.fp)
+        self.plain_class = type(self.model)
+        self.total = d["total_bytes"] = self.model.model_size()
+        self.cond = BC.flux_cond(torch, a.ctx)
+        self.latent = torch.zeros(1, 16, a.res // 8, a.res // 8)
+        held = str(self.model.model.get_dtype()).removeprefix("torch.")
+        d["model_line"] = (f"Model: random bf16 weights (N(0, 0.02)) in ComfyUI's Flux class, {a.double} double + "
+                           f"{a.single} single blocks, {self.total / GiB:.2f} GiB as ComfyUI holds them ({held}), "
+                           "loaded once by ComfyUI's UNETLoader; "
+                           f"euler, {a.steps} steps, cfg 1, {a.ctx} text tokens, {a.res}x{a.res}; every node call "
+                           "under torch.inference_mode(). DisTorch2 rows: DISTORCH_COMPRESS=on (every offloaded "
+                           "bf16 unit streams compressed) or off (raw) while the node plans; donor cpu.")
+        if not self.cpu:
+            from distorch.compiler.inventory import probe
+            d["bw"] = probe().bandwidth("cpu", str(self.dev))
+            say(f"pinned host->GPU bandwidth (probed): {d['bw'] / 1e9:.1f} GB/s")
+        rows = d["rows"]
+
+        t = time.perf_counter()
+        r = self.sample(self.model, "plain")
+        self.ref = r.pop("out")
+        rows.append(dict(kind="plain", name="plain UNETLoader (resident)", off=0, cold_s=r["first_s"],
+                         **self.host_of(r), **r))
+        self.unload()
+        self.save()
+        self.timed_kind("comfy", time.perf_counter() - t)
+
+        try:
+            d["decode"] = decode_speed(a, self.model, torch, self.cpu, self.dev)
+        except Exception as e:
+            traceback.print_exc()
+            d["decode"] = {"weight": "?", "shape": [], "gbps": None, "note": f"failed: {type(e).__name__}: {e}"}
+        self.save()
+
+        for mode in self.modes:
+            self.distorch_row(a.all_gb, mode)
+        if a.native_all:
+            self.comfy_row(a.native_all)
+        for v in floats(a.vram):
+            for mode in self.modes:
+                self.distorch_row(v, mode)
+            self.comfy_row(v)
+        if a.encoder != "none":
+            self.clip_rows()
+        self.save()
+
+    def host_of(self, r: dict, before=None, after=None) -> dict:
+        r.pop("rss_peak", None), r.pop("rss_anon_peak", None), r.pop("pinned_peak", None)
+        return host_fields(r.pop("host", None), before, after)
+
+    def distorch_row(self, v: float, mode: str):
+        name = f"DisTorch2 {MODE_NAME.get(mode, mode)} virtual_vram_gb={v:g}"
+        if not self.guard.allow(self.est["distorch"], name, self.d["skipped"]):
+            return
+
+        def row():
+            t = time.perf_counter()
+            sampler = BC.RssSampler(mm=self.mm)
+            before = sampler.read()
+            with Compress(mode):
+                # a clone, as a node gets its input: distorch() turns the patcher it is given into a DisTorch
+                # patcher in place, and the ComfyUI rows need UNETLoader's own
+                m = self.entry.distorch(self.model.clone(), self.a.device, v, "cpu", "", True)
+                plan_s = time.perf_counter() - t
+                st = self.entry.state_of(m)
+                r = self.sample(m, name)
+                stats = runtime_stats(st)
+            after = sampler.read()
+            same = BC.bit_equal(r.pop("out"), self.ref)
+            plan = st.plan
+            pred = dict(plan.predicted or {})
+            facts = codec_facts(stats, plan, self.d["bw"])
+            self.d["rows"].append(dict(
+                kind="distorch", mode=mode, v=v, name=name, plan_s=plan_s, cold_s=plan_s + r["first_s"], same=same,
+                gran=(pred.get("granularity") or {}).get("chosen"), pred_step=pred.get("step_s"),
+                meas_step=stats.get("measured_step_s"), pred_peak=pred.get("compute_peak_bytes"),
+                window_slots=stats.get("window_slots"), **facts, **self.host_of(r, before, after), **r))
+            say(f"{name}: ratio {_f(facts['ratio'], '%.4f', 'null')}, streamed {facts['streamed'] / GiB:.2f} GiB/step, "
+                f"homes {facts['home_bytes'] / GiB:.2f} GiB, same {same}")
+            self.unload()
+            if st.handle is not None:
+                self.d["notes"].append(f"{name}: the handle was still live after unload_all_models")
+            self.timed_kind("distorch", time.perf_counter() - t)
+        self.attempt(name, self.d["rows"], row)
+
+    def comfy_row(self, off_gib: float):
+        name = f"ComfyUI partial load (asked {off_gib:g} GiB off)"
+        if self.cpu:
+            self.d["not_run"].append(f"{name} (ComfyUI's partial loading needs a GPU)")
+            return
+        if not self.guard.allow(self.est["comfy"], name, self.d["skipped"]):
+            return
+
+        def row():
+            if type(self.model) is not self.plain_class:
+                raise RuntimeError(f"UNETLoader's patcher became a {type(self.model).__name__}: not ComfyUI's loading")
+            t = time.perf_counter()
+            filler, fb = BC.comfy_filler(self.mm, self.model, self.latent.shape, int(off_gib * GiB), self.dev)
+            before = BC.RssSampler(mm=self.mm).read()
+            r = self.sample(self.model, name, filler=fb)
+            after = BC.RssSampler(mm=self.mm).read()
+            off = self.total - self.model.loaded_size()
+            same = BC.bit_equal(r.pop("out"), self.ref)
+            bw = self.d["bw"]
+            self.d["rows"].append(dict(kind="comfy", name=name, asked_gib=off_gib, filler=fb, off=off, same=same,
+                                       cold_s=r["first_s"], streamed=off, floor=off / bw if bw else None,
+                                       raw_floor=off / bw if bw else None, **self.host_of(r, before, after), **r))
+            del filler
+            self.unload()
+            self.timed_kind("comfy", time.perf_counter() - t)
+        self.attempt(name, self.d["rows"], row)
+
+    # -- the text encoder ------------------------------------------------------------------------------
+    def clip_rows(self):
+        a, torch, d = self.a, self.torch, self.d
+        if not self.guard.allow(self.est["clip_setup"], f"text encoder ({a.encoder})", d["skipped"]):
+            return
+        import comfy.sd
+        t = time.perf_counter()
+        sd = BCL.encoder_state_dict(a.encoder, torch)
+        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        ctype = comfy.sd.CLIPType.SD3 if a.encoder == "t5xxl" else comfy.sd.CLIPType.STABLE_DIFFUSION
+        say(f"text encoder {a.encoder}: state dict {nbytes / GiB:.2f} GiB in {time.perf_counter() - t:.1f}s")
+        d["clip_line"] = (f"Encoder: {a.encoder} (ComfyUI's own class, random N(0, 0.02) weights, loaded in bf16 by "
+                          f"comfy.sd.load_text_encoder_state_dicts), prompt of {len(PROMPT.split())} words, "
+                          f"{a.encodes} encodes per row, each timed with a synchronize before and after; DisTorch2 "
+                          f"rows through entry.distorch(clip, ...) as CLIPLoaderDisTorch2MultiGPU calls it.")
+
+        def load():
+            clip = comfy.sd.load_text_encoder_state_dicts([dict(sd)], clip_type=ctype,
+                                                          model_options={"dtype": torch.bfloat16})
+            if not self.cpu:
+                clip.patcher.load_device = self.dev
+            return clip
+
+        ref = {}
+
+        def encodes(clip, label):
+            sampler = BC.RssSampler(mm=self.mm)
+            sampler.start()
+            ts, outs, peaks = [], [], []
+            try:
+                for i in range(a.encodes):
+                    if not self.cpu:
+                        torch.cuda.synchronize(self.dev)
+                        torch.cuda.reset_peak_memory_stats(self.dev)
+                    t0 = time.perf_counter()
+                    outs.append(clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True))
+                    if not self.cpu:
+                        torch.cuda.synchronize(self.dev)
+                        peaks.append(torch.cuda.max_memory_allocated(self.dev))
+                    ts.append(time.perf_counter() - t0)
+            finally:
+                host = sampler.peak()
+                sampler.stop()
+            later = statistics.median(ts[1:]) if len(ts) > 1 else ts[0]
+            say(f"{label}: encodes {[round(x, 3) for x in ts]} s")
+            return {"first_s": ts[0], "enc_s": later, "encodes": ts, "peak": max(peaks, default=0),
+                    "peak_later": max(peaks[1:], default=0) if len(peaks) > 1 else max(peaks, default=0),
+                    **host_fields(host)}, outs
+
+        def same_as_ref(outs) -> bool:
+            return all(BC.bit_equal(o[0], ref["c"][0]) and BC.bit_equal(o[1], ref["c"][1]) for o in outs)
+
+        def plain():
+            clip = load()
+            t0 = time.perf_counter()
+            r, outs = encodes(clip, "text encoder plain")
+            ref["c"] = outs[0]
+            r["cold_s"] = r["first_s"]
+            r["deterministic"] = same_as_ref(outs)
+            d["clip"].append(dict(name="plain CLIP (resident)", mode=None, off=0, **r))
+            del clip
+            self.unload()
+            self.timed_kind("clip", time.perf_counter() - t0)
+        self.attempt("plain CLIP", d["clip"], plain)
+        if "c" not in ref:
+            return
+        for mode in self.modes:
+            name = f"DisTorch2 {MODE_NAME.get(mode, mode)} virtual_vram_gb={a.clip_gb:g}"
+            if not self.guard.allow(self.est["clip"], f"text encoder {name}", d["skipped"]):
+                continue
+
+            def row(mode=mode, name=name):
+                clip = load()
+                t0 = time.perf_counter()
+                with Compress(mode):
+                    clip = self.entry.distorch(clip, self.a.device, a.clip_gb, "cpu", "", False)
+                    plan_s = time.perf_counter() - t0
+                    st = self.entry.state_of(clip)
+                    r, outs = encodes(clip, f"text encoder {name}")
+                    stats = runtime_stats(st)
+                facts = codec_facts(stats, st.plan, d["bw"])
+                d["clip"].append(dict(name=name, mode=mode, plan_s=plan_s, cold_s=plan_s + r["first_s"],
+                                      same=same_as_ref(outs), **facts, **r))
+                del clip
+                self.unload()
+                self.timed_kind("clip", time.perf_counter() - t0)
+            self.attempt(f"text encoder {name}", d["clip"], row)
+        del sd
+
+
+if __name__ == "__main__":
+    main()
