@@ -88,7 +88,9 @@ class FileSource:
 
     def read_into(self, home: torch.Tensor) -> None:
         flat = home.view(-1)
-        with torch.no_grad():
+        # an inference tensor (made under ComfyUI's inference mode) is written in inference mode, wherever
+        # this runs (an unload from a test's teardown runs outside it)
+        with torch.no_grad(), torch.inference_mode(home.is_inference() or torch.is_inference_mode_enabled()):
             for s, part in self.chunks(flat.numel()):
                 flat[s:s + part.numel()].copy_(part)
 

@@ -181,7 +181,9 @@ class HostArena:
         self.array = None
 
 
-TRIM_BYTES = 64 << 20       # while filling homes, give freed heap memory back every this many bytes (or 2 %)
+TRIM_BYTES = 32 << 20       # while filling homes, give freed heap memory back every this many bytes (or 2 %):
+#                             the fill's peak is its window + this (weights under glibc's mmap threshold free
+#                             into the heap); 64 MiB let a 240 MiB model peak 152 MiB above its start on an H200
 PAGEABLE = "~pageable"      # key suffix of the host arena holding what did not fit under the pinned cap
 
 

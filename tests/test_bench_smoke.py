@@ -35,7 +35,10 @@ GiB = 1 << 30
 def run_script(args, tmp_path, env_extra=None):
     """Run a bench script (CPU), return (returncode, output, CPU seconds its processes used)."""
     env = {k: v for k, v in os.environ.items() if k != "OUT"}     # results go where --out says
-    env.update({"DISTORCH_COMFYUI_DIR": str(COMFY_DIR), "PYTHONUNBUFFERED": "1"})
+    env.update({"DISTORCH_COMFYUI_DIR": str(COMFY_DIR), "PYTHONUNBUFFERED": "1",
+                # the CPU smoke run as CI runs it on any machine: no GPU, two compute threads (CPU seconds
+                # summed over threads: a 16-core GPU host spent 65-77 s where CI spends well under 60)
+                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
     env.update(env_extra or {})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
