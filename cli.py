@@ -2,7 +2,7 @@
 
     distorch plan FILE [--compute DEV] [--offload GiB | --max-vram GiB] [--donor DEV[,DEV...]]
                        [--expert STRING] [--devices SPEC] [--window SIZE] [--granularity auto|block|sub]
-                       [--json]
+                       [--compress auto|on|off] [--json]
     distorch --version
 
 FILE is a .safetensors / .gguf file (only its header is read) or a built-in model shape (every name in
@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--granularity", choices=("auto", "block", "sub"), default="auto",
                     help="stream whole blocks, the layers inside them (sub), or whichever the simulation "
                          "predicts faster, or as fast in less VRAM (auto, the default; as the nodes do)")
+    pl.add_argument("--compress", choices=("auto", "on", "off"), default="auto",
+                    help="stream offloaded bf16/fp16 weights losslessly compressed, decoded on the compute device: "
+                         "where the simulation predicts a faster step (auto, the default; as the nodes do), "
+                         "every offloaded unit that has such weights (on), or never (off); a weights file's "
+                         "units are rated at the typical ratio (0.68 bf16, 0.86 fp16)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -196,6 +201,14 @@ def format_table(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> str:
             alt = (f" (predicted step: whole blocks {gran['block_step_s']:.4f} s, layers {gran['sub_step_s']:.4f} s"
                    f"; passes/granularity.py)")
         lines.append(f"streams {what}{alt}")
+    c = pr.get("codec") or {}
+    if c.get("units"):
+        lines.append(f"compressed ({c['mode']}): {len(c['units'])} units stream {_gb(c['raw_bytes'])} as "
+                     f"{_gb(c['stored_bytes'])}, decoded on {plan.compute} in {c['decode_s_per_step'] * 1e3:.1f} ms "
+                     f"per step (all raw: {c['step_s_raw']:.4f} s; passes/codec_choice.py)")
+    elif c:
+        lines.append(f"compression: none (--compress {c['mode']}"
+                     + (": no faster step predicted)" if c["mode"] == "auto" else ")"))
     return "\n".join(lines)
 
 
@@ -243,6 +256,8 @@ def _plan(args) -> int:
     else:   # whole blocks or the layers inside them, as the nodes choose (passes/granularity.py)
         graph, plan = place_granularity(graph, lambda: leaf_graph_from_file(args.file), inv, compute, budget,
                                         args.granularity)
+    from .passes.codec_choice import choose_codec
+    plan = choose_codec(plan, graph, inv, mode=args.compress)
     for w in plan.predicted.get("warnings", ()):
         print(f"distorch: warning: {w}", file=sys.stderr)
     sched = schedule(plan, graph)
