@@ -30,7 +30,7 @@ import torch
 from ..errors import DisTorchError
 from ..formats.bf16_encode import encode
 from . import gguf_stream as _gs
-from .codec_stream import CodedBinder, decode_home, is_coded
+from .codec_stream import decode_home, is_coded
 from .hooks import UnitPart
 from typing import TYPE_CHECKING
 

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from distorch.errors import DisTorchError
 from distorch.runtime import fill as _fill
@@ -89,8 +88,7 @@ def test_load_state_dict_and_deepcopy():
     other, _ = toy()
     with torch.no_grad():
         for p in other.parameters():
-            p.mul_(1.5)
-        ref_other = other(*args)
+            p.mul_(1.5)                  # values that code to more bytes
         ref = m(*args)
     rt = apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
     clone = copy.deepcopy(m)
