@@ -122,3 +122,36 @@ def test_no_recompiles_when_profiling_turns_on_mid_run():
         torch._logging.set_logs()
         dynamo.reset()
         h.undo()
+
+
+def test_torch_compile_over_compressed_units():
+    """Units streamed compressed (Plan.codec): their parameters are rebound to the decode scratch in the
+    (opaque) pre hook, so torch.compile sees the same tensors every step: equal outputs, no new graphs
+    after the first step."""
+    m, args = _model_and_inputs()
+    m = m.to(torch.bfloat16)
+    args = tuple(a.to(torch.bfloat16) for a in args)
+    with torch.no_grad():
+        ref = m(*args)
+    total = sum(p.numel() * p.element_size() for p in m.parameters())
+    h = distorch.compile(m, compute="cpu", offload_gb=0.5 * total / 2**30, donors=["cpu"], compress="on",
+                         granularity="block", example_args=args, progress=False)
+    assert h.plan.codec and h.runtime.codec.nbytes
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    try:
+        cm = torch.compile(m, backend=counting_backend)
+        counts = []
+        for _ in range(3):
+            with torch.no_grad():
+                assert torch.equal(cm(*args), ref)
+            counts.append(len(graphs))
+        assert counts[0] == counts[1] == counts[2], counts
+    finally:
+        dynamo.reset()
+        h.undo()
