@@ -149,6 +149,17 @@ def _encode_gpu(t: torch.Tensor, device: torch.device, infer: bool) -> _codec.En
 _stream = threading.local()
 
 
+def _encode_dev_or_host(t: torch.Tensor, device: torch.device, infer: bool, fallbacks: list) -> _codec.Encoded:
+    """_encode_gpu, or the host encoder (byte-identical) when the device is out of memory: a load never
+    fails for want of the coding's scratch.  `fallbacks` collects the tensors coded on the host."""
+    try:
+        return _encode_gpu(t, device, infer)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        fallbacks.append(t.numel() * t.element_size())
+        return encode(t.detach())
+
+
 def encode_units(streamed: dict, units: list[str], compute: str | torch.device, *, progress: bool = True) -> Coded:
     """Code the codable tensors (formats.bf16_encode.codable) of `units` (streamed[name]: [(qualified
     name, param)]), each parameter's dense storage released once its packed bytes exist (module
@@ -175,9 +186,12 @@ def encode_units(streamed: dict, units: list[str], compute: str | torch.device, 
     workers = GPU_WORKERS if out.where == "cuda" else _fill.threads()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distorch-encode") if workers > 1 else None
 
+    fallbacks: list = []
+
     def start(t: torch.Tensor) -> Future:
         if out.where == "cuda":
-            return pool.submit(_encode_gpu, t, dev, infer) if pool is not None else _done(_encode_gpu, t, dev, infer)
+            return pool.submit(_encode_dev_or_host, t, dev, infer, fallbacks) if pool is not None else \
+                _done(_encode_dev_or_host, t, dev, infer, fallbacks)
         return _done(encode, t.detach(), executor=pool)      # chunks of one tensor in parallel
     futs: dict[int, Future] = {}
     try:
@@ -214,6 +228,9 @@ def encode_units(streamed: dict, units: list[str], compute: str | torch.device, 
             torch.cuda.empty_cache()     # the workers' cached blocks (their own streams) back to the driver
         prog.close()
     out.seconds = time.perf_counter() - t0
+    if fallbacks:
+        log.warning("distorch: %s was out of memory for coding %d tensors (%.2f GiB); they were coded on the "
+                    "host instead (slower, same bytes)", dev, len(fallbacks), sum(fallbacks) / 2**30)
     log.info("distorch: compressed %d tensors of %d units on %s: %.2f -> %.2f GiB (x%.3f) in %.1f s (%.2f GB/s)",
              len(out.meta), len(out.units), out.where, out.raw_bytes / 2**30, out.stored_bytes / 2**30,
              out.stored_bytes / max(1, out.raw_bytes), out.seconds, out.raw_bytes / max(out.seconds, 1e-9) / 1e9)

@@ -243,3 +243,23 @@ def test_measured_prediction_of_a_compressed_plan():
         assert h.plan.predicted["basis"] == "measured"
     finally:
         h.undo()
+
+
+def test_device_out_of_memory_codes_on_the_host(monkeypatch, caplog):
+    """A compute GPU without room for the coding's scratch: those tensors are coded on the host (the same
+    bytes), with one warning; the load does not fail."""
+    from distorch.runtime import codec_stream as cs
+    m, args = toy(depth=2)
+    params = [(n, p) for n, p in m.named_parameters() if n.startswith("blocks.0.") and p.numel() >= 1 << 16]
+
+    def oom(t, device, infer):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+    monkeypatch.setattr(cs, "_encode_gpu", oom)
+    want = {id(p): cs.encode(p.detach()) for _, p in params}
+    with caplog.at_level("WARNING", logger="distorch.runtime.codec_stream"):
+        out = cs.encode_units({"blocks.0": params}, ["blocks.0"], "cuda:0", progress=False)
+    assert len(out.meta) == len(params)
+    for _, p in params:
+        assert out.enc[id(p)].meta == want[id(p)].meta and torch.equal(out.enc[id(p)].buf, want[id(p)].buf)
+    assert "coded on the host instead" in caplog.text
+    out.restore()
