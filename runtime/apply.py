@@ -125,8 +125,11 @@ class Runtime:
         hs = [self.store.homes[n] for n in self.units]
         # one slot's share of the plan's window: the largest streamed unit as the plan counts it (the
         # planner sizes the window as n_slots x that, compiler.ring_layout.n_slots_for)
-        self.unit_bytes = max(((plan.codec or {}).get(u.name) or u.bytes for u in plan.units
-                               if u.name in self.index), default=0) or \
+        # (a Plan.codec unit streams its packed bytes; one whose home was given, read straight from the
+        # file by runtime.loading, streams raw)
+        coded_set = set(coded.units) if coded else set()
+        self.unit_bytes = max((((plan.codec or {}).get(u.name) if u.name in coded_set else None) or u.bytes
+                               for u in plan.units if u.name in self.index), default=0) or \
             max((h.nbytes for h in hs), default=0)
         if window_units is None:
             big = self.unit_bytes

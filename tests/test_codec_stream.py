@@ -263,3 +263,31 @@ def test_device_out_of_memory_codes_on_the_host(monkeypatch, caplog):
         assert out.enc[id(p)].meta == want[id(p)].meta and torch.equal(out.enc[id(p)].buf, want[id(p)].buf)
     assert "coded on the host instead" in caplog.text
     out.restore()
+
+
+def test_homes_read_from_the_file_stream_raw_within_the_window(tmp_path):
+    """runtime.loading reads a file straight into homes: those units stream raw even when the plan names
+    them in Plan.codec, and the ring's slots are counted in raw bytes (never more than the plan's window)."""
+    import os
+    from safetensors.torch import save_file
+    from distorch.runtime.loading import load_into
+    m, args = toy(depth=3)
+    with torch.no_grad():
+        ref = m(*args)
+    path = os.path.join(tmp_path, "toy.safetensors")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path)
+    with torch.device("meta"):
+        fresh = ToyDiT(d=D, depth=3).eval().to(torch.bfloat16)
+    off = ["blocks.0", "blocks.1", "blocks.2"]
+    plan = coded_plan(fresh, off)
+    raw = max(u.bytes for u in plan.units if u.name in off)
+    plan.codec = {n: int(b * 0.5) for n, b in plan.codec.items()}     # (3 items: 3 slots of those would fit)
+    plan.window_bytes = 2 * raw
+    rt = load_into(fresh, path, plan, progress=False)
+    try:
+        assert not any(type(b) is CodedBinder for P in rt.store.params for b in P)
+        assert rt.ring.W * rt.ring.slot_bytes <= plan.window_bytes + 4096
+        with torch.no_grad():
+            assert torch.equal(fresh(*args), ref)
+    finally:
+        rt.undo()
