@@ -252,7 +252,7 @@ def test_device_out_of_memory_codes_on_the_host(monkeypatch, caplog):
     m, args = toy(depth=2)
     params = [(n, p) for n, p in m.named_parameters() if n.startswith("blocks.0.") and p.numel() >= 1 << 16]
 
-    def oom(t, device, infer):
+    def oom(t, device, infer, staging=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
     monkeypatch.setattr(cs, "_encode_gpu", oom)
     want = {id(p): cs.encode(p.detach()) for _, p in params}
@@ -291,3 +291,28 @@ def test_homes_read_from_the_file_stream_raw_within_the_window(tmp_path):
             assert torch.equal(fresh(*args), ref)
     finally:
         rt.undo()
+
+
+def test_device_coding_path_through_the_staging_buffers():
+    """The coding workers' path (formats.bf16_encode_torch, then a download through a per-thread staging
+    buffer into a buffer of its own), run here on the host device: the bytes equal the host encoder's, a
+    staging buffer is reused and grown, and every result owns its memory (not a view of the stage)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from distorch.runtime import codec_stream as cs
+    g = torch.Generator().manual_seed(3)
+    ts = [(torch.randn(n, 512, generator=g) * 0.02).to(dt) for n, dt in
+          ((256, torch.bfloat16), (300, torch.float16), (1024, torch.bfloat16), (128, torch.bfloat16))]
+    stage = cs.Staging()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda t: cs._encode_gpu(t, torch.device("cpu"), False, stage), ts))
+        for t, enc in zip(ts, outs):
+            ref = cs.encode(t)
+            assert enc.meta == ref.meta and torch.equal(enc.buf, ref.buf)
+            assert enc.buf.untyped_storage().data_ptr() not in {b.untyped_storage().data_ptr() for b, _ in stage.bufs}
+        assert 1 <= len(stage.bufs) <= 2 and all(b.numel() >= cs.STAGE_MIN for b, _ in stage.bufs)
+        big = stage.get(cs.STAGE_MIN + 1)           # grown for a larger tensor
+        assert big.numel() == cs.STAGE_MIN + 1 and len(stage.bufs) >= 2
+    finally:
+        stage.close()
+    assert stage.bufs == []
