@@ -179,7 +179,7 @@ def format_table(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> str:
     if pr.get("window_footprint_bytes"):
         parts.append(f"{_size(pr['window_footprint_bytes'])} slots")
     for k, what in (("dequant_scratch_bytes", "dequant scratch"), ("dequant_transient_bytes", "transient dequant"),
-                    ("runtime_buffers_bytes", "runtime buffers")):
+                    ("codec_scratch_bytes", "decode scratch"), ("runtime_buffers_bytes", "runtime buffers")):
         if pr.get(k):
             parts.append(f"{_size(pr[k])} {what}")
     budget = pr.get("budget_bytes")
@@ -206,6 +206,9 @@ def format_table(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> str:
         lines.append(f"compressed ({c['mode']}): {len(c['units'])} units stream {_gb(c['raw_bytes'])} as "
                      f"{_gb(c['stored_bytes'])}, decoded on {plan.compute} in {c['decode_s_per_step'] * 1e3:.1f} ms "
                      f"per step (all raw: {c['step_s_raw']:.4f} s; passes/codec_choice.py)")
+        if c.get("room_bytes"):
+            lines.append(f"  {_size(c['room_bytes'])} more of the model is offloaded to make room for the decode scratch "
+                         f"(without it: {c['step_s_without_room']:.4f} s)")
     elif c:
         lines.append(f"compression: none (--compress {c['mode']}"
                      + (": no faster step predicted)" if c["mode"] == "auto" else ")"))
@@ -256,8 +259,12 @@ def _plan(args) -> int:
     else:   # whole blocks or the layers inside them, as the nodes choose (passes/granularity.py)
         graph, plan = place_granularity(graph, lambda: leaf_graph_from_file(args.file), inv, compute, budget,
                                         args.granularity)
-    from .passes.codec_choice import choose_codec
-    plan = choose_codec(plan, graph, inv, mode=args.compress)
+    from .passes.codec_choice import choose_codec_with_room
+    room = None
+    if not args.expert and window is None:
+        def room(cap: int):
+            return partition(graph, inv, compute, max_vram_gb=cap / GiB, donors=args.donor)
+    plan = choose_codec_with_room(plan, graph, inv, mode=args.compress, repartition=room)
     for w in plan.predicted.get("warnings", ()):
         print(f"distorch: warning: {w}", file=sys.stderr)
     sched = schedule(plan, graph)

@@ -58,11 +58,12 @@ from .budget import slot_bytes_of
 from .quant_choice import RESIDENT_DQ, _units_with_times, quant_info
 
 if TYPE_CHECKING:
+    from typing import Callable
     from ..compiler.graph import ModuleGraph
     from ..compiler.inventory import Inventory
 
-__all__ = ["choose_codec", "codec_info", "streamed_sizes", "scratch_bytes", "codec_table", "UnitCodec",
-           "CodecChoiceError", "MODES", "MIN_GAIN"]
+__all__ = ["choose_codec", "choose_codec_with_room", "codec_info", "streamed_sizes", "scratch_bytes", "codec_table",
+           "UnitCodec", "CodecChoiceError", "MODES", "MIN_GAIN"]
 
 log = logging.getLogger("distorch.passes.codec_choice")
 
@@ -318,6 +319,54 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
     pr["codec"] = summary
     codec = {n: info[n].streamed for n in order}
     return replace(plan, codec=codec, window_bytes=sim.window(cset) if sim.off else plan.window_bytes, predicted=pr)
+
+
+def choose_codec_with_room(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: str = "auto",
+                           repartition: Callable[[int], Plan] | None = None) -> Plan:
+    """choose_codec, and where the budget left units raw for want of room (the decode scratch and slots do
+    not fit beside the resident weights: predicted["codec"]["dropped"]), also the plan with that room made:
+    `repartition(cap_bytes)` places the same graph with at most `cap_bytes` on the compute device (e.g.
+    passes.partition with max_vram_gb), the scratch of every candidate less; that plan, compressed within
+    the ORIGINAL budget, is kept when its predicted step is at least MIN_GAIN faster.  Its predicted
+    ["budget_bytes"] and source are the original plan's; predicted["codec"]["room_bytes"] says how much
+    resident weight moved off.  Why: a budget is usually filled to its last layer, so on a tight one (the
+    nodes' virtual_vram_gb near the model size) the scratch never fits, though streaming a few more layers
+    compressed costs far less link time than the compression saves (Flux-dev, 20 of 22 GiB off on a 12 GiB
+    H200: 0.12 GiB of scratch against 0.04 GiB of room)."""
+    out = choose_codec(plan, graph, inventory, mode=mode)
+    c = out.predicted.get("codec") or {}
+    limit = c.get("limit_bytes")
+    if repartition is None or mode == "off" or not c.get("dropped") or limit is None or is_host(plan.compute):
+        return out
+    info = codec_info(plan, graph, inventory)
+    everything = [n for n in info if n in set(c.get("units", ())) | set(c["dropped"])]
+    need = scratch_bytes(info, everything, plan.compute)
+    base = plan.predicted or {}
+    peak0 = int(base.get("compute_peak_bytes", base.get("peak_bytes", 0)) or 0)
+    cap = min(int(limit), peak0) - need
+    if cap <= 0:
+        return out
+    try:
+        alt = repartition(cap)
+    except DisTorchError as e:           # no placement within that cap: keep what fits
+        log.debug("codec choice: no plan with %d bytes of room (%s)", need, e)
+        return out
+    alt = choose_codec(alt, graph, inventory, mode=mode, budget_bytes=int(limit))
+    ac = alt.predicted.get("codec") or {}
+    peak = int(alt.predicted.get("compute_peak_bytes", 0) or 0)
+    if not ac.get("units") or peak > int(limit) or alt.predicted["step_s"] > out.predicted["step_s"] * (1 - MIN_GAIN):
+        return out
+    pr = dict(alt.predicted)
+    pr["budget_bytes"] = base.get("budget_bytes", pr.get("budget_bytes"))
+    pr["codec"] = dict(ac, room_bytes=max(0, sum(u.bytes for u in plan.units if u.device == plan.compute) -
+                                          sum(u.bytes for u in alt.units if u.device == alt.compute)),
+                       step_s_without_room=out.predicted["step_s"])
+    pr["warnings"] = list(base.get("warnings", ()))
+    if "granularity" in base:                  # what the placement streams (whole blocks or their layers)
+        pr["granularity"] = base["granularity"]
+    log.debug("codec choice: %d bytes of resident weights moved off to make room for the decode scratch: "
+              "step %.4f -> %.4f s", pr["codec"]["room_bytes"], out.predicted["step_s"], pr["step_s"])
+    return replace(alt, predicted=pr, source=dict(plan.source or {}, codec_room_bytes=pr["codec"]["room_bytes"]))
 
 
 def codec_table(plan: Plan, info: dict[str, UnitCodec]) -> str:

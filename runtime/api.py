@@ -38,7 +38,7 @@ from ..compiler.trace import trace
 from ..errors import DisTorchError
 from ..passes.granularity import place as granularity_place
 from ..passes.partition import partition
-from ..passes.codec_choice import MODES as CODEC_MODES, choose_codec
+from ..passes.codec_choice import MODES as CODEC_MODES, choose_codec_with_room
 from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
 from ..passes.verify import verify
@@ -283,8 +283,14 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
             return _trace_unchanged(model, tuple(example_args or ()), example_kwargs, granularity="leaf")
         graph, plan = granularity_place(graph, leaves, inv, comp, budget, granularity,
                                         run=lambda name, fn, *a, **k: _run(ran, name, fn, *a, **k))
-    # per offloaded unit: its bf16/fp16 weights streamed raw or losslessly compressed (passes/codec_choice.py)
-    return graph, _run(ran, "codec_choice", choose_codec, plan, graph, inv, mode=compress)
+    # per offloaded unit: its bf16/fp16 weights streamed raw or losslessly compressed (passes/codec_choice.py);
+    # on a budget with no room for the decode scratch, also the placement with that room made
+    room = None
+    if not expert:
+        def room(cap: int) -> Plan:
+            return partition(graph, inv, comp, max_vram_gb=cap / 2**30, donors=donors or None)
+    return graph, _run(ran, "codec_choice", choose_codec_with_room, plan, graph, inv, mode=compress,
+                       repartition=room)
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):

@@ -23,7 +23,10 @@ from distorch.formats.tensor_info import TensorInfo
 from distorch.passes.codec_choice import (FAST_SCALE, MIN_GAIN, CodecChoiceError, choose_codec, codec_info, codec_table,
                                           streamed_sizes)
 from distorch.passes.granularity import sub_unit_graph
+from distorch.errors import PartitionError
 from distorch.passes.partition import partition
+from distorch.passes.schedule import schedule
+from distorch.passes.verify import verify
 
 MiB = 1 << 20
 GPU = "cuda:0"
@@ -363,3 +366,37 @@ def test_many_units_one_simulation_each():
     assert time.perf_counter() - t0 < 20          # ~0.5 s on 2 cores; O(n^2) simulations would take minutes
     assert out.predicted["codec"]["candidates"] == 500 and out.predicted["slots"] == 4
     assert out.predicted["step_s"] <= plan.predicted["step_s"]
+
+
+def test_room_is_made_for_the_scratch_on_a_tight_budget():
+    """A budget filled to its last unit leaves no room for the decode scratch: choose_codec drops units;
+    choose_codec_with_room also places the graph with the scratch's room made and keeps that plan when it
+    is faster, within the ORIGINAL budget, with the original budget and source."""
+    from distorch.passes.codec_choice import choose_codec_with_room
+    g = synthetic(flops_per_byte=100.0)          # link-bound: compression pays
+    inv = _inv()
+    cap = 310 * MiB                              # filled to its last unit: no room for the scratch
+    tight = partition(g, inv, GPU, max_vram_gb=cap / 2**30, donors=["cpu"])
+    plain = choose_codec(tight, g, inv, mode="auto")
+    calls = []
+
+    def room(c: int):
+        calls.append(c)
+        return partition(g, inv, GPU, max_vram_gb=c / 2**30, donors=["cpu"])
+    out = choose_codec_with_room(tight, g, inv, mode="auto", repartition=room)
+    pc = out.predicted["codec"]
+    assert plain.predicted["codec"]["dropped"] and not plain.codec      # no room: nothing compressed
+    assert calls and calls[0] < cap
+    assert pc["units"] and pc["room_bytes"] > 0
+    assert out.predicted["compute_peak_bytes"] <= tight.predicted["budget_bytes"]
+    assert out.predicted["budget_bytes"] == tight.predicted["budget_bytes"] and out.source["mode"] == tight.source["mode"]
+    assert out.predicted["step_s"] <= plain.predicted["step_s"] * (1 - MIN_GAIN)
+    assert pc["step_s_without_room"] == pytest.approx(plain.predicted["step_s"])
+    verify(out, schedule(out, g))               # a consistent plan: the schedule and its invariants hold
+    # nothing to gain, nothing to try: off, no repartition, or a repartition that cannot place
+    assert choose_codec_with_room(tight, g, inv, mode="off", repartition=room).codec == {}
+    assert choose_codec_with_room(tight, g, inv, repartition=None).codec == plain.codec
+
+    def fails(c: int):
+        raise PartitionError("no room")
+    assert choose_codec_with_room(tight, g, inv, repartition=fails).codec == plain.codec
