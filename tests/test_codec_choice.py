@@ -15,7 +15,8 @@ from distorch.compiler.graph import CODEC_RATIO, ROOT, ModuleGraph, Unit
 from distorch.compiler.inventory import declare
 from distorch.compiler.plan import Plan
 from distorch.compiler.ring_layout import ALIGN, align
-from distorch.compiler.trace import SAMPLE_MARGIN, codec_estimate, exponent_counts, trace
+from distorch.compiler.codec_facts import SAMPLE_MARGIN, codec_estimate, exponent_counts
+from distorch.compiler.trace import trace
 from distorch.errors import DisTorchError
 from distorch.formats.bf16_codec import MAX_NUMEL
 from distorch.formats.bf16_encode import MIN_CODED_NUMEL, encode, estimate_nbytes
