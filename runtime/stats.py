@@ -210,6 +210,11 @@ def format_stats(d: dict) -> str:
                  (f" (x{m / p:.2f})" if m and p else ""))
     if "stall_s" in d:
         lines.append(f"  copy {d['copy_s'] * 1e3:.1f} ms, stall {d['stall_s'] * 1e3:.1f} ms per step")
+    c = d.get("codec")
+    if c:
+        lines.append(f"  compressed: {c['tensors']} tensors of {c['units']} units, {gb(c['raw_bytes'])} -> "
+                     f"{gb(c['stored_bytes'])} (x{c['ratio']:.3f}), coded in {c['encode_s']:.1f} s on "
+                     f"{c['encoded_on']}, decode scratch {gb(c.get('scratch_bytes', 0))}")
     if d["deviations"] or d["fallback_loads"]:
         lines.append(f"  order deviations {d['deviations']}, fallback loads {d['fallback_loads']}")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ def test_compressed_units_bit_identical(dtype, which, slots):
             assert torch.equal(m(*args), ref)
     st = rstats.summarize(rt)["codec"]
     assert st["tensors"] == len(coded) and st["raw_bytes"] > st["stored_bytes"] > 0
+    assert f"compressed: {len(coded)} tensors" in rstats.format_stats(rstats.summarize(rt))
     if dtype == torch.bfloat16:
         assert st["ratio"] < 0.8, st
     # homes hold the packed bytes: fewer than the raw ones
