@@ -342,8 +342,7 @@ def choose_codec_with_room(plan: Plan, graph: ModuleGraph, inventory: Inventory,
     everything = [n for n in info if n in set(c.get("units", ())) | set(c["dropped"])]
     need = scratch_bytes(info, everything, plan.compute)
     base = plan.predicted or {}
-    peak0 = int(base.get("compute_peak_bytes", base.get("peak_bytes", 0)) or 0)
-    cap = min(int(limit), peak0) - need
+    cap = int(limit) - need          # placed within this, the scratch (and the slots as streamed) fit the limit
     if cap <= 0:
         return out
     try:
