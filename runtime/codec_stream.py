@@ -173,11 +173,10 @@ class Staging:
             self.bufs = []
 
 
-def _encode_gpu(t: torch.Tensor, device: torch.device, infer: bool, staging: Staging | None = None) -> _codec.Encoded:
+def _encode_gpu(t: torch.Tensor, device: torch.device, infer: bool, staging: Staging) -> _codec.Encoded:
     """t coded on `device` (formats.bf16_encode_torch: byte-identical to the host encoder; on a CUDA device
     on a stream of this worker thread's own); the packed bytes come back to the host through the thread's
-    staging buffer when `staging` is given, into a host buffer of their own.  One sync for the packed
-    size, one for the download."""
+    staging buffer, into a host buffer of their own.  One sync for the packed size, one for the download."""
     from ..formats.bf16_encode_torch import prepare
     st = None
     ctx = contextlib.nullcontext()
@@ -186,8 +185,6 @@ def _encode_gpu(t: torch.Tensor, device: torch.device, infer: bool, staging: Sta
         ctx = torch.cuda.stream(st)
     with torch.inference_mode(infer), ctx:
         job = prepare(t.detach().to(device))
-        if staging is None:
-            return job.write(out=torch.empty(job.nbytes, dtype=torch.uint8))
         stage = staging.get(job.nbytes)
         job.write(out=stage)                  # non-blocking when the stage is page-locked
         if st is not None:
@@ -201,7 +198,7 @@ _stream = threading.local()
 
 
 def _encode_dev_or_host(t: torch.Tensor, device: torch.device, infer: bool, fallbacks: list,
-                        staging: Staging | None = None) -> _codec.Encoded:
+                        staging: Staging) -> _codec.Encoded:
     """_encode_gpu, or the host encoder (byte-identical) when the device is out of memory: a load never
     fails for want of the coding's scratch.  `fallbacks` collects the tensors coded on the host."""
     try:
@@ -250,7 +247,9 @@ def encode_units(streamed: dict, units: list[str], compute: str | torch.device, 
     try:
         with torch.no_grad():
             for k, (n, q, p) in enumerate(todo):
-                for j in range(k, min(len(todo), k + 2 * workers)):    # a few tensors in flight, in order
+                # on a GPU a few tensors in flight, in order; the host encoder codes one tensor at a time (its
+                # chunks in parallel), so that no packed temporary exists beside a dense tensor still held
+                for j in range(k, min(len(todo), k + (2 * workers if out.where == "cuda" else 1))):
                     if j not in futs:
                         futs[j] = start(todo[j][2].data)
                 try:

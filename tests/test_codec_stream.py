@@ -253,7 +253,7 @@ def test_device_out_of_memory_codes_on_the_host(monkeypatch, caplog):
     m, args = toy(depth=2)
     params = [(n, p) for n, p in m.named_parameters() if n.startswith("blocks.0.") and p.numel() >= 1 << 16]
 
-    def oom(t, device, infer, staging=None):
+    def oom(t, device, infer, staging):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
     monkeypatch.setattr(cs, "_encode_gpu", oom)
     want = {id(p): cs.encode(p.detach()) for _, p in params}
