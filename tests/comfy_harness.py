@@ -531,6 +531,26 @@ def boot_inprocess():
     return mm, nodes, folder_paths
 
 
+def plain_unet(name):
+    """ComfyUI's own UNETLoader (default weight dtype)."""
+    import nodes
+    return nodes.UNETLoader().load_unet(name, "default")[0]
+
+
+def distorch_unet(name, vram_gb=100.0):
+    """The same file through this pack's UNETLoaderDisTorch2MultiGPU node, computing on the CPU, donor cpu."""
+    from distorch.comfy_nodes import nodes as pack_nodes
+    cls = pack_nodes.build()["UNETLoaderDisTorch2MultiGPU"]
+    return cls().load(unet_name=name, weight_dtype="default", compute_device="cpu", virtual_vram_gb=vram_gb,
+                      donor_device="cpu", expert_mode_allocations="", eject_models=False)[0]
+
+
+def lora(model, name, strength=1.0):
+    """ComfyUI's own LoraLoaderModelOnly."""
+    import nodes
+    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+
+
 def sd3_conditioning():
     """Fixed (positive, negative) conditioning for the tiny SD3-style test models (context 32, pooled 64)."""
     import torch

@@ -17,7 +17,6 @@ import safetensors.torch  # noqa: E402
 from comfy.cli_args import args as comfy_args  # noqa: E402
 
 from distorch.comfy_nodes import entry  # noqa: E402
-from distorch.comfy_nodes import nodes as pack_nodes  # noqa: E402
 
 DEPTH = 4        # hidden 256: the block weights (256 x 256 and up) are codable
 
@@ -45,18 +44,7 @@ def _bf16_and_compress(monkeypatch):
     mm.unload_all_models()
 
 
-def _plain(name):
-    return nodes.UNETLoader().load_unet(name, "default")[0]
-
-
-def _distorch(name, vram_gb=100.0):
-    cls = pack_nodes.build()["UNETLoaderDisTorch2MultiGPU"]
-    return cls().load(unet_name=name, weight_dtype="default", compute_device="cpu", virtual_vram_gb=vram_gb,
-                      donor_device="cpu", expert_mode_allocations="", eject_models=False)[0]
-
-
-def _lora(model, name, strength):
-    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+_plain, _distorch, _lora = H.plain_unet, H.distorch_unet, H.lora
 
 
 def test_compressed_unet_bit_identical_to_the_plain_loader(files):

@@ -62,11 +62,11 @@ _sample = H.ksample
 
 
 def _load(models):
-    return nodes.UNETLoader().load_unet(models["unet"], "default")[0]
+    return H.plain_unet(models["unet"])
 
 
 def _lora(model, models, strength):
-    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, models["lora"], strength)[0]
+    return H.lora(model, models["lora"], strength)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -209,8 +209,7 @@ def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vra
     assert _gguf_weights(m)
 
 
-def _lora(model, name, strength=1.0):
-    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+_lora = H.lora
 
 
 def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):

@@ -18,7 +18,6 @@ mm, nodes, folder_paths = H.boot_inprocess()
 import safetensors.torch  # noqa: E402
 
 from distorch.comfy_nodes import entry, stream_patches  # noqa: E402
-from distorch.comfy_nodes import nodes as pack_nodes  # noqa: E402
 from distorch.runtime import pinning  # noqa: E402
 
 MiB = 1 << 20
@@ -51,18 +50,7 @@ def _clean():
     mm.unload_all_models()
 
 
-def _plain(name):
-    return nodes.UNETLoader().load_unet(name, "default")[0]
-
-
-def _distorch(name, vram_gb=100.0):
-    cls = pack_nodes.build()["UNETLoaderDisTorch2MultiGPU"]
-    return cls().load(unet_name=name, weight_dtype="default", compute_device="cpu", virtual_vram_gb=vram_gb,
-                      donor_device="cpu", expert_mode_allocations="", eject_models=False)[0]
-
-
-def _lora(model, name, strength):
-    return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
+_plain, _distorch, _lora = H.plain_unet, H.distorch_unet, H.lora
 
 
 def _anon():
