@@ -29,6 +29,24 @@ def _model_and_inputs():
     return m, (x, t, ctx, pooled)
 
 
+def _graph_counts(m, args, ref, steps: int) -> list[int]:
+    """torch.compile(m) with a backend that counts the graphs it is given; after each of `steps` calls (each
+    equal to `ref`), the number of graphs so far."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cm = torch.compile(m, backend=counting_backend)
+    counts = []
+    for _ in range(steps):
+        with torch.no_grad():
+            assert torch.equal(cm(*args), ref)
+        counts.append(len(graphs))
+    return counts
+
+
 @pytest.mark.parametrize("profile", [False, True])
 def test_torch_compile_after_distorch_compile_does_not_recompile_per_unit(profile):
     m, args = _model_and_inputs()
@@ -41,21 +59,9 @@ def test_torch_compile_after_distorch_compile_does_not_recompile_per_unit(profil
     n_units = len(h.plan.units)
     assert n_streamed >= 3
 
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     dynamo.reset()
     try:
-        cm = torch.compile(m, backend=counting_backend)
-        counts = []
-        for _ in range(4):
-            with torch.no_grad():
-                out = cm(*args)
-            assert torch.equal(out, ref)
-            counts.append(len(graphs))
+        counts = _graph_counts(m, args, ref, 4)
         # bounded: fewer graphs than streamed units (one per unit type plus the root's pieces; traced
         # hooks gave 13 graphs for these 7 streamed units, and more at the second step).  Profiling
         # times every unit, so every unit boundary is a break: fewer graphs than units then ...
@@ -137,20 +143,9 @@ def test_torch_compile_over_compressed_units():
     h = distorch.compile(m, compute="cpu", offload_gb=0.5 * total / 2**30, donors=["cpu"], compress="on",
                          granularity="block", example_args=args, progress=False)
     assert h.plan.codec and h.runtime.codec.nbytes
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     dynamo.reset()
     try:
-        cm = torch.compile(m, backend=counting_backend)
-        counts = []
-        for _ in range(3):
-            with torch.no_grad():
-                assert torch.equal(cm(*args), ref)
-            counts.append(len(graphs))
+        counts = _graph_counts(m, args, ref, 3)
         assert counts[0] == counts[1] == counts[2], counts
     finally:
         dynamo.reset()
