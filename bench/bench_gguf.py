@@ -28,7 +28,7 @@ After each timed distorch run, 3 more steps run with the runtime's profiling on 
 copy and unit; not in the timed steps): copy time per step (sum over the copy stream), the in-step
 copy rate, the stall of compute waiting for copies, and host time per step (root pre- to post-hook).
 Link probe: pinned host->GPU rate from torch's pinned allocator (2 GiB, the floor's rate) and from a
-runtime.store.HostArena (the homes' memory: one cudaHostRegister), in unit-sized copies back to back.
+runtime.arena.HostArena (the homes' memory: one cudaHostRegister), in unit-sized copies back to back.
 
     PYTHONUNBUFFERED=1 python bench/bench_gguf.py --out $OUT            # H100
     python bench/bench_gguf.py --device cpu --small --out /tmp/g        # checks the script on CPU
@@ -95,7 +95,7 @@ class ComfyStyle:
 
     def __init__(self, model, pinned: bool, dev):
         from distorch.runtime import gguf_stream as gs
-        from distorch.runtime.store import HostArena
+        from distorch.runtime.arena import HostArena
         self.dev = dev
         self.layers = []
         ps = []
@@ -137,7 +137,7 @@ class ComfyStyle:
 def link_probe(dev, sizes=(150_000_000, 360_000_000), total=3 * GiB) -> dict:
     """Back-to-back pinned host->GPU copies of unit-sized chunks on a side stream, from torch's pinned
     allocator and from a HostArena (bytes/s of the whole sequence, best of 3)."""
-    from distorch.runtime.store import HostArena
+    from distorch.runtime.arena import HostArena
     out = {}
     if BS._CPU:
         return out

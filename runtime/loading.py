@@ -23,7 +23,8 @@ from ..compiler.plan import Plan
 from ..errors import DisTorchError, FileFormatError
 from ..formats.safetensors import read_range, read_safetensors_header
 from .apply import Runtime, classify
-from .store import Home, Layout, Progress, host_arenas, parse_device, pin_arenas
+from .arena import host_arenas, pin_arenas
+from .store import Home, Layout, Progress, parse_device
 
 from typing import TYPE_CHECKING
 

@@ -12,7 +12,8 @@ from distorch.compiler.plan import Plan, PlacedUnit
 from distorch.runtime import fill as _fill
 from distorch.runtime import pinning
 from distorch.runtime.apply import apply, classify
-from distorch.runtime.store import PAGEABLE, HomeStore
+from distorch.runtime.arena import PAGEABLE
+from distorch.runtime.store import HomeStore
 
 MiB = 1 << 20
 

@@ -1,0 +1,133 @@
+"""Exact-size host arenas for the homes of many units, page-locked with one registration each.
+
+    arenas, arena_of = host_arenas(layouts, home_of, pin)   # unit -> arena key; pinned up to the cap
+    ... fill the arenas ...
+    pin_arenas(arenas)                                      # page-lock them once filled
+
+runtime/store.py (HomeStore) and runtime/loading.py (files read straight into homes) take their homes'
+bytes from these.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from ..compiler.inventory import is_host
+from ..compiler.ring_layout import align as align_up
+from . import pinning as _pinning
+
+__all__ = ["HostArena", "host_arenas", "pin_arenas", "PAGEABLE"]
+
+log = logging.getLogger("distorch.runtime.arena")
+
+
+class HostArena:
+    """One host buffer holding the homes of many units, pinned with ONE cudaHostRegister call.
+
+    torch's pinned allocator rounds every request up to a power of two (a 680 MB block would take
+    1 GiB), so the arena is plain host memory of the exact size (numpy-owned), page-locked in place
+    when `pin` is true -- at once, or with `defer=True` only when `pin()` is called after the arena is
+    filled (registering touches every page: done first, the whole arena would be resident beside the
+    weights it is about to replace).  Registration goes through runtime.pinning (counted against the
+    process's cap); it is undone by `unpin()` or when the memory is freed (a finalizer on the numpy
+    array, which runs before numpy releases the data), i.e. once no view of it is alive.
+    """
+
+    def __init__(self, nbytes: int, pin: bool, defer: bool = False) -> None:
+        import numpy as np
+        n = max(align_up(nbytes, 4096), 4096)
+        self.array = np.empty(n, dtype=np.uint8)
+        self.flat = torch.from_numpy(self.array)
+        self.want_pin = bool(pin)
+        self.pinned = False
+        self.nbytes = n
+        self._next = 0
+        self._fin = None
+        if pin and not defer:
+            why = self.pin()
+            if why:
+                warnings.warn(f"distorch: cudaHostRegister of {n} bytes failed ({why}); host homes stay "
+                              "pageable (copies will be slower and synchronous)", stacklevel=2)
+
+    def pin(self) -> str:
+        """Page-lock the arena if it was asked to be; "" when done (or not wanted), else why it failed (the
+        arena then stays pageable; never raises)."""
+        if not self.want_pin or self.pinned or self.flat is None:
+            return ""
+        import weakref
+        ptr = self.flat.data_ptr()
+        ok, why = _pinning.register(ptr, self.nbytes)
+        if not ok:
+            self.want_pin = False
+            return why or "failed"
+        self.pinned = True
+        self._fin = weakref.finalize(self.array, _pinning.unregister, ptr)
+        return ""
+
+    def unpin(self) -> None:
+        """Undo the registration now (the memory stays, pageable)."""
+        if self._fin is not None:
+            self._fin()
+            self._fin = None
+        self.pinned = False
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        off = self._next
+        end = off + align_up(max(nbytes, 1))
+        if end > self.nbytes:
+            raise RuntimeError(f"arena overflow: {end} > {self.nbytes}")
+        self._next = end
+        return self.flat[off:end]
+
+    def release(self) -> None:
+        self.flat = None
+        self.array = None
+
+
+PAGEABLE = "~pageable"      # key suffix of the host arena holding what did not fit under the pinned cap
+
+
+def host_arenas(layouts: dict, home_of: dict, pin: bool, what: str = "host homes") -> tuple[dict, dict]:
+    """Arenas for the host homes of `layouts` (unit -> Layout, in the order units are pinned: execution
+    order, as compiler.cost.simulate assumes) -> (arenas, unit -> arena key).  With `pin`, units fill the
+    pinned budget (runtime.pinning.budget()) in order; the ones past it get a pageable arena ("<dev>~pageable")
+    and ONE warning.  Pinned arenas are created deferred: call pin_arenas() once they are filled."""
+    arena_of: dict[str, str] = {}
+    need: dict[str, int] = {}
+    left = _pinning.budget() if pin else 0
+    over = 0
+    for n, lay in layouts.items():
+        hd = home_of[n]
+        if not is_host(hd):
+            continue
+        b = align_up(max(lay.nbytes, 1))
+        if pin and b <= left:
+            left -= b
+            key = hd
+        else:
+            key = hd + PAGEABLE if pin else hd
+            over += b if pin else 0
+        arena_of[n] = key
+        need[key] = need.get(key, 0) + b
+    if over:
+        tot = sum(need.values())
+        log.warning("distorch: %.2f of %.2f GiB of %s exceed the pinned-memory cap (%.2f GiB, %.2f GiB already "
+                    "pinned; set %s to change it) and stay in pageable memory: copies from them run at the "
+                    "slower pageable rate", over / 2**30, tot / 2**30, what, _pinning.max_pinned_bytes() / 2**30,
+                    _pinning.pinned_bytes() / 2**30, _pinning.ENV)
+    arenas = {k: HostArena(v, pin=pin and not k.endswith(PAGEABLE), defer=True) for k, v in sorted(need.items())}
+    return arenas, arena_of
+
+
+def pin_arenas(arenas: dict, what: str = "host homes") -> None:
+    """Page-lock the arenas created to be pinned; a failure leaves them pageable with one warning."""
+    failed = []
+    for k, a in arenas.items():
+        why = a.pin()
+        if why:
+            failed.append(f"{k} {a.nbytes / 2**30:.2f} GiB: {why}")
+    if failed:
+        log.warning("distorch: pinning %s failed (%s); they stay in pageable memory (slower, synchronous "
+                    "copies)", what, "; ".join(failed))
