@@ -24,7 +24,7 @@ from comfy_harness import COMFY_DIR, require_comfy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_comfy as B  # noqa: E402
-import bench_comfy_codec as K  # noqa: E402
+import codec_report as CR  # noqa: E402
 import comfy_report as R  # noqa: E402
 
 CPU_LIMIT_S = 60.0
@@ -274,14 +274,14 @@ def test_codec_headline_against_the_targets():
     d = {"rows": rows, "all_gb": 30.0, "bw": 55e9, "decode": dec, "clip": [],
          "title": "t", "gpu": "NVIDIA H200", "torch": "x", "comfyui": "y", "date": "z", "model_line": "m",
          "command": "c", "res": 1024, "encoder": "t5xxl", "clip_gb": 30.0, "decode_reps": 20, "total_bytes": 22 * G}
-    h = K.headline(d)
+    h = CR.headline(d)
     floor = 22 * G / 55e9
     assert h["raw_floor_s"] == pytest.approx(floor)
     assert h["comp_x"] == pytest.approx(0.31 / floor) and h["raw_x"] == pytest.approx(0.44 / floor)
     assert h["homes_comp"] == pytest.approx(14.9 / 22) and h["homes_comp_pinned"] == pytest.approx(15 / 22)
     assert h["ratio"] == 0.675 and h["decode_gbps"] == 470.0 and h["failed"] == ["raw 8"]
     assert h["all_identical"] is False                       # the 8 GiB compressed row differs
-    md = K.render(dict(d, headline=h))
+    md = CR.render(dict(d, headline=h))
     assert "| <= 0.75 | yes |" in md and "| <= 0.72 | yes |" in md and "| <= 0.32 on the H200 | yes |" in md
     assert "failed: ValueError: boom" in md and "Failed (the error is in its row): raw 8." in md
     assert "| NO |" in md and "470 GB/s" in md and "the whole model decodes in 0.050 s" in md
