@@ -88,3 +88,13 @@ def test_units_with_a_lora_stream_raw_and_stay_exact(files):
                 assert not any(n.startswith("joint_blocks") for n in st.plan.codec), st.plan.codec
         mm.unload_all_models()
         assert torch.equal(H.ksample(_lora(m, lora, 0.5)), refs[0.5])
+
+
+def test_a_bad_compress_setting_is_a_named_error_at_the_loader(files, monkeypatch):
+    """DISTORCH_COMPRESS=zip: the loader node fails naming the value and the three that work; nothing is
+    compiled."""
+    from distorch.errors import DisTorchError
+    unet, _ = files
+    monkeypatch.setenv("DISTORCH_COMPRESS", "zip")
+    with torch.inference_mode(), pytest.raises(DisTorchError, match=r"DISTORCH_COMPRESS='zip'.*auto.*on.*off"):
+        _distorch(unet)
