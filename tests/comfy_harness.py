@@ -531,6 +531,19 @@ def boot_inprocess():
     return mm, nodes, folder_paths
 
 
+def unet_lora_dirs(tmp_path_factory, name: str):
+    """A fresh `diffusion_models` and `loras` folder under a temporary `name` folder, registered with
+    ComfyUI's folder_paths (files written there later are listed: it re-reads a folder whose mtime changed)."""
+    import folder_paths
+    root = tmp_path_factory.mktemp(name)
+    unet_dir, lora_dir = root / "diffusion_models", root / "loras"
+    unet_dir.mkdir()
+    lora_dir.mkdir()
+    folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
+    folder_paths.add_model_folder_path("loras", str(lora_dir))
+    return unet_dir, lora_dir
+
+
 def plain_unet(name):
     """ComfyUI's own UNETLoader (default weight dtype)."""
     import nodes

@@ -23,15 +23,10 @@ DEPTH = 4        # hidden 256: the block weights (256 x 256 and up) are codable
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("codec")
-    unet_dir, lora_dir = root / "diffusion_models", root / "loras"
-    unet_dir.mkdir()
-    lora_dir.mkdir()
+    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "codec")
     sd = {k: v.to(torch.bfloat16) for k, v in H.tiny_mmdit_state(DEPTH, 3).items()}
     safetensors.torch.save_file(sd, str(unet_dir / "codec_unet.safetensors"))
     H.save_tiny_lora({k: v.float() for k, v in sd.items()}, str(lora_dir / "codec_lora.safetensors"))
-    folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
-    folder_paths.add_model_folder_path("loras", str(lora_dir))
     return "codec_unet.safetensors", "codec_lora.safetensors"
 
 

@@ -39,15 +39,10 @@ def _make_sd3(path, depth=DEPTH, seed=0):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("comfy_models")
-    unet_dir, lora_dir = root / "diffusion_models", root / "loras"
-    unet_dir.mkdir()
-    lora_dir.mkdir()
+    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "comfy_models")
     sd = _make_sd3(str(unet_dir / "tiny_sd3.safetensors"))
     _make_sd3(str(unet_dir / "tiny_sd3_b.safetensors"), seed=1)
     H.save_tiny_lora(sd, str(lora_dir / "tiny_lora.safetensors"))
-    folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
-    folder_paths.add_model_folder_path("loras", str(lora_dir))
     return {"unet": "tiny_sd3.safetensors", "unet_b": "tiny_sd3_b.safetensors", "lora": "tiny_lora.safetensors", "sd": sd}
 
 

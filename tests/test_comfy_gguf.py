@@ -76,18 +76,13 @@ def _q8_round_trip(sd, quantized):
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory):
     import safetensors.torch
-    root = tmp_path_factory.mktemp("comfy_gguf")
-    d, lo = root / "diffusion_models", root / "loras"
-    d.mkdir()
-    lo.mkdir()
+    d, lo = H.unet_lora_dirs(tmp_path_factory, "comfy_gguf")
     sd = H.tiny_mmdit_state(DEPTH)
     q = _write_gguf(d / "tiny_sd3_q8.gguf", sd)
     _write_lora(sd, lo / "tiny_sd3_lora.safetensors")
     # the same model with the Q8_0 weights dequantized (float32 safetensors): the LoRA reference
     dense = _q8_round_trip(sd, q)
     safetensors.torch.save_file(dense, str(d / "tiny_sd3_q8_dense.safetensors"))
-    folder_paths.add_model_folder_path("diffusion_models", str(d))
-    folder_paths.add_model_folder_path("loras", str(lo))
     return {"name": "tiny_sd3_q8.gguf", "path": str(d / "tiny_sd3_q8.gguf"), "quantized": q,
             "dense": "tiny_sd3_q8_dense.safetensors", "lora": "tiny_sd3_lora.safetensors"}
 

@@ -25,10 +25,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora_homes")
-    unet_dir, lora_dir = root / "diffusion_models", root / "loras"
-    unet_dir.mkdir()
-    lora_dir.mkdir()
+    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "lora_homes")
     small = H.tiny_mmdit_state(2, 0)
     safetensors.torch.save_file(small, str(unet_dir / "lh_small.safetensors"))
     H.save_tiny_lora(small, str(lora_dir / "lh_small_lora.safetensors"))
@@ -37,8 +34,6 @@ def files(tmp_path_factory):
     safetensors.torch.save_file(big, str(unet_dir / "lh_big.safetensors"))
     H.save_tiny_lora(big, str(lora_dir / "lh_big_lora.safetensors"))
     del big, small
-    folder_paths.add_model_folder_path("diffusion_models", str(unet_dir))
-    folder_paths.add_model_folder_path("loras", str(lora_dir))
     return {"small": ("lh_small.safetensors", "lh_small_lora.safetensors"),
             "big": ("lh_big.safetensors", "lh_big_lora.safetensors")}
 
