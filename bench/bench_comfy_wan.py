@@ -377,15 +377,32 @@ def child(a):
         save()
         return res
 
+    sampler = None
+    if a.sample_stacks:
+        from sampler import StackSampler
+        sampler = StackSampler(0.01)
+
+    def loaded(w):
+        t = time.perf_counter()
+        m = load(w)
+        row.setdefault("load_node_s", {})[w] = time.perf_counter() - t
+        return m
+
     with torch.inference_mode():
         def cold():
             nonlocal filler, fb
-            ms = {w: load(w) for w in ("high", "low")}
+            if sampler is not None:
+                sampler.start()
+            ms = {w: loaded(w) for w in ("high", "low")}
             if kind == "comfy" and not cpu:
                 filler, fb = B.comfy_filler(mm, ms["high"], shape, int(float(val) * GiB), dev)
                 row["filler"] = fb
             return ms, phases(ms, "cold")
         models, out_cold = timed("cold", cold)
+        if sampler is not None:
+            sampler.stop()
+            row["cold_profile"] = sampler.report(top=20)
+            say(f"{a.config} cold: where the time went (sampled stacks)\n" + sampler.text(row["cold_profile"]))
         out_warm = timed("warm", lambda: phases(models, "warm"))
         ref_path = os.path.join(a.model_dir, n["ref"])
         lat = {k: v.detach().cpu() for k, v in out_cold.items()}
@@ -406,6 +423,18 @@ def child(a):
             torch.cuda.empty_cache()
         time.sleep(0.2)
         row["rss_after_unload"] = rss.read()
+        if a.reload and kind != "comfy":
+            # the second load of the same models in this process (ComfyUI reloads them after an unload)
+            out_re = timed("reload", lambda: phases(models, "reload"))
+            row["reload_same_as_cold"] = all(B.bit_equal(out_re[k].cpu(), lat[k]) for k in ("high", "low"))
+            del out_re
+            mm.unload_all_models()
+            gc.collect()
+            if not cpu:
+                torch.cuda.empty_cache()
+            time.sleep(0.2)
+            row["rss_after_unload2"] = rss.read()
+            save()
         del models, out_cold, out_warm, lat
         gc.collect()
         time.sleep(0.2)
@@ -415,7 +444,7 @@ def child(a):
     say(f"{a.config}: done")
 
 
-WF_COLUMNS = ("| configuration | s/step warm | s/step cold | cold run s | warm run s | peak VRAM GiB | GiB off "
+WF_COLUMNS = ("| configuration | s/step warm | s/step cold | cold run s | warm run s | reload run s | peak VRAM GiB | GiB off "
               "(high/low) | RSS before load | peak RSS | RssAnon | RssFile | RssShmem | distorch pinned | ComfyUI "
               "pinned | machine used (peak) | RSS after unload | after dropping models | bit-identical to plain "
               "(high/low) |")
@@ -434,10 +463,10 @@ def wf_md(d: dict) -> str:
          "does not show is in it, and so is everything else on the machine). RSS after unload: "
          "comfy.model_management.unload_all_models() + gc with the models still referenced (as ComfyUI's node "
          "cache holds them); after dropping models: references deleted + gc. GiB = 2^30 bytes.", "",
-         WF_COLUMNS, "|" + "|".join(["---"] + ["---:"] * 16 + ["---"]) + "|"]
+         WF_COLUMNS, "|" + "|".join(["---"] + ["---:"] * 17 + ["---"]) + "|"]
     for r in d["rows"]:
         if r.get("error") and "cold_s" not in r:
-            L.append(f"| {r['config']} | {r['error']} |" + " |" * 16)
+            L.append(f"| {r['config']} | {r['error']} |" + " |" * 17)
             continue
         pk = max((r.get("peak_vram_cold") or 0), (r.get("peak_vram_warm") or 0))
         rc = max((r.get(f"rss_{k}") or {"at_peak": {}, "max": {}} for k in ("cold", "warm")),
@@ -447,13 +476,14 @@ def wf_md(d: dict) -> str:
         same = r.get("same")
         L.append(
             f"| {r['config']} | {R._f(r.get('s_step_warm'))} | {R._f(r.get('s_step_cold'))} | {R._f(r.get('cold_s'), '%.2f')} | "
-            f"{R._f(r.get('warm_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
+            f"{R._f(r.get('warm_s'), '%.2f')} | {R._f(r.get('reload_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
             f"{gb((r.get('rss_before_load') or {}).get('VmRSS'))} | {gb(ap.get('VmRSS'))} | {gb(ap.get('RssAnon'))} | "
             f"{gb(ap.get('RssFile'))} | {gb(ap.get('RssShmem'))} | {gb(mx.get('distorch_pinned'))} | "
             f"{gb(mx.get('comfy_pinned'))} | {gb(mx.get('sys_used'))} | {gb((r.get('rss_after_unload') or {}).get('VmRSS'))} | "
             f"{gb((r.get('rss_after_drop') or {}).get('VmRSS'))} | "
             f"{'' if same is None else '/'.join('yes' if same[k] else 'NO' for k in ('high', 'low'))}"
             f"{'' if r.get('warm_same_as_cold', True) else ' (warm differs from cold)'}"
+            f"{'' if r.get('reload_same_as_cold', True) else ' (reload differs from cold)'}"
             f"{' -- ' + r['error'] if r.get('error') else ''} |")
     if d.get("skipped"):
         L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
@@ -564,7 +594,7 @@ def pass_args(a) -> list:
            "--ffn", str(a.ffn), "--layers", str(a.layers), "--height", str(a.height), "--width", str(a.width),
            "--frames", str(a.frames), "--ctx", str(a.ctx), "--steps", str(a.steps), "--lora-rank", str(a.lora_rank),
            "--shift", str(a.shift), "--seed", str(a.seed), "--fp8-marker", str(a.fp8_marker), "--tag", a.tag]
-    return out
+    return out + (["--sample-stacks"] if a.sample_stacks else []) + (["--reload"] if a.reload else [])
 
 
 def parse_args(argv=None):
@@ -598,6 +628,11 @@ def parse_args(argv=None):
     ap.add_argument("--deadline", type=float, default=0.0, help="seconds from start after which no new row starts")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: dim 128, ffn 256, 2 layers, 64x64x5, 16 tokens, "
                     "LoRA rank 4")
+    ap.add_argument("--sample-stacks", action="store_true",
+                    help="workflow: sample Python stacks through each cold run (bench/sampler.py) and report where "
+                    "its time went")
+    ap.add_argument("--reload", action="store_true", help="workflow: after the unload, run both phases again (the "
+                    "second load of the same models in one process) and measure it")
     ap.add_argument("--tag", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default="plain", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)

@@ -167,3 +167,25 @@ def test_lora_on_streamed_weights_adds_no_host_copy(files):
         again = H.ksample(lm)
         assert torch.equal(again, out)
         mm.unload_all_models()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16, torch.float32, torch.uint8])
+@pytest.mark.parametrize("n", [1, 7, 8, 4096 + 3])
+def test_same_bytes_is_bitwise(dtype, n):
+    """The file check compares bits: a NaN equals itself, -0.0 differs from 0.0, odd sizes and addresses work."""
+    isz = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(n)
+    raw = torch.randint(0, 256, ((n + 1) * isz,), dtype=torch.uint8, generator=g)
+    a = raw[isz:].view(dtype)                     # an address off the 8-byte grid when isz < 8
+    b = a.clone()
+    assert stream_patches.same_bytes(a, b) and stream_patches.same_bytes(b, a)
+    c = b.clone()
+    c.view(torch.uint8)[-1] ^= 1
+    assert not stream_patches.same_bytes(b, c)
+    c = b.clone()
+    c.view(torch.uint8)[0] ^= 128
+    assert not stream_patches.same_bytes(b, c)
+    if dtype.is_floating_point and dtype != torch.float8_e4m3fn:
+        nan = torch.full((n,), float("nan"), dtype=dtype)
+        assert stream_patches.same_bytes(nan, nan.clone())
+        assert not stream_patches.same_bytes(torch.zeros(n, dtype=dtype), torch.full((n,), -0.0, dtype=dtype))
