@@ -289,57 +289,71 @@ def apply_streamed(patcher: Any, keys: Iterable[str], device: torch.device | str
         todo.append((key, home, set_func, convert_func))
     if not todo:
         return set()
-    # first patch of a weight: find where its unpatched bytes are (file, checked bit for bit, in parallel)
+    # first patch of a weight: find where its unpatched bytes are (the file, checked bit for bit); the checks
+    # run ahead on a thread pool while this thread patches, and a weight is patched once its own check is done
     first = [(k, h) for k, h, _, _ in todo if k not in src and k not in patcher.backup and k in patcher.patches]
     fresh = {k for k, _ in first}         # their homes hold the unpatched bytes now
     kept = 0
     t0 = time.perf_counter()
-    if first:
-        findex = _FileIndex(model.__dict__.get(_FILES, []))
-        with ThreadPoolExecutor(max_workers=_threads()) as ex:
-            found = list(ex.map(lambda kh: _source(findex, kh[0], kh[1]), first))
-        for (k, h), s in zip(first, found):
-            if s is not None:
-                src[k] = s
-            else:       # no file holds these bytes: ComfyUI's backup (a host copy)
-                patcher.backup[k] = _backup(h.clone(), True)
-                kept += h.numel() * h.element_size()
-    t_check = time.perf_counter() - t0
+    t_wait = 0.0
     dev = patch_device(device)
     done = set()
-    with torch.no_grad():
-        for key, home, set_func, convert_func in todo:
-            if key in patcher.patches:
-                if key in src:
-                    orig = home if key in fresh else src[key].read(home.shape, home.dtype)
-                elif key in patcher.backup:
-                    orig = patcher.backup[key].weight
-                else:
-                    orig = home
-                undo = _at_home(model, key, index) if (set_func or convert_func) else None
-                try:
-                    out = _patched(patcher, key, orig, set_func, convert_func, dev, dtype_rule)
-                finally:
-                    if undo:
-                        undo()
-                if type(out) is not torch.Tensor and not isinstance(out, torch.nn.Parameter) or \
-                        out.shape != home.shape or out.dtype != home.dtype:
-                    raise RuntimeError(f"weight {key!r}: the patched weight is a {type(out).__name__} "
-                                       f"{getattr(out, 'dtype', '?')} {tuple(getattr(out, 'shape', ()))}, its home "
-                                       f"{home.dtype} {tuple(home.shape)}")
-                home.copy_(out)
-                del out, orig
-            else:              # patch removed: the unpatched bytes back into the home
-                if key in src:
-                    src.pop(key).read_into(home)
-                elif key in patcher.backup:
-                    home.copy_(patcher.backup.pop(key).weight)
-            done.add(key)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    ex = ThreadPoolExecutor(max_workers=_threads()) if first else None
+    try:
+        if first:
+            findex = _FileIndex(model.__dict__.get(_FILES, []))
+            checks = {k: ex.submit(_source, findex, k, h) for k, h in first}
+        with torch.no_grad():
+            for key, home, set_func, convert_func in todo:
+                if key in fresh:
+                    tw = time.perf_counter()
+                    s = checks.pop(key).result()
+                    t_wait += time.perf_counter() - tw
+                    if s is not None:
+                        src[key] = s
+                    else:       # no file holds these bytes: ComfyUI's backup (a host copy)
+                        patcher.backup[key] = _backup(home.clone(), True)
+                        kept += home.numel() * home.element_size()
+                if key in patcher.patches:
+                    if key in src:
+                        orig = home if key in fresh else src[key].read(home.shape, home.dtype)
+                    elif key in patcher.backup:
+                        orig = patcher.backup[key].weight
+                    else:
+                        orig = home
+                    undo = _at_home(model, key, index) if (set_func or convert_func) else None
+                    try:
+                        out = _patched(patcher, key, orig, set_func, convert_func, dev, dtype_rule)
+                    finally:
+                        if undo:
+                            undo()
+                    if type(out) is not torch.Tensor and not isinstance(out, torch.nn.Parameter) or \
+                            out.shape != home.shape or out.dtype != home.dtype:
+                        raise RuntimeError(f"weight {key!r}: the patched weight is a {type(out).__name__} "
+                                           f"{getattr(out, 'dtype', '?')} {tuple(getattr(out, 'shape', ()))}, its "
+                                           f"home {home.dtype} {tuple(home.shape)}")
+                    # into a pinned home the copy back is queued on the stream (in order after the math and
+                    # the upload of the same home; freeing `out` is stream-ordered too), so the host goes on
+                    # with the next weight's patch math; everything is synchronized below
+                    home.copy_(out, non_blocking=out.device.type == "cuda" and home.is_pinned())
+                    del out, orig
+                else:              # patch removed: the unpatched bytes back into the home
+                    if key in src:
+                        src.pop(key).read_into(home)
+                    elif key in patcher.backup:
+                        home.copy_(patcher.backup.pop(key).weight)
+                done.add(key)
+    finally:
+        if ex is not None:
+            for f in checks.values():
+                f.cancel()
+            ex.shutdown(wait=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    t_check = t_wait
     nsrc = sum(1 for k in done if k in src)
     log.info("DisTorch: %d streamed weights patched in their homes on %s in %.2f s (%d restorable from the model "
-             "file, checked in %.2f s%s)", len([k for k in done if k in patcher.patches]), dev,
+             "file, %.2f s waiting for the file checks%s)", len([k for k in done if k in patcher.patches]), dev,
              time.perf_counter() - t0, nsrc, t_check,
              f"; {len(done) - nsrc} kept as host copies, {kept / 2**30:.2f} GiB" if kept else "")
     return done

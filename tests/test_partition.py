@@ -605,3 +605,27 @@ def test_slow_donor_gets_the_best_hiding_units():
     new = simulate(g.units, homes, "cuda:0", inv, p.window_bytes)["step_s"]
     old = simulate(g.units, naive_homes, "cuda:0", inv, p.window_bytes)["step_s"]
     assert new < old * 0.97, (new, old)
+
+
+def test_ranking_is_remembered_for_equal_inputs_only(monkeypatch):
+    """The second expert of a workflow (same units, same costs) ranks from the memo; any change ranks again."""
+    from distorch.passes import rank
+    rank._MEMO.clear()
+    calls = []
+    real = rank._greedy
+    monkeypatch.setattr(rank, "_greedy", lambda *a: calls.append(1) or real(*a))
+    g = flux_like(flops=True)
+    first = priority_order(g, INV, "cuda:0")
+    again = priority_order(flux_like(flops=True), INV, "cuda:0")
+    assert again == first and len(calls) == 1
+    again.reverse()                      # the caller's list is its own
+    assert priority_order(g, INV, "cuda:0") == first and len(calls) == 1
+    h = flux_like(flops=True)
+    h.units[3].param_bytes += 1 << 20    # another model: ranked again
+    priority_order(h, INV, "cuda:0")
+    assert len(calls) == 2
+    for i in range(rank.MEMO_SIZE + 2):  # bounded
+        k = flux_like(flops=True)
+        k.units[1].param_bytes += i + 1
+        priority_order(k, INV, "cuda:0")
+    assert len(rank._MEMO) <= rank.MEMO_SIZE
