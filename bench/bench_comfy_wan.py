@@ -302,6 +302,8 @@ def child(a):
     phase = {"name": None}
 
     def hook(value, total, preview, **kw):
+        if total not in (a.steps // 2, a.steps - a.steps // 2):
+            return          # not a sampler step: DisTorch's own progress bars (weights -> homes ...) use this hook too
         if not cpu:
             torch.cuda.synchronize(dev)
         marks.append((phase["name"], time.perf_counter()))
