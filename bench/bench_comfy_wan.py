@@ -48,9 +48,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_comfy as B  # noqa: E402
+import bench_util as U  # noqa: E402
 import comfy_report as R  # noqa: E402
 
-B.NAME = "bench_wan"
+U.NAME = "bench_wan"     # the prefix of every say() line, the shared helpers' too
 say = B.say
 GiB = B.GiB
 REPO = B.REPO
