@@ -103,11 +103,12 @@ class Handle:
 
     @property
     def stats(self) -> dict:
-        """Per-step statistics (synchronizes the device: call between steps).  After undo(): the last
-        statistics, taken when undo() ran."""
+        """Per-step statistics (synchronizes the device: call between steps), and under "load" how the
+        homes were made (fill and pin seconds, whether an earlier load's host homes were reused).  After
+        undo(): the last statistics, taken when undo() ran."""
         if self.runtime is None and self._last_stats is not None:
             return dict(self._last_stats)
-        return _stats.summarize(self._live("stats"))
+        return _summary(self._live("stats"))
 
     def stats_text(self) -> str:
         return _stats.format_stats(self.stats)
@@ -145,10 +146,12 @@ class Handle:
 
     def undo(self, device: str | torch.device | None = None) -> None:
         """All weights back resident on the compute device (or on `device`, e.g. "cpu"), hooks removed,
-        homes and slots freed."""
+        homes and slots freed.  Back to the host, weights homed in host memory stay where they are (their
+        unpinned arena, freed with the model): the next compile of this module with the same plan adopts
+        them without a copy (runtime/home_reuse.py; stats["load"]["reused"])."""
         if self.runtime is not None:
             try:
-                last = _stats.summarize(self.runtime)
+                last = _summary(self.runtime)
             except Exception:      # statistics never stop an undo
                 log.debug("stats before undo failed", exc_info=True)
                 last = None
@@ -160,6 +163,14 @@ class Handle:
         p = self.plan
         return (f"<distorch.Handle compute={p.compute} units={len(p.units)} offloaded="
                 f"{p.offloaded_bytes() / 2**30:.2f} GiB active={self.runtime is not None}>")
+
+
+def _summary(rt: Runtime) -> dict:
+    """runtime.stats.summarize plus "load": how the homes were made (HomeStore.load_times: fill and pin
+    seconds, whether an earlier load's host homes were reused, else why not)."""
+    d = _stats.summarize(rt)
+    d["load"] = dict(getattr(rt.store, "load_times", None) or {})
+    return d
 
 
 def placement_table(plan: Plan) -> str:

@@ -9,6 +9,7 @@ runtime/hooks.py (attach / begin / pre / post / end / detach, composed once):
 
     resident   weights kept on the compute device; GGUF units the plan dequantizes once   runtime/place.py
     store      the streamed units' homes: one flat (pinned) buffer per unit               runtime/store.py
+      reuse    homes an undo() to the host left, adopted by the next compile if they fit  runtime/home_reuse.py
     autotune   one measured step, then the slot count from compiler.cost.best_window     runtime/autotune.py
     ring       slots, copy issue, copied/done events, ring items, fallback loads         runtime/ring.py
       .learn   the call order, free-run periods, deviations -> fallback                  runtime/learn.py
@@ -113,8 +114,9 @@ class Runtime:
         coded_units = [n for n in self.units if n in (plan.codec or {}) and n not in (homes or {})]
         coded = encode_units(c.streamed, coded_units, self.device, progress=progress) if coded_units else None
         try:
+            # module: the homes an earlier undo() to the host left are adopted when they fit (runtime/home_reuse.py)
             self.store = HomeStore(self.units, c.streamed, c.home_of, homes, pin=be.cuda, progress=progress,
-                                   coded=coded)
+                                   coded=coded, module=module)
         except BaseException:
             if coded:
                 coded.restore()       # every coded weight decoded back (from its home if it got one)

@@ -2,14 +2,17 @@
 
     arenas, arena_of = host_arenas(layouts, home_of, pin)   # unit -> arena key; pinned up to the cap
     ... fill the arenas ...
-    pin_arenas(arenas)                                      # page-lock them once filled
+    seconds = pin_arenas(arenas)                            # page-lock them once filled (one INFO line)
+    arena_of, need, over = arena_split(layouts, home_of, pin)   # the split alone, nothing allocated
 
 runtime/store.py (HomeStore) and runtime/loading.py (files read straight into homes) take their homes'
-bytes from these.
+bytes from these; runtime/home_reuse.py wraps the arenas an undo() kept (HostArena(..., array=)) and
+adopts them only when arena_split still splits the units the same way.
 """
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 
 import torch
@@ -18,7 +21,7 @@ from ..compiler.inventory import is_host
 from ..compiler.ring_layout import align as align_up
 from . import pinning as _pinning
 
-__all__ = ["HostArena", "host_arenas", "pin_arenas", "PAGEABLE"]
+__all__ = ["HostArena", "host_arenas", "pin_arenas", "arena_split", "arena_bytes", "warn_past_cap", "PAGEABLE"]
 
 log = logging.getLogger("distorch.runtime.arena")
 
@@ -33,17 +36,20 @@ class HostArena:
     weights it is about to replace).  Registration goes through runtime.pinning (counted against the
     process's cap); it is undone by `unpin()` or when the memory is freed (a finalizer on the numpy
     array, which runs before numpy releases the data), i.e. once no view of it is alive.
+
+    `array`: an existing uint8 numpy buffer to wrap instead (the arena of an earlier load that undo() left
+    to its parameters, runtime/home_reuse.py), already full: nothing more can be taken from it.
     """
 
-    def __init__(self, nbytes: int, pin: bool, defer: bool = False) -> None:
+    def __init__(self, nbytes: int, pin: bool, defer: bool = False, array: "object | None" = None) -> None:
         import numpy as np
-        n = max(align_up(nbytes, 4096), 4096)
-        self.array = np.empty(n, dtype=np.uint8)
+        n = arena_bytes(nbytes) if array is None else int(array.size)
+        self.array = np.empty(n, dtype=np.uint8) if array is None else array
         self.flat = torch.from_numpy(self.array)
         self.want_pin = bool(pin)
         self.pinned = False
         self.nbytes = n
-        self._next = 0
+        self._next = 0 if array is None else n
         self._fin = None
         if pin and not defer:
             why = self.pin()
@@ -89,11 +95,14 @@ class HostArena:
 PAGEABLE = "~pageable"      # key suffix of the host arena holding what did not fit under the pinned cap
 
 
-def host_arenas(layouts: dict, home_of: dict, pin: bool, what: str = "host homes") -> tuple[dict, dict]:
-    """Arenas for the host homes of `layouts` (unit -> Layout, in the order units are pinned: execution
-    order, as compiler.cost.simulate assumes) -> (arenas, unit -> arena key).  With `pin`, units fill the
-    pinned budget (runtime.pinning.budget()) in order; the ones past it get a pageable arena ("<dev>~pageable")
-    and ONE warning.  Pinned arenas are created deferred: call pin_arenas() once they are filled."""
+def arena_bytes(nbytes: int) -> int:
+    """The size of the arena made for `nbytes` of homes (whole pages, at least one)."""
+    return max(align_up(nbytes, 4096), 4096)
+
+
+def arena_split(layouts: dict, home_of: dict, pin: bool) -> tuple[dict, dict, int]:
+    """How host_arenas splits `layouts` (unit -> Layout) under the pinned budget as it stands now ->
+    (unit -> arena key, arena key -> bytes of homes, bytes past the cap); nothing is allocated."""
     arena_of: dict[str, str] = {}
     need: dict[str, int] = {}
     left = _pinning.budget() if pin else 0
@@ -111,23 +120,49 @@ def host_arenas(layouts: dict, home_of: dict, pin: bool, what: str = "host homes
             over += b if pin else 0
         arena_of[n] = key
         need[key] = need.get(key, 0) + b
+    return arena_of, need, over
+
+
+def warn_past_cap(need: dict, over: int, what: str = "host homes") -> None:
+    """The one warning for homes past the pinned-memory cap (`over` bytes of the `need` of arena_split)."""
     if over:
         tot = sum(need.values())
         log.warning("distorch: %.2f of %.2f GiB of %s exceed the pinned-memory cap (%.2f GiB, %.2f GiB already "
                     "pinned; set %s to change it) and stay in pageable memory: copies from them run at the "
                     "slower pageable rate", over / 2**30, tot / 2**30, what, _pinning.max_pinned_bytes() / 2**30,
                     _pinning.pinned_bytes() / 2**30, _pinning.ENV)
+
+
+def host_arenas(layouts: dict, home_of: dict, pin: bool, what: str = "host homes") -> tuple[dict, dict]:
+    """Arenas for the host homes of `layouts` (unit -> Layout, in the order units are pinned: execution
+    order, as compiler.cost.simulate assumes) -> (arenas, unit -> arena key).  With `pin`, units fill the
+    pinned budget (runtime.pinning.budget()) in order; the ones past it get a pageable arena ("<dev>~pageable")
+    and ONE warning.  Pinned arenas are created deferred: call pin_arenas() once they are filled."""
+    arena_of, need, over = arena_split(layouts, home_of, pin)
+    warn_past_cap(need, over, what)
     arenas = {k: HostArena(v, pin=pin and not k.endswith(PAGEABLE), defer=True) for k, v in sorted(need.items())}
     return arenas, arena_of
 
 
-def pin_arenas(arenas: dict, what: str = "host homes") -> None:
-    """Page-lock the arenas created to be pinned; a failure leaves them pageable with one warning."""
+def pin_arenas(arenas: dict, what: str = "host homes") -> float:
+    """Page-lock the arenas created to be pinned; a failure leaves them pageable with one warning.  Returns
+    the seconds it took; one INFO line with the rate when anything was pinned (registering touches every
+    page: on a cold start this is a visible share of the load time)."""
     failed = []
+    done = 0
+    t0 = time.perf_counter()
     for k, a in arenas.items():
+        was = a.pinned
         why = a.pin()
         if why:
             failed.append(f"{k} {a.nbytes / 2**30:.2f} GiB: {why}")
+        elif a.pinned and not was:
+            done += a.nbytes
+    dt = time.perf_counter() - t0
+    if done:
+        log.info("distorch: page-locked %.2f GiB of %s in %.2f s (%.1f GB/s)", done / 2**30, what, dt,
+                 done / 1e9 / max(dt, 1e-9))
     if failed:
         log.warning("distorch: pinning %s failed (%s); they stay in pageable memory (slower, synchronous "
                     "copies)", what, "; ".join(failed))
+    return dt

@@ -1,7 +1,7 @@
 """Where the bytes of offloaded units live: one flat buffer per unit (its *home*), and the slot pool.
 
-    store = HomeStore(units, streamed, home_of, pin=True, progress=True)   # every streamed unit's home
-    store.homes[name], store.params[i], store.home_views(), store.detach(rt)
+    store = HomeStore(units, streamed, home_of, pin=True, progress=True, module=m)   # every streamed unit's home
+    store.homes[name], store.params[i], store.home_views(), store.detach(rt), store.load_times
 
 A unit's home is ONE contiguous uint8 buffer on its home device -- pinned host memory when the home is
 "cpu" and CUDA is there to copy from it, a plain host buffer on a CUDA-less machine, or a buffer on a
@@ -12,10 +12,16 @@ one big copy beats one per tensor).
 The slot pool is W flat buffers on the compute device, each as large as the largest streamed unit.
 For every (unit, slot) pair the views of the unit's tensors into that slot are built once, so binding
 a unit to a slot is a loop of `param.data = view` with nothing allocated.
+
+Undo to the host leaves the parameters as views of their host arena, and the next compile of the same
+module adopts those homes when its plan homes exactly the same units the same way (runtime/home_reuse.py);
+otherwise the parameters first get memory of their own and the homes are filled as usual.
 """
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,7 @@ from .. import progress as _progress
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
 from . import fill as _fill
+from . import home_reuse as _reuse
 from . import pinning as _pinning
 from .arena import HostArena, host_arenas, pin_arenas
 
@@ -191,15 +198,22 @@ class HomeStore(UnitPart):
     params     params[i]: unit i's parameters as the ring binds them (a GGUF one as its RawBinder)
     arenas     exact-size host arenas per host home device: "<dev>" pinned with one registration once filled
                (when `pin`, up to runtime.pinning's cap), "<dev>~pageable" for the units past the cap
+    load_times {"fill_s", "pin_s", "reused", "reuse_miss"}: seconds filling and page-locking the homes, whether
+               the homes an undo() left on `module` were adopted (runtime/home_reuse.py), else why not ("")
 
     Allocating moves every streamed parameter into its home and releases its original storage, so the
     host holds one copy.
     """
 
     def __init__(self, units: list[str], streamed: dict, home_of: dict, given: dict | None = None, *,
-                 pin: bool, progress: bool, coded: Coded | None = None) -> None:
+                 pin: bool, progress: bool, coded: Coded | None = None, module: torch.nn.Module | None = None) -> None:
         self.units = units
         self.homes: dict[str, Home] = {}
+        self.arenas: dict = {}
+        self.held_bytes = 0
+        self.load_times = {"fill_s": 0.0, "pin_s": 0.0, "reused": False, "reuse_miss": ""}
+        self._module = weakref.ref(module) if module is not None else None
+        kept = _reuse.take(module) if module is not None else None
         given = given or {}
         enc = coded.enc if coded else {}
         todo: dict[str, Layout] = {}
@@ -216,6 +230,41 @@ class HomeStore(UnitPart):
                                             "with distorch.runtime.loading.load_into(module, path, plan) first")
                 # a coded tensor (runtime/codec_stream.py) is homed as its packed bytes
                 todo[n] = Layout.of([(q, enc[id(p)].buf if id(p) in enc else p) for q, p in tensors])
+        if kept is None or not self._adopt(kept, todo, streamed, home_of, pin, given, enc):
+            self._fill(todo, streamed, home_of, pin, progress, enc)
+        meta = coded.meta if coded else {}
+        self.params = [[CodedBinder(p, meta[id(p)], v) if id(p) in meta else _gs.binder(p)
+                        for (_, p), v in zip(streamed[n], self.homes[n].views())] for n in units]
+
+    def _adopt(self, kept: _reuse.KeptHomes, todo: dict, streamed: dict, home_of: dict, pin: bool,
+               given: dict, enc: dict) -> bool:
+        """Take the homes an undo() left on the module when they fit (runtime/home_reuse.py), rebinding the
+        parameters to them and page-locking the arenas again; else give the parameters still in the old
+        arenas memory of their own and return False (the caller fills)."""
+        why = "homes were given (runtime.loading)" if given else "units stream compressed" if enc else ""
+        flats, arenas, why = ({}, {}, why) if why else kept.adopt(self.units, todo, streamed, home_of, pin)
+        if why:
+            log.debug("distorch: the host homes of the previous load are not reused (%s); filling anew", why)
+            self.load_times["reuse_miss"] = why
+            t0 = time.perf_counter()
+            kept.release(self._module())
+            self.load_times["fill_s"] = time.perf_counter() - t0
+            return False
+        with torch.no_grad():
+            for n in self.units:
+                h = self.homes[n] = Home(n, home_of[n], todo[n], flats[n])
+                for (_, p), v in zip(streamed[n], h.views()):
+                    _gs.rebind(p, v)        # same bytes, now through the adopted arena's own tensor
+        self.arenas = arenas
+        self.load_times.update(pin_s=pin_arenas(arenas), reused=True)
+        log.info("distorch: reused the host homes of %d units (%.2f GiB) from the previous load; nothing copied",
+                 len(self.units), kept.nbytes / 2**30)
+        return True
+
+    def _fill(self, todo: dict, streamed: dict, home_of: dict, pin: bool, progress: bool, enc: dict) -> None:
+        """The homes of `todo` allocated in fresh arenas (or on donor GPUs) and filled, then pinned."""
+        units = self.units
+        t0 = time.perf_counter()
         # arenas are filled pageable and pinned afterwards (runtime.pinning caps the pinned bytes)
         self.arenas, arena_of = host_arenas(todo, home_of, pin)
         total = sum(todo[n].nbytes if n in todo else self.homes[n].nbytes for n in units)
@@ -233,15 +282,13 @@ class HomeStore(UnitPart):
         held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50), coded=enc)
         prog.close()
         _pinning.trim_heap()
-        pin_arenas(self.arenas)
+        self.load_times["fill_s"] += time.perf_counter() - t0
+        self.load_times["pin_s"] = pin_arenas(self.arenas)
         self.held_bytes = sum(nb for r, nb in held.values() if not r.expired())
         if self.held_bytes >= 64 << 20:
             log.warning("distorch: %.2f GiB of the host weights moved into homes are still referenced elsewhere "
                         "(a .data alias, a state dict, a patch backup), so host RAM holds them twice",
                         self.held_bytes / 2**30)
-        meta = coded.meta if coded else {}
-        self.params = [[CodedBinder(p, meta[id(p)], v) if id(p) in meta else _gs.binder(p)
-                        for (_, p), v in zip(streamed[n], self.homes[n].views())] for n in units]
 
     def home_views(self) -> dict:
         """id(parameter) -> its tensor in its home, for every streamed parameter (a GGUF parameter's entry
@@ -292,12 +339,12 @@ class HomeStore(UnitPart):
     def detach(self, rt: Runtime) -> None:
         """Every streamed parameter bound to its staged copy on `rt.undo_device`; homes and arenas freed.
 
-        Back to the host the staged tensors are the homes' own views; then, arena by arena, each unit's
-        tensors are copied into anonymous mappings of their own (runtime.pinning.mapped_copy: unmapped when
-        the model is dropped, never left in glibc's heap) and the unit's pages are given back at once
-        (runtime.pinning.drop_pages), so RAM holds about one unit more than the model at any moment and
-        the arena is gone at the end.  Only when nothing but the parameters uses the arena (counted); else
-        the parameters stay views of it (still one copy), as they do if a copy fails for lack of memory."""
+        Back to the host the staged tensors are the homes' own views.  When every home lies in a host arena
+        (none compressed) and the module is known, the parameters stay those views: the arenas are
+        unpinned and live as long as the parameters do, and the module's next compile may adopt them
+        (runtime/home_reuse.py).  Otherwise, arena by arena, each unit's tensors are copied into memory of
+        their own (home_reuse.own_storages), so RAM holds about one unit more than the model at any moment
+        and the arena is gone at the end."""
         staged = getattr(self, "staged", None)
         if staged is None:          # detached without stage (a direct call): copy now
             self.stage(rt)
@@ -305,13 +352,17 @@ class HomeStore(UnitPart):
         for i in range(len(self.units)):
             for p, v in zip(self.params[i], staged[i]):
                 _gs.rebind(p, v)
-        p = v = None               # no local view may keep the arena's use count up (_own_storages)
+        p = v = None               # no local view may keep the arena's use count up (own_storages)
         self.staged = None
-        on_host: dict[int, list] = {}     # arena storage -> [(unit i, its home's (ptr, nbytes))]
+        kept = self._kept(staged)
+        on_host: dict[int, list] = {}     # arena storage -> [(unit's params but the coded, its home's (ptr, nbytes))]
         for i, n in enumerate(self.units):
             f = self.homes[n].flat
-            if staged[i] and staged[i][0].device.type == "cpu" and f is not None and f.device.type == "cpu":
-                on_host.setdefault(f.untyped_storage().data_ptr(), []).append((i, (f.data_ptr(), f.numel())))
+            if kept is None and staged[i] and staged[i][0].device.type == "cpu" and f is not None \
+                    and f.device.type == "cpu":
+                # coded parameters were decoded into memory of their own (stage): only the others view the arena
+                on_host.setdefault(f.untyped_storage().data_ptr(), []).append(
+                    ([b for b in self.params[i] if not is_coded(b)], (f.data_ptr(), f.numel())))
             f = None
         del staged
         for h in self.homes.values():
@@ -319,41 +370,37 @@ class HomeStore(UnitPart):
         for a in self.arenas.values():
             a.unpin()
             a.release()
-        for units in on_host.values():
-            self._own_storages(units)
+        m = self._module() if self._module is not None else None
+        if kept is not None and m is not None:
+            _reuse.remember(m, kept)
+        for groups in on_host.values():
+            _reuse.own_storages(groups)
         self.homes, self.arenas, self.params = {}, {}, []
         _pinning.trim_heap()
 
-    def _own_storages(self, units: list) -> None:
-        """The parameters of `units` (all views of one host arena) copied out unit by unit, each unit's
-        pages dropped after it (see detach)."""
-        def tensor(p):
-            q = _gs.param_of(p)
-            return q.raw if _gs.is_gguf(q) else q
-        # coded parameters were decoded into memory of their own (stage): only the others view the arena
-        views = [[p for p in self.params[i] if not is_coded(p)] for i, _ in units]
-        first = next((ps[0] for ps in views if ps), None)
-        if first is not None:
-            st = tensor(first).untyped_storage()
-            bound = sum(len(ps) for ps in views)
-            if _storage_users(st) != bound + 1:      # +1: `st` itself; more = someone else reads the arena
-                return
-            del st
-        with torch.no_grad():
-            for ps, (i, (ptr, nbytes)) in zip(views, units):
-                try:
-                    new = [_pinning.mapped_copy(tensor(p)) for p in ps]
-                except (RuntimeError, MemoryError) as e:
-                    log.warning("distorch: undo left the host weights in their arena (copy failed: %s)", e)
-                    return
-                for p, v in zip(ps, new):
-                    _gs.rebind(p, v)
-                del new
-                _pinning.drop_pages(ptr, nbytes)
-
-
-def _storage_users(st) -> int:
-    try:
-        return int(torch._C._storage_Use_Count(st._cdata))
-    except (AttributeError, RuntimeError):
-        return -1
+    def _kept(self, staged: list) -> _reuse.KeptHomes | None:
+        """The note for home_reuse when undo leaves the parameters in their host arenas: the module is known,
+        every staged tensor is its home's own host view, and every home lies in one of self.arenas."""
+        if self._module is None or self._module() is None or not self.units:
+            return None
+        spans = {k: (a.flat.data_ptr(), a.nbytes) for k, a in self.arenas.items() if a.flat is not None}
+        if "#" in "".join(spans):             # arenas of runtime.loading beside the store's own: not one split
+            return None
+        units = []
+        for i, n in enumerate(self.units):
+            h = self.homes[n]
+            f = h.flat
+            if f is None or f.device.type != "cpu" or any(is_coded(b) for b in self.params[i]):
+                return None
+            views = h.views()
+            if len(staged[i]) != len(views) or any(s.data_ptr() != v.data_ptr() or s.device.type != "cpu"
+                                                   for s, v in zip(staged[i], views)):
+                return None
+            key = next((k for k, (b, nb) in spans.items() if b <= f.data_ptr() and
+                        f.data_ptr() + f.numel() <= b + nb), None)
+            if key is None:
+                return None
+            units.append(_reuse.KeptUnit(n, h.device, h.layout, key, f.data_ptr() - spans[key][0], f.numel(),
+                                         [v.data_ptr() for v in views]))
+        arenas = {k: (weakref.ref(self.arenas[k].array), nb, b) for k, (b, nb) in spans.items()}
+        return _reuse.KeptHomes(units, arenas)

@@ -314,7 +314,18 @@ def test_undo_to_host_gives_each_weight_a_mapping_of_its_own():
         ref = m(x)
     rt = apply(m, plan_all(m), progress=False)
     rt.undo()                                        # back to the host, as ComfyUI's unload does
-    bigs = [p for p in m.blocks.parameters() if p.numel() * p.element_size() >= pinning.MAPPED_MIN_BYTES]
+    # the weights stay views of their arena (runtime/home_reuse.py: the next compile may adopt it) ...
+    arena = m.blocks[0].up.weight.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == arena for p in m.blocks.parameters())
+    # ... a compile under another plan cannot: first every weight gets a mapping of its own (the resident
+    # half keeps it), then the streamed half is filled into new homes
+    plan = plan_all(m)
+    plan.units[5:] = [PlacedUnit(u.name, u.type, u.bytes, plan.compute, u.order) for u in plan.units[5:]]
+    rt = apply(m, plan, progress=False)
+    bigs = [p for p in m.blocks[4:].parameters() if p.numel() * p.element_size() >= pinning.MAPPED_MIN_BYTES]
     assert len(bigs) >= 4 and all(_mapped(p) for p in bigs)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+    rt.undo()
     with torch.no_grad():
         assert torch.equal(m(x), ref)
