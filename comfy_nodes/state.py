@@ -282,12 +282,17 @@ def step_report(d: dict) -> str:
     """The log line after a sampling run, from Handle.stats `d`: the measured step, the predicted one with
     its basis ("from measured unit times" once a profiled step replaced the estimates, else "estimated"),
     their ratio, then what the step is made of: on a GPU the streaming overhead over the all-resident
-    compute; on the host the host's own compute (not overhead) and the slot copies."""
+    compute; on the host the host's own compute (not overhead) and the slot copies.  The prediction is the
+    one for the input signature of the run's last forward (runtime/autotune.py measures each input size
+    once and re-applies it); when the window autotune chose the slots for it, that input is named."""
     meas, pred, comp = d.get("measured_step_s"), d.get("predicted_step_s"), d.get("predicted_compute_s")
     basis = d.get("predicted_basis")
     msg = f"DisTorch: measured step {meas * 1e3:.1f} ms" if meas else "DisTorch: no measured step"
     if pred:
         msg += f", predicted {pred * 1e3:.1f} ms {basis_text(basis)}"
+        sig = (d.get("autotune") or {}).get("signature") if basis == "measured" else None
+        if sig:
+            msg += f" for input {sig}"
         if meas:
             msg += f" (measured/predicted x{meas / pred:.2f})"
         est = d.get("estimated_step_s")

@@ -6,9 +6,18 @@
                 streamed units through their hook chains, the units the ring does not stream through
                 torch hooks of their own (`hook_resident`) -- and, through the ring, around every copy
 
-Both are parts (runtime/hooks.py) and only record; runtime/stats.py reads their public state (`trace`,
+Both are parts (runtime/hooks.py) and record; runtime/stats.py reads their public state (`trace`,
 `step_events()`, `host_s`, `steps`) between steps.  On a machine without CUDA the events are host
 timestamps (runtime.stream.HostEvent), so the same timeline comes out, synchronously.
+
+The profiler's own cost.  Its host work per unit (making events, recording them, keeping the trace) is
+timed (`stamps`: per unit call the host seconds it spent before the unit's start event and before its end
+event were enqueued, and the host clock when they were), and so is its work around every copy.  That
+work costs the step GPU time only where the stream waited for the host (a host-bound stretch: many small
+units); `own_cost()` tells how much, from how far each event ran behind the host's record call
+(runtime/autotune.py takes it out of the measured step).  Both events of a span are made before it
+opens (torch creates the CUDA event itself at its first record: that part of the end event's record is
+timed with it).
 """
 from __future__ import annotations
 
@@ -23,12 +32,16 @@ if TYPE_CHECKING:
     from .apply import Runtime
     import torch
     from .ring import Ring
-    from .stream import Backend, HostEvent
+    from .stream import Backend, HostEvent, HostStream
 
-__all__ = ["StepClock", "Profiler"]
+__all__ = ["StepClock", "Profiler", "LAG_JITTER_S", "LAG_TOL_S"]
 
 TRACE_MAX = 20000      # compute events kept; the older half is dropped beyond this
 HOST_KEEP = 64         # host times kept (the older half is dropped beyond this)
+LAG_JITTER_S = 10e-6   # an event running up to this much later than the host recorded it (beyond the launch
+#                        latency) ran when the host got there: the stream waited for the host
+LAG_TOL_S = 50e-6      # ... and this much more later: it had work queued before it, the host's cost was hidden
+_now = time.perf_counter
 
 
 class StepClock(UnitPart):
@@ -58,7 +71,13 @@ class StepClock(UnitPart):
 
 
 class Profiler(UnitPart):
-    """trace: (lane, unit, start event, end event, step) tuples; lane "compute" or "copy:<home device>"."""
+    """trace: (lane, unit, start event, end event, step) tuples; lane "compute" or "copy:<home device>".
+
+    stamps: per unit call (step, start event, end event, host clock after the start event's record, host
+    clock after the end event's, profiler host seconds before the start event (since the previous unit's
+    end event: its bookkeeping, the ring's copy events, this unit's start), profiler host seconds before
+    the end event, unit); copy_stamps: per copy (step, lane, end event, host clock after its record,
+    profiler host seconds before it); tail: the cost after the last unit of the latest step."""
 
     def __init__(self, be: Backend, ring: Ring, clock: StepClock, units: list[str], unit_mods: dict,
                  on: bool) -> None:
@@ -69,8 +88,13 @@ class Profiler(UnitPart):
         self.unit_mods = unit_mods         # unit name -> module, for hook_resident
         self.on = bool(on)
         self.trace: list[tuple] = []
+        self.stamps: list[tuple] = []
+        self.copy_stamps: list[tuple] = []
         self.hooks: list = []              # hook_resident's, when profiling from the start
-        self._e0 = None
+        self._open = None                  # (start event, end event, host clock, cost) of the running unit
+        self._cost = 0.0                   # profiler host seconds since the last compute event was recorded
+        self._cost_step = -1
+        self.tail = None                   # (step, the step's end event, host clock, cost after the last unit)
 
     @property
     def enabled(self) -> bool:
@@ -87,20 +111,114 @@ class Profiler(UnitPart):
         self.unit_end(self.units[i])
 
     def unit_begin(self) -> None:
-        e = self.be.event(True)
-        e.record(self.ring.cs)
-        self._e0 = e
+        t = _now()
+        if self._cost_step != self.clock.steps:        # the first unit of a step: no cost carried over
+            self._cost_step = self.clock.steps
+            self._cost = 0.0
+        e0, e1 = self.be.event(True), self.be.event(True)
+        e0.record(self.ring.cs)
+        h = _now()
+        self._open = (e0, e1, h, self._cost + (h - t))
+        self._cost = 0.0
 
     def unit_end(self, name: str) -> None:
-        e = self.be.event(True)
-        e.record(self.ring.cs)
-        self.trace.append(("compute", name, self._e0, e, self.clock.steps))
+        t = _now()
+        e0, e1, h0, c0 = self._open
+        e1.record(self.ring.cs)
+        h1 = _now()
+        step = self.clock.steps
+        self.trace.append(("compute", name, e0, e1, step))
+        self.stamps.append((step, e0, e1, h0, h1, c0, h1 - t, name))
         if len(self.trace) > TRACE_MAX:
             del self.trace[:TRACE_MAX // 2]
+        if len(self.stamps) > TRACE_MAX:
+            del self.stamps[:TRACE_MAX // 2]
+        self._cost += _now() - h1
+
+    def end(self) -> None:
+        """The forward returns: the cost since the last unit, against the step's end event (the clock
+        records it next)."""
+        k = self.clock.steps
+        self.tail = (k, self.clock.events[k % len(self.clock.events)][1], _now(), self._cost)
+        self._cost = 0.0
 
     def copy(self, lane: str, name: str, e0: torch.cuda.Event | HostEvent, e1: torch.cuda.Event | HostEvent) -> None:
         """A copy the ring issued (its events on the link's stream)."""
         self.trace.append((lane, name, e0, e1, self.clock.steps))
+
+    def copy_start(self, stream: torch.cuda.Stream | HostStream) -> tuple:
+        """Before the ring issues a copy on `stream`: both its events made, the start recorded; returns
+        them for `copy_end`."""
+        t = _now()
+        e0, e1 = self.be.event(True), self.be.event(True)
+        e0.record(stream)
+        self._cost += _now() - t
+        return e0, e1
+
+    def copy_end(self, lane: str, name: str, events: tuple, stream: torch.cuda.Stream | HostStream) -> None:
+        """After the ring issued the copy: its end recorded on `stream`, the pair kept in the trace."""
+        t = _now()
+        e0, e1 = events
+        e1.record(stream)
+        h = _now()
+        self.copy(lane, name, e0, e1)
+        self.copy_stamps.append((self.clock.steps, lane, e1, h, h - t))
+        if len(self.copy_stamps) > TRACE_MAX:
+            del self.copy_stamps[:TRACE_MAX // 2]
+        self._cost += _now() - t
+
+    def own_cost(self) -> dict:
+        """How much GPU time the profiler's own host work cost the latest profiled step (its events must
+        have completed: call after runtime.stats.measured_step, which synchronizes):
+
+            gap_s    seconds before units' start events: time outside every unit
+            units    unit name -> seconds inside its spans (the host enqueued the end event late)
+            copies   home device -> seconds inside its copies' spans
+
+        An event's *lag* is how long after the host's record call it ran, less the smallest lag of the
+        step (the launch latency): about 0 when the stream had nothing queued and waited for the host,
+        so the host seconds spent just before the record delayed it; a stream with work queued hid
+        them.  Each cost counts in full up to LAG_JITTER_S of lag, not at all from LAG_JITTER_S +
+        LAG_TOL_S, linearly between.  Host events (no CUDA) run at their record call: every cost counts,
+        as it does on the host."""
+        out: dict = {"gap_s": 0.0, "units": {}, "copies": {}}
+        if not self.stamps:
+            return out
+        step = self.stamps[-1][0]
+        rows = [r for r in self.stamps if r[0] == step]
+        crow = [r for r in self.copy_stamps if r[0] == step]
+        ref, href = rows[0][1], rows[0][3]
+        try:
+            lag = [(ref.elapsed_time(e0) / 1e3 - (h0 - href), ref.elapsed_time(e1) / 1e3 - (h1 - href))
+                   for _, e0, e1, h0, h1, _, _, _ in rows]
+            clag = [ref.elapsed_time(e) / 1e3 - (h - href) for _, _, e, h, _ in crow]
+        except Exception:       # an event never recorded or not completed: no estimate
+            return out
+        base = min([min(a, b) for a, b in lag] + clag)
+
+        def counted(c: float, lg: float) -> float:
+            return c * min(1.0, max(0.0, 1.0 - (lg - base - LAG_JITTER_S) / LAG_TOL_S))
+        units: dict = out["units"]
+        for (_, _, _, _, _, c0, c1, name), (l0, l1) in zip(rows, lag):
+            out["gap_s"] += counted(c0, l0)
+            units[name] = units.get(name, 0.0) + counted(c1, l1)
+        for (_, lane, _, _, c), lg in zip(crow, clag):
+            src = lane[5:] if lane.startswith("copy:") else lane
+            out["copies"][src] = out["copies"].get(src, 0.0) + counted(c, lg)
+        tail = self.tail
+        if tail is not None and tail[0] == step:        # after the last unit, before the step's end event
+            try:
+                out["gap_s"] += counted(tail[3], ref.elapsed_time(tail[1]) / 1e3 - (tail[2] - href))
+            except Exception:
+                pass
+        return out
+
+    def clear(self) -> None:
+        """Forget the recorded events (trace, stamps)."""
+        self.trace.clear()
+        self.stamps.clear()
+        self.copy_stamps.clear()
+        self.tail = None
 
     def hook_resident(self) -> list:
         """Event hooks on every unit the ring does not stream (inside the compiled forward only); returns
@@ -128,4 +246,7 @@ class Profiler(UnitPart):
             h.remove()
         self.hooks = []
         self.trace = []
+        self.stamps = []
+        self.copy_stamps = []
+        self._open = self.tail = None
         self.unit_mods = {}

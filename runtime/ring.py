@@ -2,7 +2,7 @@
 
     ring = Ring(backend, homes, params, plan_positions, slots, dequant)
     ring.pre(i) / ring.post(i)        per streamed unit (a part: runtime/hooks.py)
-    ring.resize(k), ring.invalidate()
+    ring.resize(k), ring.invalidate()       between steps: grow / shrink the ring, copy every unit again
 
 The compute device holds W slots (flat buffers as large as the largest streamed unit).  The streamed
 units form a periodic sequence `seq` (their call order in one forward, learned from the calls
@@ -39,7 +39,7 @@ from ..compiler.ring_layout import MAX_SLOTS, item_keys, stream_groups
 from . import gguf_stream as _gs
 from .hooks import UnitPart
 from .learn import Learner
-from .store import SlotPool, align_up
+from .store import SlotPool, align_up, alloc_flat
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -203,14 +203,11 @@ class Ring(UnitPart):
         prof = self.prof
         with link.ctx():
             if prof is not None:
-                e0 = self.be.event(True)
-                e0.record(st)
+                ev = prof.copy_start(st)
             link.copy(dst, src)
             self.copied[s].record(st)
             if prof is not None:
-                e1 = self.be.event(True)
-                e1.record(st)
-                prof.copy("copy:" + link.src, name, e0, e1)
+                prof.copy_end("copy:" + link.src, name, ev, st)
         self.copies += 1
         self.bytes_moved[link.src] += nbytes
 
@@ -289,11 +286,27 @@ class Ring(UnitPart):
 
     # ------------------------------------------------------------------ between steps
     def resize(self, k: int) -> None:
-        """A ring of k slots: new pool, views, item copies; prefetch restarts at the next forward."""
+        """A ring of k slots (1..MAX_SLOTS), grown or shrunk between steps: prefetch restarts at the next
+        forward.  First nothing may be in flight on any slot: the compute device is synchronized (its
+        compute and copy streams) and so is every link's stream on a donor GPU.  The slots kept stay where
+        they are; a grown ring allocates only the new ones (an allocation that fails leaves the ring as it
+        was), a shrunk one drops the last ones: once the views into them are rebuilt (and, on CUDA, the
+        parameters rebound to slot 0; on the host they rest on their homes) nothing holds them and torch's
+        allocator gets their memory back.  A new SlotPool object, so the parts that cache the slots'
+        storages by pool (runtime/grad.py) read them again."""
+        k = max(1, min(int(k), MAX_SLOTS))
+        if self.pool is None or k == self.W:
+            return
         self.be.synchronize()
+        for link in self.links.values():
+            if getattr(link, "src_stream", None) is not None:
+                link.src_stream.synchronize()
         old = self.pool
-        self.pool = SlotPool(self.be.device, k, self.slot_bytes)
+        pool = SlotPool(self.be.device, 0, self.slot_bytes)
+        pool.flats = old.flats[:k] + [alloc_flat(pool.slot_bytes, pool.device, pin=False)
+                                      for _ in range(k - len(old.flats))]
         old.release()
+        self.pool = pool
         self.W = k
         self.copied = [self.be.event() for _ in range(k)]
         self.done = [self.be.event() for _ in range(k)]
@@ -301,7 +314,7 @@ class Ring(UnitPart):
         self.fb = 0
         self._slot_views()
         self._group()
-        self._report_compute_device()  # off the released pool
+        self._report_compute_device()  # off the dropped slots
         self.learn.primed = False
 
     def invalidate(self) -> None:
