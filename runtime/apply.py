@@ -235,6 +235,7 @@ class Runtime:
                     p.stage(self)
             except BaseException as e:
                 self.store.unstage()
+                self.resident.staged = None
                 if hasattr(e, "add_note"):
                     e.add_note(f"distorch: undo(device={str(dev)!r}) changed nothing: the module is still "
                                "compiled and runs as before; free memory (or pick another device) and "

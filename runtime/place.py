@@ -17,6 +17,7 @@ from ..compiler.graph import ROOT, owner_lookup
 from ..compiler.plan import Plan
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
+from . import pinning as _pinning
 from .hooks import UnitPart
 from .store import is_host, parse_device
 from typing import TYPE_CHECKING
@@ -120,6 +121,9 @@ class Resident(UnitPart):
     def __init__(self, module: torch.nn.Module, plan: Plan) -> None:
         self.dequantized = _gs.dequantize_units(module, plan, plan.compute)
         self.nbytes = 0
+        self.params: list = []
+        self.buffers: list = []
+        self.staged: list | None = None
 
     def place(self, params: list, buffers: dict, device: torch.device) -> None:
         if any(p.is_meta for p in params):
@@ -130,8 +134,46 @@ class Resident(UnitPart):
             for b in buffers.values():
                 if b.device != device and not b.is_meta:
                     b.data = b.data.to(device)
+        self.params, self.buffers = list(params), list(buffers.values())
         self.nbytes = sum(_gs.stored_bytes(p) for p in params) + \
             sum(b.numel() * b.element_size() for b in buffers.values())
 
+    def stage(self, rt: Runtime) -> None:
+        """undo to the host from a GPU: a host copy of every resident weight and buffer, each of 1 MiB or more
+        in an anonymous mapping of its own (runtime.pinning.mapped_copy: freed to the OS with the model,
+        never left in glibc's heap, which kept 11.6 GiB of a Wan-14B expert's resident weights after ComfyUI
+        dropped it); bound in detach.  Elsewhere nothing moves here (undo to the compute device)."""
+        self.staged = None
+        dev = torch.device(rt.undo_device)
+        if dev.type != "cpu":
+            return
+        dense = {id(m._parameters[pn]) for m, pn, _ in self.dequantized.sites}   # dropped by restore()
+        out = []
+        with torch.no_grad():
+            for t in self.params + self.buffers:
+                if id(t) in dense or t.is_meta:
+                    continue
+                src = _gs.home_bytes(t) if isinstance(t, torch.nn.Parameter) or _gs.is_gguf(t) else t.data
+                if src.device.type != "cpu":
+                    out.append((t, _host_copy(src)))
+        self.staged = out
+
     def detach(self, rt: Runtime) -> None:
         self.dequantized.restore(rt.undo_device)
+        with torch.no_grad():
+            for t, v in self.staged or ():
+                if isinstance(t, torch.nn.Parameter) or _gs.is_gguf(t):
+                    _gs.rebind(t, v)
+                else:
+                    t.data = v
+        self.staged = None
+        self.params, self.buffers = [], []
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` (on a GPU) copied to the host; 1 MiB or more into a mapping of its own (runtime.pinning)."""
+    if not t.is_contiguous():
+        return t.to("cpu")
+    out = _pinning.mapped_empty(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out

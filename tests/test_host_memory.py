@@ -329,3 +329,43 @@ def test_undo_to_host_gives_each_weight_a_mapping_of_its_own():
     rt.undo()
     with torch.no_grad():
         assert torch.equal(m(x), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (resident weights on a GPU)")
+def test_undo_to_host_moves_resident_weights_into_mappings_of_their_own():
+    """undo("cpu") from a GPU: the resident weights come back too, each large one in a mapping of its own,
+    so dropping the model returns their memory (ComfyUI's module.to(cpu) left them in glibc's heap)."""
+    m = TinyDiT().eval()
+    x = torch.randn(2, 1024)
+    with torch.no_grad():
+        ref = m(x)
+    plan = plan_all(m, compute="cuda:0")
+    plan.units[5:] = [PlacedUnit(u.name, u.type, u.bytes, "cuda:0", u.order) for u in plan.units[5:]]
+    rt = apply(m, plan, progress=False)
+    with torch.no_grad():
+        assert torch.equal(m(x.cuda()).cpu(), ref)
+    rt.undo("cpu")
+    assert all(t.device.type == "cpu" for t in list(m.parameters()) + list(m.buffers()))
+    bigs = [p for p in m.blocks[4:].parameters() if p.numel() * p.element_size() >= pinning.MAPPED_MIN_BYTES]
+    assert len(bigs) >= 4 and all(_mapped(p) for p in bigs)
+    with torch.no_grad():
+        assert torch.equal(m(x), ref)
+    gc.collect()
+    r0 = anon()
+    resident = sum(p.numel() * p.element_size() for p in m.blocks[4:].parameters())
+    del m, rt, bigs
+    gc.collect()
+    assert r0 - anon() >= 0.9 * resident, "dropping the model must give the resident weights' memory back"
+
+
+def test_host_copy_of_resident_weights():
+    """The resident part's host copy (CPU here): exact bytes, mapped when large, plain copy when strided."""
+    from distorch.runtime.place import _host_copy
+    t = torch.randn(1024, 512)
+    c = _host_copy(t)
+    assert torch.equal(c, t) and _mapped(c) and c.data_ptr() != t.data_ptr()
+    s = t.t()
+    c = _host_copy(s)
+    assert torch.equal(c, s)
+    small = torch.arange(10)
+    assert torch.equal(_host_copy(small), small)
