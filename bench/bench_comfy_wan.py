@@ -420,23 +420,22 @@ def child(a):
         save()
         del filler
         filler, fb = None, 0
-        mm.unload_all_models()
-        gc.collect()
-        if not cpu:
-            torch.cuda.empty_cache()
-        time.sleep(0.2)
-        row["rss_after_unload"] = rss.read()
-        if a.reload and kind != "comfy":
-            # the second load of the same models in this process (ComfyUI reloads them after an unload)
-            out_re = timed("reload", lambda: phases(models, "reload"))
-            row["reload_same_as_cold"] = all(B.bit_equal(out_re[k].cpu(), lat[k]) for k in ("high", "low"))
-            del out_re
+
+        def unloaded() -> dict:
+            """ComfyUI's unload_all_models (models still referenced, as its node cache holds them) -> RSS."""
             mm.unload_all_models()
             gc.collect()
             if not cpu:
                 torch.cuda.empty_cache()
             time.sleep(0.2)
-            row["rss_after_unload2"] = rss.read()
+            return rss.read()
+        row["rss_after_unload"] = unloaded()
+        if a.reload and kind != "comfy":
+            # the second load of the same models in this process (ComfyUI reloads them after an unload)
+            out_re = timed("reload", lambda: phases(models, "reload"))
+            row["reload_same_as_cold"] = all(B.bit_equal(out_re[k].cpu(), lat[k]) for k in ("high", "low"))
+            del out_re
+            row["rss_after_unload2"] = unloaded()
             save()
         del models, out_cold, out_warm, lat
         gc.collect()

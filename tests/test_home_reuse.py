@@ -37,18 +37,6 @@ def copies(monkeypatch):
     return n
 
 
-@pytest.fixture
-def fake_pin(monkeypatch):
-    regs = {}
-
-    def reg(ptr, n):
-        regs[ptr] = n
-        return 0
-    monkeypatch.setattr(pinning, "host_register", reg)
-    monkeypatch.setattr(pinning, "host_unregister", lambda ptr: regs.pop(ptr))
-    return regs
-
-
 def model(depth=4, d=128, h=320):
     torch.manual_seed(0)
     m = TinyDiT(depth=depth, d=d, h=h).eval()

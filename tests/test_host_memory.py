@@ -126,19 +126,6 @@ def test_two_models_compile_in_turn_one_host_copy_and_undo_gives_it_back():
     assert anon() - base <= 64 * MiB, "both models gone: RssAnon must be back where it started"
 
 
-@pytest.fixture
-def fake_pin(monkeypatch):
-    regs = {}
-
-    def reg(ptr, n):
-        regs[ptr] = n
-        return 0
-
-    monkeypatch.setattr(pinning, "host_register", reg)
-    monkeypatch.setattr(pinning, "host_unregister", lambda ptr: regs.pop(ptr))
-    return regs
-
-
 def store_for(m, pin=True):
     plan = plan_all(m)
     c = classify(m, plan)
