@@ -1,39 +1,23 @@
-"""Dequantization of GGUF (ggml) blocks in pure torch, on whatever device the bytes sit.
+"""Dequantization of GGUF (ggml) tensors on whatever device the bytes sit: entry points and backend choice.
 
     dequantize(raw_uint8, qtype, shape, dtype=torch.bfloat16, *, name=None) -> Tensor
 
 `raw_uint8` holds the tensor's blocks exactly as they are stored in a .gguf file (rows of blocks,
 row-major, any shape as long as its bytes are contiguous); `shape` is the logical torch shape
 (outermost first, the last dimension is the one cut into blocks).  The result is a new contiguous
-tensor of `shape` and `dtype` on `raw_uint8.device`.
+tensor of `shape` and `dtype` on `raw_uint8.device`.  `dequantize_into` writes whole blocks of one
+type into a given flat buffer (the runtime's per-unit batches); the type tables (`BLOCK_SIZES`, ...)
+and checks (`check_supported`, `quantized_nbytes`) say which types and shapes are accepted.
 
-One table, `_KERNELS`, maps each GGML type to its block kernel; every kernel has one signature,
-(n_blocks, type_size) uint8 -> (n_blocks, weights_per_block) float32, written as a handful of
-vectorised tensor ops over all blocks at once (no Python loop over blocks).  `_run` is the one
-wrapper (the shared block reshape and the backend choice).  Arithmetic is done in float32 in the
-same order as the reference (ggml / gguf-py), so float32 results match `gguf.quants.dequantize` bit
-for bit on CPU; other dtypes are one rounding of that float32 value.
-
-On CUDA, the hand-written Triton kernel (formats/dequant_triton.py, imported on first use) reads the
-blocks once and writes the output once; where Triton is missing or fails, each type's torch function
-compiled with `torch.compile` runs, else the eager torch code (correct everywhere, several kernels,
-slower).  A fallback is logged once per type and kind (visible, never silent).
+The per-type block kernels (the table `KERNELS`, one signature, float32 arithmetic in the reference's
+order, bit for bit equal to `gguf.quants.dequantize` on CPU) live in formats/dequant_blocks.py; this
+file decides where they run.  `_run` is the one wrapper: on CUDA, the hand-written Triton kernel
+(formats/dequant_triton.py, imported on first use) reads the blocks once and writes the output once;
+where Triton is missing or fails, each type's torch function compiled with `torch.compile` runs, else
+the eager torch code (correct everywhere, several kernels, slower).  A fallback is logged once per type
+and kind (visible, never silent); other dtypes than float32 are one rounding of the float32 value.
 `set_backend("auto" | "triton" | "compile" | "eager")` or DISTORCH_DEQUANT_BACKEND choose.  What a
 dequantization costs (for the planner) is data in compiler/cost.py (`dequant_seconds`).
-
-Block layouts (facts from ggml's ggml-common.h / gguf-py; QK_K = 256), bytes in order:
-  Q8_0   (32 w, 34 B):  d f16 | qs int8[32]                           w = d*q
-  Q4_0   (32 w, 18 B):  d f16 | qs[16] (low nibbles w0-15, high w16-31)   w = d*(q-8)
-  Q4_1   (32 w, 20 B):  d f16 | m f16 | qs[16]                        w = d*q + m
-  Q5_0   (32 w, 22 B):  d f16 | qh u32 (bit j = 5th bit of w_j) | qs[16]   w = d*(q-16)
-  Q5_1   (32 w, 24 B):  d f16 | m f16 | qh u32 | qs[16]               w = d*q + m
-  Q2_K  (256 w, 84 B):  scales[16] (lo nibble scale, hi nibble min) | qs[64] (2-bit) | d f16 | dmin f16
-  Q3_K (256 w, 110 B):  hmask[32] | qs[64] (2-bit) | scales[12] (16 x 6-bit, -32) | d f16
-  Q4_K (256 w, 144 B):  d f16 | dmin f16 | scales[12] (8 x 6-bit scale + 8 x 6-bit min) | qs[128]
-  Q5_K (256 w, 176 B):  d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
-  Q6_K (256 w, 210 B):  ql[128] | qh[64] | scales int8[16] | d f16    w = d*sc*(q-32)
-  IQ4_NL (32 w, 18 B):  d f16 | qs[16] (4-bit indices into a 16-value table)
-  IQ4_XS (256 w, 136 B): d f16 | scales_h u16 | scales_l[4] | qs[128]
 """
 from __future__ import annotations
 
@@ -47,6 +31,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from ..errors import DisTorchError, GGUFError, UnsupportedQuantError
+from .dequant_blocks import KERNELS, NEEDS_LEVELS, dequantize_eager as _eager, iq4_levels
 from .optional import lazy_module
 
 __all__ = ["dequantize", "dequantize_into", "quantized_nbytes", "check_supported", "as_qtype", "supported_names",
@@ -55,8 +40,6 @@ __all__ = ["dequantize", "dequantize_into", "quantized_nbytes", "check_supported
 
 log = logging.getLogger("distorch.formats.dequant")
 
-QK_K = 256
-
 # qtype -> (weights per block, bytes per block): the types DisTorch dequantizes, sizes from gguf's table
 BLOCK_SIZES: dict[QT, tuple[int, int]] = {
     qt: GGML_QUANT_SIZES[qt] for qt in (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
@@ -64,9 +47,6 @@ BLOCK_SIZES: dict[QT, tuple[int, int]] = {
 PLAIN_TYPES = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 QUANTIZED_TYPES = frozenset(BLOCK_SIZES) - frozenset(PLAIN_TYPES)
 SUPPORTED_TYPES = frozenset(BLOCK_SIZES)
-
-# the 16 non-linear levels of IQ4_NL / IQ4_XS
-_IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def as_qtype(qtype: QT | int | str) -> QT:
@@ -115,195 +95,9 @@ def quantized_nbytes(qtype: QT | int | str, shape: Sequence[int], name: str | No
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers (all shapes static given the number of blocks; no data-dependent control flow)
-
-def _f16(b: torch.Tensor, off: int) -> torch.Tensor:
-    """float32 (n, 1) from the little-endian fp16 stored at byte `off` of every block row of b."""
-    if not torch.compiler.is_compiling():
-        return b[:, off:off + 2].contiguous().view(torch.float16).to(torch.float32)
-    v = b[:, off:off + 1].to(torch.int32) | (b[:, off + 1:off + 2].to(torch.int32) << 8)
-    v = v - ((v >> 15) << 16)  # to signed 16-bit range, so the int16 cast is exact
-    return v.to(torch.int16).view(torch.float16).to(torch.float32)
-
-
-def _nibbles(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., W) uint8 -> low and high nibbles stacked at `dim` (low first)."""
-    return torch.stack([x & 0x0F, x >> 4], dim=dim)
-
-
-def _crumbs(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., W) uint8 -> its four 2-bit fields stacked at `dim` (lowest bits first)."""
-    return torch.stack([x & 3, (x >> 2) & 3, (x >> 4) & 3, x >> 6], dim=dim)
-
-
-def _bits(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., W) uint8 -> its eight bits stacked at `dim` (bit 0 first)."""
-    return torch.stack([(x >> i) & 1 for i in range(8)], dim=dim)
-
-
-def _i8(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """uint8 values 0..127 minus offset, as float32 (via int8: small and exact)."""
-    return (x.to(torch.int8) - offset).to(torch.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# one function per type: (n_blocks, type_size) uint8 -> float32, (n_blocks, weights_per_block)
-# the float32 operation order follows the reference so results are bit-identical.
-
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    return b[:, 2:].view(torch.int8).to(torch.float32) * d
-
-
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d = _f16(b, 0)
-    q = _nibbles(b[:, 2:18], -2).reshape(n, 32)
-    return d * _i8(q, 8)
-
-
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 4:20], -2).reshape(n, 32)
-    return d * q.to(torch.float32) + m
-
-
-def _q5_low_high(b: torch.Tensor, qh_off: int) -> torch.Tensor:
-    n = b.shape[0]
-    hi = _bits(b[:, qh_off:qh_off + 4], -1).reshape(n, 32)          # bit j of the u32 -> weight j
-    lo = _nibbles(b[:, qh_off + 4:qh_off + 20], -2).reshape(n, 32)
-    return lo | (hi << 4)
-
-
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    d = _f16(b, 0)
-    return d * _i8(_q5_low_high(b, 2), 16)
-
-
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b, 0), _f16(b, 2)
-    return d * _q5_low_high(b, 4).to(torch.float32) + m
-
-
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    sc = b[:, 0:16]
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    dl = (d * (sc & 0x0F).to(torch.float32)).reshape(n, 16, 1)
-    ml = (dmin * (sc >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = _crumbs(b[:, 16:80].reshape(n, 2, 32), -2).reshape(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).reshape(n, QK_K)
-
-
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d = _f16(b, 108)
-    s = b[:, 96:108]
-    lo = _nibbles(s[:, 0:8], -2).reshape(n, 16)
-    hi = _crumbs(s[:, 8:12], -2).reshape(n, 16)
-    sc = _i8(lo | (hi << 4), 32)
-    dl = (d * sc).reshape(n, 16, 1)
-    ql = _crumbs(b[:, 32:96].reshape(n, 2, 32), -2).reshape(n, 16, 16)
-    hm = _bits(b[:, 0:32], -2).reshape(n, 16, 16)
-    q = ql.to(torch.int8) - ((hm ^ 1) << 2).to(torch.int8)     # high bit clear means -4
-    return (dl * q.to(torch.float32)).reshape(n, QK_K)
-
-
-def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """12 bytes -> 8 six-bit scales and 8 six-bit mins (Q4_K / Q5_K packing)."""
-    n = s.shape[0]
-    s = s.reshape(n, 3, 4)
-    a, m, md = s[:, 0], s[:, 1], s[:, 2]
-    sc = torch.cat([a & 0x3F, (md & 0x0F) | ((a >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
-
-
-def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K / Q5_K: per 32-value sub-block scale and offset, (n, 8, 1) float32 each."""
-    n = b.shape[0]
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, mn = _k_scale_min(b[:, 4:16])
-    return (d * sc.to(torch.float32)).reshape(n, 8, 1), (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
-
-
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    dd, dm = _k_scales(b)
-    q = _nibbles(b[:, 16:144].reshape(n, 4, 32), -2).reshape(n, 8, 32).to(torch.float32)
-    return (dd * q - dm).reshape(n, QK_K)
-
-
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    dd, dm = _k_scales(b)
-    hi = _bits(b[:, 16:48], -2).reshape(n, 8, 32)
-    lo = _nibbles(b[:, 48:176].reshape(n, 4, 32), -2).reshape(n, 8, 32)
-    q = (lo | (hi << 4)).to(torch.float32)
-    return (dd * q - dm).reshape(n, QK_K)
-
-
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d = _f16(b, 208)
-    dd = (d * b[:, 192:208].view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
-    lo = _nibbles(b[:, 0:128].reshape(n, 2, 64), -2).reshape(n, QK_K)
-    hi = _crumbs(b[:, 128:192].reshape(n, 2, 32), -2).reshape(n, QK_K)
-    q = _i8(lo | (hi << 4), 32).reshape(n, 16, 16)
-    return (dd * q).reshape(n, QK_K)
-
-
-_LEVEL_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-def _levels(device: torch.device) -> torch.Tensor:
-    t = _LEVEL_CACHE.get(device)
-    if t is None:
-        t = torch.tensor(_IQ4_LEVELS, dtype=torch.float32, device=device)
-        _LEVEL_CACHE[device] = t
-    return t
-
-
-def _iq4_nl(b: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d = _f16(b, 0)
-    idx = _nibbles(b[:, 2:18], -2).reshape(n, 32)
-    return d * levels[idx.to(torch.int64)]
-
-
-def _iq4_xs(b: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d = _f16(b, 0)
-    hi = _crumbs(b[:, 2:4], -1).reshape(n, 8)       # u16, 2 bits per sub-block, lowest first
-    lo = _nibbles(b[:, 4:8], -1).reshape(n, 8)
-    dl = (d * _i8(lo | (hi << 4), 32)).reshape(n, 8, 1)
-    idx = _nibbles(b[:, 8:136].reshape(n, 8, 16), -2).reshape(n, 8, 32)
-    return (dl * levels[idx.to(torch.int64)]).reshape(n, QK_K)
-
-
-_KERNELS: dict[QT, Callable] = {
-    QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1,
-    QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
-    QT.IQ4_NL: _iq4_nl, QT.IQ4_XS: _iq4_xs,
-}
-_NEEDS_LEVELS = {QT.IQ4_NL, QT.IQ4_XS}
-
-
-def _eager(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Flat output of `dtype` from flat contiguous uint8 raw."""
-    tsize = BLOCK_SIZES[qt][1]
-    b = raw.view(-1, tsize)
-    if qt in _NEEDS_LEVELS:
-        y = _KERNELS[qt](b, _levels(raw.device))
-    else:
-        y = _KERNELS[qt](b)
-    return y.reshape(-1).to(dtype)
-
-
-# ------------------------------------------------------------------------------------------------
 # Triton path (CUDA): formats/dequant_triton.py, imported on first use (Triton is an optional
-# dependency, and importing it costs time); same fp32 arithmetic as the torch code above, bit-identical.
+# dependency, and importing it costs time); the same fp32 arithmetic as formats/dequant_blocks.py,
+# bit-identical.
 
 _triton = lazy_module(".dequant_triton", __package__, "Triton dequantizer", log)   # the module, or None
 
@@ -318,7 +112,7 @@ def _triton_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype, tile: int | None 
     n_out = raw.numel() // ts * qb
     if out is None:
         out = torch.empty(n_out, dtype=dtype, device=raw.device)
-    _triton().launch(raw, out, _levels(raw.device), n_out, int(qt), qb, ts, tile=tile, num_warps=num_warps)
+    _triton().launch(raw, out, iq4_levels(raw.device), n_out, int(qt), qb, ts, tile=tile, num_warps=num_warps)
     return out
 
 
@@ -363,8 +157,8 @@ def compile_enabled() -> bool:
 
 def _make_compiled(qt: QT) -> Callable:
     tsize = BLOCK_SIZES[qt][1]
-    kernel = _KERNELS[qt]
-    if qt in _NEEDS_LEVELS:
+    kernel = KERNELS[qt]
+    if qt in NEEDS_LEVELS:
         def run(raw, levels, dtype):
             return kernel(raw.view(-1, tsize), levels).reshape(-1).to(dtype)
     else:
@@ -383,7 +177,7 @@ def _compiled_run(qt: QT, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         with _lock:
             fn = _compiled.get(qt) or _make_compiled(qt)
             _compiled[qt] = fn
-    return fn(raw, _levels(raw.device), dtype)
+    return fn(raw, iq4_levels(raw.device), dtype)
 
 
 def _fail(kind: str, qt: QT, e: Exception) -> None:

@@ -6,7 +6,7 @@ Imported by formats/dequant.py on first CUDA use (`triton_available`), inside a 
 Each program dequantizes a tile of TILE consecutive output weights (see the kernel's comment);
 neighbouring weights share cache lines, so the blocks are read from DRAM once, and the tile is
 written once, in the output dtype, with vector stores.  Same fp32 arithmetic as the torch code in
-formats/dequant.py; all products are exact in fp32, so a fused multiply-add cannot change a result:
+formats/dequant_blocks.py; all products are exact in fp32, so a fused multiply-add cannot change a result:
 bit-identical.
 """
 from __future__ import annotations
