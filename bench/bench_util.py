@@ -250,6 +250,9 @@ class RssSampler(threading.Thread):
         self._stop.set()
 
 
+STACKS_ENV = "DISTORCH_BENCH_STACKS"     # set (not 0): sample_timed samples Python stacks through each run
+
+
 def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0,
                  detail: bool = False) -> dict:
     """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it =
@@ -277,6 +280,11 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
     noise = comfy.sample.prepare_noise(lat, 42)
     rss = RssSampler(mm=sys.modules.get("comfy.model_management") if detail else None)  # load included
     rss.start()
+    stacks = None
+    if os.environ.get(STACKS_ENV, "") not in ("", "0"):      # where the run's host time goes (bench/sampler.py)
+        from sampler import StackSampler
+        stacks = StackSampler(0.005)
+        stacks.start()
     t0 = time.perf_counter()
     try:
         out = comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", cond, cond, lat,
@@ -284,6 +292,8 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
     finally:
         host = rss.peak()
         rss.stop()
+        if stacks is not None:
+            stacks.stop()
     first = times[0] - t0
     dts = [b - a_ for a_, b in zip(times, times[1:])]
     sit = statistics.median(dts) if dts else first
@@ -299,6 +309,9 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
          "pinned_peak": host["max"].get("distorch_pinned", 0)}
     if detail:
         r.update(host=host, peak_steps=peak_steps if load_peak else peak)
+    if stacks is not None:
+        r["stacks"] = stacks.report(top=25)
+        say(f"{label}: sampled stacks (load and first step included)\n" + stacks.text(r["stacks"], threads=2, top=15))
     return r
 
 
