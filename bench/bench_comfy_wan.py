@@ -289,7 +289,7 @@ def child(a):
     n = names(a)
     folder_paths.add_model_folder_path("diffusion_models", a.model_dir)
     folder_paths.add_model_folder_path("loras", a.model_dir)
-    kind, _, val = a.config.partition(":")
+    kind, _, val = a.config.split("#")[0].partition(":")     # "<config>#<n>": the same configuration again
     if kind not in ("plain", "distorch", "comfy"):
         raise SystemExit(f"--config {a.config!r}: give plain, distorch:<virtual_vram_gb> or comfy:<GiB off>")
     rss = B.RssSampler(0.05, mm)
@@ -487,11 +487,32 @@ def wf_md(d: dict) -> str:
             f"{'' if r.get('warm_same_as_cold', True) else ' (warm differs from cold)'}"
             f"{'' if r.get('reload_same_as_cold', True) else ' (reload differs from cold)'}"
             f"{' -- ' + r['error'] if r.get('error') else ''} |")
+    L += cold_summary(d["rows"])
     if d.get("skipped"):
         L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
     for nt in d.get("notes", []):
         L += ["", nt]
     return "\n".join(L) + "\n"
+
+
+def cold_summary(rows: list) -> list:
+    """Cold runs against the resident one of this call (the mean of every plain row: repeat it with
+    'plain#2' to see how much a cold run moves between processes), one line per configuration."""
+    def base(r):
+        return r["config"].split("#")[0]
+    plain = [r["cold_s"] for r in rows if base(r) == "plain" and r.get("cold_s")]
+    if not plain:
+        return []
+    ref = statistics.mean(plain)
+    by: dict = {}
+    for r in rows:
+        if base(r) != "plain" and r.get("cold_s"):
+            by.setdefault(base(r), []).append(r["cold_s"])
+    spread = f", {min(plain):.2f}-{max(plain):.2f} s over {len(plain)} processes" if len(plain) > 1 else ""
+    out = ["", f"Cold run against the resident one ({ref:.2f} s{spread}): " + "; ".join(
+        f"{c} {statistics.mean(v) / ref:.2f}x" + (f" ({min(v) / ref:.2f}-{max(v) / ref:.2f}x)" if len(v) > 1 else "")
+        for c, v in by.items()) + "."]
+    return out
 
 
 def run_workflow(a):
@@ -535,7 +556,7 @@ def run_workflow(a):
         if not guard.allow(need, cfg, d["skipped"]):
             save()
             continue
-        out = os.path.join(a.model_dir, f"wan_{a.tag}_row_{cfg.replace(':', '_')}.json")
+        out = os.path.join(a.model_dir, f"wan_{a.tag}_row_{cfg.replace(':', '_').replace('#', '_r')}.json")
         if os.path.exists(out):
             os.remove(out)
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", "child", "--config", cfg, "--child-out", out] \
@@ -623,7 +644,9 @@ def parse_args(argv=None):
     ap.add_argument("--native", default="4,8,13", help="vram mode: GiB ComfyUI's partial load leaves off")
     ap.add_argument("--configs", default="plain,distorch:13,comfy:13,distorch:30,distorch:9",
                     help="workflow mode: plain | distorch:<virtual_vram_gb> | comfy:<GiB off>, in this order "
-                    "(plain first: it writes the reference latents; the time guard drops the last ones first)")
+                    "(plain first: it writes the reference latents; the time guard drops the last ones first); "
+                    "'<config>#<n>' runs one again in a fresh process, e.g. plain,distorch:13,plain#2,distorch:13#2 "
+                    "to compare cold runs alternately")
     ap.add_argument("--child-timeout", type=float, default=150.0, help="workflow: seconds per configuration")
     ap.add_argument("--min-child-s", type=float, default=25.0,
                     help="workflow: start no configuration with less time than this left")
