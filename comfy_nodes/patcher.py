@@ -93,6 +93,28 @@ def lora_dtype(model_options: dict[str, Any] | None, weight_dtype: torch.dtype) 
     return weight_dtype
 
 
+REST_MAX_BYTES = 64 << 20     # the parts of a BaseModel outside its diffusion model moved along up to this size
+
+
+def rest_to_device(model: torch.nn.Module, device: torch.device | str | None) -> int:
+    """What a BaseModel holds outside the diffusion model DisTorch compiled (model_sampling's sigma tables,
+    small embedders) moved to the compute device, as ComfyUI's own full load moves the whole model: left on
+    the host, a discrete schedule's timestep() reads its log-sigma table there every step, a device round
+    trip that synchronizes the step.  Only up to REST_MAX_BYTES (more is not in the plan's VRAM budget).
+    Returns the bytes moved."""
+    inner = target(model)
+    if inner is model or device is None:
+        return 0
+    rest = [c for c in model.children() if c is not inner]
+    tensors = [t for c in rest for t in list(c.parameters()) + list(c.buffers())]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    if not tensors or nbytes > REST_MAX_BYTES:
+        return 0
+    for c in rest:
+        c.to(device)
+    return nbytes
+
+
 def _plain(model: Any, key: str) -> bool:
     """Whether `key` is patched after compile (stream_patches.patchable: a plain tensor, not quantized)."""
     return stream_patches.patchable(model, key)
@@ -182,6 +204,7 @@ class DisTorchPatcherMixin:
                 for key in sorted(set(self.patches) - plain):
                     self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
                 st.compile(target(self.model), device_to)
+                rest_to_device(self.model, device_to)
                 st.log_plan(type(self.model).__name__)
                 done = stream_patches.apply_streamed(self, plain, device_to, st.stream_index(), lora_dtype) \
                     if plain else set()

@@ -457,3 +457,26 @@ def test_bad_granularity_setting_is_named(models, monkeypatch):
     monkeypatch.setenv("DISTORCH_GRANULARITY", "layers")
     with pytest.raises(DisTorchError, match="DISTORCH_GRANULARITY='layers'.*auto.*block.*sub"):
         entry.distorch(_load(models), "cpu", 0.0015, "cpu", "", False)
+
+
+def test_rest_of_the_base_model_follows_the_compute_device():
+    """model_sampling's tables (outside the compiled diffusion model) go to the compute device, as ComfyUI's
+    full load moves them; the diffusion model is left to DisTorch; a large remainder stays (not budgeted)."""
+    from distorch.comfy_nodes import patcher
+
+    class Sampling(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.register_buffer("log_sigmas", torch.linspace(-3, 3, n))
+
+    base = torch.nn.Module()
+    base.diffusion_model = torch.nn.Linear(8, 8)
+    base.model_sampling = Sampling(1000)
+    assert patcher.rest_to_device(base, "meta") == 4000
+    assert base.model_sampling.log_sigmas.is_meta and not base.diffusion_model.weight.is_meta
+    big = torch.nn.Module()
+    big.diffusion_model = torch.nn.Linear(8, 8)
+    big.model_sampling = Sampling((patcher.REST_MAX_BYTES // 4) + 1)
+    assert patcher.rest_to_device(big, "meta") == 0 and not big.model_sampling.log_sigmas.is_meta
+    plain = torch.nn.Linear(4, 4)                 # no diffusion_model (a CLIP / VAE model): nothing
+    assert patcher.rest_to_device(plain, "meta") == 0 and not plain.weight.is_meta
