@@ -1,4 +1,5 @@
-"""Exact-size host arenas for the homes of many units, page-locked with one registration each.
+"""Exact-size host arenas for the homes of many units (pinned ones in pieces of about PIECE_BYTES), page-locked
+with one registration each.
 
     arenas, arena_of = host_arenas(layouts, home_of, pin)   # unit -> arena key; pinned up to the cap
     ... fill the arenas ...
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from typing import Iterable
 
 import torch
 
@@ -21,7 +23,8 @@ from ..compiler.inventory import is_host
 from ..compiler.ring_layout import align as align_up
 from . import pinning as _pinning
 
-__all__ = ["HostArena", "host_arenas", "pin_arenas", "arena_split", "arena_bytes", "warn_past_cap", "PAGEABLE"]
+__all__ = ["HostArena", "host_arenas", "pin_arenas", "pin_some", "report_pinned", "arena_split", "arena_bytes",
+           "warn_past_cap", "PAGEABLE", "PIECE_BYTES"]
 
 log = logging.getLogger("distorch.runtime.arena")
 
@@ -93,6 +96,12 @@ class HostArena:
 
 
 PAGEABLE = "~pageable"      # key suffix of the host arena holding what did not fit under the pinned cap
+PIECE = "@"                 # "<dev>@<i>": the i-th further piece of a pinned arena (the first is "<dev>")
+PIECE_BYTES = 1 << 30       # pinned homes go into arenas of about this size (whole units), each registered
+#                             as soon as its units are filled, while the fill goes on (runtime/store.py):
+#                             page-locking 26 GB after the fill took 0.9-2.1 s of a Wan two-expert cold
+#                             start on an H200.  Separate arenas are separate storages, so no ring item (one
+#                             copy, runtime/ring.pack_items) spans two registrations.
 
 
 def arena_bytes(nbytes: int) -> int:
@@ -105,6 +114,7 @@ def arena_split(layouts: dict, home_of: dict, pin: bool) -> tuple[dict, dict, in
     (unit -> arena key, arena key -> bytes of homes, bytes past the cap); nothing is allocated."""
     arena_of: dict[str, str] = {}
     need: dict[str, int] = {}
+    piece: dict[str, int] = {}          # host device -> index of its pinned piece being filled
     left = _pinning.budget() if pin else 0
     over = 0
     for n, lay in layouts.items():
@@ -114,7 +124,11 @@ def arena_split(layouts: dict, home_of: dict, pin: bool) -> tuple[dict, dict, in
         b = align_up(max(lay.nbytes, 1))
         if pin and b <= left:
             left -= b
-            key = hd
+            i = piece.setdefault(hd, 0)
+            key = hd if i == 0 else f"{hd}{PIECE}{i}"
+            if need.get(key, 0) and need[key] + b > PIECE_BYTES:     # whole units per piece
+                i = piece[hd] = i + 1
+                key = f"{hd}{PIECE}{i}"
         else:
             key = hd + PAGEABLE if pin else hd
             over += b if pin else 0
@@ -148,21 +162,32 @@ def pin_arenas(arenas: dict, what: str = "host homes") -> float:
     """Page-lock the arenas created to be pinned; a failure leaves them pageable with one warning.  Returns
     the seconds it took; one INFO line with the rate when anything was pinned (registering touches every
     page: on a cold start this is a visible share of the load time)."""
+    t0 = time.perf_counter()
+    done, failed = pin_some(arenas.items())
+    dt = time.perf_counter() - t0
+    report_pinned(done, failed, dt, what)
+    return dt
+
+
+def pin_some(items: Iterable[tuple[str, HostArena]]) -> tuple[int, list]:
+    """pin() each (key, arena) of `items` -> (bytes newly page-locked, ["key GiB: why" of the failures])."""
     failed = []
     done = 0
-    t0 = time.perf_counter()
-    for k, a in arenas.items():
+    for k, a in items:
         was = a.pinned
         why = a.pin()
         if why:
             failed.append(f"{k} {a.nbytes / 2**30:.2f} GiB: {why}")
         elif a.pinned and not was:
             done += a.nbytes
-    dt = time.perf_counter() - t0
+    return done, failed
+
+
+def report_pinned(done: int, failed: list, seconds: float, what: str = "host homes", note: str = "") -> None:
+    """The INFO line on what was page-locked (and how fast), the warning on what could not be."""
     if done:
-        log.info("distorch: page-locked %.2f GiB of %s in %.2f s (%.1f GB/s)", done / 2**30, what, dt,
-                 done / 1e9 / max(dt, 1e-9))
+        log.info("distorch: page-locked %.2f GiB of %s in %.2f s (%.1f GB/s)%s", done / 2**30, what, seconds,
+                 done / 1e9 / max(seconds, 1e-9), note)
     if failed:
         log.warning("distorch: pinning %s failed (%s); they stay in pageable memory (slower, synchronous "
                     "copies)", what, "; ".join(failed))
-    return dt

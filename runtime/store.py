@@ -19,7 +19,9 @@ otherwise the parameters first get memory of their own and the homes are filled 
 """
 from __future__ import annotations
 
+import collections
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 import weakref
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from . import gguf_stream as _gs
 from . import fill as _fill
 from . import home_reuse as _reuse
 from . import pinning as _pinning
-from .arena import HostArena, host_arenas, pin_arenas
+from .arena import HostArena, host_arenas, pin_arenas, pin_some, report_pinned
 
 from .codec_stream import CodedBinder, decode_home, is_coded
 from .hooks import UnitPart
@@ -196,9 +198,12 @@ class HomeStore(UnitPart):
     homes      name -> Home; a home given in `given` whose views are the parameters already (runtime.loading
                read the file straight into it) is adopted as it is
     params     params[i]: unit i's parameters as the ring binds them (a GGUF one as its RawBinder)
-    arenas     exact-size host arenas per host home device: "<dev>" pinned with one registration once filled
-               (when `pin`, up to runtime.pinning's cap), "<dev>~pageable" for the units past the cap
-    load_times {"fill_s", "pin_s", "reused", "reuse_miss"}: seconds filling and page-locking the homes, whether
+    arenas     exact-size host arenas per host home device: pinned ones (when `pin`, up to runtime.pinning's
+               cap) in pieces of whole units, about arena.PIECE_BYTES each ("<dev>", "<dev>@1", ...), each
+               registered once its units are filled, while the fill goes on; "<dev>~pageable" for the units
+               past the cap
+    load_times {"fill_s", "pin_s", "pin_total_s", "reused", "reuse_miss"}: seconds filling the homes, page-locking
+               them after the fill (pinned arenas are page-locked piece by piece during it: pin_total_s), whether
                the homes an undo() left on `module` were adopted (runtime/home_reuse.py), else why not ("")
 
     Allocating moves every streamed parameter into its home and releases its original storage, so the
@@ -211,7 +216,7 @@ class HomeStore(UnitPart):
         self.homes: dict[str, Home] = {}
         self.arenas: dict = {}
         self.held_bytes = 0
-        self.load_times = {"fill_s": 0.0, "pin_s": 0.0, "reused": False, "reuse_miss": ""}
+        self.load_times = {"fill_s": 0.0, "pin_s": 0.0, "pin_total_s": 0.0, "reused": False, "reuse_miss": ""}
         self._module = weakref.ref(module) if module is not None else None
         kept = _reuse.take(module) if module is not None else None
         given = given or {}
@@ -256,7 +261,8 @@ class HomeStore(UnitPart):
                 for (_, p), v in zip(streamed[n], h.views()):
                     _gs.rebind(p, v)        # same bytes, now through the adopted arena's own tensor
         self.arenas = arenas
-        self.load_times.update(pin_s=pin_arenas(arenas), reused=True)
+        pin_s = pin_arenas(arenas)
+        self.load_times.update(pin_s=pin_s, pin_total_s=pin_s, reused=True)
         log.info("distorch: reused the host homes of %d units (%.2f GiB) from the previous load; nothing copied",
                  len(self.units), kept.nbytes / 2**30)
         return True
@@ -276,14 +282,50 @@ class HomeStore(UnitPart):
             else:
                 order.append(Home.allocate(n, home_of[n], todo[n], pin=False, arena=self.arenas.get(arena_of.get(n))))
 
+        # each pinned arena (a piece of about arena.PIECE_BYTES) is page-locked on a thread of its own as soon
+        # as its last unit is filled, while the fill goes on
+        left = collections.Counter(arena_of[h.unit] for h in order if h.unit in arena_of)
+        pinner = ThreadPoolExecutor(1, thread_name_prefix="distorch-pin") \
+            if any(a.want_pin for a in self.arenas.values()) else None
+        pins = []
+
+        def pin_one(key):
+            t = time.perf_counter()
+            done, failed = pin_some([(key, self.arenas[key])])
+            return done, failed, time.perf_counter() - t
+
         def homed(h):
             self.homes[h.unit] = h
             prog.update(h.nbytes)
-        held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50), coded=enc)
+            key = arena_of.get(h.unit)
+            if key is not None:
+                left[key] -= 1
+                if not left[key] and pinner is not None and self.arenas[key].want_pin:
+                    pins.append(pinner.submit(pin_one, key))
+        try:
+            held = _fill.move_into_homes(order, streamed, homed, trim_every=max(TRIM_BYTES, total // 50), coded=enc)
+        except BaseException:
+            if pinner is not None:
+                pinner.shutdown(wait=True)
+            for a in self.arenas.values():      # the units homed before the failure stay, pageable
+                a.unpin()
+            raise
         prog.close()
         _pinning.trim_heap()
         self.load_times["fill_s"] += time.perf_counter() - t0
-        self.load_times["pin_s"] = pin_arenas(self.arenas)
+        t1 = time.perf_counter()
+        if pinner is not None:
+            pinner.shutdown(wait=True)
+        done, failed, reg_s = 0, [], 0.0
+        for f in pins:
+            d, fl, dt = f.result()
+            done, failed, reg_s = done + d, failed + fl, reg_s + dt
+        d, fl = pin_some(self.arenas.items())   # any not pinned yet (none, unless an arena had no units)
+        after = time.perf_counter() - t1
+        report_pinned(done + d, failed + fl, reg_s + after,
+                      note=f"; {len(pins)} piece(s), overlapped with the fill but for {after:.2f} s" if pins else "")
+        self.load_times["pin_s"] = after
+        self.load_times["pin_total_s"] = reg_s + after
         self.held_bytes = sum(nb for r, nb in held.values() if not r.expired())
         if self.held_bytes >= 64 << 20:
             log.warning("distorch: %.2f GiB of the host weights moved into homes are still referenced elsewhere "

@@ -372,3 +372,27 @@ def test_comfy_unload_and_reload_with_lora_reuses_the_homes(tmp_path_factory):
                 assert st.handle.stats["load"]["reused"] is True, st.handle.stats["load"]
     finally:
         mm.unload_all_models()
+
+
+def test_pinned_pieces_adopted_and_pinned_again(fake_pin, monkeypatch):
+    """Pinned homes in several pieces (arena.PIECE_BYTES): undo unpins every piece, the next load adopts
+    them all (same keys, nothing copied) and pins each again."""
+    from distorch.runtime import arena as arena_mod
+    m, x, ref = model()
+    monkeypatch.setattr(arena_mod, "PIECE_BYTES", int(1.5 * nbytes(m.blocks[0])))
+    st = store_for(m)
+    keys = sorted(st.arenas)
+    assert keys == ["cpu", "cpu@1", "cpu@2", "cpu@3"] and len(fake_pin) == 4
+    arrays = {k: a.array for k, a in st.arenas.items()}
+    st.stage(_ToHost)
+    st.detach(_ToHost)
+    assert not fake_pin
+    st = store_for(m)
+    assert st.load_times["reused"] and sorted(st.arenas) == keys and len(fake_pin) == 4
+    assert all(st.arenas[k].array is arrays[k] for k in keys)
+    del arrays
+    assert torch.equal(out(m, x), ref)
+    st.stage(_ToHost)
+    st.detach(_ToHost)
+    gc.collect()
+    assert not fake_pin

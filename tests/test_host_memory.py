@@ -1,6 +1,7 @@
 """Host memory honesty (issue 11, CPU parts): one host copy of every offloaded byte, unload gives the
 memory back, and the pinned-memory cap with its pageable overflow (a fake pin function stands in for
 cudaHostRegister on a machine without CUDA)."""
+import ctypes
 import gc
 import logging
 
@@ -356,3 +357,56 @@ def test_host_copy_of_resident_weights():
     assert torch.equal(c, s)
     small = torch.arange(10)
     assert torch.equal(_host_copy(small), small)
+
+
+def test_pinned_homes_come_in_pieces_pinned_while_the_fill_goes_on(fake_pin, monkeypatch):
+    """Pinned homes are split into arenas of about PIECE_BYTES (whole units); each is registered as soon as its
+    last unit is filled, holding the final bytes by then; no ring item spans two pieces; all end pinned."""
+    from distorch.runtime import arena as arena_mod
+    from distorch.runtime.ring import _adjacent
+    m = TinyDiT().eval()
+    per_block = nbytes(m.blocks[0])
+    monkeypatch.setattr(arena_mod, "PIECE_BYTES", int(2.5 * per_block))
+    want = {n: p.detach().clone() for n, p in m.named_parameters()}
+    seen = []
+    real = pinning.host_register
+
+    def reg(ptr, n):            # the piece's bytes are final when it is registered
+        flat = torch.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=torch.uint8)
+        seen.append((ptr, n, flat.clone()))
+        return real(ptr, n)
+    monkeypatch.setattr(pinning, "host_register", reg)
+    st, _ = store_for(m)
+    keys = sorted(st.arenas)
+    assert keys == ["cpu", "cpu@1", "cpu@2", "cpu@3"], keys
+    assert all(a.pinned for a in st.arenas.values()) and len(fake_pin) == 4 and len(seen) == 4
+    for ptr, n, got in seen:
+        (key,) = [k for k, a in st.arenas.items() if a.flat.data_ptr() == ptr]
+        assert torch.equal(got, st.arenas[key].flat[:n]), f"{key} registered before its bytes were final"
+    homes = [st.homes[u] for u in st.units]
+    split = [not _adjacent(a, b) for a, b in zip(homes, homes[1:])]
+    assert sum(split) == 3, "consecutive homes are adjacent within a piece and never across two"
+    for n, p in m.named_parameters():
+        assert torch.equal(p, want[n]), n
+    assert st.load_times["pin_total_s"] >= st.load_times["pin_s"] >= 0
+
+
+def test_a_failing_fill_unpins_the_pieces_it_pinned(fake_pin, monkeypatch):
+    from distorch.runtime import arena as arena_mod
+    from distorch.errors import DisTorchError
+    m = TinyDiT().eval()
+    monkeypatch.setattr(arena_mod, "PIECE_BYTES", int(1.5 * nbytes(m.blocks[0])))
+    monkeypatch.setenv(_fill.ENV, "1")
+    calls = [0]
+    real = _fill.copy_piece
+
+    def flaky(d, s):
+        calls[0] += 1
+        if calls[0] > 15:
+            raise RuntimeError("disk on fire")
+        real(d, s)
+    monkeypatch.setattr(_fill, "copy_piece", flaky)
+    p0 = pinning.pinned_bytes()
+    with pytest.raises(DisTorchError, match="disk on fire"):
+        store_for(m)
+    assert not fake_pin and pinning.pinned_bytes() == p0
