@@ -24,3 +24,24 @@ def fake_pin(monkeypatch):
     monkeypatch.setattr(pinning, "host_register", reg)
     monkeypatch.setattr(pinning, "host_unregister", lambda ptr: regs.pop(ptr))
     return regs
+
+
+@pytest.fixture
+def fail_fill_after(monkeypatch):
+    """arm(n): the homes' fill (runtime.fill.copy_piece, one thread) raises RuntimeError("disk on fire") from
+    its (n+1)-th copy on; returns the real copy_piece (to put back)."""
+    from distorch.runtime import fill
+
+    def arm(n: int):
+        real = fill.copy_piece
+        calls = [0]
+
+        def flaky(d, s):
+            calls[0] += 1
+            if calls[0] > n:
+                raise RuntimeError("disk on fire")
+            real(d, s)
+        monkeypatch.setattr(fill, "copy_piece", flaky)
+        monkeypatch.setenv(fill.ENV, "1")
+        return real
+    return arm

@@ -135,19 +135,10 @@ def test_gradients_equal_uncompiled():
             assert p.grad is not None and torch.equal(p.grad, gw_ref[k]), k
 
 
-def test_failed_fill_restores_every_weight(monkeypatch):
+def test_failed_fill_restores_every_weight(monkeypatch, fail_fill_after):
     m, args = toy()
     before = state(m)
-    calls = [0]
-    real = _fill.copy_piece
-
-    def flaky(d, s):
-        calls[0] += 1
-        if calls[0] > 12:
-            raise RuntimeError("disk on fire")
-        real(d, s)
-    monkeypatch.setattr(_fill, "copy_piece", flaky)
-    monkeypatch.setenv(_fill.ENV, "1")
+    real = fail_fill_after(12)
     with pytest.raises(DisTorchError, match="disk on fire"):
         apply(m, coded_plan(m, ["blocks.0", "blocks.1", "blocks.2"]), progress=False)
     monkeypatch.setattr(_fill, "copy_piece", real)

@@ -230,20 +230,11 @@ def test_compressed_units_fall_back():
         assert torch.equal(m(*args), ref)
 
 
-def test_failing_fill_after_fallback_leaves_the_weights_whole(monkeypatch):
+def test_failing_fill_after_fallback_leaves_the_weights_whole(monkeypatch, fail_fill_after):
     m, x, ref = model(depth=5)
     want = {k: v.clone() for k, v in m.state_dict().items()}
     apply(m, plan_all(m), progress=False).undo()
-    real = _fill.copy_piece
-    calls = [0]
-
-    def copy_(dst, src):
-        calls[0] += 1
-        if calls[0] > 12:
-            raise RuntimeError("disk on fire")
-        real(dst, src)
-    monkeypatch.setattr(_fill, "copy_piece", copy_)
-    monkeypatch.setenv(_fill.ENV, "1")
+    real = fail_fill_after(12)
     with pytest.raises(DisTorchError, match="disk on fire"):
         apply(m, half_resident(m), progress=False)
     assert not hasattr(m, "_distorch_runtime")

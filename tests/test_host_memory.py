@@ -391,21 +391,12 @@ def test_pinned_homes_come_in_pieces_pinned_while_the_fill_goes_on(fake_pin, mon
     assert st.load_times["pin_total_s"] >= st.load_times["pin_s"] >= 0
 
 
-def test_a_failing_fill_unpins_the_pieces_it_pinned(fake_pin, monkeypatch):
+def test_a_failing_fill_unpins_the_pieces_it_pinned(fake_pin, monkeypatch, fail_fill_after):
     from distorch.runtime import arena as arena_mod
     from distorch.errors import DisTorchError
     m = TinyDiT().eval()
     monkeypatch.setattr(arena_mod, "PIECE_BYTES", int(1.5 * nbytes(m.blocks[0])))
-    monkeypatch.setenv(_fill.ENV, "1")
-    calls = [0]
-    real = _fill.copy_piece
-
-    def flaky(d, s):
-        calls[0] += 1
-        if calls[0] > 15:
-            raise RuntimeError("disk on fire")
-        real(d, s)
-    monkeypatch.setattr(_fill, "copy_piece", flaky)
+    fail_fill_after(15)
     p0 = pinning.pinned_bytes()
     with pytest.raises(DisTorchError, match="disk on fire"):
         store_for(m)
