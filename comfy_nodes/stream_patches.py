@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Iterator      # ComfyUI's objects ar
 import torch
 
 from ..formats.safetensors import read_range, read_safetensors_header
+from ..runtime import fill as _fill
 from ..runtime.loading import file_dtype
 from .comfy_api import comfy, folder_paths, mm, mp
 
@@ -298,7 +299,8 @@ def apply_streamed(patcher: Any, keys: Iterable[str], device: torch.device | str
     t_wait = 0.0
     dev = patch_device(device)
     done = set()
-    ex = ThreadPoolExecutor(max_workers=_threads()) if first else None
+    # as many threads as the homes' fill (runtime.fill.threads: $DISTORCH_FILL_THREADS, default min(8, CPUs))
+    ex = ThreadPoolExecutor(max_workers=_fill.threads()) if first else None
     try:
         if first:
             findex = _FileIndex(model.__dict__.get(_FILES, []))
@@ -350,11 +352,10 @@ def apply_streamed(patcher: Any, keys: Iterable[str], device: torch.device | str
             ex.shutdown(wait=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    t_check = t_wait
     nsrc = sum(1 for k in done if k in src)
     log.info("DisTorch: %d streamed weights patched in their homes on %s in %.2f s (%d restorable from the model "
              "file, %.2f s waiting for the file checks%s)", len([k for k in done if k in patcher.patches]), dev,
-             time.perf_counter() - t0, nsrc, t_check,
+             time.perf_counter() - t0, nsrc, t_wait,
              f"; {len(done) - nsrc} kept as host copies, {kept / 2**30:.2f} GiB" if kept else "")
     return done
 
@@ -382,7 +383,7 @@ def restore_streamed(patcher: Any, index: dict) -> int:
             continue
         todo.append((s, home))
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=_threads()) as ex:      # page cache -> homes, weights in parallel
+    with ThreadPoolExecutor(max_workers=_fill.threads()) as ex:      # page cache -> homes, weights in parallel
         list(ex.map(lambda sh: sh[0].read_into(sh[1]), todo))
     src.clear()
     if todo:
@@ -390,9 +391,6 @@ def restore_streamed(patcher: Any, index: dict) -> int:
                   sum(h.numel() * h.element_size() for _, h in todo) / 2**30, time.perf_counter() - t0)
     return len(todo)
 
-
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def original(patcher: Any, key: str) -> torch.Tensor | None:

@@ -66,8 +66,8 @@ def priority_order(graph: ModuleGraph, inventory: Inventory, compute: str, src: 
 
     The greedy is a function of the units' names, kinds, bytes, compute and transfer times only, so its
     result is remembered for those (the last MEMO_SIZE inputs): the second expert of a two-expert workflow,
-    a model loaded again, or the block and sub-unit plans of one model placed twice rank once (~1.5 s for
-    500 units)."""
+    a model loaded again, or the block and sub-unit plans of one model placed twice rank once (0.43 s for a
+    608-unit Wan-14B leaf graph)."""
     units = graph.units
     ct = [unit_compute_s(u, compute, inventory) for u in units]
     tt = [unit_transfer_s(u.bytes, src if src != compute else "cpu", compute, inventory) for u in units]

@@ -10,7 +10,7 @@ runtime/hooks.py (attach / begin / pre / post / end / detach, composed once):
     resident   weights kept on the compute device; GGUF units the plan dequantizes once   runtime/place.py
     store      the streamed units' homes: one flat (pinned) buffer per unit               runtime/store.py
       reuse    homes an undo() to the host left, adopted by the next compile if they fit  runtime/home_reuse.py
-    autotune   one measured step per input signature, then the slots from compiler.cost.best_window    runtime/autotune.py
+    autotune   a measured step per input signature -> slots (compiler.cost.best_window)  runtime/autotune.py
     ring       slots, copy issue, copied/done events, ring items, fallback loads         runtime/ring.py
       .learn   the call order, free-run periods, deviations -> fallback                  runtime/learn.py
     clock      step events, host time per step, the step count                           runtime/profile.py

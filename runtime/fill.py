@@ -16,7 +16,8 @@ A failing copy leaves nothing half-applied: the pieces not started are cancelled
 for, no unit after the last completed one is handed to `on_done`, and the error is raised as a
 DisTorchError naming the unit (its parameters still hold their old storages and bytes).
 
-$DISTORCH_FILL_THREADS sets the pool size (default min(8, CPUs); 1 = the serial loop).
+$DISTORCH_FILL_THREADS sets the pool size (default min(8, CPUs); 1 = the serial loop); comfy_nodes/stream_patches.py
+sizes its file checks and restores of LoRA'd weights by the same `threads()`.
 """
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ class Resident(UnitPart):
             for t in self.params + self.buffers:
                 if id(t) in dense or t.is_meta:
                     continue
-                src = _gs.home_bytes(t) if isinstance(t, torch.nn.Parameter) or _gs.is_gguf(t) else t.data
+                src = _gs.home_bytes(t)       # a GGUF parameter's stored blocks, else the tensor's data
                 if src.device.type != "cpu":
                     out.append((t, _host_copy(src)))
         self.staged = out
@@ -162,10 +162,7 @@ class Resident(UnitPart):
         self.dequantized.restore(rt.undo_device)
         with torch.no_grad():
             for t, v in self.staged or ():
-                if isinstance(t, torch.nn.Parameter) or _gs.is_gguf(t):
-                    _gs.rebind(t, v)
-                else:
-                    t.data = v
+                _gs.rebind(t, v)
         self.staged = None
         self.params, self.buffers = [], []
 
