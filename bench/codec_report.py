@@ -22,6 +22,18 @@ def _yes(x) -> str:
     return "" if x is None else ("yes" if x else "NO")
 
 
+def _rows(rows: list, cells: int, time_key: str, fmt) -> list[str]:
+    """One table line per result row: fmt(row, its s/it or s/encode over the raw link floor), or, for a row
+    that failed, its error in the second of `cells` cells."""
+    out = []
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['name']} | failed: {r['error'][:160]} |" + " |" * (cells - 2))
+        else:
+            out.append(fmt(r, r[time_key] / r["raw_floor"] if r.get("raw_floor") else None))
+    return out
+
+
 def _met(x, target) -> str:
     return "" if x is None else ("yes" if x <= target else "no")
 
@@ -113,19 +125,15 @@ def render(d: dict) -> str:
           "| streamed GiB/step | link floor s | x raw floor | homes GiB | pinned GiB | peak RSS GiB | RssAnon | RssFile "
           "| RssShmem | RSS before / after GiB | bit-identical |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in d["rows"]:
-        if r.get("error"):
-            L.append(f"| {r['name']} | failed: {r['error'][:160]} |" + " |" * 18)
-            continue
-        xr = r["s_it"] / r["raw_floor"] if r.get("raw_floor") else None
-        L.append(f"| {r['name']} | {_gib(r.get('off'))} | {_gib(r.get('peak'))} | {_gib(r.get('peak_steps'))} | "
-                 f"{r['s_it']:.3f} | {_f(r.get('cold_s'), '%.1f')} | {_f(r.get('encode_s'), '%.1f')} | "
-                 f"{_f(r.get('ratio'), '%.4f', 'null' if r['kind'] == 'distorch' else '')} | "
-                 f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('streamed'))} | {_f(r.get('floor'))} | {_f(xr)} | "
-                 f"{_gib(r.get('home_bytes'))} | {_gib(r.get('pinned_peak'))} | {_gib(r.get('rss_peak'))} | "
-                 f"{_gib(r.get('rss_anon_peak'))} | {_gib(r.get('rss_file_peak'))} | {_gib(r.get('rss_shmem_peak'))} | "
-                 f"{_gib(r.get('rss_before'))} / {_gib(r.get('rss_after'))} | "
-                 f"{'' if r['kind'] == 'plain' else _yes(r.get('same'))} |")
+    L += _rows(d["rows"], 20, "s_it", lambda r, xr: (
+        f"| {r['name']} | {_gib(r.get('off'))} | {_gib(r.get('peak'))} | {_gib(r.get('peak_steps'))} | "
+        f"{r['s_it']:.3f} | {_f(r.get('cold_s'), '%.1f')} | {_f(r.get('encode_s'), '%.1f')} | "
+        f"{_f(r.get('ratio'), '%.4f', 'null' if r['kind'] == 'distorch' else '')} | "
+        f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('streamed'))} | {_f(r.get('floor'))} | {_f(xr)} | "
+        f"{_gib(r.get('home_bytes'))} | {_gib(r.get('pinned_peak'))} | {_gib(r.get('rss_peak'))} | "
+        f"{_gib(r.get('rss_anon_peak'))} | {_gib(r.get('rss_file_peak'))} | {_gib(r.get('rss_shmem_peak'))} | "
+        f"{_gib(r.get('rss_before'))} / {_gib(r.get('rss_after'))} | "
+        f"{'' if r['kind'] == 'plain' else _yes(r.get('same'))} |"))
     dec = d.get("decode")
     if dec:
         L += ["", "## Decode", ""]
@@ -145,16 +153,12 @@ def render(d: dict) -> str:
               "| peak later GiB | encode s | ratio | stored GiB | homes GiB | link floor s | x raw floor | peak RSS GiB "
               "| conditioning bit-identical |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in d["clip"]:
-            if r.get("error"):
-                L.append(f"| {r['name']} | failed: {r['error'][:160]} |" + " |" * 13)
-                continue
-            xr = r["enc_s"] / r["raw_floor"] if r.get("raw_floor") else None
-            L.append(f"| {r['name']} | {_gib(r.get('off'))} | {r['first_s']:.3f} | {r['enc_s']:.3f} | "
-                     f"{_f(r.get('cold_s'), '%.1f')} | {_gib(r.get('peak'))} | {_gib(r.get('peak_later'))} | "
-                     f"{_f(r.get('encode_s'), '%.1f')} | {_f(r.get('ratio'), '%.4f', 'null' if r.get('mode') else '')} | "
-                     f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('home_bytes'))} | {_f(r.get('floor'))} | {_f(xr)} | "
-                     f"{_gib(r.get('rss_peak'))} | {'' if not r.get('mode') else _yes(r.get('same'))} |")
+        L += _rows(d["clip"], 15, "enc_s", lambda r, xr: (
+            f"| {r['name']} | {_gib(r.get('off'))} | {r['first_s']:.3f} | {r['enc_s']:.3f} | "
+            f"{_f(r.get('cold_s'), '%.1f')} | {_gib(r.get('peak'))} | {_gib(r.get('peak_later'))} | "
+            f"{_f(r.get('encode_s'), '%.1f')} | {_f(r.get('ratio'), '%.4f', 'null' if r.get('mode') else '')} | "
+            f"{_gib(r.get('stored_bytes'))} | {_gib(r.get('home_bytes'))} | {_f(r.get('floor'))} | {_f(xr)} | "
+            f"{_gib(r.get('rss_peak'))} | {'' if not r.get('mode') else _yes(r.get('same'))} |"))
     if h["failed"]:
         L += ["", "Failed (the error is in its row): " + ", ".join(h["failed"]) + "."]
     if d.get("skipped"):
