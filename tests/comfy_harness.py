@@ -564,6 +564,17 @@ def lora(model, name, strength=1.0):
     return nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, strength)[0]
 
 
+def plain_lora_refs(unet, lora_name, strengths=(1.0, 0.5)):
+    """The plain loader's latents with the LoRA at each strength and without it (key 0.0); ComfyUI's models are
+    unloaded again afterwards, so the DisTorch loads that follow start from nothing."""
+    import comfy.model_management as mm
+    plain = plain_unet(unet)
+    refs = {s: ksample(lora(plain, lora_name, s)) for s in strengths}
+    refs[0.0] = ksample(plain)
+    mm.unload_all_models()
+    return refs
+
+
 def sd3_conditioning():
     """Fixed (positive, negative) conditioning for the tiny SD3-style test models (context 32, pooled 64)."""
     import torch

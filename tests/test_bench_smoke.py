@@ -53,16 +53,21 @@ def check_run(rc, out, cpu):
     assert cpu < CPU_LIMIT_S, f"smoke run used {cpu:.0f} s of CPU (limit {CPU_LIMIT_S:.0f})"
 
 
+def run_tiny(tmp_path, md_name: str, args: list) -> tuple[dict, Path]:
+    """A bench script's `--tiny` run on the CPU in real ComfyUI (`args`: script and options; results into
+    tmp_path/md_name), checked as check_run does -> (its results JSON, the markdown's path)."""
+    require_comfy()
+    md = tmp_path / md_name
+    rc, out, cpu = run_script([args[0], "--tiny"] + args[1:] + ["--out", str(md)], tmp_path)
+    check_run(rc, out, cpu)
+    return json.loads(md.with_suffix(".json").read_text()), md
+
+
 # ------------------------------------------------------------------------------------------------------
 # Smoke runs (real ComfyUI)
 # ------------------------------------------------------------------------------------------------------
 def test_bench_comfy_tiny(tmp_path):
-    require_comfy()
-    md = tmp_path / "comfy_vram_cpu.md"
-    rc, out, cpu = run_script(["bench/bench_comfy.py", "--tiny", "--model-dir", str(tmp_path / "m"),
-                               "--out", str(md)], tmp_path)
-    check_run(rc, out, cpu)
-    d = json.loads(md.with_suffix(".json").read_text())
+    d, md = run_tiny(tmp_path, "comfy_vram_cpu.md", ["bench/bench_comfy.py", "--model-dir", str(tmp_path / "m")])
     rows = d["rows"]
     labs = ["64x64", "32x32"]
     assert [r["res"] for r in rows if r["kind"] == "plain"] == labs
@@ -84,12 +89,8 @@ def test_bench_comfy_tiny(tmp_path):
 
 
 def test_bench_wan_vram_tiny(tmp_path):
-    require_comfy()
-    md = tmp_path / "wan_vram_cpu.md"
-    rc, out, cpu = run_script(["bench/bench_comfy_wan.py", "--tiny", "--mode", "vram", "--model-dir",
-                               str(tmp_path / "w"), "--out", str(md)], tmp_path)
-    check_run(rc, out, cpu)
-    d = json.loads(md.with_suffix(".json").read_text())
+    d, _ = run_tiny(tmp_path, "wan_vram_cpu.md",
+                    ["bench/bench_comfy_wan.py", "--mode", "vram", "--model-dir", str(tmp_path / "w")])
     kinds = [r["kind"] for r in d["rows"]]
     assert kinds.count("plain") == 1 and kinds.count("distorch") == 2
     assert all(r["same"] is True for r in d["rows"] if r["kind"] != "plain")
@@ -111,13 +112,9 @@ def test_bench_wan_vram_tiny(tmp_path):
 def test_bench_wan_workflow_tiny(tmp_path, monkeypatch, gran):
     """The two-expert fp8_scaled workflow with LoRAs; with DISTORCH_GRANULARITY=sub the layers inside the
     blocks stream (scaled-fp8 layers, LoRA'd weights re-read from the file): still bit-identical."""
-    require_comfy()
     monkeypatch.setenv("DISTORCH_GRANULARITY", gran)
-    md = tmp_path / "wan_workflow_cpu.md"
-    rc, out, cpu = run_script(["bench/bench_comfy_wan.py", "--tiny", "--mode", "workflow", "--model-dir",
-                               str(tmp_path / "w"), "--configs", "plain,distorch:0.0005", "--out", str(md)], tmp_path)
-    check_run(rc, out, cpu)
-    d = json.loads(md.with_suffix(".json").read_text())
+    d, md = run_tiny(tmp_path, "wan_workflow_cpu.md", ["bench/bench_comfy_wan.py", "--mode", "workflow", "--model-dir",
+                                                       str(tmp_path / "w"), "--configs", "plain,distorch:0.0005"])
     rows = {r["config"]: r for r in d["rows"]}
     assert set(rows) == {"plain", "distorch:0.0005"}
     for r in rows.values():
@@ -137,12 +134,7 @@ def test_bench_comfy_codec_tiny(tmp_path):
     """Raw against compressed inside ComfyUI.  On a host ComfyUI holds the tiny Flux in fp32: nothing in it is
     codable, so its compressed rows run with the runtime's codec statistics null (reported, not a crash); the
     bf16 CLIP-L streams really compressed, its conditioning bit-identical to the plain CLIP's."""
-    require_comfy()
-    md = tmp_path / "comfy_codec_cpu.md"
-    rc, out, cpu = run_script(["bench/bench_comfy_codec.py", "--tiny", "--model-dir", str(tmp_path / "m"),
-                               "--out", str(md)], tmp_path)
-    check_run(rc, out, cpu)
-    d = json.loads(md.with_suffix(".json").read_text())
+    d, md = run_tiny(tmp_path, "comfy_codec_cpu.md", ["bench/bench_comfy_codec.py", "--model-dir", str(tmp_path / "m")])
     rows, clips = d["rows"], d["clip"]
     assert not [r for r in rows + clips if r.get("error")]
     assert [r["kind"] for r in rows] == ["plain"] + ["distorch"] * 4      # ComfyUI rows need a GPU

@@ -66,11 +66,7 @@ def test_compressed_unet_bit_identical_to_the_plain_loader(files):
 def test_units_with_a_lora_stream_raw_and_stay_exact(files):
     unet, lora = files
     with torch.inference_mode():
-        plain = _plain(unet)
-        refs = {s: H.ksample(_lora(plain, lora, s)) for s in (1.0, 0.5)}
-        refs[0.0] = H.ksample(plain)
-        mm.unload_all_models()
-        del plain
+        refs = H.plain_lora_refs(unet, lora)
         m = _distorch(unet)
         assert torch.equal(H.ksample(m), refs[0.0])          # no LoRA yet: compressed
         st = entry.state_of(m)

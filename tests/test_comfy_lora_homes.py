@@ -61,11 +61,7 @@ def _anon():
 def test_strength_change_and_removal_bit_identical(files):
     unet, lora = files["small"]
     with torch.inference_mode():
-        plain = _plain(unet)
-        refs = {s: H.ksample(_lora(plain, lora, s)) for s in (1.0, 0.5)}
-        refs[0.0] = H.ksample(plain)
-        mm.unload_all_models()
-        del plain
+        refs = H.plain_lora_refs(unet, lora)
         for vram in (0.0015, 100.0):               # some units streamed / every unit streamed
             m = _distorch(unet, vram)
             st = entry.state_of(m)

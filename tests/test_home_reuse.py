@@ -347,11 +347,7 @@ def test_comfy_unload_and_reload_with_lora_reuses_the_homes(tmp_path_factory):
     mm.unload_all_models()
     try:
         with torch.inference_mode():
-            plain = H.plain_unet(unet)
-            ref = {s: H.ksample(H.lora(plain, lora, s)) for s in (1.0, 0.5)}
-            ref[0.0] = H.ksample(plain)
-            mm.unload_all_models()
-            del plain
+            ref = H.plain_lora_refs(unet, lora)
             m = H.distorch_unet(unet, 100.0)
             st = entry.state_of(m)
             assert torch.equal(H.ksample(H.lora(m, lora, 1.0)), ref[1.0])
