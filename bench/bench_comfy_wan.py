@@ -27,6 +27,8 @@ seeds), 14.3 GB each, and a random rank-64 LoRA per expert on every block Linear
                    compared bit for bit with the plain run's.  -> wan_workflow_<gpu>.md/.json
   --mode make      only the files (prints the marker file's path when done).
 
+The files are made by bench/wan_files.py; the workflow table is drawn by bench/wan_report.py.
+
 Every node call runs under torch.inference_mode(), as ComfyUI's executor runs them.  Results are written
 after every row / configuration (a timeout late keeps what was done); --deadline guards each phase.
 
@@ -50,130 +52,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_comfy as B  # noqa: E402
 import bench_util as U  # noqa: E402
 import comfy_report as R  # noqa: E402
+from wan_files import ensure_files, names  # noqa: E402
+from wan_report import wf_md  # noqa: E402
 
 U.NAME = "bench_wan"     # the prefix of every say() line, the shared helpers' too
 say = B.say
 GiB = B.GiB
 REPO = B.REPO
-
-
-# ------------------------------------------------------------------------------------------------------
-# Files
-# ------------------------------------------------------------------------------------------------------
-def wan_params(a) -> dict:
-    return dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=a.dim, ffn_dim=a.ffn,
-                freq_dim=256, text_dim=4096, out_dim=16, num_heads=a.dim // 128, num_layers=a.layers,
-                window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
-
-
-def wan_layout(a):
-    """([(key, shape, dtype)] of the bf16 model, the set of Linear module names) from ComfyUI's WanModel on meta."""
-    import torch
-    import comfy.ops
-    from comfy.ldm.wan.model import WanModel
-    with torch.device("meta"):
-        m = WanModel(device="meta", dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **wan_params(a))
-    lin = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
-    return [(k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()], lin
-
-
-def fp8_specs(a):
-    """The fp8_scaled file's tensors: Linear weights fp8 + scale_weight, the rest bf16, the marker."""
-    import torch
-    specs, lin = wan_layout(a)
-    out = []
-    for k, shape, dt in specs:
-        mod = k.rsplit(".", 1)[0]
-        if k.endswith(".weight") and mod in lin:
-            out += [(k, shape, torch.float8_e4m3fn), (mod + ".scale_weight", (), torch.float32)]
-        else:
-            out.append((k, shape, dt))
-    out.append(("scaled_fp8", (a.fp8_marker,), torch.float8_e4m3fn))
-    return out, lin
-
-
-def make_expert(path: str, a, seed: int, dev) -> int:
-    """Random weights N(0, 0.02); each Linear weight quantized per tensor: scale = absmax / 448."""
-    import torch
-    specs, lin = fp8_specs(a)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    pending = {}
-
-    def make(name, shape, dt):
-        if name == "scaled_fp8":
-            return torch.zeros(shape, dtype=dt)
-        if name.endswith(".scale_weight"):
-            return pending.pop(name)
-        w = torch.empty(shape, dtype=torch.bfloat16, device=dev).normal_(0.0, 0.02, generator=g)
-        if dt == torch.float8_e4m3fn:
-            s = (w.abs().amax().float() / 448.0).clamp_min(1e-12)
-            pending[name.rsplit(".", 1)[0] + ".scale_weight"] = s.cpu().reshape(())
-            return (w.float() / s).to(torch.float8_e4m3fn)
-        return w.to(dt)
-    with torch.no_grad():
-        return B.write_safetensors(path, specs, make)
-
-
-def make_lora(path: str, a, seed: int, dev) -> int:
-    """Rank-r LoRA on every Linear inside blocks.* (ComfyUI key format), bf16, up/down N(0, 0.01)."""
-    import torch
-    specs, lin = wan_layout(a)
-    shapes = {k: s for k, s, _ in specs}
-    out = []
-    for mod in sorted(lin):
-        if not mod.startswith("blocks."):
-            continue
-        o, i = shapes[mod + ".weight"]
-        base = "diffusion_model." + mod
-        out += [(base + ".lora_up.weight", (o, a.lora_rank), torch.bfloat16),
-                (base + ".lora_down.weight", (a.lora_rank, i), torch.bfloat16)]
-    g = torch.Generator(device=dev).manual_seed(seed)
-
-    def make(name, shape, dt):
-        return torch.empty(shape, dtype=dt, device=dev).normal_(0.0, 0.01, generator=g)
-    with torch.no_grad():
-        return B.write_safetensors(path, out, make)
-
-
-def file_ok(path: str) -> bool:
-    """A complete safetensors file (header parses, size = header + data)."""
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in h.items() if k != "__metadata__"), default=0)
-        return os.path.getsize(path) == 8 + n + end
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def names(a) -> dict:
-    t = a.tag
-    return {"high": f"wan_{t}_high_fp8_scaled.safetensors", "low": f"wan_{t}_low_fp8_scaled.safetensors",
-            "lora_high": f"wan_{t}_high_lora_r{a.lora_rank}.safetensors",
-            "lora_low": f"wan_{t}_low_lora_r{a.lora_rank}.safetensors",
-            "ready": f"wan_{t}.ready", "ref": f"wan_{t}_ref_latents.pt"}
-
-
-def ensure_files(a) -> dict:
-    """Make the expert and LoRA files that are missing or incomplete; touch the ready marker."""
-    import torch
-    n = names(a)
-    dev = torch.device("cuda:0" if (a.device != "cpu" and torch.cuda.is_available()) else "cpu")
-    os.makedirs(a.model_dir, exist_ok=True)
-    jobs = [("high", make_expert, 11), ("low", make_expert, 12)]
-    if a.lora_rank:
-        jobs += [("lora_high", make_lora, 21), ("lora_low", make_lora, 22)]
-    for key, fn, seed in jobs:
-        p = os.path.join(a.model_dir, n[key])
-        if file_ok(p):
-            continue
-        t = time.perf_counter()
-        nb = fn(p, a, seed, dev)
-        say(f"wrote {p}: {nb / 1e9:.2f} GB in {time.perf_counter() - t:.1f}s")
-    with open(os.path.join(a.model_dir, n["ready"]), "w") as fh:
-        fh.write("ok\n")
-    return n
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -444,75 +329,6 @@ def child(a):
     rss.stop()
     save()
     say(f"{a.config}: done")
-
-
-WF_COLUMNS = ("| configuration | s/step warm | s/step cold | cold run s | warm run s | reload run s | peak VRAM GiB | GiB off "
-              "(high/low) | RSS before load | peak RSS | RssAnon | RssFile | RssShmem | distorch pinned | ComfyUI "
-              "pinned | machine used (peak) | RSS after unload | after dropping models | bit-identical to plain "
-              "(high/low) |")
-
-
-def wf_md(d: dict) -> str:
-    def gb(x):
-        return "" if x is None else f"{x / GiB:.2f}"
-    L = [f"# {d['title']}", "", f"Card: {d['gpu']}; torch {d['torch']}; ComfyUI {d['comfyui']}; date {d['date']}.",
-         d["model_line"], f"Command: `{d['command']}`", "",
-         "One process per configuration. cold = UNETLoader (or UNETLoaderDisTorch2MultiGPU) + LoraLoaderModelOnly + "
-         "ModelSamplingSD3 for both experts and both KSamplerAdvanced phases; warm = both phases again, models "
-         "loaded. s/step = median step after each phase's first (progress-hook timestamps after a synchronize). "
-         "Peak RSS = the sample with the largest VmRSS (every 50 ms) with its RssAnon / RssFile / RssShmem; pinned "
-         "= the largest value during the run; machine used = MemTotal - MemAvailable (pinned memory that VmRSS "
-         "does not show is in it, and so is everything else on the machine). RSS after unload: "
-         "comfy.model_management.unload_all_models() + gc with the models still referenced (as ComfyUI's node "
-         "cache holds them); after dropping models: references deleted + gc. GiB = 2^30 bytes.", "",
-         WF_COLUMNS, "|" + "|".join(["---"] + ["---:"] * 17 + ["---"]) + "|"]
-    for r in d["rows"]:
-        if r.get("error") and "cold_s" not in r:
-            L.append(f"| {r['config']} | {r['error']} |" + " |" * 17)
-            continue
-        pk = max((r.get("peak_vram_cold") or 0), (r.get("peak_vram_warm") or 0))
-        rc = max((r.get(f"rss_{k}") or {"at_peak": {}, "max": {}} for k in ("cold", "warm")),
-                 key=lambda x: x["at_peak"].get("VmRSS", 0))
-        ap, mx = rc["at_peak"], rc["max"]
-        off = r.get("off") or {}
-        same = r.get("same")
-        L.append(
-            f"| {r['config']} | {R._f(r.get('s_step_warm'))} | {R._f(r.get('s_step_cold'))} | {R._f(r.get('cold_s'), '%.2f')} | "
-            f"{R._f(r.get('warm_s'), '%.2f')} | {R._f(r.get('reload_s'), '%.2f')} | {gb(pk)} | {gb(off.get('high'))}/{gb(off.get('low'))} | "
-            f"{gb((r.get('rss_before_load') or {}).get('VmRSS'))} | {gb(ap.get('VmRSS'))} | {gb(ap.get('RssAnon'))} | "
-            f"{gb(ap.get('RssFile'))} | {gb(ap.get('RssShmem'))} | {gb(mx.get('distorch_pinned'))} | "
-            f"{gb(mx.get('comfy_pinned'))} | {gb(mx.get('sys_used'))} | {gb((r.get('rss_after_unload') or {}).get('VmRSS'))} | "
-            f"{gb((r.get('rss_after_drop') or {}).get('VmRSS'))} | "
-            f"{'' if same is None else '/'.join('yes' if same[k] else 'NO' for k in ('high', 'low'))}"
-            f"{'' if r.get('warm_same_as_cold', True) else ' (warm differs from cold)'}"
-            f"{'' if r.get('reload_same_as_cold', True) else ' (reload differs from cold)'}"
-            f"{' -- ' + r['error'] if r.get('error') else ''} |")
-    L += cold_summary(d["rows"])
-    if d.get("skipped"):
-        L += ["", "Skipped by the time guard: " + ", ".join(d["skipped"]) + "."]
-    for nt in d.get("notes", []):
-        L += ["", nt]
-    return "\n".join(L) + "\n"
-
-
-def cold_summary(rows: list) -> list:
-    """Cold runs against the resident one of this call (the mean of every plain row: repeat it with
-    'plain#2' to see how much a cold run moves between processes), one line per configuration."""
-    def base(r):
-        return r["config"].split("#")[0]
-    plain = [r["cold_s"] for r in rows if base(r) == "plain" and r.get("cold_s")]
-    if not plain:
-        return []
-    ref = statistics.mean(plain)
-    by: dict = {}
-    for r in rows:
-        if base(r) != "plain" and r.get("cold_s"):
-            by.setdefault(base(r), []).append(r["cold_s"])
-    spread = f", {min(plain):.2f}-{max(plain):.2f} s over {len(plain)} processes" if len(plain) > 1 else ""
-    out = ["", f"Cold run against the resident one ({ref:.2f} s{spread}): " + "; ".join(
-        f"{c} {statistics.mean(v) / ref:.2f}x" + (f" ({min(v) / ref:.2f}-{max(v) / ref:.2f}x)" if len(v) > 1 else "")
-        for c, v in by.items()) + "."]
-    return out
 
 
 def run_workflow(a):
