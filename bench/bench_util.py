@@ -251,6 +251,27 @@ class RssSampler(threading.Thread):
 
 
 STACKS_ENV = "DISTORCH_BENCH_STACKS"     # set (not 0): sample_timed samples Python stacks through each run
+TORCHPROF_ENV = "DISTORCH_BENCH_TORCHPROF"  # a folder: torch.profiler over the steps after the first, per run
+#                                            a table of ops by host time (<label>.txt) in that folder
+
+
+def _torch_profile_start():
+    import torch
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA])
+    prof.start()
+    return prof
+
+
+def _torch_profile_save(prof, folder: str, label: str) -> None:
+    prof.stop()
+    os.makedirs(folder, exist_ok=True)
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    ka = prof.key_averages()
+    with open(os.path.join(folder, name + ".txt"), "w") as f:
+        f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+        f.write(ka.table(sort_by="self_device_time_total", row_limit=15) + "\n")
+    say(f"{label}: torch profile of the steps after the first in {folder}/{name}.txt")
 
 
 def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0,
@@ -264,6 +285,7 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
     import torch
     import comfy.sample
     times, load_peak = [], []
+    prof_dir, prof = os.environ.get(TORCHPROF_ENV, ""), []
 
     def cb(step, x0, x, total_steps):
         if not cpu:
@@ -272,6 +294,8 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
                 load_peak.append(torch.cuda.max_memory_allocated(dev))
                 torch.cuda.reset_peak_memory_stats(dev)
         times.append(time.perf_counter())
+        if prof_dir and len(times) == 1:
+            prof.append(_torch_profile_start())
 
     if not cpu:
         torch.cuda.synchronize(dev)
@@ -294,6 +318,8 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
         rss.stop()
         if stacks is not None:
             stacks.stop()
+        if prof:
+            _torch_profile_save(prof[0], prof_dir, label)
     first = times[0] - t0
     dts = [b - a_ for a_, b in zip(times, times[1:])]
     sit = statistics.median(dts) if dts else first
