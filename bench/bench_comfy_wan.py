@@ -27,7 +27,8 @@ seeds), 14.3 GB each, and a random rank-64 LoRA per expert on every block Linear
                    compared bit for bit with the plain run's.  -> wan_workflow_<gpu>.md/.json
   --mode make      only the files (prints the marker file's path when done).
 
-The files are made by bench/wan_files.py; the workflow table is drawn by bench/wan_report.py.
+The files are made by bench/wan_files.py; each workflow configuration runs in bench/wan_child.py's child process;
+the workflow table is drawn by bench/wan_report.py.
 
 Every node call runs under torch.inference_mode(), as ComfyUI's executor runs them.  Results are written
 after every row / configuration (a timeout late keeps what was done); --deadline guards each phase.
@@ -40,10 +41,8 @@ after every row / configuration (a timeout late keeps what was done); --deadline
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_comfy as B  # noqa: E402
 import bench_util as U  # noqa: E402
 import comfy_report as R  # noqa: E402
-from wan_files import ensure_files, names  # noqa: E402
+from wan_child import child  # noqa: E402
+from wan_files import ensure_files, latent_shape, names  # noqa: E402
 from wan_report import wf_md  # noqa: E402
 
 U.NAME = "bench_wan"     # the prefix of every say() line, the shared helpers' too
@@ -64,11 +64,25 @@ REPO = B.REPO
 # ------------------------------------------------------------------------------------------------------
 # --mode vram (issue 10): one expert, resident / DisTorch2 / ComfyUI partial
 # ------------------------------------------------------------------------------------------------------
-def latent_shape(a) -> tuple:
-    return (1, 16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8)
+def res_label(a) -> str:
+    return f"{a.height}x{a.width}x{a.frames}"
+
+
+def vram_doc(a, total: int, comfy_ver: str) -> dict:
+    """The vram table's document (bench_comfy's format), without rows yet."""
+    return {"title": f"DisTorch2 in ComfyUI {comfy_ver}: s/it against peak VRAM, "
+                     f"Wan-2.x-14B-shaped model in fp8_scaled form",
+            "short": "Wan fp8_scaled", "total_bytes": total, "bw": None, "rows": [], "skipped": [], "notes": [],
+            "model_line": f"Model: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.dim // 128} heads, "
+                          f"{a.layers} layers, random weights in fp8_scaled form (scaled_fp8 marker of "
+                          f"{a.fp8_marker} elements), {total / GiB:.2f} GiB as ComfyUI holds it, loaded by "
+                          f"UNETLoader; one expert; latent {tuple(latent_shape(a)[1:])} ({res_label(a)}), {a.ctx} "
+                          f"text tokens, euler, {a.steps} steps, cfg 1; every node call under torch.inference_mode()."}
 
 
 def run_vram(a):
+    """One process: plain (resident), ComfyUI's partial loading at --native budgets, DisTorch2 at --vram budgets;
+    the table is written after every row."""
     cpu = a.device == "cpu"
     mm, nodes, folder_paths = B.boot(a.comfy, cpu)
     import torch
@@ -88,247 +102,97 @@ def run_vram(a):
             f"{time.perf_counter() - t:.1f}s")
         g = torch.Generator().manual_seed(1)
         cond = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
-        shape = latent_shape(a)
-        latent = torch.zeros(shape)
-        lab = f"{a.height}x{a.width}x{a.frames}"
-        d = {"title": f"DisTorch2 in ComfyUI {comfyui_version.__version__}: s/it against peak VRAM, "
-                      f"Wan-2.x-14B-shaped model in fp8_scaled form",
-             "short": "Wan fp8_scaled", "total_bytes": total, "bw": None, "rows": [], "skipped": [], "notes": [],
-             "model_line": f"Model: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.dim // 128} heads, "
-                           f"{a.layers} layers, random weights in fp8_scaled form (scaled_fp8 marker of "
-                           f"{a.fp8_marker} elements), {total / GiB:.2f} GiB as ComfyUI holds it, loaded by "
-                           f"UNETLoader; one expert; latent {tuple(shape[1:])} ({lab}), {a.ctx} text tokens, "
-                           f"euler, {a.steps} steps, cfg 1; every node call under torch.inference_mode()."}
+        latent = torch.zeros(latent_shape(a))
+        d = vram_doc(a, total, comfyui_version.__version__)
         B.header(d, gpu, torch, comfyui_version.__version__)
-        rows = d["rows"]
 
         def run(m, label, filler=0):
             return B.sample_timed(m, label, latent, cond, a.steps, dev, cpu, filler)
 
         r = run(model, "plain")
         ref = r.pop("out")
-        rows.append(dict(kind="plain", name="plain UNETLoader (resident)", res=lab, off=0, **r))
+        d["rows"].append(dict(kind="plain", name="plain UNETLoader (resident)", res=res_label(a), off=0, **r))
         B.save_results(d, md)
         B.unload_all(mm, cpu)
-        est = 0.0
-        for nat in ([float(x) for x in a.native.split(",") if x.strip() and float(x) > 0] if not cpu else []):
-            if not guard.allow(est * 1.2 + 5, f"ComfyUI partial ~{nat:g} GiB off", d["skipped"]):
-                continue
-            t = time.perf_counter()
-            filler, fb = B.comfy_filler(mm, model, shape, int(nat * GiB), dev)
-            r = run(model, f"comfy native ~{nat:g} GiB off", filler=fb)
-            off = total - model.loaded_size()
-            same = B.bit_equal(r.pop("out"), ref)
-            rows.append(dict(kind="comfy", name=f"ComfyUI partial load (asked {nat:g} GiB off)", res=lab, off=off,
-                             asked_gib=nat, filler=fb, same=same, **r))
-            del filler
-            B.unload_all(mm, cpu)
-            B.save_results(d, md)
-            est = max(est, time.perf_counter() - t)
+        vram_native_rows(a, mm, model, run, ref, d, md, guard)
         if not cpu:
             from distorch.compiler.inventory import probe
             d["bw"] = probe().bandwidth("cpu", str(dev))
             say(f"pinned host->GPU bandwidth (probed): {d['bw'] / 1e9:.1f} GB/s")
-        est = 0.0
-        for v in B.spread_order([float(x) for x in a.vram.split(",") if x.strip()]):
-            if not guard.allow(max(est * 1.2, 10.0 if not cpu else 1.0), f"DisTorch2 virtual_vram_gb={v:g}",
-                               d["skipped"]):
-                continue
-            t = time.perf_counter()
-            m = entry.distorch(model, a.device, v, "cpu", "", True)
-            st = entry.state_of(m)
-            pred0 = dict(st.plan.predicted or {})
-            r = run(m, f"distorch {v:g} GiB")
-            stats = {}
-            try:
-                stats = dict(st.handle.stats) if st.handle is not None else dict(st.last_stats or {})
-            except Exception as e:
-                d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
-            same = B.bit_equal(r.pop("out"), ref)
-            rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g}", res=lab, v=v,
-                             off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
-                             pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
-                             meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
-                             same=same, **r))
-            B.unload_all(mm, cpu)
-            B.save_results(d, md)
-            est = max(est, time.perf_counter() - t)
+        vram_distorch_rows(a, mm, entry, model, run, ref, d, md, guard)
         B.save_results(d, md)
     print(open(md).read())
     say(f"wrote {md}")
     B.try_plot(md)
 
 
-# ------------------------------------------------------------------------------------------------------
-# --mode workflow (issue 11): one child process per configuration
-# ------------------------------------------------------------------------------------------------------
-def child(a):
-    """One configuration of the two-expert workflow, cold then warm; writes its row to --child-out."""
-    cpu = a.device == "cpu"
-    mm, nodes, folder_paths = B.boot(a.comfy, cpu)
+def vram_native_rows(a, mm, model, run, ref, d, md, guard) -> None:
+    """ComfyUI's own partial load, ~--native GiB left off (a filler holds the VRAM it must not use); none on CPU."""
     import torch
-    import comfy.utils
-    cn = B.import_distorch()
-    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    dev = torch.device(a.device)
-    n = names(a)
-    folder_paths.add_model_folder_path("diffusion_models", a.model_dir)
-    folder_paths.add_model_folder_path("loras", a.model_dir)
-    kind, _, val = a.config.split("#")[0].partition(":")     # "<config>#<n>": the same configuration again
-    if kind not in ("plain", "distorch", "comfy"):
-        raise SystemExit(f"--config {a.config!r}: give plain, distorch:<virtual_vram_gb> or comfy:<GiB off>")
-    rss = B.RssSampler(0.05, mm)
-    rss.start()
-    row = {"config": a.config, "kind": kind, "value": float(val) if val else None}
-
-    def save():
-        R.write_atomic(a.child_out, json.dumps(row, indent=1, default=str))
-
-    marks = []
-    phase = {"name": None}
-
-    def hook(value, total, preview, **kw):
-        if total not in (a.steps // 2, a.steps - a.steps // 2):
-            return          # not a sampler step: DisTorch's own progress bars (weights -> homes ...) use this hook too
-        if not cpu:
-            torch.cuda.synchronize(dev)
-        marks.append((phase["name"], time.perf_counter()))
-    comfy.utils.set_progress_bar_global_hook(hook)
-
-    g = torch.Generator().manual_seed(1)
-    pos = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
-    neg = [[torch.randn(1, a.ctx, 4096, generator=g), {}]]
-    shape = latent_shape(a)
-    split = a.steps // 2
-    row["rss_before_load"] = rss.mark()
-    ks = nodes.KSamplerAdvanced()
-    filler, fb = None, 0
-
-    def load(which):
-        if kind == "distorch":
-            cls = cn.NODE_CLASS_MAPPINGS["UNETLoaderDisTorch2MultiGPU"]
-            m = cls().load(unet_name=n[which], weight_dtype="default", compute_device=a.device,
-                           virtual_vram_gb=float(val), donor_device="cpu", expert_mode_allocations="",
-                           eject_models=True)[0]
-        else:
-            m = nodes.UNETLoader().load_unet(n[which], "default")[0]
-        if a.lora_rank:
-            m = nodes.LoraLoaderModelOnly().load_lora_model_only(m, n["lora_" + which], 1.0)[0]
-        return ModelSamplingSD3().patch(m, a.shift)[0]
-
-    def off_of(m):
-        if kind == "distorch":
-            st = cn.entry.state_of(m)
-            return st.plan.offloaded_bytes() if st is not None and st.plan is not None else None
-        if kind == "comfy":
-            return m.model_size() - m.loaded_size()
-        return 0
-
-    def phases(models, run):
-        lat = {"samples": torch.zeros(shape)}
-        out = {}
-        for which, add, start, end, left in (("high", "enable", 0, split, "enable"),
-                                             ("low", "disable", split, 10000, "disable")):
-            phase["name"] = f"{run}:{which}"
-            marks.append((phase["name"] + ":start", time.perf_counter()))
-            lat = ks.sample(models[which], add, a.seed, a.steps, 1.0, "euler", "simple", pos, neg, lat, start, end,
-                            left)[0]
-            out[which] = lat["samples"]
-            row.setdefault("off", {})[which] = off_of(models[which])
-        if not cpu:
-            torch.cuda.synchronize(dev)
-        return out
-
-    def step_stats(run):
-        per = {}
-        for which in ("high", "low"):
-            p = f"{run}:{which}"
-            t0 = next(t for nm, t in marks if nm == p + ":start")
-            ts = [t for nm, t in marks if nm == p]
-            per[which] = {"first_s": ts[0] - t0 if ts else None, "steps": [b - x for x, b in zip(ts, ts[1:])]}
-        allsteps = per["high"]["steps"] + per["low"]["steps"]
-        return per, (statistics.median(allsteps) if allsteps else None)
-
-    def timed(run, fn):
-        if not cpu:
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        rss.mark()
+    cpu = a.device == "cpu"
+    total = d["total_bytes"]
+    est = 0.0
+    for nat in ([float(x) for x in a.native.split(",") if x.strip() and float(x) > 0] if not cpu else []):
+        if not guard.allow(est * 1.2 + 5, f"ComfyUI partial ~{nat:g} GiB off", d["skipped"]):
+            continue
         t = time.perf_counter()
-        res = fn()
-        row[f"{run}_s"] = time.perf_counter() - t
-        row[f"peak_vram_{run}"] = max(0, torch.cuda.max_memory_allocated(dev) - fb) if not cpu else 0
-        row[f"rss_{run}"] = rss.peak()
-        row[f"steps_{run}"], row[f"s_step_{run}"] = step_stats(run)
-        say(f"{a.config} {run}: {row[f'{run}_s']:.2f}s, {row[f's_step_{run}'] or 0:.3f} s/step, peak VRAM "
-            f"{row[f'peak_vram_{run}'] / GiB:.2f} GiB, peak RSS {row[f'rss_{run}']['max'].get('VmRSS', 0) / GiB:.2f} GiB")
-        save()
-        return res
-
-    sampler = None
-    if a.sample_stacks:
-        from sampler import StackSampler
-        sampler = StackSampler(0.01)
-
-    def loaded(w):
-        t = time.perf_counter()
-        m = load(w)
-        row.setdefault("load_node_s", {})[w] = time.perf_counter() - t
-        return m
-
-    with torch.inference_mode():
-        def cold():
-            nonlocal filler, fb
-            if sampler is not None:
-                sampler.start()
-            ms = {w: loaded(w) for w in ("high", "low")}
-            if kind == "comfy" and not cpu:
-                filler, fb = B.comfy_filler(mm, ms["high"], shape, int(float(val) * GiB), dev)
-                row["filler"] = fb
-            return ms, phases(ms, "cold")
-        models, out_cold = timed("cold", cold)
-        if sampler is not None:
-            sampler.stop()
-            row["cold_profile"] = sampler.report(top=20)
-            say(f"{a.config} cold: where the time went (sampled stacks)\n" + sampler.text(row["cold_profile"]))
-        out_warm = timed("warm", lambda: phases(models, "warm"))
-        ref_path = os.path.join(a.model_dir, n["ref"])
-        lat = {k: v.detach().cpu() for k, v in out_cold.items()}
-        if kind == "plain":
-            torch.save(lat, ref_path)
-            row["same"] = {"high": True, "low": True}
-        elif os.path.exists(ref_path):
-            ref = torch.load(ref_path)
-            row["same"] = {k: B.bit_equal(lat[k], ref[k]) for k in ("high", "low")}
-        row["warm_same_as_cold"] = all(B.bit_equal(out_warm[k], out_cold[k]) for k in ("high", "low"))
-        row["finite"] = bool(torch.isfinite(lat["low"]).all())
-        save()
+        filler, fb = B.comfy_filler(mm, model, latent_shape(a), int(nat * GiB), torch.device(a.device))
+        r = run(model, f"comfy native ~{nat:g} GiB off", filler=fb)
+        off = total - model.loaded_size()
+        same = B.bit_equal(r.pop("out"), ref)
+        d["rows"].append(dict(kind="comfy", name=f"ComfyUI partial load (asked {nat:g} GiB off)", res=res_label(a),
+                              off=off, asked_gib=nat, filler=fb, same=same, **r))
         del filler
-        filler, fb = None, 0
+        B.unload_all(mm, cpu)
+        B.save_results(d, md)
+        est = max(est, time.perf_counter() - t)
 
-        def unloaded() -> dict:
-            """ComfyUI's unload_all_models (models still referenced, as its node cache holds them) -> RSS."""
-            mm.unload_all_models()
-            gc.collect()
-            if not cpu:
-                torch.cuda.empty_cache()
-            time.sleep(0.2)
-            return rss.read()
-        row["rss_after_unload"] = unloaded()
-        if a.reload and kind != "comfy":
-            # the second load of the same models in this process (ComfyUI reloads them after an unload)
-            out_re = timed("reload", lambda: phases(models, "reload"))
-            row["reload_same_as_cold"] = all(B.bit_equal(out_re[k].cpu(), lat[k]) for k in ("high", "low"))
-            del out_re
-            row["rss_after_unload2"] = unloaded()
-            save()
-        del models, out_cold, out_warm, lat
-        gc.collect()
-        time.sleep(0.2)
-        row["rss_after_drop"] = rss.read()
-    rss.stop()
-    save()
-    say(f"{a.config}: done")
+
+def vram_distorch_rows(a, mm, entry, model, run, ref, d, md, guard) -> None:
+    """DisTorch2 at each --vram virtual_vram_gb, ends first, then midpoints (bench_util.spread_order): a run cut
+    short by the time guard still has points across the range."""
+    cpu = a.device == "cpu"
+    est = 0.0
+    for v in B.spread_order([float(x) for x in a.vram.split(",") if x.strip()]):
+        if not guard.allow(max(est * 1.2, 10.0 if not cpu else 1.0), f"DisTorch2 virtual_vram_gb={v:g}",
+                           d["skipped"]):
+            continue
+        t = time.perf_counter()
+        m = entry.distorch(model, a.device, v, "cpu", "", True)
+        st = entry.state_of(m)
+        pred0 = dict(st.plan.predicted or {})
+        r = run(m, f"distorch {v:g} GiB")
+        stats = {}
+        try:
+            stats = dict(st.handle.stats) if st.handle is not None else dict(st.last_stats or {})
+        except Exception as e:
+            d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
+        same = B.bit_equal(r.pop("out"), ref)
+        d["rows"].append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g}", res=res_label(a), v=v,
+                              off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
+                              pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
+                              meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
+                              same=same, **r))
+        B.unload_all(mm, cpu)
+        B.save_results(d, md)
+        est = max(est, time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------------------------------------------
+# --mode workflow (issue 11): one child process per configuration (bench/wan_child.py)
+# ------------------------------------------------------------------------------------------------------
+def workflow_doc(a, gpu: str) -> dict:
+    """The workflow table's document, without rows yet."""
+    return {"title": "Wan 2.2-style two-expert workflow in ComfyUI: host RAM, cold and warm runs",
+            "gpu": gpu, "torch": "", "comfyui": "0.3.75", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+            "model_line": f"Two experts: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.layers} layers, random "
+                          f"weights in fp8_scaled form (files in {a.model_dir}, read from the page cache), each through "
+                          f"LoraLoaderModelOnly (random rank-{a.lora_rank} LoRA on every block Linear, strength 1) and "
+                          f"ModelSamplingSD3 (shift {a.shift:g}); KSamplerAdvanced euler / simple, cfg 1, {a.steps} "
+                          f"steps: high-noise expert steps 0-{a.steps // 2}, low-noise {a.steps // 2}-{a.steps}; "
+                          f"{res_label(a)} (latent {latent_shape(a)[1:]}), {a.ctx} text tokens.",
+            "rows": [], "skipped": [], "notes": []}
 
 
 def run_workflow(a):
@@ -345,17 +209,7 @@ def run_workflow(a):
         os.remove(ref)          # a stale reference from another run must not be compared against
     gpu = "cpu" if a.device == "cpu" else gpu_name()
     md = B.out_path(a.out, f"wan_workflow_{B.card_tag(gpu)}.md")
-    frames = f"{a.height}x{a.width}x{a.frames}"
-    d = {"title": "Wan 2.2-style two-expert workflow in ComfyUI: host RAM, cold and warm runs",
-         "gpu": gpu, "torch": "", "comfyui": "0.3.75", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-         "model_line": f"Two experts: ComfyUI's WanModel t2v, dim {a.dim}, ffn {a.ffn}, {a.layers} layers, random "
-                       f"weights in fp8_scaled form (files in {a.model_dir}, read from the page cache), each through "
-                       f"LoraLoaderModelOnly (random rank-{a.lora_rank} LoRA on every block Linear, strength 1) and "
-                       f"ModelSamplingSD3 (shift {a.shift:g}); KSamplerAdvanced euler / simple, cfg 1, {a.steps} steps: "
-                       f"high-noise expert steps 0-{a.steps // 2}, low-noise {a.steps // 2}-{a.steps}; {frames} "
-                       f"(latent {latent_shape(a)[1:]}), {a.ctx} text tokens.",
-         "rows": [], "skipped": [], "notes": []}
+    d = workflow_doc(a, gpu)
     try:
         import torch
         d["torch"] = torch.__version__
@@ -372,36 +226,44 @@ def run_workflow(a):
         if not guard.allow(need, cfg, d["skipped"]):
             save()
             continue
-        out = os.path.join(a.model_dir, f"wan_{a.tag}_row_{cfg.replace(':', '_').replace('#', '_r')}.json")
-        if os.path.exists(out):
-            os.remove(out)
-        cmd = [sys.executable, os.path.abspath(__file__), "--mode", "child", "--config", cfg, "--child-out", out] \
-            + pass_args(a)
-        readahead([os.path.join(a.model_dir, n[k]) for k in ("high", "low", "lora_high", "lora_low")])
         limit = min(a.child_timeout, left - 3) if left != float("inf") else a.child_timeout
-        say(f"{cfg}: child process (limit {limit:.0f}s)")
-        t = time.perf_counter()
-        err = None
-        try:
-            p = subprocess.run(cmd, timeout=limit)
-            if p.returncode != 0:
-                err = f"exit code {p.returncode}"
-        except subprocess.TimeoutExpired:
-            err = f"killed after {limit:.0f}s"
-        dt = time.perf_counter() - t
-        est = max(est, dt)
-        row = {"config": cfg}
-        if os.path.exists(out):
-            row = json.load(open(out))
-        if err:
-            row["error"] = err
-        row["process_s"] = dt
+        row, err = run_child(a, cfg, limit)
+        est = max(est, row["process_s"])
         d["rows"].append(row)
         save()
-        say(f"{cfg}: {dt:.1f}s{' (' + err + ')' if err else ''}")
+        say(f"{cfg}: {row['process_s']:.1f}s{' (' + err + ')' if err else ''}")
     save()
     print(open(md).read())
     say(f"wrote {md}")
+
+
+def run_child(a, cfg: str, limit: float) -> tuple:
+    """One configuration in a child process (--mode child) of at most `limit` seconds -> (its row, with process_s
+    and error where it failed or was killed; that error or None)."""
+    n = names(a)
+    out = os.path.join(a.model_dir, f"wan_{a.tag}_row_{cfg.replace(':', '_').replace('#', '_r')}.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [sys.executable, os.path.abspath(__file__), "--mode", "child", "--config", cfg, "--child-out", out] \
+        + pass_args(a)
+    readahead([os.path.join(a.model_dir, n[k]) for k in ("high", "low", "lora_high", "lora_low")])
+    say(f"{cfg}: child process (limit {limit:.0f}s)")
+    t = time.perf_counter()
+    err = None
+    try:
+        p = subprocess.run(cmd, timeout=limit)
+        if p.returncode != 0:
+            err = f"exit code {p.returncode}"
+    except subprocess.TimeoutExpired:
+        err = f"killed after {limit:.0f}s"
+    dt = time.perf_counter() - t
+    row = {"config": cfg}
+    if os.path.exists(out):
+        row = json.load(open(out))
+    if err:
+        row["error"] = err
+    row["process_s"] = dt
+    return row, err
 
 
 def readahead(paths: list) -> None:

@@ -1,8 +1,10 @@
 """The model files of bench/bench_comfy_wan.py: a Wan-2.x-14B-shaped expert in ComfyUI's fp8_scaled form
 (random weights, each Linear weight float8_e4m3fn with its float32 scale_weight, the rest bf16, the
-scaled_fp8 marker) and a random rank-r LoRA per expert in ComfyUI's key format, made once and reused.
+scaled_fp8 marker) and a random rank-r LoRA per expert in ComfyUI's key format, made once and reused; and
+the latent shape the runs sample.
 
     n = ensure_files(a)      # the missing or incomplete files made; n = names(a): key -> file name
+    latent_shape(a)          # the latent of --height x --width x --frames (16 channels, 4x time, 8x space)
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ def wan_params(a) -> dict:
     return dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=a.dim, ffn_dim=a.ffn,
                 freq_dim=256, text_dim=4096, out_dim=16, num_heads=a.dim // 128, num_layers=a.layers,
                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+
+def latent_shape(a) -> tuple:
+    return (1, 16, (a.frames - 1) // 4 + 1, a.height // 8, a.width // 8)
 
 
 def wan_layout(a):

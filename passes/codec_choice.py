@@ -215,10 +215,8 @@ def _limit(plan: Plan, inventory: Inventory | None, budget_bytes: int | None) ->
     return int(cap) if free is None else min(int(cap), free)
 
 
-def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: str = "auto",
-                 budget_bytes: int | None = None) -> Plan:
-    """A copy of `plan` with `codec` set (see the module docstring) and its predictions updated;
-    predicted["codec"] says what was weighed."""
+def _check(plan: Plan, graph: ModuleGraph, mode: str) -> None:
+    """CodecChoiceError for a bad mode, no graph, or plan units the graph lacks."""
     if mode not in MODES:
         raise CodecChoiceError(f"codec mode {mode!r}: expected one of {', '.join(MODES)}")
     if graph is None:
@@ -227,7 +225,16 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
     missing = [u.name for u in plan.units if u.name not in names]
     if missing:
         raise CodecChoiceError(f"plan units {missing[:4]} are not in the graph; pass the graph of this plan")
-    info = codec_info(plan, graph, inventory)
+
+
+def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: str = "auto",
+                 budget_bytes: int | None = None, info: dict[str, UnitCodec] | None = None) -> Plan:
+    """A copy of `plan` with `codec` set (see the module docstring) and its predictions updated;
+    predicted["codec"] says what was weighed.  `info`: codec_info(plan, graph, inventory) where the caller
+    has it already (computed here when None)."""
+    _check(plan, graph, mode)
+    if info is None:
+        info = codec_info(plan, graph, inventory)
     sim = _Sim(plan, graph, inventory, info)
     pr = dict(plan.predicted or {})
     prev = pr.get("codec") if plan.codec else None
@@ -333,12 +340,13 @@ def choose_codec_with_room(plan: Plan, graph: ModuleGraph, inventory: Inventory,
     nodes' virtual_vram_gb near the model size) the scratch never fits, though streaming a few more layers
     compressed costs far less link time than the compression saves (Flux-dev, 20 of 22 GiB off on a 12 GiB
     H200: 0.12 GiB of scratch against 0.04 GiB of room)."""
-    out = choose_codec(plan, graph, inventory, mode=mode)
+    _check(plan, graph, mode)
+    info = codec_info(plan, graph, inventory)        # the original plan's candidates, weighed once
+    out = choose_codec(plan, graph, inventory, mode=mode, info=info)
     c = out.predicted.get("codec") or {}
     limit = c.get("limit_bytes")
     if repartition is None or mode == "off" or not c.get("dropped") or limit is None or is_host(plan.compute):
         return out
-    info = codec_info(plan, graph, inventory)
     everything = [n for n in info if n in set(c.get("units", ())) | set(c["dropped"])]
     need = scratch_bytes(info, everything, plan.compute)
     base = plan.predicted or {}

@@ -1,35 +1,18 @@
-"""Cost model, partition pass, schedule and verify: invariants on hand-built and random graphs."""
-import copy
+"""Partition pass: virtual_vram_gb budgets, expert strings and their round trip, donors, errors, ranking;
+invariants on hand-built and random graphs.  The cost model: tests/test_partition_cost.py; schedule and
+verify: tests/test_partition_schedule.py."""
 import random
 
 import pytest
 
-from distorch.compiler.cost import (COPY_FIXED_S, item_keys, FALLBACK_FLOPS_PER_BYTE, simulate, slot_gates, stream_groups,
-                                    unit_compute_s, unit_transfer_s)
+from distorch.compiler.cost import simulate
 from distorch.compiler.graph import ModuleGraph, Unit, ROOT
 from distorch.compiler.inventory import declare
-from distorch.compiler.plan import Plan
 from distorch.errors import DisTorchError, PartitionError
 from distorch.passes.partition import partition
 from distorch.passes.rank import priority_order
-from distorch.passes.schedule import Schedule, schedule
-from distorch.passes.verify import PlanVerificationError, check, verify
 
-GiB, MiB = 1 << 30, 1 << 20
-INV = declare("cuda:0=24GiB,cuda:1=16GiB,cpu=64GiB;cuda:1<>cuda:0=100GB/s")
-
-
-def flux_like(n_double=8, n_single=16, flops=False):
-    us = [Unit("img_in", "Linear", param_bytes=6 * MiB, kind="leaf"),
-          Unit("time_in", "MLP", param_bytes=20 * MiB, kind="leaf")]
-    us += [Unit(f"double_blocks.{i}", "DoubleStreamBlock", param_bytes=650 * MiB) for i in range(n_double)]
-    us += [Unit(f"single_blocks.{i}", "SingleStreamBlock", param_bytes=270 * MiB) for i in range(n_single)]
-    us += [Unit("final_layer", "LastLayer", param_bytes=30 * MiB, kind="leaf"),
-           Unit(ROOT, "Root", param_bytes=3 * MiB, kind="root")]
-    if flops:
-        for u in us:
-            u.flops = u.bytes * 2000.0
-    return ModuleGraph(us, source="flux-like")
+from partition_graphs import GiB, INV, MiB, check_invariants, flux_like
 
 
 def random_graph(rng: random.Random) -> ModuleGraph:
@@ -51,124 +34,6 @@ def random_graph(rng: random.Random) -> ModuleGraph:
 
 def homes(plan):
     return {u.name: u.device for u in plan.units}
-
-
-def check_invariants(plan, graph, inv):
-    # bytes conserved
-    assert plan.model_bytes == graph.total_bytes
-    assert sum(d["bytes"] for d in plan.devices.values()) == graph.total_bytes
-    assert [u.name for u in plan.units] == [u.name for u in graph.units]
-    for d, info in plan.devices.items():
-        assert info["bytes"] == sum(u.bytes for u in plan.units if u.device == d)
-        assert info["units"] == sum(1 for u in plan.units if u.device == d)
-        assert sum(info["types"].values()) == info["units"]
-        use = plan.predicted["compute_peak_bytes"] if d == plan.compute else info["bytes"]
-        assert use <= inv.devices[d].free_bytes <= inv.devices[d].total_bytes
-    pr = plan.predicted
-    assert pr["step_s"] >= pr["compute_s"] - 1e-12
-    for link, b in pr["per_link_bytes"].items():
-        src, dst = link.split(">")
-        assert pr["step_s"] >= b / inv.bandwidth(src, dst) - 1e-12
-    assert abs(pr["overhead_s"] - (pr["step_s"] - pr["compute_s"])) < 1e-12
-    # the footprint on the compute device: resident weights + the runtime's slots + scratch + buffers
-    assert pr["peak_bytes"] == pr["compute_peak_bytes"] == (
-        plan.devices[plan.compute]["bytes"] + pr["slots"] * pr["slot_bytes"] + pr["dequant_scratch_bytes"]
-        + pr["dequant_transient_bytes"] + pr["runtime_buffers_bytes"])
-    assert pr["resident_bytes"] == plan.devices[plan.compute]["bytes"]
-    assert pr["slots"] * max((u.bytes for u in plan.offloaded()), default=0) <= plan.window_bytes
-    assert pr["slot_bytes"] >= max((u.bytes for u in plan.offloaded()), default=0)
-    if pr.get("budget_bytes") is not None:
-        assert pr["compute_peak_bytes"] <= pr["budget_bytes"]
-        assert pr["window_max_bytes"] <= pr["budget_bytes"] - (pr["compute_peak_bytes"] - pr["window_footprint_bytes"])
-    sched = schedule(plan, graph)
-    verify(plan, sched)
-    # the schedule's ring is the one the cost model simulated
-    off = plan.offloaded()
-    groups = stream_groups([u.bytes for u in off], max((u.bytes for u in off), default=0), item_keys([u.device for u in off], [u.order for u in off]))
-    assert sched.items == [[off[k].name for k in grp] for grp in groups]
-    assert sched.n_slots == plan.predicted["n_slots"]
-    # plain data: JSON round trips
-    assert Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
-    assert Schedule.from_dict(sched.to_dict()) == sched
-
-
-# --- cost model ----------------------------------------------------------------------------------
-
-def test_compute_time_precedence():
-    inv = declare("cuda:0=8GiB@100TFLOPS,cpu=8GiB")
-    u = Unit("b", "B", param_bytes=1000)
-    assert unit_compute_s(u, "cuda:0", inv) == pytest.approx(1000 * FALLBACK_FLOPS_PER_BYTE / 100e12)
-    u.flops = 5e12
-    u.calls = 2
-    assert unit_compute_s(u, "cuda:0", inv) == pytest.approx(0.1)
-    u.time_s = 0.003
-    assert unit_compute_s(u, "cuda:0", inv) == 0.003
-
-
-def test_transfer_time():
-    inv = declare("cuda:0=8GiB,cpu=8GiB;cpu>cuda:0=10GB/s")
-    assert unit_transfer_s(10**9, "cpu", "cuda:0", inv) == pytest.approx(0.1 + COPY_FIXED_S)
-    assert unit_transfer_s(10**9, "cuda:0", "cuda:0", inv) == 0.0
-
-
-def _uniform(n, t_compute):
-    return ModuleGraph([Unit(f"blocks.{i}", "B", param_bytes=10**9, time_s=t_compute) for i in range(n)])
-
-
-def test_simulate_resident_equals_compute():
-    g = _uniform(10, 0.01)
-    r = simulate(g.units, {}, "cuda:0", INV, 0)
-    assert r["step_s"] == pytest.approx(0.1) and r["overhead_s"] == pytest.approx(0.0)
-
-
-def test_simulate_link_bound_reaches_floor():
-    inv = declare("cuda:0=80GiB,cpu=80GiB;cpu>cuda:0=10GB/s")
-    g = _uniform(10, 0.001)
-    h = {u.name: "cpu" for u in g.units}
-    r = simulate(g.units, h, "cuda:0", inv, 2 * 10**9)
-    link_s = 10 * (0.1 + COPY_FIXED_S)
-    assert r["step_s"] >= link_s
-    assert r["step_s"] == pytest.approx(link_s, rel=0.02)
-    assert r["per_link_bytes"] == {"cpu>cuda:0": 10 * 10**9}
-
-
-def test_simulate_prefetch_wraps_step_boundary():
-    # one offloaded unit at the very start; its copy (0.05 s) hides behind the previous step's compute
-    inv = declare("cuda:0=80GiB,cpu=80GiB;cpu>cuda:0=20GB/s")
-    g = _uniform(10, 0.01)
-    h = {"blocks.0": "cpu"}
-    r = simulate(g.units, h, "cuda:0", inv, 10**9)
-    assert r["step_s"] == pytest.approx(0.1)
-    # ... and with one step only (cold start) the copy is exposed
-    r1 = simulate(g.units, h, "cuda:0", inv, 10**9, steps=1)
-    assert r1["step_s"] > 0.1
-
-
-def test_simulate_window_size_matters():
-    inv = declare("cuda:0=80GiB,cpu=80GiB;cpu>cuda:0=20GB/s")
-    g = _uniform(12, 0.03)  # copy 0.05 s > one unit's compute: needs two units of compute to hide
-    h = {f"blocks.{i}": "cpu" for i in range(0, 12, 2)}
-    one = simulate(g.units, h, "cuda:0", inv, 10**9)["step_s"]
-    two = simulate(g.units, h, "cuda:0", inv, 2 * 10**9)["step_s"]
-    assert two < one
-    assert two == pytest.approx(0.36)
-
-
-def test_slot_gates_monotone_and_wrap():
-    for m in range(1, 12):
-        for n in range(1, 5):
-            gs = slot_gates(m, n)
-            assert gs == sorted(gs)
-            for k, (ds, g) in enumerate(gs):
-                assert (ds, g) < (0, k)   # issued before the unit itself is used
-                # ring: the trigger is the item min(n, m) places earlier in the periodic sequence
-                assert (ds * m + g) == k - min(n, m)
-
-
-def test_simulate_window_too_small():
-    g = _uniform(4, 0.01)
-    with pytest.raises(ValueError):
-        simulate(g.units, {"blocks.0": "cpu"}, "cuda:0", INV, 10)
 
 
 # --- partition: virtual_vram_gb ---------------------------------------------------------------
@@ -396,154 +261,6 @@ def test_window_argument():
         partition(g, INV, "cuda:0", offload_gb=4, window_bytes=MiB)
 
 
-# --- schedule / verify ----------------------------------------------------------------------------
-
-def test_schedule_shape():
-    g = flux_like()
-    p = partition(g, INV, "cuda:0", offload_gb=5)
-    s = schedule(p, g)
-    off = p.offloaded()
-    assert [ld.unit for ld in s.loads] == [u.name for u in off]
-    assert s.n_slots == p.predicted["n_slots"] >= 1
-    assert s.slot_bytes == max(u.bytes for u in off)
-    # items: the greedy packing of compiler.cost.stream_groups, consecutive offloaded units, each once
-    groups = stream_groups([u.bytes for u in off], s.slot_bytes, item_keys([u.device for u in off], [u.order for u in off]))
-    assert s.items == [[off[k].name for k in grp] for grp in groups]
-    assert [n for it in s.items for n in it] == [u.name for u in off]
-    n_items = len(s.items)
-    assert 1 <= s.n_slots <= n_items
-    assert s.prologue == s.items[:s.n_slots]
-    for k, ld in enumerate(s.loads):
-        q = ld.item
-        it = s.items[q]
-        assert ld.unit in it
-        j = it.index(ld.unit)
-        assert ld.item_offset == sum((x.bytes + 255) // 256 * 256 for x in s.loads[k - j:k])
-        assert ld.slot == q % s.n_slots and ld.slot_offset == ld.slot * s.slot_bytes + ld.item_offset
-        assert s.slot_for(k, 1) == s.item_slot(q, 1) == (n_items + q) % s.n_slots
-        # issued after the last unit of the item n_slots earlier in the ring (previous call for the first ones)
-        assert ld.issue_after == s.items[(q - s.n_slots) % n_items][-1]
-        assert ld.next_step == (q < s.n_slots)
-        assert ld.release_after == it[-1]
-    for q in range(n_items):
-        assert s.item_bytes(q) <= s.slot_bytes
-    computes = [o["unit"] for o in s.ops if o["op"] == "compute"]
-    assert computes == [u.name for u in g.units]
-    loads = [o for o in s.ops if o["op"] == "load"]
-    assert sorted(o["item"] for o in loads) == list(range(n_items))
-    for o in loads:
-        assert o["units"] == s.items[o["item"]] and o["unit"] == o["units"][0]
-        assert o["bytes"] == s.item_bytes(o["item"])
-    assert [(o["unit"], o["item"]) for o in s.ops if o["op"] == "wait"] == [(it[0], q) for q, it in enumerate(s.items)]
-    assert [(o["unit"], o["item"]) for o in s.ops if o["op"] == "release"] == \
-        [(it[-1], q) for q, it in enumerate(s.items)]
-
-
-def _tiny_head_graph():
-    """Flux-like: 6 embedders of a few KB ahead of 8 big blocks and a small final layer."""
-    us = [Unit(f"embed.{i}", "Linear", param_bytes=3000 + 517 * i, kind="leaf") for i in range(6)]
-    us += [Unit(f"blocks.{i}", "Block", param_bytes=400 * MiB, time_s=0.01) for i in range(8)]
-    us += [Unit("final_layer", "LastLayer", param_bytes=5000, kind="leaf")]
-    return ModuleGraph(us, source="tiny-head")
-
-
-@pytest.mark.parametrize("slots", [2, 3, 4, 8, 12])
-def test_schedule_packs_tiny_units_into_one_item(slots):
-    g = _tiny_head_graph()
-    inv = declare("cuda:0=24GiB,cpu=64GiB")
-    p = partition(g, inv, "cuda:0", offload_gb=g.total_bytes / GiB + 1, window_bytes=slots * 400 * MiB)
-    off = p.offloaded()
-    assert len(off) == 15
-    s = schedule(p, g)
-    groups = stream_groups([u.bytes for u in off], max(u.bytes for u in off), item_keys([u.device for u in off], [u.order for u in off]))
-    assert s.items == [[off[k].name for k in grp] for grp in groups]
-    assert s.items[0] == [f"embed.{i}" for i in range(6)]          # all tiny units: one item, one copy
-    assert s.items[1:] == [[f"blocks.{i}"] for i in range(8)] + [["final_layer"]]   # blocks fill a slot each
-    assert s.n_slots == p.predicted["n_slots"] == min(slots, len(s.items))
-    first = [ld for ld in s.loads if ld.item == 0]
-    assert [ld.item_offset for ld in first] == [0, 3072, 6656, 10752, 15360, 20480]   # 256-aligned
-    assert len([o for o in s.ops if o["op"] == "load"]) == len(s.items)
-    assert sum(o["op"] == "wait" for o in s.ops) == len(s.items)
-    verify(p, s)
-    check_invariants(p, g, inv)
-
-
-def test_verify_catches_broken_plans():
-    g = flux_like()
-    p = partition(g, INV, "cuda:0", offload_gb=5)
-    s = schedule(p, g)
-    assert check(p, s) == []
-    assert len(s.items) > s.n_slots            # some loads are same-step loads
-    bad = copy.deepcopy(s)
-    bad.ops = [o for o in bad.ops if not (o["op"] == "load" and o["item"] == len(s.items) - 1)]
-    assert any("used before" in e or "loaded 0 times" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)
-    bad.n_slots = s.n_slots + 5
-    assert any("window exceeded" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # a copy issued too early: into a slot still in use
-    i = next(j for j, o in enumerate(bad.ops) if o["op"] == "load" and not o["next_step"])
-    op = bad.ops.pop(i)
-    bad.ops.insert(0, op)
-    assert any("still holds" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # a slot never released
-    bad.ops = [o for o in bad.ops if not (o["op"] == "release" and o["item"] == 0)]
-    assert any("still holds" in e or "never released" in e for e in check(p, bad))
-    # a slot released after the first unit of a multi-unit item (everything offloaded: the leaves and
-    # single blocks share items; at 5 GiB the offloaded units are spread between resident ones, which
-    # never share an item)
-    pa = partition(g, INV, "cuda:0", offload_gb=1000)
-    sa = schedule(pa, g)
-    assert check(pa, sa) == []
-    assert all(len(it) == 1 for it in s.items)
-    bad = copy.deepcopy(sa)
-    q = next(q for q, it in enumerate(sa.items) if len(it) > 1)
-    i = next(j for j, o in enumerate(bad.ops) if o["op"] == "release" and o["item"] == q)
-    op = bad.ops.pop(i)
-    c = next(j for j, o in enumerate(bad.ops) if o["op"] == "compute" and o["unit"] == sa.items[q][0])
-    bad.ops.insert(c + 1, op)
-    assert any(f"released before {sa.items[q][1]} computed" in e for e in check(pa, bad))
-    bad = copy.deepcopy(s)                  # an item's wait dropped: its first unit computes on an unfinished copy
-    bad.ops = [o for o in bad.ops if not (o["op"] == "wait" and o["item"] == 2)]
-    assert any("before waiting" in e for e in check(p, bad))
-    badp = copy.deepcopy(p)
-    badp.devices["cuda:0"]["bytes"] += 1
-    assert any("add up" in e for e in check(badp, s))
-    badp = copy.deepcopy(p)
-    badp.window_bytes = 100 * GiB
-    bs = copy.deepcopy(s)
-    bs.window_bytes = badp.window_bytes
-    assert any("free" in e for e in check(badp, bs))
-    with pytest.raises(PlanVerificationError):
-        verify(badp, bs)
-
-
-def test_verify_catches_broken_items():
-    g = _tiny_head_graph()
-    inv = declare("cuda:0=24GiB,cpu=64GiB")
-    p = partition(g, inv, "cuda:0", offload_gb=g.total_bytes / GiB + 1, window_bytes=3 * 400 * MiB)
-    s = schedule(p, g)
-    assert check(p, s) == [] and len(s.items[0]) == 6
-    bad = copy.deepcopy(s)                  # an item that overflows its slot: a block joins the embedders
-    bad.items[0] = bad.items[0] + bad.items.pop(1)
-    assert any("does not fit a slot" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # units overlapping inside the slot
-    bad.loads[1].item_offset = 0
-    bad.loads[1].slot_offset = bad.loads[1].slot * s.slot_bytes
-    assert any("offset" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # a unit left out of every item
-    bad.items[0] = bad.items[0][1:]
-    assert any("no ring item" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # an empty item
-    bad.items[1:1] = [[]]
-    assert any("empty ring item" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # items split without their loads: the loads point at other items
-    bad.items[0:1] = [s.items[0][:3], s.items[0][3:]]
-    assert any("expected item 1 at 0" in e for e in check(p, bad))
-    bad = copy.deepcopy(s)                  # a wrong slot recorded for a unit
-    bad.loads[7].slot = (bad.loads[7].slot + 1) % s.n_slots
-    assert any("uses slot" in e for e in check(p, bad))
-
-
 def test_expert_byte_amount_larger_than_device_is_named():
     from distorch.compiler.inventory import declare
     from distorch.errors import AllocationError
@@ -557,27 +274,6 @@ def test_expert_byte_amount_larger_than_device_is_named():
     # the same string with a size the card has is fine
     plan = partition(g, inv, "cuda:0", expert="cuda:0,2gb;cpu,*")
     assert sum(u.bytes for u in plan.units if u.device == "cuda:0") <= 2 << 30
-
-
-def test_simulate_ring_items_small_units_do_not_eat_look_ahead():
-    """Flux-like step: 8 tiny units, 4 big units whose copies outlast their compute, 8 units the reverse.
-    One item per unit: the ring's look-ahead at the step boundary is spent on the tiny units, the big
-    ones stall.  Packed into items (compiler.cost.stream_groups), the same window runs at the link floor."""
-    from distorch.compiler.cost import simulate_core, stream_groups
-    ct = [0.0] * 8 + [3.0] * 4 + [3.2] * 8
-    tt = [0.1] * 8 + [6.7] * 4 + [2.8] * 8
-    sizes = [10] * 8 + [2_000_000] * 4 + [800_000] * 8
-    off = list(range(20))
-    link = ["cpu"] * 20
-    floor = sum(tt)
-    groups = stream_groups(sizes, max(sizes))
-    assert groups[0] == list(range(8)) and len(groups) == 1 + 4 + 4
-    single, _ = simulate_core(ct, tt, link, off, 4, steps=4)
-    packed, _ = simulate_core(ct, tt, link, off, 4, steps=4, groups=groups)
-    assert packed == pytest.approx(floor, rel=1e-9)
-    assert single > floor * 1.05
-    # one unit per item is the default
-    assert simulate_core(ct, tt, link, off, 4, steps=4, groups=[[k] for k in off])[0] == single
 
 
 def test_slow_donor_gets_the_best_hiding_units():
