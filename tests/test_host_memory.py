@@ -230,6 +230,41 @@ def test_parallel_fill_gives_identical_bytes(monkeypatch):
     assert fill.pieces(torch.empty(10000), torch.zeros(10000), chunk=4096)[0][0].numel() == 1024
 
 
+def test_fill_keeps_every_thread_busy_across_units(monkeypatch):
+    """Pieces, not units, are the grain: with units of two pieces and a window of a fraction of one unit, four
+    threads still copy four pieces at once (units as the grain kept one unit, two pieces, in flight), the
+    units are handed over in order and the bytes land exactly."""
+    import threading
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "CHUNK", 4096)
+    monkeypatch.setattr(fill, "WINDOW_FRACTION", 0.0)
+    monkeypatch.setattr(fill, "WINDOW_SLACK", 0)
+    lock, running, most, enough = threading.Lock(), [0], [0], threading.Event()
+    real = fill.copy_piece
+
+    def copy(dst, src):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            if running[0] >= 4:
+                enough.set()
+        enough.wait(2.0)                   # hold the piece until four run at once (or give up after 2 s)
+        real(dst, src)
+        with lock:
+            running[0] -= 1
+    monkeypatch.setattr(fill, "copy_piece", copy)
+    srcs = [torch.randn(2048) for _ in range(8)]          # 8 KiB each: two pieces per unit
+    dsts = [torch.empty(2048) for _ in srcs]
+    order = []
+    fill.fill_units([(f"u{i}", [(d, s)]) for i, (d, s) in enumerate(zip(dsts, srcs))], order.append, n_threads=4)
+    assert order == list(range(8))
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+    assert most[0] == 4, f"at most {most[0]} pieces ran at once on 4 threads"
+    assert fill.in_flight_cap(10 << 30, 8) == 8 * fill.CHUNK          # at least one piece per thread
+    monkeypatch.undo()
+    assert fill.in_flight_cap(100 << 30, 8) == 4 * 8 * fill.CHUNK     # at most four
+
+
 @pytest.mark.parametrize("n_threads", [1, 4])
 def test_failing_copy_leaves_nothing_half_applied(monkeypatch, n_threads):
     from distorch.errors import DisTorchError
