@@ -210,6 +210,16 @@ def parse_args(argv=None):
     return a
 
 
+def plan_detail(st) -> dict:
+    """What an offline re-plan needs (compiler.cost.simulate on other placements): every unit's home, bytes,
+    bytes as streamed and kind, and the compute seconds per unit call of the last profiled step (the runtime's
+    measured prediction keeps them: runtime/autotune.py)."""
+    out = {"units": [[u.name, u.device, u.bytes, (st.plan.codec or {}).get(u.name), u.kind, u.order]
+                     for u in st.plan.units]}
+    out["unit_times"] = (st.plan.predicted or {}).get("measured_unit_times") or {}
+    return out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 3 and argv[0] == "--plot":       # python bench/bench_comfy.py --plot X.json X.png
@@ -328,6 +338,7 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
                 d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
             same = bit_equal(r.pop("out"), ref[res])
             gran = (pred0.get("granularity") or {}).get("chosen", "block")
+            r["plan_detail"] = plan_detail(st)
             rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g} [{gran}]", res=label[res], v=v,
                              gran=gran,
                              off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),

@@ -310,7 +310,8 @@ class Autotune(UnitPart):
                                   window_bytes=rt.ring.W * rt.unit_bytes)
         f = {k: sim[k] for k in _FIELDS}
         f.update(basis="measured", measured_step_s=m["step_s"], gap_s=m["gap_s"], measured_slots=rt.ring.W,
-                 measured_link_rates={k: v for k, v in m["rates"].items() if math.isfinite(v)})
+                 measured_link_rates={k: v for k, v in m["rates"].items() if math.isfinite(v)},
+                 measured_unit_times=dict(m["times"]))    # s per call of each unit that ran: a re-plan's input
         if "profiled_step_s" in m:
             f.update(profiled_step_s=m["profiled_step_s"], profiler_cost_s=m["profiler_cost_s"])
         return f

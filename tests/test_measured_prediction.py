@@ -183,6 +183,9 @@ def test_a_ring_holding_every_item_moves_nothing_per_step():
         assert pr["basis"] == "measured" and pr["stall_s"] == 0.0
         assert pr["step_s"] == pytest.approx(pr["compute_s"], rel=1e-12)
         assert pr["measured_link_rates"] == {}         # inf is not written into the plan (JSON)
+        times = pr["measured_unit_times"]              # per unit call, what a re-plan would start from
+        assert set(times) <= {u.name for u in plan.units} and {"blocks.1", "blocks.2"} <= set(times)
+        assert all(t >= 0 for t in times.values()) and times == meas["times"]
         rt.plan.to_json()
     finally:
         rt.undo()
