@@ -96,6 +96,12 @@ class Twice(nn.Module):
         x = self.blocks[2](x)
         return self.blocks[3](x)
 
+    @staticmethod
+    def plan(compute: str) -> Plan:
+        """Every unit of a Twice streamed from the CPU to `compute`."""
+        units = [f"blocks.{i}" for i in range(4)] + ["extra.0"]
+        return Plan(compute=compute, units=[PlacedUnit(n, "Linear", 0, "cpu", i) for i, n in enumerate(units)])
+
 
 # ------------------------------------------------------------------------------------------------
 # ring items: small units travel together

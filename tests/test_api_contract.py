@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_runtime import ToyDiT, make_plan, toy_inputs  # noqa: E402
+from runtime_toys import ToyDiT, make_plan, toy_inputs  # noqa: E402
 
 import distorch  # noqa: E402
 from distorch.errors import DisTorchError  # noqa: E402

@@ -15,7 +15,7 @@ from distorch.runtime.apply import apply
 from distorch.runtime.codec_stream import CodedBinder, SlotDecode
 from distorch.runtime.guard import StateError
 
-from test_runtime import ToyDiT, make_plan, toy_inputs
+from runtime_toys import ToyDiT, make_plan, toy_inputs
 
 D = 256          # Linear weights of 256 x 256 and up: at least formats.bf16_encode.MIN_CODED_NUMEL values
 

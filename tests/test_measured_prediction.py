@@ -19,7 +19,7 @@ from distorch.runtime import stats as rstats
 from distorch.runtime.apply import apply
 from distorch.runtime.autotune import measured_prediction
 
-from test_runtime import ToyDiT, _mixed_case, _mixed_times, make_plan, nbytes, run, toy_inputs
+from runtime_toys import ToyDiT, _mixed_case, _mixed_times, make_plan, nbytes, run, toy_inputs
 
 
 def _resimulate(plan, m, slots, unit_bytes):

@@ -29,7 +29,7 @@ from distorch.runtime.signatures import Tunings, signature, text
 from distorch.runtime.stream import HostEvent
 
 from test_measured_prediction import _resimulate
-from test_runtime import Mixed, _mixed_plan, _mixed_times, nbytes
+from runtime_toys import Mixed, _mixed_plan, _mixed_times, nbytes
 
 XA = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))     # input A
 XB = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))     # input B: another signature

@@ -20,12 +20,7 @@ from distorch.errors import DisTorchError
 from distorch.runtime import stats as rstats
 from distorch.runtime.apply import apply
 
-# the toy models and plan helpers (tests/runtime_toys.py), re-exported (__all__) for the test files that import
-# them from here: test_api_contract, test_codec_stream, test_measured_prediction, test_retune, test_step_boundary
-from runtime_toys import (C, Mixed, ToyDiT, Twice, _mixed_case, _mixed_plan, _mixed_times, make_plan, nbytes, run,
-                          toy_inputs)
-
-__all__ = ["Mixed", "ToyDiT", "_mixed_case", "_mixed_plan", "_mixed_times", "make_plan", "nbytes", "run", "toy_inputs"]
+from runtime_toys import C, ToyDiT, Twice, make_plan, nbytes, run, toy_inputs
 
 
 @pytest.fixture
@@ -107,9 +102,7 @@ def test_called_twice_and_branches():
     x = torch.randn(3, 16)
     with torch.no_grad():
         ref_a, ref_b = m(x), m(x, branch=True)
-    units = [f"blocks.{i}" for i in range(4)] + ["extra.0"]
-    pu = [PlacedUnit(n, "Linear", 0, "cpu", i) for i, n in enumerate(units)]
-    rt = apply(m, Plan(compute=C, units=pu), window_units=2, progress=False)
+    rt = apply(m, Twice.plan(C), window_units=2, progress=False)
     try:
         with torch.no_grad():
             for branch in [False, False, False, True, False, True, True, False]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distorch.compiler.plan import Plan, PlacedUnit
 from distorch.runtime import stats as rstats
 from distorch.runtime.apply import apply
 
@@ -73,9 +72,7 @@ def test_cuda_order_deviation_and_unit_called_twice():
     x = torch.randn(8, 256, device=dev)
     with torch.no_grad():
         ref_a, ref_b = m(x), m(x, branch=True)
-    units = [f"blocks.{i}" for i in range(4)] + ["extra.0"]
-    pu = [PlacedUnit(n, "Linear", 0, "cpu", i) for i, n in enumerate(units)]
-    rt = apply(m, Plan(compute=dev, units=pu), window_units=2, progress=False)
+    rt = apply(m, Twice.plan(dev), window_units=2, progress=False)
     try:
         with torch.no_grad():
             for branch in [False, True, True, False, False, True, False, False]:

@@ -14,7 +14,7 @@ import torch
 from distorch.runtime import stream as S
 from distorch.runtime.apply import apply
 
-from test_runtime import _mixed_case
+from runtime_toys import _mixed_case
 
 
 def record(monkeypatch, rt, module):
@@ -137,10 +137,10 @@ def test_the_recorder_sees_what_breaks_the_boundary(monkeypatch):
 
 
 def _cuda_case(seed):
-    """Mixed (tests/test_runtime.py) computing on cuda:0, every unit streamed from pinned host homes; its
+    """Mixed (tests/runtime_toys.py) computing on cuda:0, every unit streamed from pinned host homes; its
     resident output on the GPU as the reference."""
     import copy
-    from test_runtime import Mixed, _mixed_plan
+    from runtime_toys import Mixed, _mixed_plan
     torch.manual_seed(seed)
     m = Mixed().eval()
     x = torch.randn(4, 8, device="cuda:0")
