@@ -126,7 +126,7 @@ def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], None], *,
                 raise DisTorchError(f"copying unit {name!r} into its home failed ({type(err).__name__}: {err}); "
                                     f"{i} unit(s) were homed, this one and later ones are unchanged") from err
             futs[i] = []
-            inflight -= sum(d.numel() * d.element_size() for d, _ in work[i])
+            inflight -= sizes[i]            # its pieces cover exactly its pairs' bytes
             work[i] = None
             on_done(i)
             submit(i + 1)

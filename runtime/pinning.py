@@ -153,8 +153,8 @@ def mapped_empty(shape: "tuple | torch.Size", dtype: "torch.dtype") -> "torch.Te
 
 
 def mapped_copy(t: "torch.Tensor") -> "torch.Tensor":
-    """A contiguous host copy of `t` in an anonymous memory mapping of its own (mmap), for tensors of at least
-    MAPPED_MIN_BYTES; a plain clone otherwise or where mapping fails.
+    """A host copy of `t` (from the host or a device) in an anonymous memory mapping of its own (mmap), for
+    contiguous tensors of at least MAPPED_MIN_BYTES; a plain host copy otherwise or where mapping fails.
 
     Why: glibc serves allocations under its *dynamic* mmap threshold (raised up to 32 MiB each time a mapped
     chunk is freed, which freeing a model's weights does) from the heap, and heap memory freed later is not
@@ -163,8 +163,8 @@ def mapped_copy(t: "torch.Tensor") -> "torch.Tensor":
     last view of it dies, so dropping the model gives the memory back (an H200 Wan-14B fp8 run kept 16 GiB
     after the models were dropped: the 26 MB attention weights, 60 % of the bytes, sat in the heap)."""
     nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < MAPPED_MIN_BYTES or not t.is_contiguous():
-        return t.detach().clone()
+    if nbytes < MAPPED_MIN_BYTES or not t.is_contiguous():
+        return t.detach().to("cpu", copy=True)
     out = mapped_empty(tuple(t.shape), t.dtype)
     out.copy_(t.detach())
     return out

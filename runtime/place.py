@@ -155,7 +155,7 @@ class Resident(UnitPart):
                     continue
                 src = _gs.home_bytes(t)       # a GGUF parameter's stored blocks, else the tensor's data
                 if src.device.type != "cpu":
-                    out.append((t, _host_copy(src)))
+                    out.append((t, _pinning.mapped_copy(src)))
         self.staged = out
 
     def detach(self, rt: Runtime) -> None:
@@ -166,11 +166,3 @@ class Resident(UnitPart):
         self.staged = None
         self.params, self.buffers = [], []
 
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """`t` (on a GPU) copied to the host; 1 MiB or more into a mapping of its own (runtime.pinning)."""
-    if not t.is_contiguous():
-        return t.to("cpu")
-    out = _pinning.mapped_empty(tuple(t.shape), t.dtype)
-    out.copy_(t)
-    return out
