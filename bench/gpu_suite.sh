@@ -8,12 +8,16 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     gguf==0.19.0 diffusers av torchsde trampoline pydantic==2.11.9 pydantic-core==2.33.2 \
-#     pydantic-settings==2.10.1 annotated-types typing-inspection python-dotenv
+#     pydantic-settings==2.10.1 annotated-types typing-inspection python-dotenv pytest-xdist==3.8.0 execnet==2.1.2
 #   (cd .comfy/ComfyUI && tar czf ../../.benchc/comfy.tgz --exclude=__pycache__ .)   # after .ci/setup_comfyui.sh
 # and call the device tool with carry [".whl", ".benchc"].
 # Usage there:  bash bench/gpu_suite.sh [pytest args]   (log and junit XML under $OUT when set)
 #   arguments starting with tests/ run instead of the whole folder (e.g. a second call for the files a first one
-#   did not reach: on the H200 the whole suite, ComfyUI server tests included, takes more than one 10-minute call)
+#   did not reach: on the H200 the whole suite, ComfyUI server tests included, takes more than one 10-minute call
+#   in one process).  With pytest-xdist among the wheels the files are spread over SUITE_WORKERS processes
+#   (default 6; --dist loadfile: a file's tests stay in one process, as their module fixtures expect); every
+#   test measures its own process (peak VRAM, RSS), and the H200's memory holds them all.  SUITE_WORKERS=0:
+#   one process.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
@@ -31,4 +35,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/card.txt"
 WHAT=tests
 for arg in "$@"; do case "$arg" in tests/*) WHAT=""; break;; esac; done
-python3 -m pytest $WHAT -o addopts="" -q -rfEs --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
+PAR=""
+if [ "${SUITE_WORKERS:-6}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+    PAR="-n ${SUITE_WORKERS:-6} --dist loadfile"
+fi
+python3 -m pytest $WHAT -o addopts="" -q -rfEs $PAR --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"

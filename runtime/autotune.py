@@ -40,15 +40,17 @@ launches, a torch.compile recompiling for a new shape) is no fair reference, and
 unprofiled step would delay the resize by a step.  runtime/profile.py times the profiler's host work per
 unit and per copy, and `Profiler.own_cost` counts it where the event it preceded ran right when the host
 recorded it (the stream had nothing queued: it waited for the host); runtime/measured.py
-`without_profiler_cost` takes that out before predicting: the part before units' start events from the
-time outside every unit (never below 0), the part inside a unit's span from that unit's time, the part
+`without_profiler_cost` takes that out before predicting: the part before the step's first unit from the
+root's time (never below 0), the part inside or just before a unit's span from that unit's time, the part
 inside copies' spans from the links' busy time (their rates rise).  Corrections under OVERHEAD_MIN of
 the step are left (measurement noise).  Not counted: torch's slower call path of a resident unit while
 it carries profiling hooks (outside any hook's own timing).
 
 The measured prediction.  Whatever the slot count became, the step is simulated again
 (runtime/measured.py `measured_prediction`: compiler.cost.simulate over copies of the plan's units whose
-time_s are the measured ones, the root unit taking the step's time outside every unit and outside
+time_s are the measured ones -- a unit's span and the un-hooked work just before it, runtime/stats.py
+`lead_gaps`, so the work between the Linear layers of a sub-unit plan stays where it ran -- the root unit
+taking the step's time before the first unit and after the last, outside
 stalls, at the measured link rates, with the ring's slots) and replaces the estimate: plan.predicted
 ["step_s"] / ["compute_s"] / ... with ["basis"] = "measured", the estimate kept as ["estimated_step_s"]
 (and ["estimated_compute_s"], ["estimated_basis"]), the gap before the step as ["gap_s"] (not in step_s:

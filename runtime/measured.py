@@ -25,8 +25,8 @@ __all__ = ["measured_prediction", "without_profiler_cost"]
 
 def without_profiler_cost(m: dict, own: dict, per_link: dict, min_share: float = 0.0) -> dict:
     """Measured step `m` (times, rates, step_s, stall_s, gap_s) less the profiler's own cost `own`
-    (Profiler.own_cost: gap_s, units, copies): the part before units' start events comes off the time
-    outside every unit (never below 0), a unit's inside part off that unit's time, a link's copy part off
+    (Profiler.own_cost: gap_s, units, copies): the part before the step's first unit (and after its last)
+    comes off the root's time (never below 0), a unit's part off that unit's time, a link's copy part off
     its busy time (per_link: home -> bytes one step moves; its rate rises; a copy keeps 1 % of its time).
     Returns a new dict with "profiled_step_s" (the step as measured) and "profiler_cost_s" (what came off
     the step), or `m` itself when all of it is below `min_share` of the step."""
@@ -58,7 +58,8 @@ def measured_prediction(plan: Plan, times: dict, rates: dict, step_s: float, *, 
                         window_bytes: int) -> dict:
     """compiler.cost.simulate of `plan` from measured times: copies of its units (the plan's own objects
     are not touched) with time_s = times[name] (0 for a unit that did not run), the root unit (one made
-    when the plan has none) with the step's time outside every unit and outside the stall, links at the
+    when the plan has none) with the step's time outside every unit's (stats.measured_step: the root's
+    time before the first unit and after the last) and outside the stall, links at the
     measured rates (home -> bytes/s; a link not measured at the rate the plan's own prediction implied),
     `window_bytes` of slots.  Returns simulate's dict."""
     placed = sorted(plan.units, key=lambda u: u.order)

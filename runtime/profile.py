@@ -171,8 +171,10 @@ class Profiler(UnitPart):
         """How much GPU time the profiler's own host work cost the latest profiled step (its events must
         have completed: call after runtime.stats.measured_step, which synchronizes):
 
-            gap_s    seconds before units' start events: time outside every unit
-            units    unit name -> seconds inside its spans (the host enqueued the end event late)
+            gap_s    seconds before the step's first unit and after its last: the root's time
+            units    unit name -> seconds inside its spans (the host enqueued the end event late) and
+                     between the previous unit's end and its start (runtime.stats.lead_gaps counts that
+                     time as the unit's)
             copies   home device -> seconds inside its copies' spans
 
         An event's *lag* is how long after the host's record call it ran, less the smallest lag of the
@@ -199,9 +201,12 @@ class Profiler(UnitPart):
         def counted(c: float, lg: float) -> float:
             return c * min(1.0, max(0.0, 1.0 - (lg - base - LAG_JITTER_S) / LAG_TOL_S))
         units: dict = out["units"]
-        for (_, _, _, _, _, c0, c1, name), (l0, l1) in zip(rows, lag):
-            out["gap_s"] += counted(c0, l0)
-            units[name] = units.get(name, 0.0) + counted(c1, l1)
+        for j, ((_, _, _, _, _, c0, c1, name), (l0, l1)) in enumerate(zip(rows, lag)):
+            if j == 0:            # before the step's first unit: the root's time
+                out["gap_s"] += counted(c0, l0)
+                units[name] = units.get(name, 0.0) + counted(c1, l1)
+            else:                 # between two units: in this unit's measured time (stats.lead_gaps)
+                units[name] = units.get(name, 0.0) + counted(c0, l0) + counted(c1, l1)
         for (_, lane, _, _, c), lg in zip(crow, clag):
             src = lane[5:] if lane.startswith("copy:") else lane
             out["copies"][src] = out["copies"].get(src, 0.0) + counted(c, lg)

@@ -84,30 +84,50 @@ def bytes_per_link(rt: Any) -> dict[str, int]:
     return per_link
 
 
-def stall_seconds(rt: Any, tl: list[dict]) -> float:
-    """Seconds in timeline `tl` (one step) that a streamed unit's compute started after the previous unit
-    finished because its copy was still running."""
+def lead_gaps(rt: Any, tl: list[dict]) -> list[tuple[str, float, float, float]]:
+    """Per unit call of timeline `tl` (one step), in order: (unit, span, lead, stall) in seconds.  span: its
+    own events; stall: the time before its start that a streamed unit waited for its copy after the
+    previous unit finished; lead: the rest of the time between the previous unit's end and its start --
+    work no unit's hooks enclose (attention, norms and activations between the Linear layers of a
+    sub-unit plan), which the step does just before this unit.  The first call has no lead (the time
+    before it is the root's)."""
     comp = sorted((e for e in tl if e["lane"] == "compute"), key=lambda e: e["start_ms"])
     copies: dict[str, list[dict]] = {}
     for e in tl:
         if e["lane"].startswith("copy"):
             copies.setdefault(e["unit"], []).append(e)
-    stall = 0.0
+    out = []
     prev_end = None
     for e in comp:
-        if prev_end is not None and e["unit"] in rt.index:
-            cands = [c for c in copies.get(e["unit"], []) if c["end_ms"] <= e["start_ms"] + 1e-3]
-            if cands:
-                c_end = max(c["end_ms"] for c in cands)
-                stall += max(0.0, min(e["start_ms"], c_end) - prev_end)
+        span = (e["end_ms"] - e["start_ms"]) / 1e3
+        lead = stall = 0.0
+        if prev_end is not None:
+            gap = max(0.0, e["start_ms"] - prev_end)
+            if e["unit"] in rt.index:
+                cands = [c for c in copies.get(e["unit"], []) if c["end_ms"] <= e["start_ms"] + 1e-3]
+                if cands:
+                    c_end = max(c["end_ms"] for c in cands)
+                    stall = min(gap, max(0.0, min(e["start_ms"], c_end) - prev_end))
+            lead = (gap - stall) / 1e3
+            stall /= 1e3
+        out.append((e["unit"], span, lead, stall))
         prev_end = e["end_ms"]
-    return stall / 1e3
+    return out
+
+
+def stall_seconds(rt: Any, tl: list[dict]) -> float:
+    """Seconds in timeline `tl` (one step) that a streamed unit's compute started after the previous unit
+    finished because its copy was still running."""
+    return sum(g[3] for g in lead_gaps(rt, tl))
 
 
 def measured_step(rt: Any) -> dict | None:
     """The latest profiled step as the cost model takes it, or None when there is none:
 
-        times    unit name -> compute seconds in the step (a unit called twice: both calls)
+        times    unit name -> compute seconds in the step attributed to the unit (a unit called twice: both
+                 calls): its own span and the work before it that no unit encloses (lead_gaps), so that a
+                 re-simulation puts that work where it ran, not in one lump at the root
+        spans    unit name -> its own spans alone
         rates    home device -> bytes/s of its link: the bytes one step moves over it / the time its
                  copies took; inf when the ring holds every item and no copy runs per step
         step_s   GPU time of the step (root pre to post hook)
@@ -120,13 +140,15 @@ def measured_step(rt: Any) -> dict | None:
     if not tl or not steps:
         return None
     times: dict[str, float] = {}
+    spans: dict[str, float] = {}
     copy_s: dict[str, float] = {}
+    gaps = lead_gaps(rt, tl)
+    for name, span, lead, _ in gaps:
+        spans[name] = spans.get(name, 0.0) + span
+        times[name] = times.get(name, 0.0) + span + lead
     for e in tl:
-        d = (e["end_ms"] - e["start_ms"]) / 1e3
-        if e["lane"] == "compute":
-            times[e["unit"]] = times.get(e["unit"], 0.0) + d
-        else:
-            copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + d
+        if e["lane"] != "compute":
+            copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + (e["end_ms"] - e["start_ms"]) / 1e3
     per_link = bytes_per_link(rt)
     rates = {k: per_link[k] / v for k, v in copy_s.items() if v > 0 and k in per_link}
     ring = rt.ring
@@ -137,8 +159,8 @@ def measured_step(rt: Any) -> dict | None:
     if len(se) >= 2:
         g = _ms(se[-2][1], se[-1][0])
         gap = max(0.0, g / 1e3) if g is not None else 0.0
-    return {"times": times, "rates": rates, "step_s": steps[-1], "stall_s": stall_seconds(rt, tl),
-            "gap_s": gap}
+    return {"times": times, "spans": spans, "rates": rates, "step_s": steps[-1],
+            "stall_s": sum(g[3] for g in gaps), "gap_s": gap}
 
 
 def summarize(rt: Any, last: int = 5) -> dict:

@@ -10,6 +10,7 @@ directly.  `DISTORCH_SMOKE_GPU_BENCH=1` also rehearses bench/gpu_bench.sh end to
 """
 import json
 import math
+import mmap
 import os
 import resource
 import subprocess
@@ -303,7 +304,10 @@ def test_rss_sampler_sees_an_allocation():
     s = B.RssSampler(0.01)
     base = s.mark()
     assert base["VmRSS"] > 0 and {"RssAnon", "RssFile", "RssShmem", "sys_used"} <= set(base)
-    buf = torch.ones(64 << 20, dtype=torch.uint8)        # 64 MiB touched
+    # 64 MiB of fresh anonymous pages, touched (a torch tensor may reuse memory the allocator kept from an
+    # earlier test in the same process, and then RSS does not move)
+    buf = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.write(b"\1" * (64 << 20))
     pk = s.peak()
     assert pk["max"]["RssAnon"] - base["RssAnon"] > 48 << 20
-    del buf
+    buf.close()

@@ -209,3 +209,24 @@ def test_cuda_autotune_step_replaces_the_estimate_with_the_measured_prediction()
         assert rstats.summarize(rt)["predicted_step_s"] == pr["step_s"]
     finally:
         rt.undo()
+
+
+def test_work_between_units_is_counted_with_the_unit_after_it_not_lumped_at_the_root():
+    """stats.lead_gaps: the time between two units' events that is no stall (the attention and norms
+    between the Linear layers of a sub-unit plan) belongs to the unit after it, so the re-simulation keeps
+    it where it ran; a streamed unit's wait for its copy stays a stall; before the first unit: the root's."""
+    class _Rt:
+        index = {"b": 1}            # the streamed units
+    tl = [{"lane": "compute", "unit": "a", "start_ms": 0.5, "end_ms": 1.0},
+          {"lane": "copy:cpu", "unit": "b", "start_ms": 0.0, "end_ms": 3.0},
+          {"lane": "compute", "unit": "b", "start_ms": 4.0, "end_ms": 5.0},      # waited 1 -> 3, then 1 ms of work
+          {"lane": "compute", "unit": "c", "start_ms": 5.5, "end_ms": 6.0},      # 0.5 ms of work before it
+          {"lane": "compute", "unit": "a", "start_ms": 6.0, "end_ms": 6.25}]     # called again, right after
+    got = rstats.lead_gaps(_Rt(), tl)
+    want = [("a", 0.5e-3, 0.0, 0.0), ("b", 1e-3, 1e-3, 2e-3), ("c", 0.5e-3, 0.5e-3, 0.0), ("a", 0.25e-3, 0.0, 0.0)]
+    for g, w in zip(got, want):
+        assert g[0] == w[0] and g[1:] == pytest.approx(w[1:], abs=1e-12)
+    assert len(got) == len(want)
+    assert rstats.stall_seconds(_Rt(), tl) == pytest.approx(2e-3)
+    # every millisecond of the step after the first unit's start is a unit's time or a stall
+    assert sum(g[1] + g[2] + g[3] for g in got) == pytest.approx(5.75e-3)

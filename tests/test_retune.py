@@ -407,7 +407,10 @@ def test_own_cost_counts_only_where_the_stream_waited_for_the_host():
         rows.append((5, _GpuEvent(h0 + 8e-6), _GpuEvent(h1 + 8e-6), h0, h1, c, c, f"u{i}"))
         h = h1
     oc = _profiler_with(rows, [(5, "copy:cpu", _GpuEvent(h + 8e-6), h, c)]).own_cost()
-    assert oc["gap_s"] == pytest.approx(10 * c) and oc["units"]["u3"] == pytest.approx(c)
+    # before the first unit: the root's; before a later unit: in that unit's time (stats.lead_gaps), with
+    # the part inside its span
+    assert oc["gap_s"] == pytest.approx(c) and oc["units"]["u3"] == pytest.approx(2 * c)
+    assert oc["units"]["u0"] == pytest.approx(c)
     assert oc["copies"]["cpu"] == pytest.approx(c)
     # device-bound: the host ran ahead, events ran ms after their record: the cost was hidden (but the
     # first unit's, which the idle device waited for)
