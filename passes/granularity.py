@@ -134,7 +134,10 @@ def choose(options: list[tuple[ModuleGraph, Plan]]) -> int:
     return best if best or frees is None else frees
 
 
-FAST_SCALE = 0.5     # compute-time scale of the "estimate too slow" scenario the choice also weighs
+FAST_SCALE = 0.3     # compute-time scale of the "estimate too slow" scenario the choice also weighs: a
+#                      plan is compiled before the resolution is known; Flux-dev in ComfyUI on an H200 ran at
+#                      0.23-0.3x its estimate at 512x512 (bench/results/comfy_vram_h200_r4/r5), where at 3 GiB
+#                      off the blocks plan (4.48 GiB streamed, to fund two 0.63 GiB slots) ran at 1.5x the floor
 
 
 def _measured(g: ModuleGraph) -> bool:

@@ -147,7 +147,7 @@ class Runtime:
         self.profiler = Profiler(be, self.ring, self.clock, self.units, c.unit_mods, profile)
         if autotune is None:
             autotune = be.cuda and (plan.predicted or {}).get("basis") != "measured"
-        self.autotune = Autotune(bool(autotune and self.units))
+        self.autotune = Autotune(bool(autotune and self.units), measure=bool(autotune and not self.units))
         self.saved = SavedWeights(self.ring, [self.dequant, self.codec])
         self.guard = StateGuard(module, self.store, self.ring, host=not be.cuda)
         # pre/begin run in this order, post/end in reverse, detach in reverse (runtime/hooks.py)

@@ -95,9 +95,10 @@ class Autotune(UnitPart):
     """on: measure a step per input signature, re-predict it and size the ring (tune); off: nothing,
     unless the module is profiled or `measure_next()` is called (measure and re-predict only)."""
 
-    def __init__(self, on: bool) -> None:
+    def __init__(self, on: bool, measure: bool = False) -> None:
         self.tune = bool(on)
         self.state = WAIT if on else OFF
+        self.measure_first = bool(measure) and not on   # nothing to tune: measure for the prediction alone
         self.tries = 0
         self.hooks: list = []          # temporary profiling hooks on resident units while measuring
         self.result: dict | None = None
@@ -135,15 +136,16 @@ class Autotune(UnitPart):
                 self.tune = rt.be.cuda and any(e.get("tuned") for e in self.known.entries.values())
         if self.tune or (len(self.known) and rt.units):
             self._watch()
-        if self.state == OFF and rt.profile:
-            self.measure_next()        # profiled anyway: the prediction from the first measured step
+        if self.state == OFF and (rt.profile or self.measure_first):
+            self.measure_next()        # profiled anyway, or nothing streams: the prediction from the first
+            #                            measured step (a resident plan's step is its measured compute)
 
     def measure_next(self) -> bool:
         """Measure the step after the warm-up (or the next one) for the prediction alone (the slot count
         stays), when the plan's unit times are estimates and nothing is being measured, and from then on
         every input signature not seen yet; True when armed."""
         rt = self.rt
-        if rt is None or self.state != OFF or not rt.units or not rt.active or \
+        if rt is None or self.state != OFF or not (rt.units or self.measure_first) or not rt.active or \
                 (rt.plan.predicted or {}).get("basis") == "measured":
             return False
         self._watch()

@@ -230,3 +230,39 @@ def test_work_between_units_is_counted_with_the_unit_after_it_not_lumped_at_the_
     assert rstats.stall_seconds(_Rt(), tl) == pytest.approx(2e-3)
     # every millisecond of the step after the first unit's start is a unit's time or a stall
     assert sum(g[1] + g[2] + g[3] for g in got) == pytest.approx(5.75e-3)
+
+
+def test_a_plan_streaming_nothing_is_measured_too():
+    """Nothing offloaded (virtual_vram_gb 0): no ring to tune, but where autotune is on (CUDA's default) the
+    step after the warm-up is measured all the same, and the prediction is that measured compute instead
+    of the FLOP-rate estimate (in ComfyUI on an H200: 0.238 s estimated for a 0.160 s step).  Nothing of
+    the measurement stays on the module; without autotune (the CPU default) nothing is measured."""
+    m, x, ref, plan, names = _mixed_case(4, 2)
+    for u in plan.units:
+        u.device = plan.compute
+    plan.window_bytes = 0
+    plan.predicted = dict(plan.predicted or {}, step_s=1.0, compute_s=1.0)      # an estimate, far off
+    est = dict(plan.predicted)
+    before = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
+    rt = apply(m, plan, progress=False, autotune=False)
+    try:
+        assert not rt.units and not rt.autotune.enabled and rt.autotune.measure_next() is False
+    finally:
+        rt.undo()
+    rt = apply(m, plan, progress=False, autotune=True)
+    try:
+        assert not rt.units and rt.autotune.enabled and rt.tune_result is None
+        with torch.no_grad():
+            for _ in range(4):
+                assert torch.equal(m(x), ref)
+        pr, meas = rt.plan.predicted, rt.autotune.measured
+        assert pr["basis"] == "measured" and pr["estimated_step_s"] == est["step_s"]
+        assert set(meas["times"]) >= {u.name for u in plan.units if u.name != ROOT}
+        assert meas["stall_s"] == 0.0 and meas["rates"] == {}
+        # nothing streams: the prediction is the measured compute, the step itself
+        assert pr["step_s"] == pytest.approx(meas["step_s"], rel=1e-9) and pr["stall_s"] == 0.0
+        assert not rt.profile and not rt.autotune.enabled and not rt.autotune.hooks
+    finally:
+        rt.undo()
+    after = {n: (len(mod._forward_pre_hooks), len(mod._forward_hooks)) for n, mod in m.named_modules()}
+    assert after == before
