@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_stream as S  # noqa: E402  (model, inputs, timing, bandwidth)
+import stream_kit as S  # noqa: E402  (model, inputs, timing, bandwidth)
 
 GiB = 1 << 30
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import bench_stream as bs  # noqa: E402
+import stream_kit as bs  # noqa: E402
 
 
 def with_background_copies(model, kw, reps, src, dst, chunk=256 << 20, seconds=None):
@@ -54,7 +54,7 @@ def with_background_copies(model, kw, reps, src, dst, chunk=256 << 20, seconds=N
 
 
 def profile_runtime(h, model, kw, steps=3):
-    """bench_stream.profiled_steps, plus the last step's compute per unit."""
+    """stream_kit.profiled_steps, plus the last step's compute per unit."""
     from distorch.runtime import stats as rstats
     st, _ = bs.profiled_steps(h.runtime, model, kw, steps)
     return st, rstats.unit_times(h.runtime, steps=1)

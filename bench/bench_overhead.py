@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import bench_stream as bs  # noqa: E402
+import stream_kit as bs  # noqa: E402
 
 
 def main(argv=None):

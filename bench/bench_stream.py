@@ -22,267 +22,19 @@ import copy
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stream_kit as K  # noqa: E402  (the --device cpu switch _CPU, _sync, peak VRAM, rows with host RSS)
+from stream_baselines import SyncBaseline  # noqa: E402
+from stream_kit import build_model, log, make_inputs, pinned_bw, run_steps  # noqa: E402
+from stream_plans import block_units, graph_of, hand_plan, pick_offloaded, predict  # noqa: E402
+from stream_report import table  # noqa: E402
+
 GiB = 1 << 30
-
-
-_CPU = False   # --device cpu: a tiny config through the same code, for checking the script without a GPU
-
-
-def _sync():
-    if not _CPU:
-        torch.cuda.synchronize()
-
-
-def _event():
-    if _CPU:
-        from distorch.runtime.stream import HostEvent
-        return HostEvent()
-    return torch.cuda.Event(enable_timing=True)
-
-
-def _reset_peak():
-    if not _CPU:
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_gib():
-    return 0.0 if _CPU else torch.cuda.max_memory_allocated() / 2**30
-
-
-def _rss_gib() -> float:
-    """This process's resident host memory now (VmRSS), GiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / GiB
-    except OSError:
-        pass
-    return float("nan")
-
-
-class _Rows(list):
-    """The result rows; each row records host RSS when it is appended (after its timed steps)."""
-
-    def append(self, row):
-        row.setdefault("rss_gib", _rss_gib())
-        super().append(row)
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def import_flux():
-    import diffusers.utils.import_utils as iu
-    try:
-        import transformers  # noqa: F401
-    except Exception:       # an incompatible transformers must not break diffusers' model import
-        iu._transformers_available = False
-    from diffusers import FluxTransformer2DModel
-    return FluxTransformer2DModel
-
-
-def build_model(cfg: dict, dev: str):
-    Flux = import_flux()
-    with torch.device("meta"):
-        m = Flux(**cfg)
-    m = m.to(torch.bfloat16)
-    m.to_empty(device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.02, generator=g)
-        for b in m.buffers():
-            b.zero_()
-    m.eval()
-    return m
-
-
-def make_inputs(cfg: dict, res: int, txt: int, dev: str):
-    g = torch.Generator(device=dev).manual_seed(1)
-    side = res // 16
-    tok = side * side
-    bf = torch.bfloat16
-    img_ids = torch.zeros(side, side, 3, device=dev)
-    img_ids[..., 1] = torch.arange(side, device=dev)[:, None]
-    img_ids[..., 2] = torch.arange(side, device=dev)[None, :]
-    kw = dict(
-        hidden_states=torch.randn(1, tok, cfg.get("in_channels", 64), generator=g, device=dev).to(bf),
-        encoder_hidden_states=torch.randn(1, txt, cfg.get("joint_attention_dim", 4096), generator=g, device=dev).to(bf),
-        pooled_projections=torch.randn(1, cfg.get("pooled_projection_dim", 768), generator=g, device=dev).to(bf),
-        timestep=torch.tensor([0.5], device=dev, dtype=bf),
-        img_ids=img_ids.reshape(tok, 3),
-        txt_ids=torch.zeros(txt, 3, device=dev),
-        return_dict=False,
-    )
-    if cfg.get("guidance_embeds"):
-        kw["guidance"] = torch.tensor([3.5], device=dev, dtype=bf)
-    return kw
-
-
-def run_steps(model, kw, warmup: int, reps: int):
-    """Back-to-back steps; per-step GPU time from events between steps. Returns (median_s, times, out)."""
-    evs = [_event() for _ in range(warmup + reps + 1)]
-    out = None
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        evs[0].record()
-        for i in range(warmup + reps):
-            out = model(**kw)[0]
-            evs[i + 1].record()
-    _sync()
-    wall = time.perf_counter() - t0
-    ts = [evs[i].elapsed_time(evs[i + 1]) / 1e3 for i in range(warmup, warmup + reps)]
-    return statistics.median(ts), ts, out, wall
-
-
-def profiled_steps(rt, model, kw, steps: int = 3):
-    """`steps` more steps with the runtime's profiling on (events around every copy and unit, not in any
-    timed step): (runtime.stats.summarize over them, the last step's timeline).  rt.trace keeps the events
-    (runtime.stats.unit_times reads them)."""
-    from distorch.runtime import stats as rstats
-    rt.trace.clear()
-    rt.profile = True
-    try:
-        run_steps(model, kw, 0, steps)
-        st = rstats.summarize(rt, last=steps)
-        tl = rstats.timeline(rt, steps=1)
-    finally:
-        rt.profile = False
-    return st, tl
-
-
-def pinned_bw(dev: str, nbytes: int = 2 * GiB, reps: int = 8) -> float:
-    """Best pinned host->GPU copy rate of `reps` copies of `nbytes` (the floor uses the best the link gives)."""
-    if _CPU:
-        return 25e9
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    ts = []
-    for _ in range(reps + 1):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        dst.copy_(src, non_blocking=True)
-        e1.record()
-        _sync()
-        ts.append(e0.elapsed_time(e1) / 1e3)
-    del src, dst
-    log(f"pinned H2D copies of {nbytes >> 20} MiB: median {nbytes / statistics.median(ts[1:]) / 1e9:.1f} GB/s, "
-        f"best {nbytes / min(ts[1:]) / 1e9:.1f} GB/s")
-    return nbytes / min(ts[1:])
-
-
-def block_units(model):
-    """[(name, type, bytes)] in execution order for a Flux model: double blocks, then single blocks."""
-    out = []
-    for lname in ("transformer_blocks", "single_transformer_blocks"):
-        for i, b in enumerate(getattr(model, lname)):
-            nb = sum(p.numel() * p.element_size() for p in b.parameters())
-            out.append((f"{lname}.{i}", type(b).__name__, nb))
-    return out
-
-
-def pick_offloaded(units, frac: float):
-    """Spread the offloaded blocks evenly over the order until >= frac of block bytes is offloaded."""
-    if frac <= 0:
-        return set()
-    if frac >= 1:
-        return {u[0] for u in units}
-    total = sum(u[2] for u in units)
-    target = frac * total
-    chosen, acc = set(), 0
-    n = len(units)
-    k = max(1, round(frac * n))
-    # evenly spaced indices, then top up / trim to the byte target
-    idx = sorted({min(n - 1, int((j + 0.5) * n / k)) for j in range(k)})
-    for i in idx:
-        chosen.add(units[i][0])
-        acc += units[i][2]
-    for i in range(n):
-        if acc >= target * 0.98:
-            break
-        if units[i][0] not in chosen:
-            chosen.add(units[i][0])
-            acc += units[i][2]
-    return chosen
-
-
-def graph_of(model, units, root_bytes: int):
-    from distorch.compiler.graph import ModuleGraph, Unit, ROOT
-    us = [Unit(ROOT, type(model).__name__, param_bytes=root_bytes, kind="root")]
-    us += [Unit(n, t, param_bytes=b, kind="block") for n, t, b in units]
-    return ModuleGraph(us, source="bench")
-
-
-def hand_plan(graph, offloaded: set, window_slots: int, compute: str):
-    from distorch.compiler.plan import Plan, PlacedUnit
-    pu = [PlacedUnit(u.name, u.type, u.bytes, "cpu" if u.name in offloaded else compute, i, u.kind)
-          for i, u in enumerate(graph.units)]
-    big = max((u.bytes for u in graph.units if u.name in offloaded), default=0)
-    return Plan(compute=compute, units=pu, window_bytes=window_slots * big,
-                source={"bench": "hand", "offloaded_units": len(offloaded)})
-
-
-def predict(graph, plan, bw: float, compute: str):
-    """Cost model prediction (compiler.cost.simulate) with the measured link and per-unit times."""
-    try:
-        from distorch.compiler.cost import simulate
-        from distorch.compiler.inventory import declare
-    except Exception as e:
-        return {"error": f"cost model unavailable: {e}"}
-    try:
-        inv = declare(f"{compute}=80GiB,cpu=128GiB;cpu>{compute}={bw / 1e9:.3f}GB/s")
-        homes = {u.name: u.device for u in plan.units}
-        return simulate(graph.units, homes, compute, inv, plan.window_bytes)
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
-
-
-class SyncBaseline:
-    """Copy-before-each-block with blocking per-tensor copies from pinned host tensors."""
-
-    def __init__(self, model, offloaded: set, dev: str):
-        self.hooks = []
-        self.dev = torch.device(dev)
-        self.held = {}
-        for name in offloaded:
-            m = model.get_submodule(name)
-            ps = list(m.parameters())
-            host = [p.data.to("cpu").clone() if _CPU else p.data.to("cpu").pin_memory() for p in ps]
-            for p, h in zip(ps, host):
-                p.data = h
-            self.held[name] = (ps, host)
-            self.hooks.append(m.register_forward_pre_hook(self._pre(ps, host)))
-            self.hooks.append(m.register_forward_hook(self._post(ps, host)))
-
-    def _pre(self, ps, host):
-        dev = self.dev
-
-        def pre(mod, args):
-            for p, h in zip(ps, host):
-                p.data = h.to(dev, non_blocking=False)
-        return pre
-
-    def _post(self, ps, host):
-        def post(mod, args, out):
-            for p, h in zip(ps, host):
-                p.data = h
-        return post
-
-    def undo(self):
-        for h in self.hooks:
-            h.remove()
-        for ps, host in self.held.values():
-            for p, h in zip(ps, host):
-                p.data = h.to(self.dev)
-        self.held = {}
 
 
 def main(argv=None):
@@ -307,9 +59,8 @@ def main(argv=None):
                     help="cpu: tiny fp32 config through the same code (checks the script, no meaningful times)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    global _CPU
-    _CPU = a.device == "cpu"
-    dev = "cpu:0" if _CPU else "cuda:0"
+    K._CPU = a.device == "cpu"
+    dev = "cpu:0" if K._CPU else "cuda:0"
     from distorch.runtime.apply import apply
     from distorch.runtime import stats as rstats
 
@@ -323,11 +74,11 @@ def main(argv=None):
     fracs = [int(f) for f in a.fracs.split(",")]
     sync_fracs = [int(f) for f in a.sync_fracs.split(",")] if a.sync_fracs else fracs
     slots_list = [int(s) for s in a.slots.split(",")]
-    card = "cpu" if _CPU else torch.cuda.get_device_name(0)
+    card = "cpu" if K._CPU else torch.cuda.get_device_name(0)
     log(f"card {card}, torch {torch.__version__}, cfg {cfg}")
     t0 = time.perf_counter()
     model = build_model(cfg, dev)
-    _sync()
+    K._sync()
     units = block_units(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     block_total = sum(u[2] for u in units)
@@ -337,7 +88,7 @@ def main(argv=None):
     log(f"pinned host->GPU bandwidth: {bw / 1e9:.1f} GB/s")
     results = {"card": card, "torch": torch.__version__, "cfg": cfg, "model_bytes": total,
                "pinned_h2d_Bps": bw, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": " ".join(sys.argv), "rows": _Rows(), "notes": []}
+               "command": " ".join(sys.argv), "rows": K._Rows(), "notes": []}
     rows = results["rows"]
 
     def save():
@@ -349,12 +100,12 @@ def main(argv=None):
     for res in ress:
         kw = make_inputs(cfg, res, a.txt, dev)
         # ---- resident
-        _reset_peak()
+        K._reset_peak()
         med, ts, out, wall = run_steps(model, kw, a.warmup, a.reps)
         ref[res] = out.clone()
         resident_s[res] = med
         rows.append(dict(res=res, method="resident", frac=0, step_s=med, floor_s=med, equal=True,
-                         peak_gib=_peak_gib(), host_s=wall / (a.warmup + a.reps)))
+                         peak_gib=K._peak_gib(), host_s=wall / (a.warmup + a.reps)))
         log(f"[{res}] resident {med * 1e3:.1f} ms (host wall/step {wall / (a.warmup + a.reps) * 1e3:.1f} ms)")
         # ---- the graph: compiler.trace on the real model (FLOPs, order), or the hand-made block graph
         g = graph
@@ -395,7 +146,7 @@ def main(argv=None):
         inv = None
         if a.planner == "partition":
             from distorch.compiler.inventory import declare
-            tot_mem = 64 * GiB if _CPU else torch.cuda.get_device_properties(0).total_memory
+            tot_mem = 64 * GiB if K._CPU else torch.cuda.get_device_properties(0).total_memory
             inv = declare(f"{dev}={tot_mem}b,cpu=120GiB;cpu>{dev}={bw / 1e9:.3f}GB/s")
 
         def plans_for(frac):
@@ -420,19 +171,19 @@ def main(argv=None):
                 pred = dict(plan.predicted or {})
                 ta = time.perf_counter()
                 rt = apply(model, plan, progress=False)
-                _sync()
+                K._sync()
                 t_apply = time.perf_counter() - ta
                 gc.collect()
-                _reset_peak()
+                K._reset_peak()
                 try:
                     m2, ts2, out2, wall2 = run_steps(model, kw, a.warmup, a.reps)
                     eq = bool(torch.equal(out2, ref[res]))
                     st = rstats.summarize(rt)
-                    peak = _peak_gib()
+                    peak = K._peak_gib()
                 finally:
                     tu = time.perf_counter()
                     rt.undo()
-                    _sync()
+                    K._sync()
                     t_undo = time.perf_counter() - tu
                 off_bytes = sum(st["bytes_per_step"].values())     # what actually crossed the bus per step
                 floor = max(med, off_bytes / bw)
@@ -482,11 +233,11 @@ def main(argv=None):
                 off_bytes = sum(u[2] for u in units if u[0] in off)
                 sb = SyncBaseline(model, off, dev)
                 gc.collect()
-                _reset_peak()
+                K._reset_peak()
                 try:
                     m4, _, out4, wall4 = run_steps(model, kw, 1, max(3, a.reps))
                     eq = bool(torch.equal(out4, ref[res]))
-                    peak = _peak_gib()
+                    peak = K._peak_gib()
                 finally:
                     sb.undo()
                     del sb
@@ -507,17 +258,17 @@ def main(argv=None):
             ta = time.perf_counter()
             model.enable_group_offload(onload_device=torch.device(dev), offload_device=torch.device("cpu"),
                                        offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-            _sync()
+            K._sync()
             log(f"diffusers group offload enabled in {time.perf_counter() - ta:.1f} s")
             for res in ress:
                 kw = make_inputs(cfg, res, a.txt, dev)
                 gc.collect()
-                _reset_peak()
+                K._reset_peak()
                 m5, _, out5, wall5 = run_steps(model, kw, a.warmup, a.reps)
                 floor = max(resident_s[res], total / bw)
                 rows.append(dict(res=res, method="diffusers_group", frac=100, step_s=m5, floor_s=floor,
                                  x_floor=m5 / floor, equal=bool(torch.equal(out5, ref[res])),
-                                 offloaded_bytes=total, peak_gib=_peak_gib()))
+                                 offloaded_bytes=total, peak_gib=K._peak_gib()))
                 log(f"[{res}] diffusers group offload 100%: {m5 * 1e3:.1f} ms eq={rows[-1]['equal']}")
                 save()
         except Exception as e:
@@ -536,42 +287,6 @@ def main(argv=None):
         log("bench plot failed:", e)
     return 0
 
-
-def table(results: dict) -> str:
-    rows = results["rows"]
-    out = [f"card: {results['card']}, torch {results['torch']}, {results['date']}; model {results['model_bytes'] / 1e9:.2f} GB bf16; "
-           f"pinned H2D {results['pinned_h2d_Bps'] / 1e9:.1f} GB/s", "",
-           "| res | offloaded | resident s | floor s | distorch s | x floor | predicted s | pred err | sync_pinned s | diffusers s | distorch vs diffusers | peak GiB | host RSS GiB | bit-identical |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for res in sorted({r["res"] for r in rows}):
-        rr = [r for r in rows if r["res"] == res]
-        resid = next((r["step_s"] for r in rr if r["method"] == "resident"), None)
-        for frac in sorted({r["frac"] for r in rr if r["method"] == "distorch"}):
-            ds = [r for r in rr if r["method"] == "distorch" and r["frac"] == frac]
-            d = ds[0]
-            s = next((r for r in rr if r["method"] == "sync_pinned" and r["frac"] == frac), None)
-            g = next((r for r in rr if r["method"] == "diffusers_group" and r["frac"] == frac), None)
-            eq = all(r.get("equal") for r in ds + ([s] if s else []) + ([g] if g else []))
-
-            def f(x, k=3):
-                return "-" if x is None else f"{x:.{k}f}"
-            perr = "-" if d.get("pred_err") is None else "%+.1f%%" % (100 * d["pred_err"])
-            vs = "-" if not g else "%.2fx" % (g["step_s"] / d["step_s"])
-            out.append(f"| {res} | {frac}% | {f(resid)} | {f(d['floor_s'])} | {f(d['step_s'])} (W={d.get('slots')}) | "
-                       f"{f(d['x_floor'], 3)} | {f(d.get('predicted_s'))} | {perr} | "
-                       f"{f(s and s['step_s'])} | {f(g and g['step_s'])} | {vs} | {f(d.get('peak_gib'), 1)} | {f(d.get('rss_gib'), 1)} | {eq} |")
-    extra = [r for r in rows if r["method"].startswith("distorch_")]
-    if extra:
-        out += ["", "other plans run through the same runtime (same run):", "",
-                "| res | offloaded | plan | step s | x floor | predicted s | streamed GB | slots | bit-identical |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in extra:
-            pr = "-" if r.get("predicted_s") is None else "%.3f" % r["predicted_s"]
-            out.append(f"| {r['res']} | {r['frac']}% | {r['method']} | {r['step_s']:.3f} | {r['x_floor']:.3f} | {pr} | "
-                       f"{r['offloaded_bytes'] / 1e9:.2f} | {r.get('slots')} | {r['equal']} |")
-    if results["notes"]:
-        out += ["", "notes:"] + [f"- {n}" for n in results["notes"]]
-    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

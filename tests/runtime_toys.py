@@ -1,7 +1,6 @@
 """The toy models of the runtime tests and their hand-built plans (compute "cpu:0", offloaded homes "cpu"):
 ToyDiT (a DiT-like stack of Blocks), Twice (a block called twice, a branch), Mixed (tiny embedders, wide blocks,
-tiny head: small units share ring items).  tests/test_runtime.py re-exports them for the test files that import
-them from there."""
+tiny head: small units share ring items).  The runtime test files import them from here."""
 from __future__ import annotations
 
 import torch

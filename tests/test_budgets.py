@@ -15,7 +15,7 @@ from distorch.compiler.inventory import DEFAULT_CPU_FLOPS, Inventory, declare, h
 from distorch.errors import DisTorchError, PartitionError
 from distorch.passes.budget import RUNTIME_BUFFERS_BYTES, slot_bytes_of
 from distorch.passes.partition import partition
-from distorch.passes.quant_choice import RESIDENT_DQ, UnitQuant, choose_quant, quant_info
+from distorch.passes.quant_choice import choose_quant, quant_info
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_harness as H
+from comfy_calls import distorch_unet as _distorch, ksample, lora as _lora, plain_lora_refs, plain_unet as _plain
+from comfy_harness import boot_inprocess
+from comfy_models import save_tiny_lora, tiny_mmdit_state, unet_lora_dirs
 
-mm, nodes, folder_paths = H.boot_inprocess()
+mm, nodes, folder_paths = boot_inprocess()
 import safetensors.torch  # noqa: E402
 from comfy.cli_args import args as comfy_args  # noqa: E402
 
@@ -23,10 +25,10 @@ DEPTH = 4        # hidden 256: the block weights (256 x 256 and up) are codable
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "codec")
-    sd = {k: v.to(torch.bfloat16) for k, v in H.tiny_mmdit_state(DEPTH, 3).items()}
+    unet_dir, lora_dir = unet_lora_dirs(tmp_path_factory, "codec")
+    sd = {k: v.to(torch.bfloat16) for k, v in tiny_mmdit_state(DEPTH, 3).items()}
     safetensors.torch.save_file(sd, str(unet_dir / "codec_unet.safetensors"))
-    H.save_tiny_lora({k: v.float() for k, v in sd.items()}, str(lora_dir / "codec_lora.safetensors"))
+    save_tiny_lora({k: v.float() for k, v in sd.items()}, str(lora_dir / "codec_lora.safetensors"))
     return "codec_unet.safetensors", "codec_lora.safetensors"
 
 
@@ -39,19 +41,16 @@ def _bf16_and_compress(monkeypatch):
     mm.unload_all_models()
 
 
-_plain, _distorch, _lora = H.plain_unet, H.distorch_unet, H.lora
-
-
 def test_compressed_unet_bit_identical_to_the_plain_loader(files):
     unet, _ = files
     with torch.inference_mode():
         plain = _plain(unet)
         assert plain.model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight.dtype == torch.bfloat16
-        ref = H.ksample(plain)
+        ref = ksample(plain)
         mm.unload_all_models()
         del plain
         m = _distorch(unet)
-        out = H.ksample(m)
+        out = ksample(m)
         st = entry.state_of(m)
         assert st.plan.codec, "DISTORCH_COMPRESS=on compressed nothing"
         stats = st.handle.stats
@@ -60,25 +59,25 @@ def test_compressed_unet_bit_identical_to_the_plain_loader(files):
         assert torch.equal(out, ref), (out - ref).abs().max()
         mm.unload_all_models()                 # undo decodes the weights back
         assert st.handle is None
-        assert torch.equal(H.ksample(m), ref)  # compiled again, compressed again
+        assert torch.equal(ksample(m), ref)  # compiled again, compressed again
 
 
 def test_units_with_a_lora_stream_raw_and_stay_exact(files):
     unet, lora = files
     with torch.inference_mode():
-        refs = H.plain_lora_refs(unet, lora)
+        refs = plain_lora_refs(unet, lora)
         m = _distorch(unet)
-        assert torch.equal(H.ksample(m), refs[0.0])          # no LoRA yet: compressed
+        assert torch.equal(ksample(m), refs[0.0])            # no LoRA yet: compressed
         st = entry.state_of(m)
         assert any(n.startswith("joint_blocks") for n in st.plan.codec)
         for s in (1.0, 0.5, 0.0, 1.0):
-            out = H.ksample(_lora(m, lora, s) if s else m)
+            out = ksample(_lora(m, lora, s) if s else m)
             assert torch.equal(out, refs[s]), f"strength {s}: {(out - refs[s]).abs().max()}"
             if s:
                 # every joint block carries the LoRA: none of them may stream compressed
                 assert not any(n.startswith("joint_blocks") for n in st.plan.codec), st.plan.codec
         mm.unload_all_models()
-        assert torch.equal(H.ksample(_lora(m, lora, 0.5)), refs[0.5])
+        assert torch.equal(ksample(_lora(m, lora, 0.5)), refs[0.5])
 
 
 def test_a_bad_compress_setting_is_a_named_error_at_the_loader(files, monkeypatch):

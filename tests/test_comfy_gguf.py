@@ -18,9 +18,11 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import comfy_harness as H  # noqa: E402
+from comfy_calls import ksample, lora  # noqa: E402
+from comfy_harness import boot_inprocess  # noqa: E402
+from comfy_models import tiny_mmdit_state, unet_lora_dirs  # noqa: E402
 
-mm, nodes, folder_paths = H.boot_inprocess()
+mm, nodes, folder_paths = boot_inprocess()
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
@@ -76,8 +78,8 @@ def _q8_round_trip(sd, quantized):
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory):
     import safetensors.torch
-    d, lo = H.unet_lora_dirs(tmp_path_factory, "comfy_gguf")
-    sd = H.tiny_mmdit_state(DEPTH)
+    d, lo = unet_lora_dirs(tmp_path_factory, "comfy_gguf")
+    sd = tiny_mmdit_state(DEPTH)
     q = _write_gguf(d / "tiny_sd3_q8.gguf", sd)
     _write_lora(sd, lo / "tiny_sd3_lora.safetensors")
     # the same model with the Q8_0 weights dequantized (float32 safetensors): the LoRA reference
@@ -96,7 +98,7 @@ def _clean():
         mm.unload_all_models()
 
 
-_sample = H.ksample
+_sample = ksample
 
 
 def _gguf_weights(model):
@@ -204,7 +206,7 @@ def test_distorch2_gguf_node_samples_equal_to_resident_quantized(gguf_model, vra
     assert _gguf_weights(m)
 
 
-_lora = H.lora
+_lora = lora
 
 
 def test_lora_on_native_gguf_applied_per_call_and_removed(gguf_model):

@@ -19,9 +19,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import comfy_harness as H  # noqa: E402
+from comfy_harness import boot_inprocess  # noqa: E402
 
-mm, nodes, folder_paths = H.boot_inprocess()
+mm, nodes, folder_paths = boot_inprocess()
 
 import test_comfy_gguf as G  # noqa: E402  (file helpers of the GGUF ComfyUI tests)
 

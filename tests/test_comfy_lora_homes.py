@@ -12,9 +12,11 @@ import gc
 import pytest
 import torch
 
-import comfy_harness as H
+from comfy_calls import distorch_unet as _distorch, ksample, lora as _lora, plain_lora_refs, plain_unet as _plain
+from comfy_harness import boot_inprocess
+from comfy_models import save_tiny_lora, tiny_mmdit_state, unet_lora_dirs
 
-mm, nodes, folder_paths = H.boot_inprocess()
+mm, nodes, folder_paths = boot_inprocess()
 import safetensors.torch  # noqa: E402
 
 from distorch.comfy_nodes import entry, stream_patches  # noqa: E402
@@ -25,14 +27,14 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "lora_homes")
-    small = H.tiny_mmdit_state(2, 0)
+    unet_dir, lora_dir = unet_lora_dirs(tmp_path_factory, "lora_homes")
+    small = tiny_mmdit_state(2, 0)
     safetensors.torch.save_file(small, str(unet_dir / "lh_small.safetensors"))
-    H.save_tiny_lora(small, str(lora_dir / "lh_small_lora.safetensors"))
+    save_tiny_lora(small, str(lora_dir / "lh_small_lora.safetensors"))
     # ~300 MiB once loaded (fp16 file, cast to float32 by ComfyUI on CPU): a second copy would show in RSS
-    big = {k: v.half() for k, v in H.tiny_mmdit_state(8, 1).items()}
+    big = {k: v.half() for k, v in tiny_mmdit_state(8, 1).items()}
     safetensors.torch.save_file(big, str(unet_dir / "lh_big.safetensors"))
-    H.save_tiny_lora(big, str(lora_dir / "lh_big_lora.safetensors"))
+    save_tiny_lora(big, str(lora_dir / "lh_big_lora.safetensors"))
     del big, small
     return {"small": ("lh_small.safetensors", "lh_small_lora.safetensors"),
             "big": ("lh_big.safetensors", "lh_big_lora.safetensors")}
@@ -43,9 +45,6 @@ def _clean():
     mm.unload_all_models()
     yield
     mm.unload_all_models()
-
-
-_plain, _distorch, _lora = H.plain_unet, H.distorch_unet, H.lora
 
 
 def _anon():
@@ -61,12 +60,12 @@ def _anon():
 def test_strength_change_and_removal_bit_identical(files):
     unet, lora = files["small"]
     with torch.inference_mode():
-        refs = H.plain_lora_refs(unet, lora)
+        refs = plain_lora_refs(unet, lora)
         for vram in (0.0015, 100.0):               # some units streamed / every unit streamed
             m = _distorch(unet, vram)
             st = entry.state_of(m)
             for s in (1.0, 0.5, 0.0, 1.0):
-                out = H.ksample(_lora(m, lora, s) if s else m)
+                out = ksample(_lora(m, lora, s) if s else m)
                 assert torch.equal(out, refs[s]), f"vram {vram} strength {s}: {(out - refs[s]).abs().max()}"
                 srcs = stream_patches.sources(m.model)
                 assert bool(srcs) == bool(s), "file sources exactly while the LoRA is on"
@@ -74,10 +73,10 @@ def test_strength_change_and_removal_bit_identical(files):
             assert st.compiles == 1 and st.repatches >= 2
             mm.unload_all_models()                 # unload restores the file bytes, then undo
             assert st.handle is None and not stream_patches.sources(m.model) and not m.backup
-            out = H.ksample(_lora(m, lora, 0.5))   # load again: same bytes as the plain run
+            out = ksample(_lora(m, lora, 0.5))     # load again: same bytes as the plain run
             assert torch.equal(out, refs[0.5])
             mm.unload_all_models()
-            assert torch.equal(H.ksample(m), refs[0.0])
+            assert torch.equal(ksample(m), refs[0.0])
             mm.unload_all_models()
 
 
@@ -103,7 +102,7 @@ def test_patch_math_runs_on_the_compute_device_path(files, monkeypatch):
     monkeypatch.setattr(stream_patches.comfy.lora, "calculate_weight", calc)
     with torch.inference_mode():
         m = _distorch(unet, 100.0)
-        H.ksample(_lora(m, lora, 1.0))
+        ksample(_lora(m, lora, 1.0))
     assert seen == [torch.device("cpu")] and devs and all(d == torch.device("cpu") for d in devs)
 
 
@@ -111,16 +110,16 @@ def test_without_a_file_source_the_backup_stays_in_ram(files):
     """A model whose loader file is unknown keeps ComfyUI's host backup (and stays exact)."""
     unet, lora = files["small"]
     with torch.inference_mode():
-        ref = H.ksample(_lora(_plain(unet), lora, 1.0))
+        ref = ksample(_lora(_plain(unet), lora, 1.0))
         mm.unload_all_models()
         m = entry.distorch(_plain(unet), "cpu", 100.0, "cpu", "", False)     # no file remembered
-        assert torch.equal(H.ksample(_lora(m, lora, 1.0)), ref)
+        assert torch.equal(ksample(_lora(m, lora, 1.0)), ref)
         assert m.backup and not stream_patches.sources(m.model)
 
 
 def test_file_changed_on_disk_is_not_a_source(files, tmp_path):
     """Bytes that differ from the home (a converted or replaced file) never become a restore source."""
-    sd = H.tiny_mmdit_state(2, 0)
+    sd = tiny_mmdit_state(2, 0)
     path = tmp_path / "other.safetensors"
     safetensors.torch.save_file({k: v + 1 for k, v in sd.items()}, str(path))
     index = stream_patches._FileIndex([str(path)])
@@ -135,11 +134,11 @@ def test_lora_on_streamed_weights_adds_no_host_copy(files):
     unet, lora = files["big"]
     with torch.inference_mode():
         m = _distorch(unet, 100.0)
-        H.ksample(_distorch(files["small"][0], 100.0))    # first-sample allocations of ComfyUI itself
+        ksample(_distorch(files["small"][0], 100.0))      # first-sample allocations of ComfyUI itself
         mm.unload_all_models()
         lm = _lora(m, lora, 1.0)
         r0 = _anon()
-        out = H.ksample(lm)
+        out = ksample(lm)
         grow = _anon() - r0
         st = entry.state_of(m)
         rt = st.handle.runtime
@@ -160,7 +159,7 @@ def test_lora_on_streamed_weights_adds_no_host_copy(files):
         # unpatch restores the file bytes; removal gives the plain model's output again
         mm.unload_all_models()
         assert torch.isfinite(out).all()
-        again = H.ksample(lm)
+        again = ksample(lm)
         assert torch.equal(again, out)
         mm.unload_all_models()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_harness as H  # noqa: E402
+from comfy_specs import CORE_BASE, expected_nodes, spec_problems  # noqa: E402
+from comfy_workflows import map_device  # noqa: E402
 
 from distorch.comfy_nodes import nodes as N  # noqa: E402
 from distorch.comfy_nodes import registry as R  # noqa: E402
@@ -62,7 +63,7 @@ class FakeBackend:
 
 def core_classes():
     out = {}
-    for stem, (names, outs) in H.CORE_BASE.items():
+    for stem, (names, outs) in CORE_BASE.items():
         opt = {"device": (["default", "cpu"], {"advanced": True})} if stem in ("CLIPLoader", "DualCLIPLoader") else None
         if stem == "UNETLoader":
             names = ["unet_name"]
@@ -93,12 +94,12 @@ def fake(monkeypatch):
 def test_build_registers_every_compat_node_with_its_inputs(fake):
     mapping = N.build()
     problems = []
-    for name, exp in H.expected_nodes().items():
+    for name, exp in expected_nodes().items():
         if name not in mapping:
             problems.append(f"{name} not registered")
             continue
         cls = mapping[name]
-        problems += H.spec_problems(name, exp, cls.INPUT_TYPES(), cls.RETURN_TYPES, cls.CATEGORY, DEVICES)
+        problems += spec_problems(name, exp, cls.INPUT_TYPES(), cls.RETURN_TYPES, cls.CATEGORY, DEVICES)
     assert not problems, "\n".join(problems)
     # the wrappers are generated from the core classes handed out by the backend
     assert mapping["UNETLoaderMultiGPU"].BASE_CLASS is fake.classes["UNETLoader"]
@@ -237,9 +238,9 @@ def test_device_list_defaults_on_cpu_only_machine(fake, monkeypatch):
     spec = N.build()["UNETLoaderDisTorch2MultiGPU"].INPUT_TYPES()["optional"]
     assert spec["compute_device"][0] == ["cpu"] and spec["compute_device"][1]["default"] == "cpu"
     assert spec["donor_device"][1]["default"] == "cpu"
-    assert H.map_device("cuda:1", ["cpu"]) == "cpu"
-    assert H.map_device("cuda:1", ["cuda:0", "cpu"]) == "cuda:0"
-    assert H.map_device("cpu", ["cuda:0", "cpu"]) == "cpu"
+    assert map_device("cuda:1", ["cpu"]) == "cpu"
+    assert map_device("cuda:1", ["cuda:0", "cpu"]) == "cuda:0"
+    assert map_device("cpu", ["cuda:0", "cpu"]) == "cpu"
 
 
 def test_late_registration_adds_to_comfyui_registry(fake, monkeypatch):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
-import comfy_harness as H
+from comfy_calls import ksample
+from comfy_harness import boot_inprocess
+from comfy_models import tiny_mmdit_state
 
-mm, nodes, folder_paths = H.boot_inprocess()
+mm, nodes, folder_paths = boot_inprocess()
 import safetensors.torch  # noqa: E402
 
 from distorch.comfy_nodes import entry, state  # noqa: E402
@@ -27,7 +28,7 @@ DEPTH = 6
 def unet(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_step_log")
     path = root / "tiny_sd3_steps.safetensors"
-    safetensors.torch.save_file(H.tiny_mmdit_state(DEPTH, 3), str(path))
+    safetensors.torch.save_file(tiny_mmdit_state(DEPTH, 3), str(path))
     folder_paths.add_model_folder_path("diffusion_models", str(root))
     return path.name
 
@@ -47,7 +48,7 @@ def test_log_after_sampling_on_cpu_says_compute_and_measured_basis(unet, caplog)
     with caplog.at_level(logging.INFO, logger="distorch"):
         m = _distorch(unet)
         st = entry.state_of(m)
-        H.ksample(m, steps=3)
+        ksample(m, steps=3)
     lines = caplog.text.splitlines()
     table = [ln for ln in lines if "predicted step" in ln and "measured step" not in ln]
     assert table and "[estimated" in table[0] and "overhead" not in table[0]
@@ -74,7 +75,7 @@ def test_step_report_wording():
 def test_sampler_step_boundary_neither_synchronizes_nor_invalidates(unet, monkeypatch):
     m = _distorch(unet)
     st = entry.state_of(m)
-    ref = H.ksample(m, steps=2)               # loads, compiles, measures a step
+    ref = ksample(m, steps=2)                 # loads, compiles, measures a step
     rt = st.handle.runtime
     assert rt is not None and not rt.autotune.enabled
     W, ng = rt.ring.W, rt.ring.ng
@@ -82,7 +83,7 @@ def test_sampler_step_boundary_neither_synchronizes_nor_invalidates(unet, monkey
     dev0, fb0 = rt.deviations, rt.fallback_loads     # the first forward may relearn the call order
     log, handles = record(monkeypatch, rt, rt._module_ref())
     try:
-        out = H.ksample(m, steps=4)
+        out = ksample(m, steps=4)
     finally:
         for h in handles:
             h.remove()

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comfy_harness as H  # noqa: E402
+from comfy_harness import COMFY_DIR, PACK_NAME, REPO, ComfyServer, require_comfy  # noqa: E402
+from comfy_workflows import DEVICE_INPUTS, map_device  # noqa: E402
 
-EXAMPLES = H.REPO / "example_workflows"
+EXAMPLES = REPO / "example_workflows"
 EXAMPLE_NAMES = sorted(p.name for p in EXAMPLES.glob("*.json"))
 
 # Nodes the frontend keeps to itself (never sent to the server).
@@ -189,8 +190,8 @@ def map_devices(api, devices):
     out = copy.deepcopy(api)
     for node in out.values():
         for key, value in node["inputs"].items():
-            if key in H.DEVICE_INPUTS and isinstance(value, str):
-                node["inputs"][key] = H.map_device(value, devices)
+            if key in DEVICE_INPUTS and isinstance(value, str):
+                node["inputs"][key] = map_device(value, devices)
     return out
 
 
@@ -203,13 +204,13 @@ def load(name):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    H.require_comfy()
+    require_comfy()
     base = tmp_path_factory.mktemp("comfy_examples")
     for folder, names in MODEL_FILES.items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).write_bytes(b"")
-    srv = H.ComfyServer(base)
+    srv = ComfyServer(base)
     yield srv
     srv.stop()
 
@@ -278,7 +279,7 @@ def test_example_workflow_passes_comfyui_validation(server, object_info, devices
 def test_examples_are_listed_as_workflow_templates(server):
     """ComfyUI's template browser lists example_workflows/ of the pack's folder."""
     templates = server.get("/workflow_templates")
-    assert sorted(templates.get(H.PACK_NAME, [])) == sorted(Path(n).stem for n in EXAMPLE_NAMES), templates
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(Path(n).stem for n in EXAMPLE_NAMES), templates
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,25 +410,25 @@ def _req_names(path):
 
 def test_requirements_txt_adds_what_comfyui_lacks_and_never_torch():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    pyproject = tomllib.loads((H.REPO / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = {re.split(r"[<>=~!\[; ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
-    ours = _req_names(H.REPO / "requirements.txt")
+    ours = _req_names(REPO / "requirements.txt")
     assert not ours & {"torch", "torchvision", "torchaudio"}, ours
     assert ours <= deps, f"requirements.txt names packages the library does not depend on: {ours - deps}"
-    comfy_req = H.COMFY_DIR / "requirements.txt"
+    comfy_req = COMFY_DIR / "requirements.txt"
     if not comfy_req.is_file():
-        H.require_comfy()
+        require_comfy()
     missing = deps - {"torch"} - ours - _req_names(comfy_req)
     assert not missing, f"neither ComfyUI nor requirements.txt installs {missing}"
     assert {"gguf", "networkx"} <= ours
 
 
 def test_registry_metadata_reads_through_comfyuis_parser():
-    H.require_comfy()
-    if str(H.COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(H.COMFY_DIR))
+    require_comfy()
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
     from comfy_config import config_parser
 
-    cfg = config_parser.extract_node_configuration(str(H.REPO))
+    cfg = config_parser.extract_node_configuration(str(REPO))
     assert cfg.tool_comfy.publisher_id and cfg.tool_comfy.display_name and cfg.tool_comfy.icon
     assert cfg.project.name and not cfg.project.name.lower().startswith("comfyui")

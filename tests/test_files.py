@@ -1,46 +1,33 @@
+"""Reading weight files' headers: the tensors of safetensors and GGUF files (checked against their bytes and
+the gguf package's reader), the unit graphs built from them, truncated and corrupt files, huge sparse files
+read header-only, unknown names and extensions.  Grouping tensor names into units:
+tests/test_files_grouping.py; crafted and mutated headers: tests/test_files_crafted.py; the shared files:
+tests/weight_files.py."""
 import builtins
 import json
 import os
-import re
 import struct
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from distorch.compiler.files import graph_from_file, graph_from_tensors, read_header
-from distorch.compiler.graph import ROOT
+from distorch.compiler.files import graph_from_file, read_header
 from distorch.errors import DisTorchError, FileFormatError
 from distorch.formats import gguf_reader, safetensors as st_reader
 from distorch.formats.gguf_reader import read_gguf_header
-from distorch.formats.tensor_info import TensorInfo
+
+import weight_files
+from weight_files import names
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
-
-def names(g):
-    return [u.name for u in g]
+st_file = weight_files.st_file          # shared fixtures (tests/weight_files.py): pytest finds them here
+gguf_file = weight_files.gguf_file
 
 
 # --- safetensors ----------------------------------------------------------------------------------
-@pytest.fixture
-def st_file(tmp_path):
-    torch.manual_seed(0)
-    tensors = {
-        "img_in.weight": torch.randn(8, 4, dtype=torch.bfloat16),
-        "img_in.bias": torch.randn(8),
-        "double_blocks.0.img_mod.lin.weight": torch.randn(16, 8, dtype=torch.float16),
-        "double_blocks.1.img_mod.lin.weight": torch.randn(16, 8, dtype=torch.float16),
-        "single_blocks.0.linear1.weight": torch.randn(12, 8).to(torch.float8_e4m3fn),
-        "final_layer.linear.weight": torch.randn(4, 8, dtype=torch.bfloat16),
-    }
-    p = tmp_path / "tiny.safetensors"
-    save_file(tensors, str(p), metadata={"format": "pt"})
-    return p, tensors
-
-
 def test_safetensors_header_matches_data(st_file):
     p, tensors = st_file
     infos = read_header(p)
@@ -174,27 +161,6 @@ def test_safetensors_header_only_on_huge_sparse_file(tmp_path, monkeypatch):
 
 
 # --- gguf -------------------------------------------------------------------------------------
-@pytest.fixture
-def gguf_file(tmp_path):
-    rng = np.random.default_rng(0)
-    p = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(p), arch="flux")
-    w.add_string("general.name", "tiny flux")
-    w.add_array("some.ints", [1, 2, 3])
-    w.add_array("some.strings", ["a", "bb", "ccc"])
-    qkv = rng.standard_normal((16, 64)).astype(np.float32)
-    q = gguf.quants.quantize(qkv, Q.Q8_0)
-    w.add_tensor("double_blocks.0.img_attn.qkv.weight", q, raw_dtype=Q.Q8_0)
-    w.add_tensor("img_in.weight", rng.standard_normal((8, 4)).astype(np.float16))
-    w.add_tensor("img_in.bias", rng.standard_normal(8).astype(np.float32))
-    w.add_tensor("final_layer.linear.weight", rng.standard_normal((4, 64)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return p, q
-
-
 def test_gguf_header_matches_reader(gguf_file):
     p, q = gguf_file
     infos = read_header(p)
@@ -272,62 +238,7 @@ def test_gguf_header_only_on_huge_sparse_file(tmp_path, monkeypatch):
     assert 0 < counting.max_pos <= head
 
 
-# --- grouping -----------------------------------------------------------------------------------
-def _infos(keys, nbytes=4):
-    return [TensorInfo(k, (1,), "F32", nbytes) for k in keys]
-
-
-def test_grouping_prefixes_noindex_and_full_checkpoint():
-    keys = ["model.diffusion_model.out.2.weight", "model.diffusion_model.time_embed.0.weight",
-            "model.diffusion_model.input_blocks.10.0.in_layers.0.weight",
-            "model.diffusion_model.input_blocks.2.0.in_layers.0.weight",
-            "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight",
-            "model.diffusion_model.middle_block.0.in_layers.0.weight",
-            "model.diffusion_model.output_blocks.0.0.in_layers.0.weight",
-            "model.diffusion_model.out.0.weight", "model.diffusion_model.label_emb.0.0.weight",
-            "first_stage_model.decoder.conv_in.weight", "conditioner.embedders.0.transformer.x.weight"]
-    g = graph_from_tensors(_infos(keys), "ckpt")
-    assert names(g) == ["time_embed", "label_emb", "input_blocks.2", "input_blocks.10", "middle_block",
-                        "output_blocks.0", "out"]
-    assert g["middle_block"].kind == "block" and len(g["middle_block"].tensors) == 2
-    assert g["out"].tensors == ["model.diffusion_model.out.2.weight", "model.diffusion_model.out.0.weight"]
-    assert g.excluded == keys[-2:] and g.excluded_bytes == 8
-    g2 = graph_from_tensors(_infos(keys), "ckpt", keep_other=True)
-    assert "first_stage_model" in g2 and "conditioner" in g2
-    assert g2.total_bytes == 4 * len(keys)
-
-
-def test_grouping_diffusers_and_unknown_families():
-    keys = ["proj_out.weight", "transformer_blocks.1.attn.to_q.weight", "x_embedder.weight",
-            "single_transformer_blocks.0.proj_mlp.weight", "transformer_blocks.0.attn.to_q.weight",
-            "zz_custom.0.a.b.weight", "zz_custom.1.a.b.weight", "norm_out.linear.weight",
-            "pos_embed", "aaa_extra.weight", "time_text_embed.timestep_embedder.linear_1.weight"]
-    g = graph_from_tensors(_infos(keys), "x")
-    # known families by rank; an unknown list of blocks (zz_custom) runs among the blocks; another unknown
-    # family sits right after the known family that appeared last before it (first-appearance order:
-    # proj_out, transformer_blocks, x_embedder, single_transformer_blocks, zz_custom, norm_out, pos_embed,
-    # aaa_extra, ...); a bare top-level tensor goes to ROOT, first
-    assert names(g) == [ROOT, "x_embedder", "time_text_embed", "transformer_blocks.0", "transformer_blocks.1",
-                        "zz_custom.0", "zz_custom.1", "single_transformer_blocks.0", "norm_out", "aaa_extra",
-                        "proj_out"]
-    assert g[ROOT].kind == "root" and g[ROOT].tensors == ["pos_embed"]
-    assert g["zz_custom.0"].kind == "block"
-
-
-def test_unknown_block_families_order_among_blocks():
-    # HiDream-like names, as a safetensors file lists them (sorted): blocks must not land after final_layer
-    keys = ["caption_projection.0.linear.weight", "double_stream_blocks.0.block.attn1.to_q.weight",
-            "double_stream_blocks.1.block.attn1.to_q.weight", "final_layer.linear.weight",
-            "single_stream_blocks.0.block.attn1.to_q.weight", "single_stream_blocks.1.block.attn1.to_q.weight",
-            "t_embedder.timestep_embedder.linear_1.weight", "x_embedder.proj.weight",
-            "my_single_things.0.a.b.weight", "my_single_things.1.a.b.weight",
-            "my_pairs.0.a.b.weight", "my_pairs.1.a.b.weight"]
-    g = graph_from_tensors(_infos(keys), "x")
-    assert names(g) == ["caption_projection", "x_embedder", "t_embedder", "double_stream_blocks.0",
-                        "double_stream_blocks.1", "my_pairs.0", "my_pairs.1", "single_stream_blocks.0",
-                        "single_stream_blocks.1", "my_single_things.0", "my_single_things.1", "final_layer"]
-
-
+# --- names and extensions ---------------------------------------------------------------------
 def test_unknown_name_and_extension(tmp_path):
     with pytest.raises(DisTorchError, match=r"'nope' does not exist.*\.safetensors.*flux-dev.*sdxl"):
         graph_from_file("nope")
@@ -339,168 +250,3 @@ def test_unknown_name_and_extension(tmp_path):
         read_header(txt)
     with pytest.raises(DisTorchError, match="does not exist"):
         read_header(tmp_path / "missing.safetensors")
-
-
-# --- crafted files: a clear FileFormatError, bounded time and memory (issue 12) ----------------------
-def _bounded(fn, *args, mb: float = 4.0, s: float = 1.0):
-    """Run fn(*args), which must raise a FileFormatError; return it. Peak Python memory < mb MB, < s seconds."""
-    import time
-    import tracemalloc
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    try:
-        with pytest.raises(FileFormatError) as e:
-            fn(*args)
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    assert time.perf_counter() - t0 < s and peak < mb * 2 ** 20, (str(e.value), peak)
-    return str(e.value)
-
-
-def _s(text) -> bytes:
-    b = text.encode() if isinstance(text, str) else text
-    return struct.pack("<Q", len(b)) + b
-
-
-def _gguf_bytes(kv=(), tensors=(), *, n_tensors=None, n_kv=None, data=b"") -> bytes:
-    """A GGUF file by hand: kv = [(key, value type, payload bytes)], tensors = [(name, dims, type, offset)]."""
-    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if n_tensors is None else n_tensors,
-                                len(kv) if n_kv is None else n_kv)
-    for key, vt, payload in kv:
-        out += _s(key) + struct.pack("<I", vt) + payload
-    for name, dims, tid, off in tensors:
-        out += _s(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", tid, off)
-    return out + b"\0" * (-len(out) % 32) + data
-
-
-def _write(tmp_path, name, raw: bytes):
-    p = tmp_path / name
-    p.write_bytes(raw)
-    return p
-
-
-def test_crafted_gguf_headers_fail_clearly_and_cheaply(tmp_path):
-    from distorch.formats.gguf_loader import load_gguf
-    F32 = int(Q.F32)
-    cases = {
-        # a metadata array claiming 2^60 items (fixed-size, strings, arrays)
-        "arr_u8": ([("a", 9, struct.pack("<IQ", 0, 2 ** 60))], [], r"'a' claims 1152921504606846976 items"),
-        "arr_str": ([("a", 9, struct.pack("<IQ", 8, 2 ** 60))], [], r"claims 1152921504606846976 items"),
-        "arr_arr": ([("a", 9, struct.pack("<IQ", 9, 2 ** 60))], [], r"claims 1152921504606846976 items"),
-        # 5000 nested arrays
-        "nested": ([("a", 9, struct.pack("<IQ", 9, 1) * 5000)], [], r"nests arrays more than 8 deep"),
-        "vtype": ([("a", 13, b"")], [], r"'a' has unknown value type 13"),
-        "itype": ([("a", 9, struct.pack("<IQ", 77, 0))], [], r"'a' has unknown array item type 77"),
-        "dupkey": ([("a", 0, b"\1"), ("a", 0, b"\1")], [], r"metadata key 'a' appears twice"),
-        "badkey": ([(b"\xff\xfe", 0, b"\1")], [], r"metadata key #0 is not UTF-8 at byte 24"),
-        "align_inf": ([("general.alignment", 6, struct.pack("<f", float("inf")))], [], r"general.alignment inf"),
-        "align_nan": ([("general.alignment", 6, struct.pack("<f", float("nan")))], [], r"general.alignment nan"),
-        "align_str": ([("general.alignment", 8, _s("32"))], [], r"general.alignment '32' is not an integer"),
-        "align_3": ([("general.alignment", 4, struct.pack("<I", 3))], [], r"general.alignment 3 is not"),
-        "align_0": ([("general.alignment", 4, struct.pack("<I", 0))], [], r"general.alignment 0 is not"),
-        # tensor entries
-        "offset": ([], [("w", [4], F32, 2 ** 64 - 1)], r"tensor 'w' \(F32, 16 bytes at byte \d+\) runs past the end"),
-        "overlap": ([], [("w", [4], F32, 0), ("v", [4], F32, 8)], r"tensor 'v' data .* overlaps tensor 'w'"),
-        "dims": ([], [("w", [0, 2 ** 64 - 1], F32, 0)], r"tensor 'w' has dimensions \[0, 18446744073709551615\]"),
-        "rank": ([], [("w", [1] * 9, F32, 0)], r"tensor 'w' claims 9 dimensions"),
-        "duptensor": ([], [("w", [4], F32, 0), ("w", [4], F32, 32)], r"tensor 'w' appears twice"),
-        "typeid": ([], [("w", [4], 99, 0)], r"tensor 'w' has unknown GGML type id 99"),
-        "rows": ([], [("w", [33], int(Q.Q8_0), 0)], r"tensor 'w' of type Q8_0 has rows of 33 values"),
-    }
-    for name, (kv, tensors, want) in cases.items():
-        p = _write(tmp_path, f"{name}.gguf", _gguf_bytes(kv, tensors, data=b"\0" * 64))
-        assert os.path.getsize(p) < 64 * 1024
-        for fn in (read_header, load_gguf):
-            msg = _bounded(fn, p)
-            assert re.search(want, msg) and str(p) in msg, (name, fn.__name__, msg)
-    # 64 bytes claiming 2^60 tensors / metadata entries
-    for n_t, n_kv in ((2 ** 60, 0), (0, 2 ** 60)):
-        p = _write(tmp_path, "counts.gguf", _gguf_bytes(n_tensors=n_t, n_kv=n_kv, data=b"\0" * 32))
-        assert "corrupt GGUF header" in _bounded(load_gguf, p)
-    # a string length beyond the file
-    p = _write(tmp_path, "strlen.gguf", _gguf_bytes([("a", 8, struct.pack("<Q", 2 ** 62))]))
-    assert re.search(r"metadata 'a' at byte \d+ needs 4611686018427387904 bytes", _bounded(load_gguf, p))
-    # a valid one still loads
-    p = _write(tmp_path, "ok.gguf", _gguf_bytes([("general.alignment", 4, struct.pack("<I", 64))],
-                                                [("w", [4], F32, 0), ("v", [2, 2], F32, 64)], data=b"\0" * 128))
-    assert [(i.name, i.shape) for i in read_header(p)] == [("w", (4,)), ("v", (2, 2))]
-    sd, meta = load_gguf(p)
-    assert meta["alignment"] == 64 and sd["v"].shape == (2, 2)
-
-
-def test_crafted_safetensors_headers_fail_clearly_and_cheaply(tmp_path):
-    from distorch.runtime.loading import load_into
-
-    def st(header_text: str, data: bytes = b"\0" * 16) -> bytes:
-        h = header_text.encode()
-        return struct.pack("<Q", len(h)) + h + data
-
-    ok = '"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}'
-    cases = {
-        "list": ("[1, 2, 3]", r"header is not a JSON object \(got a JSON list\)"),
-        "missing": ('{"w": {"dtype": "F32", "shape": [4]}}', r"tensor 'w' has a malformed header entry"),
-        "notdict": ('{"w": 7}', r"tensor 'w' has a malformed header entry 7"),
-        "negative": ('{"w": {"dtype": "U8", "shape": [4], "data_offsets": [-4, 0]}}', r"invalid data_offsets \[-4, 0\]"),
-        "inf_shape": ('{"w": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 16]}}', r"shape \[inf\]"),
-        "inf_offsets": ('{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 1e400]}}',
-                        r"data_offsets \[0, inf\]"),
-        "big_int": ('{"w": {"dtype": "F32", "shape": [0, ' + "9" * 400 + '], "data_offsets": [0, 0]}}',
-                    r"shape \[0, 9999"),
-        "string_shape": ('{"w": {"dtype": "U8", "shape": "22", "data_offsets": [0, 4]}}', r"shape '22'"),
-        "float_shape": ('{"w": {"dtype": "U8", "shape": [2.7], "data_offsets": [0, 2]}}', r"shape \[2.7\]"),
-        "dtype": ('{"w": {"dtype": "FOO", "shape": [4], "data_offsets": [0, 4]}}', r"dtype 'FOO', which is not"),
-        "dup": ("{" + ok + ", " + ok + "}", r"has the key 'w' twice"),
-        "nested": ('{"w": ' + "[" * 100000 + "]" * 100000 + "}", r"nested too deeply"),
-        # 6 GiB claimed by a file of a few bytes: fails before anything is allocated
-        "huge": ('{"w": {"dtype": "U8", "shape": [6442450944], "data_offsets": [0, 6442450944]}}',
-                 r"tensor 'w' data \[0, 6442450944\) lies beyond the end of the file"),
-    }
-    for name, (text, want) in cases.items():
-        p = _write(tmp_path, f"{name}.safetensors", st(text))
-        msg = _bounded(read_header, p)
-        assert re.search(want, msg) and str(p) in msg, (name, msg)
-        # load_into parses the header before it looks at the module or the plan
-        assert _bounded(load_into, torch.nn.Linear(2, 2), str(p), None) == msg
-
-
-def _mutants(raw: bytes, head: int, n: int, seed: int):
-    """n mutated copies of raw (bytes, 8-byte integers and cuts, within the first `head` bytes)."""
-    import random
-    rng = random.Random(seed)
-    big = [0, 1, 2 ** 31, 2 ** 32 - 1, 2 ** 60, 2 ** 63, 2 ** 64 - 1]
-    for _ in range(n):
-        b = bytearray(raw)
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(head)
-            kind = rng.random()
-            if kind < 0.4:
-                b[at] = rng.randrange(256)
-            elif kind < 0.8:
-                b[at:at + 8] = struct.pack("<Q", rng.choice(big) if rng.random() < 0.5 else rng.getrandbits(64))
-            else:
-                del b[at:]
-                break
-        yield bytes(b)
-
-
-def test_mutated_files_give_a_result_or_a_clear_error(tmp_path, st_file, gguf_file):
-    """Random mutations of valid headers: every outcome is a valid result or a DisTorchError, never
-    another exception (hypothesis-style, stdlib random: deterministic)."""
-    from distorch.formats.gguf_loader import load_gguf
-    tried = {"ok": 0, "error": 0}
-    for path, head, readers in ((st_file[0], None, (read_header,)), (gguf_file[0], None, (read_header, load_gguf))):
-        raw = path.read_bytes()
-        head = 8 + struct.unpack("<Q", raw[:8])[0] if path.suffix == ".safetensors" else min(
-            i.offset for i in read_header(path))
-        for k, m in enumerate(_mutants(raw, head, 300, seed=len(raw))):
-            p = _write(tmp_path, f"m{k}{path.suffix}", m)
-            for fn in readers:
-                try:
-                    fn(p)
-                    tried["ok"] += 1
-                except DisTorchError:
-                    tried["error"] += 1
-            p.unlink()
-    print(f"\n[mutations] {sum(tried.values())} reads of mutated files: {tried}")
-    assert tried["error"] > 100

@@ -335,26 +335,28 @@ def test_gguf_units_adopted_and_fall_back(copies):
 def test_comfy_unload_and_reload_with_lora_reuses_the_homes(tmp_path_factory):
     """ComfyUI's own flow: a LoRA baked into the homes, unload (the file bytes restored, then undo to the
     host), load again: the homes are adopted and patched again; every output equals plain ComfyUI's."""
-    import comfy_harness as H
-    mm, _, _ = H.boot_inprocess()
+    from comfy_calls import distorch_unet, ksample, lora as _lora, plain_lora_refs
+    from comfy_harness import boot_inprocess
+    from comfy_models import save_tiny_lora, tiny_mmdit_state, unet_lora_dirs
+    mm, _, _ = boot_inprocess()
     import safetensors.torch
     from distorch.comfy_nodes import entry
-    unet_dir, lora_dir = H.unet_lora_dirs(tmp_path_factory, "home_reuse")
-    sd = H.tiny_mmdit_state(2, 0)
+    unet_dir, lora_dir = unet_lora_dirs(tmp_path_factory, "home_reuse")
+    sd = tiny_mmdit_state(2, 0)
     safetensors.torch.save_file(sd, str(unet_dir / "hr_unet.safetensors"))
-    H.save_tiny_lora(sd, str(lora_dir / "hr_lora.safetensors"))
+    save_tiny_lora(sd, str(lora_dir / "hr_lora.safetensors"))
     unet, lora = "hr_unet.safetensors", "hr_lora.safetensors"
     mm.unload_all_models()
     try:
         with torch.inference_mode():
-            ref = H.plain_lora_refs(unet, lora)
-            m = H.distorch_unet(unet, 100.0)
+            ref = plain_lora_refs(unet, lora)
+            m = distorch_unet(unet, 100.0)
             st = entry.state_of(m)
-            assert torch.equal(H.ksample(H.lora(m, lora, 1.0)), ref[1.0])
+            assert torch.equal(ksample(_lora(m, lora, 1.0)), ref[1.0])
             assert st.handle.stats["load"]["reused"] is False
             for s in (0.5, 0.0, 1.0):
                 mm.unload_all_models()                 # the file bytes back into the homes, then undo
-                out = H.ksample(H.lora(m, lora, s) if s else m)
+                out = ksample(_lora(m, lora, s) if s else m)
                 assert torch.equal(out, ref[s]), f"strength {s}"
                 assert st.handle.stats["load"]["reused"] is True, st.handle.stats["load"]
     finally:

@@ -1,14 +1,12 @@
 """Runtime tests on CPU: the same homes / slots / ring / fallback code that runs on CUDA, synchronously.
 
-Plans are built by hand (compute "cpu:0", offloaded homes "cpu"), so these tests need no planner (but for the
-compile() ones, which trace and partition).  The CUDA tests: tests/test_runtime_cuda.py; ring items, autotune
-and calls outside the forward: tests/test_runtime_ring.py; the toy models: tests/runtime_toys.py.
+Plans are built by hand (compute "cpu:0", offloaded homes "cpu").  Here: placements (block and leaf units,
+the ring across steps), tricky modules (units called twice, branches, tied weights, buffers, grad modes) and
+a diffusers Flux model, all bit identical.  Memory, undo, errors and stats: tests/test_runtime_lifecycle.py;
+compile() and loading: tests/test_runtime_compile.py; the CUDA tests: tests/test_runtime_cuda.py; ring items,
+autotune and calls outside the forward: tests/test_runtime_ring.py; the toy models: tests/runtime_toys.py.
 """
 from __future__ import annotations
-
-import gc
-import os
-import weakref
 
 import pytest
 import torch
@@ -16,21 +14,13 @@ import torch.nn as nn
 
 from distorch.compiler.graph import ROOT
 from distorch.compiler.plan import Plan, PlacedUnit
-from distorch.errors import DisTorchError
 from distorch.runtime import stats as rstats
 from distorch.runtime.apply import apply
 
-from runtime_toys import C, ToyDiT, Twice, make_plan, nbytes, run, toy_inputs
+import runtime_fixtures
+from runtime_toys import C, Twice, make_plan, nbytes, run
 
-
-@pytest.fixture
-def toy():
-    torch.manual_seed(0)
-    m = ToyDiT().eval()
-    args = toy_inputs()
-    with torch.no_grad():
-        ref = m(*args)
-    return m, args, ref
+toy = runtime_fixtures.toy              # the shared fixture (tests/runtime_fixtures.py): pytest finds it here
 
 
 # ----------------------------------------------------------------------------------- placements
@@ -203,123 +193,6 @@ def test_inference_mode_and_grad_mode(toy):
         rt.undo()
 
 
-# ------------------------------------------------------------------------------ memory / undo
-def test_host_holds_one_copy_and_undo_frees_everything():
-    torch.manual_seed(0)
-    m = ToyDiT(depth=4).eval()
-    args = toy_inputs()
-    with torch.no_grad():
-        ref = m(*args)
-    # give the offloaded blocks' parameters numpy-owned storages we can watch
-    watch = []
-    for b in (m.blocks[1], m.blocks[2]):
-        for p in b.parameters():
-            arr = p.detach().numpy().copy()
-            watch.append(weakref.ref(arr))
-            p.data = torch.from_numpy(arr)
-            del arr
-    off = {"blocks.1", "blocks.2"}
-    rt = apply(m, make_plan(m, off), progress=False)
-    gc.collect()
-    assert all(w() is None for w in watch), "original storages of offloaded params must be released"
-    arena = weakref.ref(rt.arenas["cpu"].array)
-    slots = [weakref.ref(f) for f in rt.pool.flats]
-    hooks_before = (len(m._forward_pre_hooks), len(m.blocks[1]._forward_pre_hooks))
-    assert hooks_before == (1, 1)
-    run(m, args, 2)
-    rt.undo()
-    gc.collect()
-    assert all(s() is None for s in slots) and not rt.homes and not rt.arenas, "homes and slots must be freed by undo"
-    # back to the host the streamed weights stay in their (unpinned) arena, which lives as long as they do:
-    # the next compile with the same plan adopts it (runtime/home_reuse.py, tests/test_home_reuse.py)
-    assert arena() is not None
-    assert len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0
-    assert len(m.blocks[1]._forward_pre_hooks) == 0 and len(m.blocks[1]._forward_hooks) == 0
-    assert not hasattr(m, "_distorch_runtime")
-    assert torch.equal(m(*args), ref)
-    # the module can be compiled again; under another plan the old arena is freed
-    rt2 = apply(m, make_plan(m, {"blocks.0"}), progress=False)
-    gc.collect()
-    assert arena() is None, "a compile under another plan must free the arena undo() left"
-    assert torch.equal(run(m, args, 1)[0], ref)
-    rt2.undo()
-
-
-def test_home_views_invalidate_and_undo_to_other_device(toy):
-    m, args, ref = toy
-    rt = apply(m, make_plan(m, {"blocks.1", "blocks.4"}), window_units=2, progress=False)
-    run(m, args, 1)
-    hv = rt.home_views()
-    w = m.blocks[1].proj.weight
-    assert id(w) in hv and id(m.blocks[0].proj.weight) not in hv
-    saved = hv[id(w)].clone()
-    hv[id(w)].zero_()                       # patch the home (what a LoRA merge does)
-    rt.invalidate()
-    with torch.no_grad():
-        assert not torch.equal(m(*args), ref)
-        hv[id(w)].copy_(saved)
-        rt.invalidate()
-        assert torch.equal(m(*args), ref)
-    rt.undo(device="cpu")
-    assert torch.equal(m(*args), ref)
-
-
-def test_runtime_object_released_after_undo(toy):
-    m, args, ref = toy
-    rt = apply(m, make_plan(m, {"blocks.1"}), progress=False)
-    run(m, args, 1)
-    rt.undo()
-    w = weakref.ref(rt)
-    del rt
-    gc.collect()
-    assert w() is None, "no hook or module attribute may keep the runtime alive after undo"
-
-
-# ------------------------------------------------------------------------------------- errors
-def test_bad_plans_raise_clear_errors(toy):
-    m, args, ref = toy
-    bad = Plan(compute=C, units=[PlacedUnit("blocks.99", "Block", 0, "cpu", 0)])
-    with pytest.raises(DisTorchError, match="blocks.99"):
-        apply(m, bad)
-    overlap = Plan(compute=C, units=[PlacedUnit("blocks.0", "Block", 0, "cpu", 0),
-                                     PlacedUnit("blocks.0.attn", "Linear", 0, "cpu", 1)])
-    with pytest.raises(DisTorchError, match="overlap"):
-        apply(m, overlap)
-    with pytest.raises(DisTorchError, match="Plan"):
-        apply(m, {"compute": C})
-    rt = apply(m, make_plan(m, {"blocks.0"}), progress=False)
-    with pytest.raises(DisTorchError, match="already compiled"):
-        apply(m, make_plan(m, {"blocks.0"}))
-    rt.undo()
-    with torch.device("meta"):
-        mm = ToyDiT()
-    with pytest.raises(DisTorchError, match="meta"):
-        apply(mm, make_plan(mm, {"blocks.0"}))
-
-
-def test_stats_and_timeline(toy):
-    m, args, ref = toy
-    off = {"blocks.0", "blocks.2", "blocks.5"}
-    plan = make_plan(m, off)
-    plan.predicted = {"step_s": 0.01, "compute_s": 0.009}
-    rt = apply(m, plan, window_units=2, profile=True, progress=False)
-    run(m, args, 3)
-    s = rstats.summarize(rt)
-    assert s["steps"] == 3 and s["measured_step_s"] > 0
-    # profiled: the second step's measured unit times replaced the plan's estimate (runtime/autotune.py)
-    assert s["estimated_step_s"] == 0.01 and s["predicted_basis"] == "measured" and s["predicted_step_s"] > 0
-    assert s["bytes_moved_total"]["cpu"] == s["bytes_per_step"]["cpu"] * 3 + \
-        sum(rt.ring.nbytes[i] for i in rt.learn.seq[:2])     # three steps plus the two primed into the next
-    tl = rstats.timeline(rt)
-    lanes = {e["lane"] for e in tl}
-    assert lanes == {"compute", "copy:cpu"}
-    assert {e["unit"] for e in tl if e["lane"] == "compute"} == {f"blocks.{i}" for i in range(6)}
-    ut = rstats.unit_times(rt)
-    assert set(ut) == {f"blocks.{i}" for i in range(6)} and all(v > 0 for v in ut.values())
-    assert "per step" in rstats.format_stats(s)
-    rt.undo()
-
-
 # ------------------------------------------------------------------------------------ diffusers
 def _flux_cls():
     try:
@@ -387,103 +260,3 @@ def test_diffusers_flux_bit_identical(flux, which):
         rt.undo()
     with torch.no_grad():
         assert torch.equal(m(**kw)[0], ref)
-
-
-# --------------------------------------------------------------------------------- api / loading
-def test_compile_with_plan_and_handle(toy):
-    import distorch
-    m, args, ref = toy
-    h = distorch.compile(m, plan=make_plan(m, {"blocks.2", "blocks.3"}), profile=True, progress=False)
-    assert torch.equal(run(m, args, 2)[-1], ref)
-    assert h.stats["streamed_units"] == 2
-    assert h.timeline()
-    assert "blocks.2" in h.placement_table()
-    h.undo()
-    assert torch.equal(m(*args), ref)
-    with pytest.raises(DisTorchError):
-        distorch.compile(m, plan="not a plan")
-
-
-def test_load_into_homes_from_safetensors(toy, tmp_path):
-    from safetensors.torch import save_file
-    from distorch.runtime.loading import load_into
-    m, args, ref = toy
-    path = os.path.join(tmp_path, "toy.safetensors")
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path)
-    with torch.device("meta"):
-        fresh = ToyDiT().eval()
-    plan = make_plan(fresh, {"blocks.0", "blocks.3", "blocks.4"})
-    rt = load_into(fresh, path, plan, progress=False)
-    try:
-        assert all(not p.is_meta for p in fresh.parameters())
-        # streamed params were read straight into their homes: apply adopted them without copying
-        for n in ("blocks.0", "blocks.3"):
-            assert rt.homes[n].flat is not None
-        for out in run(fresh, args, 3):
-            assert torch.equal(out, ref)
-    finally:
-        rt.undo()
-    assert torch.equal(fresh(*args), ref)
-
-
-def test_load_into_reports_missing_keys(toy, tmp_path):
-    from safetensors.torch import save_file
-    from distorch.runtime.loading import load_into
-    m, args, ref = toy
-    sd = {k: v.contiguous() for k, v in m.state_dict().items() if not k.startswith("blocks.2.")}
-    path = os.path.join(tmp_path, "partial.safetensors")
-    save_file(sd, path)
-    with torch.device("meta"):
-        fresh = ToyDiT().eval()
-    with pytest.raises(DisTorchError, match="blocks.2"):
-        load_into(fresh, path, make_plan(fresh, {"blocks.0"}), progress=False)
-
-
-# ------------------------------------------------------------------- compile(): trace + partition
-def test_compile_plans_with_trace_and_partition(toy):
-    import distorch
-    m, args, ref = toy
-    half = nbytes(m) / 2 / 2**30
-    h = distorch.compile(m, compute="cpu", offload_gb=half, donors=["cpu"], example_args=args, progress=False)
-    try:
-        assert h.plan.compute == "cpu:0" and h.plan.offloaded_bytes() >= nbytes(m) / 2
-        assert h.graph is not None and len(h.graph) >= 6
-        for out in run(m, args, 3):
-            assert torch.equal(out, ref)
-        s = h.stats
-        assert s["streamed_units"] >= 3 and s["deviations"] == 0
-        assert s["predicted_step_s"] and s["measured_step_s"]
-    finally:
-        h.undo()
-    assert torch.equal(m(*args), ref)
-
-
-def test_compile_expert_string_and_feedback(toy):
-    import distorch
-    from distorch.passes.partition import partition
-    from distorch.runtime.api import inventory_for
-    m, args, ref = toy
-    h = distorch.compile(m, compute="cpu", expert="cpu:0,40%;cpu,60%", example_args=args, profile=True,
-                         progress=False)
-    try:
-        off = h.plan.offloaded_bytes() / h.plan.model_bytes
-        assert 0.5 <= off <= 0.75
-        run(m, args, 2)
-        assert h.feedback() >= 6          # measured unit times written into the graph
-        assert all(u.time_s and u.time_s > 0 for u in h.graph.units if u.name.startswith("blocks."))
-        plan2 = partition(h.graph, inventory_for("cpu:0", ["cpu"]), "cpu:0", offload_gb=0.6 * nbytes(m) / 2**30)
-        assert plan2.predicted["step_s"] > 0
-    finally:
-        h.undo()
-    with pytest.raises(DisTorchError, match="compute"):
-        distorch.compile(m, compute="tpu:3")
-
-
-def test_compile_names_the_failing_pass_and_the_ones_before_it(toy):
-    import distorch
-    from distorch.errors import PartitionError
-    m, args, ref = toy
-    with pytest.raises(PartitionError, match=r"^partition pass failed \(passes run before it: trace\): .*tpu:9"):
-        distorch.compile(m, compute="cpu", donors=["tpu:9"], offload_gb=0.0001, example_args=args, progress=False)
-    assert getattr(m, "_distorch_runtime", None) is None and torch.equal(m(*args), ref)   # nothing changed
-
