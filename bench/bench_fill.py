@@ -7,6 +7,7 @@ the exact bytes.  Prints one line per run and a final summary; no timing is asse
 
     python bench/bench_fill.py --smoke                         # CPU, 0.5 GB, threads 1 and 4
     python bench/bench_fill.py --gb 24 --threads 1,4,8,16      # GPU machine: pinned homes, target >= 10 GB/s
+    python bench/bench_fill.py --gb 8 --threads 8,16 --diagnose   # + the fill's parts apart (diagnose())
 """
 from __future__ import annotations
 
@@ -84,11 +85,67 @@ def host_bound(gb: float, n_threads: int) -> dict:
     return out                                  # both buffers are freed with this frame
 
 
+def diagnose(gb: float, n_threads: int, pin: bool) -> list[tuple[str, float]]:
+    """Where the fill loses against the host bound (bench/results/fill_h200.md): the same bytes, twice each
+    (a first touch of fresh memory and a second run can differ), (1) copied as the fill cuts them (16 MiB
+    pieces, fill.CHUNK) into one fresh numpy buffer by a plain thread pool, no HomeStore; (2) through
+    HomeStore with pageable homes; (3) the same with the heap trims of the fill turned off; (4) through
+    HomeStore with pinned homes when CUDA is there.  Returns [(label, GB/s)]."""
+    import concurrent.futures as cf
+    import numpy as np
+    os.environ[fill.ENV] = str(n_threads)
+    out = []
+
+    def plain_pieces() -> float:
+        m = model(gb)
+        params = [p.detach().reshape(-1) for b in m for p in b.parameters()]
+        total = sum(p.numel() * p.element_size() for p in params)
+        arena = torch.from_numpy(np.empty(total, dtype=np.uint8))
+        jobs, off = [], 0
+        for p in params:
+            nb = p.numel() * p.element_size()
+            jobs += fill.pieces(arena[off:off + nb].view(p.dtype), p)
+            off += nb
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(n_threads) as ex:
+            list(ex.map(lambda j: j[0].copy_(j[1]), jobs))
+        return total / 1e9 / (time.perf_counter() - t)
+
+    def store(pinned: bool) -> float:
+        m = model(gb)
+        streamed = {f"{i}": [(f"{i}.{k}", p) for k, p in b.named_parameters()] for i, b in enumerate(m)}
+        total = sum(p.numel() * p.element_size() for b in m for p in b.parameters())
+        t = time.perf_counter()
+        st = HomeStore(list(streamed), streamed, {n: "cpu" for n in streamed}, pin=pinned, progress=False)
+        dt = time.perf_counter() - t
+        for a in st.arenas.values():
+            a.unpin()
+        return total / 1e9 / dt
+
+    trim = pinning.trim_heap
+    cases = [("plain pieces into fresh memory", plain_pieces), ("HomeStore, pageable", lambda: store(False)),
+             ("HomeStore, pageable, no heap trims", lambda: store(False))]
+    if pin:
+        cases.append(("HomeStore, pinned", lambda: store(True)))
+    for label, fn in cases:
+        if "no heap trims" in label:
+            pinning.trim_heap = lambda: None
+        try:
+            for k in (1, 2):
+                out.append((f"{label} (run {k})", fn()))
+                gc.collect()
+        finally:
+            pinning.trim_heap = trim
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--threads", default="1,4,8")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: 0.5 GB, threads 1,4")
+    ap.add_argument("--diagnose", action="store_true", help="also: the same bytes as plain pieces, through "
+                    "HomeStore pageable, without heap trims, pinned (where the fill loses against the host bound)")
     a = ap.parse_args()
     gb, ths = (0.5, [1, 4]) if a.smoke else (a.gb, [int(x) for x in a.threads.split(",")])
     pin = torch.cuda.is_available()
@@ -106,6 +163,10 @@ def main() -> None:
                  if r["pin_GBps"] else "")
         print(f"threads {n:>2}: {r['GB']:.2f} GB copy {r['copy_GBps']:.1f} GB/s{pin_s}, weights -> homes "
               f"{r['total_GBps']:.1f} GB/s, exact={r['exact']}", flush=True)
+    if a.diagnose:
+        for n in ths:
+            for label, rate in diagnose(gb, n, pin):
+                print(f"threads {n:>2}: diagnose: {label}: {rate:.1f} GB/s", flush=True)
     best = max(rows, key=lambda r: r["total_GBps"])
     print(f"best: threads {best['threads']} at {best['total_GBps']:.1f} GB/s (target >= 10 GB/s)")
     if not all(r["exact"] for r in rows):

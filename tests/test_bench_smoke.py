@@ -311,3 +311,13 @@ def test_rss_sampler_sees_an_allocation():
     pk = s.peak()
     assert pk["max"]["RssAnon"] - base["RssAnon"] > 48 << 20
     buf.close()
+
+
+def test_bench_fill_smoke_with_the_diagnosis(tmp_path):
+    """bench/bench_fill.py on the CPU: homes exact, the host bound, and each part of the fill apart."""
+    rc, out, cpu = run_script(["bench/bench_fill.py", "--smoke", "--diagnose"], tmp_path)
+    check_run(rc, out, cpu)
+    assert "exact=True" in out and "exact=False" not in out and "host bound" in out
+    for part in ("plain pieces into fresh memory (run 2)", "HomeStore, pageable (run 1)",
+                 "HomeStore, pageable, no heap trims (run 2)"):
+        assert out.count(part) == 2, out[-2000:]           # threads 1 and 4
