@@ -122,7 +122,7 @@ def least_regret(steps: list[list[float]], tie: float) -> int:
     smallest (the first, i.e. the least offload, of those within `tie` of it).  With estimated times the
     estimate alone ranks poorly: a FLOP-rate estimate that is too slow hides the stalls a small window
     causes (Flux-dev at 1024x1024 in ComfyUI on an H200: 0.223 s estimated, 0.158 s measured, so 2 slots at
-    6 GiB off looked as good as 3 and ran 4 % slower by the measured unit times of
+    6 GiB off looked as good as 4-5 and ran ~4 % slower by the measured unit times of
     bench/results/comfy_vram_h200_r4.json), so each candidate is judged in every scenario."""
     best = [min(col) for col in zip(*steps)]
     regret = [max((s / b if b > 0 else 1.0) for s, b in zip(row, best)) for row in steps]
