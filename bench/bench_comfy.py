@@ -15,7 +15,8 @@ UNETLoader (once: every resolution and every row uses that one model).  Rows, at
 Each row: s/it (median step after the first, a synchronize in the step callback), measured peak VRAM
 (torch.cuda.max_memory_allocated during sampling), the plan's predicted footprint and step (and the
 runtime's own prediction and measured step after sampling), the VRAM-true floor
-    max(resident s/it, (model bytes - (peak - activations)) / pinned bandwidth),  activations = plain peak - model
+    max(resident s/it, (model bytes - (peak - activations)) / pinned bandwidth),  activations = plain peak - model,
+    resident s/it = the faster of the plain row and DisTorch2 with nothing offloaded (bench/comfy_report.py)
 and the latent compared bit for bit with the plain row's.  Each ComfyUI point is also set against our s/it at
 the same peak VRAM (linear interpolation on our curve).  Results (md + json, written after every row, so a
 crash or a timeout keeps the rows done) and a chart (s/it against peak VRAM, one panel per resolution).

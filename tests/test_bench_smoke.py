@@ -235,6 +235,22 @@ def test_analyze_floor_ratio_and_speedup_at_equal_vram():
     assert "| NO |" in md and "1.250x" in md
 
 
+def test_floor_takes_the_faster_resident_step():
+    """The resident step is the faster of the plain row and DisTorch2 with nothing offloaded (the same ops):
+    a slow plain run (a host-bound step) must not lower every row's ratio; a row that streams does not count,
+    nor one whose output differs."""
+    M = 20 * GiB
+    rows = [dict(kind="plain", res="r", name="p", peak=M + GiB, s_it=0.12, off=0),
+            dict(kind="distorch", res="r", name="d0", peak=M + GiB, s_it=0.06, off=0, same=True),
+            dict(kind="distorch", res="r", name="d1", peak=18 * GiB, s_it=0.09, off=3 * GiB, same=True)]
+    a = R.analyze(rows, M, 100e9)["r"]
+    assert a["resident_s_it"] == 0.06 and a["plain_s_it"] == 0.12
+    assert rows[2]["floor"] == pytest.approx(max(0.06, 3 * GiB / 100e9))
+    assert rows[0]["x_floor"] == pytest.approx(2.0)
+    rows[1]["same"] = False
+    assert R.analyze(rows, M, 100e9)["r"]["resident_s_it"] == 0.12
+
+
 def test_write_safetensors_round_trip(tmp_path):
     from safetensors.torch import load_file
     src = {"a": torch.randn(3, 5).to(torch.bfloat16), "b.scale_weight": torch.tensor(0.25),
