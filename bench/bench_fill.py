@@ -93,7 +93,6 @@ def diagnose(gb: float, n_threads: int, pin: bool) -> list[tuple[str, float]]:
     HomeStore with pinned homes when CUDA is there.  Returns [(label, GB/s)]."""
     import concurrent.futures as cf
     import numpy as np
-    os.environ[fill.ENV] = str(n_threads)
     out = []
 
     def plain_pieces() -> float:
@@ -112,15 +111,7 @@ def diagnose(gb: float, n_threads: int, pin: bool) -> list[tuple[str, float]]:
         return total / 1e9 / (time.perf_counter() - t)
 
     def store(pinned: bool) -> float:
-        m = model(gb)
-        streamed = {f"{i}": [(f"{i}.{k}", p) for k, p in b.named_parameters()] for i, b in enumerate(m)}
-        total = sum(p.numel() * p.element_size() for b in m for p in b.parameters())
-        t = time.perf_counter()
-        st = HomeStore(list(streamed), streamed, {n: "cpu" for n in streamed}, pin=pinned, progress=False)
-        dt = time.perf_counter() - t
-        for a in st.arenas.values():
-            a.unpin()
-        return total / 1e9 / dt
+        return run(gb, n_threads, pinned)["total_GBps"]
 
     trim = pinning.trim_heap
     cases = [("plain pieces into fresh memory", plain_pieces), ("HomeStore, pageable", lambda: store(False)),

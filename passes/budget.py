@@ -85,36 +85,30 @@ def why(fp: Footprint) -> str:
 WINDOW_SCENARIOS = (0.5, 0.7, 1.0, 1.5)   # compute-time scales the window must cover when times are estimated
 
 
-def _scaled(graph: ModuleGraph, compute: str, inventory: Inventory, scale: float) -> list[Unit]:
-    """Copies of the graph's units whose compute time is `scale` x the estimate (the graph is not touched)."""
-    units = []
-    for u in graph.units:
-        v = copy.copy(u)
-        v.time_s = unit_compute_s(u, compute, inventory) * scale
-        units.append(v)
-    return units
-
-
-def _scales(graph: ModuleGraph) -> tuple[float, ...]:
-    """WINDOW_SCENARIOS while any unit's time is an estimate; only the times themselves once all are measured."""
-    return (1.0,) if all(u.time_s is not None for u in graph.units) else WINDOW_SCENARIOS
+def scenario_units(graph: ModuleGraph, compute: str, inventory: Inventory) -> list[list[Unit]]:
+    """Copies of the graph's units for each compute-time scenario: WINDOW_SCENARIOS x the estimate while any
+    unit's time is an estimate, the times themselves once all are measured (the graph is not touched).
+    They depend on the graph alone: a caller placing several candidates makes them once."""
+    scales = (1.0,) if all(u.time_s is not None for u in graph.units) else WINDOW_SCENARIOS
+    out = []
+    for sc in scales:
+        units = []
+        for u in graph.units:
+            v = copy.copy(u)
+            v.time_s = unit_compute_s(u, compute, inventory) * sc
+            units.append(v)
+        out.append(units)
+    return out
 
 
 def scenario_steps(graph: ModuleGraph, homes: dict[str, str], compute: str, inventory: Inventory, window: int,
-                   scaled: dict | None = None) -> list[float]:
-    """The simulated step of a placement in each compute-time scenario (_scales).  `scaled`: scale -> units,
-    kept between calls."""
+                   scenarios: list[list[Unit]] | None = None) -> list[float]:
+    """The simulated step of a placement in each compute-time scenario (`scenario_units`, made here when
+    not given)."""
+    scenarios = scenario_units(graph, compute, inventory) if scenarios is None else scenarios
     if not homes:
-        return [0.0] * len(_scales(graph))
-    out = []
-    for sc in _scales(graph):
-        units = scaled.get(sc) if scaled is not None else None
-        if units is None:
-            units = graph.units if sc == 1.0 and len(_scales(graph)) == 1 else _scaled(graph, compute, inventory, sc)
-            if scaled is not None:
-                scaled[sc] = units
-        out.append(simulate(units, homes, compute, inventory, window)["step_s"])
-    return out
+        return [0.0] * len(scenarios)
+    return [simulate(units, homes, compute, inventory, window)["step_s"] for units in scenarios]
 
 
 def least_regret(steps: list[list[float]], tie: float) -> int:
@@ -130,11 +124,12 @@ def least_regret(steps: list[list[float]], tie: float) -> int:
     return next(i for i, r in enumerate(regret) if r <= least * (1 + tie))
 
 
-def _default_window(graph, homes, compute, inventory, max_slots: int) -> int:
+def _default_window(graph, homes, compute, inventory, max_slots: int, scenarios: list | None = None) -> int:
     """Slots for the ring: for each compute-time scenario, the fewest slots whose simulated step is within
     1 % of the best any window (up to `max_slots`: MAX_SLOTS, or fewer when the budget / free memory
-    holds fewer) gives; the most any scenario needs.  Scenarios: the estimate itself and, unless every
-    unit's time is measured, compute 2x faster and 1.5x slower (a FLOP-rate estimate can be that far off;
+    holds fewer) gives; the most any scenario needs.  Scenarios (`scenario_units`, made here when not
+    given): the estimate itself and, unless every unit's time is measured, compute from 2x faster to 1.5x
+    slower (a FLOP-rate estimate can be that far off;
     how many slots a step needs depends on how compute and copy times interleave, e.g. Flux's double
     blocks copy longer than they compute and its single blocks the reverse, so the ring must bank copies
     during the singles).  Returns window bytes = slots x the largest offloaded unit (the runtime divides
@@ -149,8 +144,7 @@ def _default_window(graph, homes, compute, inventory, max_slots: int) -> int:
         raise PartitionError(f"no room on {compute} for one slot of the largest offloaded unit ({gb(slot)})")
     kmin = min(DEFAULT_SLOTS, kmax)
     need = kmin
-    for sc in _scales(graph):
-        units = _scaled(graph, compute, inventory, sc)
+    for units in scenario_units(graph, compute, inventory) if scenarios is None else scenarios:
         steps = {k: simulate(units, homes, compute, inventory, k * slot)["step_s"] for k in range(kmin, kmax + 1)}
         best = min(steps.values())
         need = max(need, min(k for k, st in steps.items() if st <= best * 1.01))
@@ -158,9 +152,9 @@ def _default_window(graph, homes, compute, inventory, max_slots: int) -> int:
 
 
 def window_within(graph: ModuleGraph, homes: dict[str, str], compute: str, inventory: Inventory, fp: Footprint,
-                  limit: int, window_bytes: int | None) -> int:
+                  limit: int, window_bytes: int | None, scenarios: list | None = None) -> int:
     """The window for a placement within `limit` bytes on the compute device: the given one (checked),
-    else _default_window with as many slots as the room holds."""
+    else _default_window with as many slots as the room holds (`scenarios`: scenario_units, when made)."""
     if not homes:
         return 0
     if window_bytes is not None:
@@ -174,7 +168,7 @@ def window_within(graph: ModuleGraph, homes: dict[str, str], compute: str, inven
         raise PartitionError(
             f"{compute} has {gb(max(0, limit - fp.fixed))} left after {gb(fp.fixed)} of resident weights and "
             f"buffers, less than one slot for the largest offloaded unit ({gb(fp.slot)}): offload more")
-    return _default_window(graph, homes, compute, inventory, room)
+    return _default_window(graph, homes, compute, inventory, room, scenarios)
 
 
 def place_budget(graph: ModuleGraph, inventory: Inventory, compute: str, order: list[str], mode: str, offload: int,
@@ -236,7 +230,7 @@ def place_budget(graph: ModuleGraph, inventory: Inventory, compute: str, order: 
                 f"({least} bytes: {why(lfp)}); give at least {math.ceil(least / GiB * 1000) / 1000:.3f} GiB")
     limit = free if budget is None else min(budget, free)
     cands = []
-    scaled: dict = {}
+    scenarios = scenario_units(graph, compute, inventory)
     for p in range(first, min(len(order), first + MORE_OFFLOAD_TRIES) + 1):
         fp, need, ok = fits(p, budget)
         if not ok or need > limit:
@@ -247,8 +241,8 @@ def place_budget(graph: ModuleGraph, inventory: Inventory, compute: str, order: 
             return homes, (int(window_bytes) if window_bytes is not None and fp.n else
                            fp.largest if fp.n else 0), fp, budget, note
         homes = assign(graph, set(order[:p]), donors_caps, what, None, order)
-        window = window_within(graph, homes, compute, inventory, fp, limit, window_bytes)
-        cands.append((scenario_steps(graph, homes, compute, inventory, window, scaled), p, homes, window, fp))
+        window = window_within(graph, homes, compute, inventory, fp, limit, window_bytes, scenarios)
+        cands.append((scenario_steps(graph, homes, compute, inventory, window, scenarios), p, homes, window, fp))
         roomy = fp.slot and (limit - fp.fixed) // fp.slot > fp.slots_for(window)
         if window_bytes is not None or not homes or roomy or p == len(order):
             break                # more offload only adds copies: the window was not held back by the budget

@@ -202,11 +202,12 @@ class Profiler(UnitPart):
             return c * min(1.0, max(0.0, 1.0 - (lg - base - LAG_JITTER_S) / LAG_TOL_S))
         units: dict = out["units"]
         for j, ((_, _, _, _, _, c0, c1, name), (l0, l1)) in enumerate(zip(rows, lag)):
+            before = counted(c0, l0)
             if j == 0:            # before the step's first unit: the root's time
-                out["gap_s"] += counted(c0, l0)
-                units[name] = units.get(name, 0.0) + counted(c1, l1)
-            else:                 # between two units: in this unit's measured time (stats.lead_gaps)
-                units[name] = units.get(name, 0.0) + counted(c0, l0) + counted(c1, l1)
+                out["gap_s"] += before
+                before = 0.0
+            #                       between two units: in this unit's measured time (stats.lead_gaps)
+            units[name] = units.get(name, 0.0) + before + counted(c1, l1)
         for (_, lane, _, _, c), lg in zip(crow, clag):
             src = lane[5:] if lane.startswith("copy:") else lane
             out["copies"][src] = out["copies"].get(src, 0.0) + counted(c, lg)

@@ -126,8 +126,8 @@ def measured_step(rt: Any) -> dict | None:
 
         times    unit name -> compute seconds in the step attributed to the unit (a unit called twice: both
                  calls): its own span and the work before it that no unit encloses (lead_gaps), so that a
-                 re-simulation puts that work where it ran, not in one lump at the root
-        spans    unit name -> its own spans alone
+                 re-simulation puts that work where it ran, not in one lump at the root (its own spans
+                 alone: unit_times)
         rates    home device -> bytes/s of its link: the bytes one step moves over it / the time its
                  copies took; inf when the ring holds every item and no copy runs per step
         step_s   GPU time of the step (root pre to post hook)
@@ -140,11 +140,9 @@ def measured_step(rt: Any) -> dict | None:
     if not tl or not steps:
         return None
     times: dict[str, float] = {}
-    spans: dict[str, float] = {}
     copy_s: dict[str, float] = {}
     gaps = lead_gaps(rt, tl)
     for name, span, lead, _ in gaps:
-        spans[name] = spans.get(name, 0.0) + span
         times[name] = times.get(name, 0.0) + span + lead
     for e in tl:
         if e["lane"] != "compute":
@@ -159,7 +157,7 @@ def measured_step(rt: Any) -> dict | None:
     if len(se) >= 2:
         g = _ms(se[-2][1], se[-1][0])
         gap = max(0.0, g / 1e3) if g is not None else 0.0
-    return {"times": times, "spans": spans, "rates": rates, "step_s": steps[-1],
+    return {"times": times, "rates": rates, "step_s": steps[-1],
             "stall_s": sum(g[3] for g in gaps), "gap_s": gap}
 
 
