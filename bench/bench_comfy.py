@@ -280,7 +280,10 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
          "model_line": f"Model: random bf16 weights in ComfyUI's Flux class, {a.double} double + {a.single} single "
                        f"blocks, {total / GiB:.2f} GiB, loaded once by ComfyUI's UNETLoader; euler, {a.steps} steps, "
                        f"cfg 1, {a.ctx} text tokens; every node call under torch.inference_mode(). DisTorch2 rows: "
-                       f"one compile per budget, the resolutions sampled on it in the order {', '.join(label.values())}."}
+                       f"one compile per budget, the resolutions sampled on it in the order {', '.join(label.values())}; "
+                       f"[learned]: placed from the unit times earlier rows of this process measured (runtime/"
+                       f"timebook.py, as any later compile of the model in a ComfyUI session is), the others from "
+                       f"the FLOP-rate estimate."}
     header(d, gpu, torch, comfy_ver)
     rows = d["rows"]
     wait_for(a.wait_for)
@@ -340,8 +343,12 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
             same = bit_equal(r.pop("out"), ref[res])
             gran = (pred0.get("granularity") or {}).get("chosen", "block")
             r["plan_detail"] = plan_detail(st)
-            rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g} [{gran}]", res=label[res], v=v,
-                             gran=gran,
+            # placed from unit times an earlier row measured (runtime/timebook.py: a second compile of the model
+            # in one process), or from the FLOP-rate estimate (the first)
+            basis = pred0.get("basis")
+            mark = " learned" if basis == "learned" else ""
+            rows.append(dict(kind="distorch", name=f"DisTorch2 virtual_vram_gb={v:g} [{gran}{mark}]", res=label[res],
+                             v=v, gran=gran, plan_basis=basis, learned_from=pred0.get("learned_from"),
                              off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
                              pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
                              meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),

@@ -15,10 +15,11 @@
 #   arguments starting with tests/ run instead of the whole folder (e.g. a second call for the files a first one
 #   did not reach: on the H200 the whole suite, ComfyUI server tests included, takes more than one 10-minute call
 #   in one process).  With pytest-xdist among the wheels the files are spread over SUITE_WORKERS processes
-#   (default 12; --dist loadfile: a file's tests stay in one process, as their module fixtures expect); every
+#   (default 8; --dist loadfile: a file's tests stay in one process, as their module fixtures expect); every
 #   test measures its own process (peak VRAM, RSS), and the H200's memory holds them all.  SUITE_WORKERS=0:
 #   one process.  Measured on the H200 (2026-12-02): 6 workers ran ~89 % of the suite in 400 s, 15 workers
-#   734 of 1133 tests in ~150 s; give the call 400 s or more, and -v -v so a cut log still names every test.
+#   734 of 1133 tests in ~150 s but only 88 % of 1156 in 420 s
+#   (each torch using every core); give the call 400 s or more, and -v -v so a cut log still names every test.
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
@@ -37,7 +38,13 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 WHAT=tests
 for arg in "$@"; do case "$arg" in tests/*) WHAT=""; break;; esac; done
 PAR=""
-if [ "${SUITE_WORKERS:-12}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
-    PAR="-n ${SUITE_WORKERS:-12} --dist loadfile"
+WORKERS=${SUITE_WORKERS:-8}
+if [ "$WORKERS" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+    PAR="-n $WORKERS --dist loadfile"
+    # each worker's torch would start one thread per core: 15 workers x 16 threads on 16 cores ran the suite
+    # slower than 6 workers did (2026-12-02: 88 % in 420 s); give each worker its share of the cores
+    export OMP_NUM_THREADS=$(( $(nproc) / WORKERS > 1 ? $(nproc) / WORKERS : 1 ))
 fi
-python3 -m pytest $WHAT -o addopts="" -q -rfEs $PAR --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
+# every line with the second it was printed (a cut log still shows which files were slow)
+stamp() { while IFS= read -r l; do printf '%(%s)T %s\n' -1 "$l"; done; }
+python3 -m pytest $WHAT -o addopts="" -q -rfEs $PAR --durations=25 --junitxml="$OUT/junit.xml" "$@" 2>&1 | stamp | tee "$OUT/pytest.log"

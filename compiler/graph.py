@@ -88,7 +88,10 @@ class ModuleGraph:
 
     # attributes the builders (compiler.trace / compiler.files) set on a graph, kept by the JSON round trip
     EXTRA = ("shared", "aliases", "traced", "granularity", "outside_flops", "module_names",
-             "excluded", "excluded_bytes")
+             "excluded", "excluded_bytes", "time_scales")
+    # time_scales: when the units' time_s are measured for one input (runtime/timebook.py), the other inputs
+    # measured, as the ratio of their step to that one's (512x512 beside 1024x1024: ~0.35); the passes weigh
+    # a placement in each (passes/budget.scenario_units, passes/granularity.py, passes/codec_choice.py)
 
     def to_dict(self) -> dict:
         d = {"source": self.source, "units": [u.to_dict() for u in self.units]}

@@ -54,7 +54,7 @@ from ..compiler.inventory import is_host
 from ..compiler.plan import Plan
 from ..compiler.ring_layout import ALIGN, MAX_SLOTS, align
 from ..errors import DisTorchError
-from .budget import slot_bytes_of
+from .budget import primary_then_regret, slot_bytes_of
 from .quant_choice import RESIDENT_DQ, _units_with_times, quant_info
 
 if TYPE_CHECKING:
@@ -251,18 +251,25 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
         # prefixes of the candidates (one unit more each, one simulation each), scored by the simulated step;
         # with estimated unit times by the mean of the step at the estimate and at FAST_SCALE x it (estimates
         # of a GPU's compute run high: passes/granularity.py weighs both the same way)
-        scales = (1.0, FAST_SCALE) if sim.estimated else (1.0,)
-        score = [0.0] * (len(cands) + 1)
-        for f in scales:
+        # with measured times for several inputs (ModuleGraph.time_scales): the largest decides, the others
+        # break near-ties (passes/budget.primary_then_regret)
+        scales = (1.0, FAST_SCALE) if sim.estimated else (1.0, *getattr(graph, "time_scales", ()))
+        steps = [[0.0] * len(scales) for _ in range(len(cands) + 1)]
+        for j, f in enumerate(scales):
             sim.rescale(f)
             prefix: set[str] = set()
-            score[0] += sim.step(prefix)["step_s"] / len(scales)
+            steps[0][j] = sim.step(prefix)["step_s"]
             for p, n in enumerate(cands, 1):
                 sim.set(n, True)
                 prefix.add(n)
-                score[p] += sim.step(prefix)["step_s"] / len(scales)
+                steps[p][j] = sim.step(prefix)["step_s"]
         sim.rescale(1.0)
-        best_p = min(range(len(score)), key=lambda p: (score[p], p))
+        if sim.estimated or len(scales) == 1:
+            score = [sum(row) / len(scales) for row in steps]
+            best_p = min(range(len(score)), key=lambda p: (score[p], p))
+        else:
+            best_p = primary_then_regret(steps, MIN_GAIN)
+            score = [row[0] for row in steps]
         if score[best_p] <= score[0] * (1 - MIN_GAIN):
             chosen = cands[:best_p]
         scored = {"scales": list(scales), "raw": score[0], "chosen": score[len(chosen)]}

@@ -34,6 +34,7 @@ from ..compiler.graph import ROOT, ModuleGraph, Unit
 from ..compiler.inventory import Inventory
 from ..compiler.plan import Plan
 from ..errors import PartitionError
+from .budget import primary_then_regret
 from .partition import partition
 
 __all__ = ["sub_unit_graph", "choose", "granularity", "below_blocks", "sub_only", "place", "HOOK_S", "MIN_GAIN",
@@ -144,6 +145,15 @@ def _measured(g: ModuleGraph) -> bool:
     return all(u.time_s is not None for u in g.units)
 
 
+def _fast_scale(g: ModuleGraph) -> float | None:
+    """The faster-compute scenario the choice also weighs: FAST_SCALE x an estimate, the shortest other input
+    measured (ModuleGraph.time_scales) for measured times, else none."""
+    if not _measured(g):
+        return FAST_SCALE
+    shorter = [s for s in getattr(g, "time_scales", ()) if s < 1.0]
+    return min(shorter) if shorter else None
+
+
 def _rescaled_step(g: ModuleGraph, plan: Plan, inventory: Inventory, scale: float) -> float | None:
     """The simulated step of `plan`'s placement and window with every unit's compute time x `scale`."""
     units = [replace(u, time_s=unit_compute_s(u, plan.compute, inventory) * scale) for u in g.units]
@@ -170,17 +180,22 @@ def granularity(blocks: ModuleGraph, plan: Plan, leaves: ModuleGraph, inventory:
             info["sub_step_s"] = (sub_plan.predicted or {}).get("step_s")
             info["sub_peak_bytes"] = (sub_plan.predicted or {}).get("compute_peak_bytes")
             pick = 1 if force else choose([(blocks, plan), (sub, sub_plan)])
-            if pick == 0 and not _measured(blocks):
+            fast = _fast_scale(blocks)
+            if pick == 0 and fast is not None:
                 # estimated compute: also ask how each plan fares if compute is FAST_SCALE x the estimate (a
                 # FLOP-rate estimate can be that far off; measured on an H200, Flux-dev ran in 0.68x its
-                # estimate at 1024x1024 and in 0.3x at 512x512); the layers plan wins when the mean of its
-                # two steps is more than MIN_GAIN below the blocks plan's
-                fb = _rescaled_step(blocks, plan, inventory, FAST_SCALE)
-                fs = _rescaled_step(sub, sub_plan, inventory, FAST_SCALE)
+                # estimate at 1024x1024 and in 0.3x at 512x512); measured compute with a shorter input also
+                # measured (time_scales): at that input; the layers plan wins when the mean of its two steps
+                # is more than MIN_GAIN below the blocks plan's
+                fb = _rescaled_step(blocks, plan, inventory, fast)
+                fs = _rescaled_step(sub, sub_plan, inventory, fast)
                 info["block_step_fast_s"], info["sub_step_fast_s"] = fb, fs
                 sb, ss = (plan.predicted or {}).get("step_s"), (sub_plan.predicted or {}).get("step_s")
-                if fb and fs and sb and ss and (fs + ss) < (fb + sb) * (1 - MIN_GAIN):
-                    pick = 1
+                if fb and fs and sb and ss:
+                    if _measured(blocks):       # measured inputs: the largest decides, the others break near-ties
+                        pick = primary_then_regret([[sb, fb], [ss, fs]], MIN_GAIN)
+                    elif (fs + ss) < (fb + sb) * (1 - MIN_GAIN):
+                        pick = 1
             if pick == 1:
                 graph, plan = sub, sub_plan
                 info["chosen"] = "sub"

@@ -43,6 +43,7 @@ from ..passes.quant_choice import MODES as QUANT_MODES, choose_quant, quant_info
 from ..passes.schedule import schedule
 from ..passes.verify import verify
 from . import stats as _stats
+from . import timebook as _timebook
 from .apply import Runtime, apply
 
 __all__ = ["compile", "plan_model", "Handle", "placement_table", "norm_compute", "inventory_for", "HOST_COMPUTE"]
@@ -246,7 +247,9 @@ def compile(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *,  
                                  compress=compress, ran=ran)
         for w in (plan.predicted or {}).get("warnings", ()):
             log.warning("distorch: %s", w)
+        learned = (plan.predicted or {}).get("learned_from")
         plan = _run(ran, "quant_choice", _quant_choice, plan, graph, inv, quant, quant_budget_gb)
+        plan = mark_learned(plan, None, learned)
         sched = _run(ran, "schedule", schedule, plan, graph)
         _run(ran, "verify", verify, plan, sched)
         log.debug("passes ran: %s", " -> ".join(ran))
@@ -282,6 +285,12 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
         example_args = (example_args,)
     graph = _run(ran, "trace", _trace_unchanged, model, tuple(example_args or ()), example_kwargs,
                  granularity="block" if granularity in ("auto", "sub") else granularity)
+    # unit times measured by an earlier compile of this model on this device (runtime/timebook.py)
+    key, dev_id = _timebook.model_key(graph), _timebook.device_id(comp)
+    learned = None
+    if _timebook.enabled():
+        _timebook.BOOK.register(key, dev_id, graph)
+        learned = _timebook.BOOK.apply(graph, key, dev_id)
     inv = inventory if inventory is not None else inventory_for(comp, donors)
     budget = dict(offload_gb=offload_gb, max_vram_gb=max_vram_gb, donors=donors or None, expert=expert,
                   clamp=clamp_offload)
@@ -300,8 +309,19 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
     if not expert:
         def room(cap: int) -> Plan:
             return partition(graph, inv, comp, max_vram_gb=cap / 2**30, donors=donors or None)
-    return graph, _run(ran, "codec_choice", choose_codec_with_room, plan, graph, inv, mode=compress,
-                       repartition=room)
+    plan = _run(ran, "codec_choice", choose_codec_with_room, plan, graph, inv, mode=compress, repartition=room)
+    return graph, mark_learned(plan, key, learned)
+
+
+def mark_learned(plan: Plan, key: str | None, learned: str | None) -> Plan:
+    """The plan names its model (plan.source["model_key"]: its measured steps go back to the time book) and,
+    when its unit times came from the book, says so: basis "learned" (autotune still measures it) and
+    "learned_from", the signature whose times placed it."""
+    if key:
+        plan.source = dict(plan.source or {}, model_key=key)
+    if learned is not None:
+        plan.predicted = dict(plan.predicted or {}, basis="learned", learned_from=learned)
+    return plan
 
 
 def _run(ran: list[str], name: str, fn, *args, **kw):

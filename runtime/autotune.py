@@ -69,6 +69,7 @@ import torch
 from ..compiler.cost import best_window
 from ..compiler.ring_layout import MAX_SLOTS
 from . import stats as _stats
+from . import timebook as _timebook
 from .compile_boundary import opaque
 from .hooks import UnitPart
 from .measured import measured_prediction, without_profiler_cost
@@ -343,6 +344,7 @@ class Autotune(UnitPart):
             new["by_signature"] = self.known.plan_view()
         plan.predicted = new           # a new dict: whoever holds the old one keeps the estimate
         self.measured = m
+        _timebook.BOOK.record(plan, self.sig, m)     # for the next compile of this model (runtime/timebook.py)
         est = new.get("estimated_step_s")
         log.info("distorch: predicted step from measured unit times %.1f ms (estimated %s, measured %.1f ms, "
                  "%d slots%s)", new["step_s"] * 1e3, f"{est * 1e3:.1f} ms" if est else "-", m["step_s"] * 1e3,

@@ -45,3 +45,13 @@ def fail_fill_after(monkeypatch):
         monkeypatch.setenv(fill.ENV, "1")
         return real
     return arm
+
+
+@pytest.fixture(autouse=True)
+def _fresh_timebook():
+    """Every test starts with an empty time book (runtime/timebook.py): a model measured by one test would
+    otherwise place the next test's compile of the same toy from that test's measurements."""
+    from distorch.runtime import timebook
+    timebook.BOOK.clear()
+    yield
+    timebook.BOOK.clear()
