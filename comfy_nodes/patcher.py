@@ -13,7 +13,9 @@ calls:
                     device, offloaded units into their homes), then the weight patches (LoRA ...) are
                     applied: streamed weights in their homes (stream_patches: patch math on the compute
                     device, no host backup -- the unpatched bytes are re-read from the model file),
-                    resident ones by ComfyUI's own patch_weight_to_device; quantized / custom-stored
+                    resident ones on the compute device from their uploaded bytes, backed up by the host
+                    tensor they held before compile moved them (no copy: ComfyUI's inplace_update=False
+                    backup, put back as the parameter by unpatch_model); quantized / custom-stored
                     weights are patched before compile, as before.  Results are bit-identical to the
                     plain path.  Reports
                     model_loaded_weight_memory = resident bytes + slot window (what it really holds on
@@ -37,7 +39,8 @@ calls:
 LoRA precision (`high_precision_loras`)
 --------------------------------------
 `set_lora_precision(obj, high)` (the checkpoint loader's input) stores the choice in the patcher's
-model_options (LORA_FLOAT32; clone() copies it, so LoRA loaders downstream keep it).  `lora_dtype` is
+model_options (LORA_FLOAT32; clone() copies it, so LoRA loaders downstream keep it).  `lora_dtype`
+(resident_patches.py, with `patched_weight`, the patch math every path here shares) is
 the one rule: high precision (the default) computes every weight patch in float32 -- resident weights
 patched at load, streamed ones (patched in place before they are homed, and re-patched from the kept
 originals on a strength change), GGUF weights (their per-call GGUFPatch) -- then rounds once into the
@@ -56,7 +59,6 @@ it like any classic model. CI can only run 0.3.75.
 """
 from __future__ import annotations
 
-import collections
 import copy
 import logging
 import threading
@@ -65,16 +67,16 @@ from typing import Any       # ComfyUI's objects (patchers, executors, CLIP) are
 import torch
 
 from ..errors import DisTorchError
-from .comfy_api import comfy, mm, mp
+from ..runtime.place import keep_host_originals
+from .comfy_api import comfy, mp
 from .devices import same_device
 from . import stream_patches
 from .gguf_ops import LORA_FLOAT32           # model_options key: high_precision_loras
+from .resident_patches import Backup as _Backup, lora_dtype, patch_resident, patched_weight
 from .state import State, model_state, target
 
 log = logging.getLogger("distorch.comfy.patcher")
 
-_LOW = (torch.float16, torch.bfloat16)
-_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])   # ComfyUI's backup entry
 _lock = threading.RLock()
 _MIXED: dict[type, type] = {}
 
@@ -84,13 +86,6 @@ def set_lora_precision(obj: Any, high: bool) -> None:
     p = getattr(obj, "patcher", obj)
     if getattr(p, "model_options", None) is not None:
         p.model_options[LORA_FLOAT32] = bool(high)
-
-
-def lora_dtype(model_options: dict[str, Any] | None, weight_dtype: torch.dtype) -> torch.dtype:
-    """dtype a weight patch is computed in (see the module docstring)."""
-    if (model_options or {}).get(LORA_FLOAT32, True) or weight_dtype not in _LOW:
-        return torch.float32
-    return weight_dtype
 
 
 REST_MAX_BYTES = 64 << 20     # the parts of a BaseModel outside its diffusion model moved along up to this size
@@ -170,8 +165,7 @@ class DisTorchPatcherMixin:
                 inplace_update = self.weight_inplace_update or inplace_update
                 if key not in self.backup:
                     self.backup[key] = _Backup(w.to(device=self.offload_device, copy=inplace_update), inplace_update)
-                temp = mm.cast_to_device(w, device_to if device_to is not None else w.device, dt, copy=True)
-                out = comfy.lora.calculate_weight(self.patches[key], temp, key, intermediate_dtype=dt).to(w.dtype)
+                out = patched_weight(self, key, w, None, None, device_to if device_to is not None else w.device)
                 if inplace_update:
                     comfy.utils.copy_to_param(self.model, key, out)
                 else:
@@ -203,13 +197,25 @@ class DisTorchPatcherMixin:
                 plain = {k for k in self.patches if _plain(self.model, k)}
                 for key in sorted(set(self.patches) - plain):
                     self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
-                st.compile(target(self.model), device_to)
+                weights = {k: mp.get_key_weight(self.model, k)[0] for k in plain if k not in self.backup}
+                with keep_host_originals(weights.values()) as kept:     # resident ones: their unpatched host bytes
+                    st.compile(target(self.model), device_to)
                 rest_to_device(self.model, device_to)
                 st.log_plan(type(self.model).__name__)
                 done = stream_patches.apply_streamed(self, plain, device_to, st.stream_index(), lora_dtype) \
                     if plain else set()
+                fast = 0
                 for key in sorted(plain - done):
+                    if patch_resident(self, key, device_to, weights.get(key), kept):
+                        fast += 1
+                        continue
+                    if key in self.backup:      # released without unpatching: the unpatched bytes back first
+                        comfy.utils.copy_to_param(self.model, key, self.backup[key].weight)
                     self.patch_weight_to_device(key, device_to=device_to, inplace_update=True)
+                kept.clear()
+                if plain - done:
+                    log.info("DisTorch: %d resident weights patched on %s (%d backed up by their host tensors, no "
+                             "copy)", len(plain - done), device_to, fast)
                 if done:
                     st.invalidate_slots()
             elif self.model.current_weight_patches_uuid != self.patches_uuid or force_patch_weights:
@@ -340,12 +346,7 @@ class DisTorchPatcherMixin:
                     self.backup[key] = bk
                 orig = bk.weight
                 if key in self.patches:
-                    dt = lora_dtype(self.model_options, orig.dtype) if convert_func is None else torch.float32
-                    temp = mm.cast_to_device(orig, device_to, dt, copy=True)
-                    if convert_func is not None:
-                        temp = convert_func(temp, inplace=True)
-                    out = comfy.lora.calculate_weight(self.patches[key], temp, key, intermediate_dtype=dt)
-                    out = comfy.float.stochastic_rounding(out, orig.dtype, seed=mp.string_to_seed(key))
+                    out = patched_weight(self, key, orig, None, convert_func, device_to)
                 else:
                     out = orig
                 home = index.get(id(live))

@@ -11,6 +11,10 @@ write).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+
 import torch
 
 from ..compiler.graph import ROOT, owner_lookup
@@ -20,13 +24,18 @@ from . import gguf_stream as _gs
 from . import pinning as _pinning
 from .hooks import UnitPart
 from .store import is_host, parse_device
+from .upload import to_device as upload_to
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
     from typing import Any
     from .apply import Runtime
 
-__all__ = ["Classified", "classify", "Resident"]
+__all__ = ["Classified", "classify", "Resident", "keep_host_originals", "needs_move"]
+
+log = logging.getLogger("distorch.runtime.place")
+_KEEP: contextvars.ContextVar = contextvars.ContextVar("distorch_keep_host", default=None)
 
 
 class Classified:
@@ -110,13 +119,45 @@ def classify(module: torch.nn.Module, plan: Plan) -> Classified:
                       resident=resident, buffers=buffers, shared=shared, root_note=root_note)
 
 
+@contextlib.contextmanager
+def keep_host_originals(params: Iterable[torch.Tensor]) -> Iterator[dict[int, torch.Tensor]]:
+    """While the block runs, Resident.place hands back the host tensor each of `params` held when it was placed
+    (id(param) -> tensor; dense parameters in host memory only; on a host compute device that is its live
+    tensor, which does not move).  A caller that needs the unpatched bytes after the move (the backup of a
+    LoRA'd resident weight, comfy_nodes/patcher.py) so keeps them without a copy.  Only the listed parameters
+    are kept: every other host tensor is dropped by the move as before.  The caller keeps `params` alive."""
+    kept: dict[int, torch.Tensor] = {}
+    tok = _KEEP.set(({id(p) for p in params}, kept))
+    try:
+        yield kept
+    finally:
+        _KEEP.reset(tok)
+
+
+def needs_move(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether `t` (a weight's bytes) must go to `device` (a module attribute: CPU tests make every weight move)."""
+    return t.device != device
+
+
+def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """upload_to, or the plain per-tensor copies should the staged upload fail (a load never fails over it)."""
+    if not tensors:
+        return []
+    try:
+        return upload_to(tensors, device)
+    except Exception as e:     # the copies below run after this block: its traceback no longer holds the staged ones
+        log.warning("distorch: staged upload of %d resident tensors to %s failed (%s: %s); plain copies",
+                    len(tensors), device, type(e).__name__, e)
+    return [t.to(device) for t in tensors]
+
+
 class Resident(UnitPart):
     """The resident side of a compiled module (a part: runtime/hooks.py).
 
     Built first: the GGUF units the plan dequantizes once (plan.quant == "resident_dq") get dense copies on
     the compute device (runtime.gguf_stream.dequantize_units), before classify() sees the parameters.
-    `place` then moves every resident parameter and buffer to the compute device; `nbytes` is what they
-    take there.  detach() puts the GGUF parameters back (moved to the undo device)."""
+    `place` then moves every resident parameter and buffer to the compute device (runtime/upload.py);
+    `nbytes` is what they take there.  detach() puts the GGUF parameters back (moved to the undo device)."""
 
     def __init__(self, module: torch.nn.Module, plan: Plan) -> None:
         self.dequantized = _gs.dequantize_units(module, plan, plan.compute)
@@ -126,14 +167,25 @@ class Resident(UnitPart):
         self.staged: list | None = None
 
     def place(self, params: list, buffers: dict, device: torch.device) -> None:
+        """Every resident parameter (a GGUF one: its stored blocks) and buffer onto `device`, in one upload
+        (runtime/upload.py: pinned staging at the link's speed on a CUDA device, else plain copies).  The host
+        tensors a `keep_host_originals` block asked for are handed to it before they are dropped."""
         if any(p.is_meta for p in params):
             raise DisTorchError("a resident parameter is on the meta device; load weights first")
+        keep = _KEEP.get()
         with torch.no_grad():
-            for p in params:
-                _gs.to_device(p, device)
-            for b in buffers.values():
-                if b.device != device and not b.is_meta:
-                    b.data = b.data.to(device)
+            todo = []                 # (parameter or buffer, its bytes now)
+            for t in list(params) + [b for b in buffers.values() if not b.is_meta]:
+                src = _gs.home_bytes(t)
+                if needs_move(src, device):
+                    todo.append((t, src))
+                elif _gs.is_gguf(t):
+                    _gs.retag_device(t, src)
+                if keep is not None and id(t) in keep[0] and not _gs.is_gguf(t) and src.device.type == "cpu":
+                    keep[1][id(t)] = src
+            outs = _upload([s for _, s in todo], device)
+            for (t, _), v in zip(todo, outs):
+                _gs.rebind(t, v)
         self.params, self.buffers = list(params), list(buffers.values())
         self.nbytes = sum(_gs.stored_bytes(p) for p in params) + \
             sum(b.numel() * b.element_size() for b in buffers.values())

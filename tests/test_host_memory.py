@@ -78,8 +78,11 @@ def test_two_models_compile_in_turn_one_host_copy_and_undo_gives_it_back():
         slots = rt.pool.nbytes                               # the compute device's slots (VRAM on a GPU)
         assert grow <= 0.05 * off + 64 * MiB + slots, f"compile grew RssAnon by {grow / MiB:.0f} MiB"
         if peaked:
+            # the fill's transient: at least one 16 MiB piece per thread in flight (runtime/fill.py
+            # in_flight_cap), 128 MiB with the 8 threads of a 16-core GPU host, more than 64 MiB of this toy
+            window = max(64 * MiB, _fill.in_flight_cap(off, _fill.threads()))
             peak = hwm_anon_growth(h0, f0)
-            assert peak <= 0.05 * off + 64 * MiB + slots, \
+            assert peak <= 0.05 * off + window + slots, \
                 f"compile peak {peak / MiB:.0f} MiB above the start ({off / MiB:.0f} MiB offloaded, slots " \
                 f"{slots / MiB:.0f} MiB, fill threads {_fill.threads()})"
         with torch.no_grad():
