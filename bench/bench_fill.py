@@ -85,49 +85,103 @@ def host_bound(gb: float, n_threads: int) -> dict:
     return out                                  # both buffers are freed with this frame
 
 
-def diagnose(gb: float, n_threads: int, pin: bool) -> list[tuple[str, float]]:
+def diagnose(gb: float, n_threads: int, pin: bool, quick: bool = False) -> list[tuple[str, float]]:
     """Where the fill loses against the host bound (bench/results/fill_h200.md): the same bytes, twice each
-    (a first touch of fresh memory and a second run can differ), (1) copied as the fill cuts them (16 MiB
-    pieces, fill.CHUNK) into one fresh numpy buffer by a plain thread pool, no HomeStore; (2) through
-    HomeStore with pageable homes; (3) the same with the heap trims of the fill turned off; (4) through
-    HomeStore with pinned homes when CUDA is there.  Returns [(label, GB/s)]."""
-    import concurrent.futures as cf
-    import numpy as np
-    out = []
-
-    def plain_pieces() -> float:
-        m = model(gb)
-        params = [p.detach().reshape(-1) for b in m for p in b.parameters()]
-        total = sum(p.numel() * p.element_size() for p in params)
-        arena = torch.from_numpy(np.empty(total, dtype=np.uint8))
-        jobs, off = [], 0
-        for p in params:
-            nb = p.numel() * p.element_size()
-            jobs += fill.pieces(arena[off:off + nb].view(p.dtype), p)
-            off += nb
-        t = time.perf_counter()
-        with cf.ThreadPoolExecutor(n_threads) as ex:
-            list(ex.map(lambda j: j[0].copy_(j[1]), jobs))
-        return total / 1e9 / (time.perf_counter() - t)
+    (a first touch of fresh memory and a second run can differ).  Plain pieces: copied as the fill cuts them
+    (16 MiB, fill.CHUNK) into one fresh numpy buffer by a plain thread pool, no HomeStore -- with nothing
+    freed, or with each unit's sources freed as it completes, on the calling thread (what the fill did
+    before) or on fill.release_threads() threads (what it does now); the freeing alone on one thread.  Then
+    HomeStore with pageable homes as it is, with its frees back on the calling thread (fill.RELEASERS = 0), on
+    1 and on n_threads release threads (not with one thread, whose fill is serial, nor `quick`), without heap
+    trims, with each piece's home pages pre-faulted (fill.PREFAULT), and pinned with CUDA.
+    Returns [(label, GB/s)]."""
+    nr = fill.release_threads(n_threads)
+    cases = [("plain pieces into fresh memory", lambda: plain_pieces(gb, n_threads, None), {}),
+             ("plain pieces, sources freed on the calling thread as each unit completes",
+              lambda: plain_pieces(gb, n_threads, 0), {}),
+             (f"plain pieces, sources freed on {nr} release thread(s) as each unit completes",
+              lambda: plain_pieces(gb, n_threads, nr), {}),
+             ("freeing the sources alone, one thread", lambda: free_alone(gb), {}),
+             ("HomeStore, pageable", lambda: store(False), {}),
+             ("HomeStore, pageable, frees on the calling thread (before the fix)", lambda: store(False),
+              {(fill, "RELEASERS"): 0}),
+             ("HomeStore, pageable, no heap trims", lambda: store(False), {(pinning, "trim_heap"): lambda: None}),
+             ("HomeStore, pageable, home pages pre-faulted (MADV_POPULATE_WRITE)", lambda: store(False),
+              {(fill, "PREFAULT"): True})]
+    if n_threads > 1 and not quick:
+        cases[6:6] = [(f"HomeStore, pageable, frees on {k} release thread(s)", lambda: store(False),
+                       {(fill, "RELEASERS"): k}) for k in sorted({1, n_threads} - {nr})]
+    if pin:
+        cases.append(("HomeStore, pinned", lambda: store(True), {}))
 
     def store(pinned: bool) -> float:
         return run(gb, n_threads, pinned)["total_GBps"]
-
-    trim = pinning.trim_heap
-    cases = [("plain pieces into fresh memory", plain_pieces), ("HomeStore, pageable", lambda: store(False)),
-             ("HomeStore, pageable, no heap trims", lambda: store(False))]
-    if pin:
-        cases.append(("HomeStore, pinned", lambda: store(True)))
-    for label, fn in cases:
-        if "no heap trims" in label:
-            pinning.trim_heap = lambda: None
+    out = []
+    for label, fn, patch in cases:
+        saved = {k: getattr(*k) for k in patch}
+        for (mod, name), v in patch.items():
+            setattr(mod, name, v)
         try:
             for k in (1, 2):
                 out.append((f"{label} (run {k})", fn()))
                 gc.collect()
         finally:
-            pinning.trim_heap = trim
+            for (mod, name), v in saved.items():
+                setattr(mod, name, v)
     return out
+
+
+def _sources(gb: float) -> list[list[torch.Tensor]]:
+    """model(gb)'s weights, flat, per unit; these lists hold the only references."""
+    return [[p.data.reshape(-1) for p in b.parameters()] for b in model(gb)]
+
+
+def plain_pieces(gb: float, n_threads: int, releasers: int | None) -> float:
+    """GB/s of the fill's pieces copied into one fresh numpy buffer by a plain pool, all submitted at once;
+    `releasers` None: nothing freed while timed; 0: each unit's sources freed on the calling thread as soon as
+    its pieces landed (in order); n: freed on n threads of their own."""
+    import concurrent.futures as cf
+    import numpy as np
+    srcs = _sources(gb)
+    total = sum(s.numel() * s.element_size() for u in srcs for s in u)
+    arena = torch.from_numpy(np.empty(total, dtype=np.uint8))
+    jobs, off = [], 0
+    for u in srcs:
+        jobs.append([])
+        for s in u:
+            nb = s.numel() * s.element_size()
+            jobs[-1] += fill.pieces(arena[off:off + nb].view(s.dtype), s)
+            off += nb
+    u = s = None                            # no loop variable may keep a source alive
+    rel = cf.ThreadPoolExecutor(releasers) if releasers else None
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(n_threads) as ex:
+        futs = [[ex.submit(lambda d, s: d.copy_(s), d, s) for d, s in js] for js in jobs]
+        for i in range(len(jobs)):
+            for f in futs[i]:
+                f.result()
+            futs[i] = jobs[i] = None
+            if releasers is None:
+                continue
+            box = [srcs[i]]                 # the last references to unit i's sources
+            srcs[i] = None
+            if rel is None:
+                box.clear()
+            else:
+                rel.submit(box.clear)
+            box = None
+        if rel is not None:
+            rel.shutdown(wait=True)
+    return total / 1e9 / (time.perf_counter() - t)
+
+
+def free_alone(gb: float) -> float:
+    """GB/s of freeing model(gb)'s weights (touched, as loaded) on one thread, nothing else running."""
+    srcs = _sources(gb)
+    total = sum(s.numel() * s.element_size() for u in srcs for s in u)
+    t = time.perf_counter()
+    srcs.clear()
+    return total / 1e9 / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -135,8 +189,9 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=4.0)
     ap.add_argument("--threads", default="1,4,8")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: 0.5 GB, threads 1,4")
-    ap.add_argument("--diagnose", action="store_true", help="also: the same bytes as plain pieces, through "
-                    "HomeStore pageable, without heap trims, pinned (where the fill loses against the host bound)")
+    ap.add_argument("--diagnose", action="store_true", help="also: the same bytes as plain pieces (sources kept, "
+                    "freed on the calling thread, freed on release threads), the freeing alone, HomeStore pageable "
+                    "(as is, frees on the calling thread, no heap trims, pre-faulted), pinned (see diagnose())")
     a = ap.parse_args()
     gb, ths = (0.5, [1, 4]) if a.smoke else (a.gb, [int(x) for x in a.threads.split(",")])
     pin = torch.cuda.is_available()
@@ -156,7 +211,7 @@ def main() -> None:
               f"{r['total_GBps']:.1f} GB/s, exact={r['exact']}", flush=True)
     if a.diagnose:
         for n in ths:
-            for label, rate in diagnose(gb, n, pin):
+            for label, rate in diagnose(gb, n, pin, quick=a.smoke):
                 print(f"threads {n:>2}: diagnose: {label}: {rate:.1f} GB/s", flush=True)
     best = max(rows, key=lambda r: r["total_GBps"])
     print(f"best: threads {best['threads']} at {best['total_GBps']:.1f} GB/s (target >= 10 GB/s)")

@@ -7,12 +7,16 @@
 into pieces of at most CHUNK bytes (flat views of contiguous tensors) and the pieces run on THREADS worker
 threads (torch's copies release the GIL, so the threads copy at once: page faults on the fresh home pages
 and the memory bandwidth are shared, not serialised behind one core).  Pieces are submitted in order while
-the bytes of units not yet handed to `on_done` stay under `in_flight_cap` (about WINDOW_FRACTION of all the
-bytes, at least one piece and at most four per thread; the unit being waited for always goes in whole), and
-within WINDOW units;
+the bytes in flight -- home pages written for units not yet handed to `on_done`, plus old storages not yet
+let go of -- stay under `in_flight_cap` (about WINDOW_FRACTION of all the bytes, at least one piece and at
+most four per thread; the unit being waited for always goes in whole), and within WINDOW units.
 `on_done(i)` runs on the calling thread, in unit order, as soon as every piece of unit i has landed -- it
-rebinds the unit's parameters to their homes, which frees the old storages, so host RAM holds one copy
-plus the window.
+rebinds the unit's parameters to their homes and hands back its last references to the old tensors, which
+fill_units lets go of on release_threads() threads of their own (heap trims there too), so host RAM holds
+one copy plus the window.  Freeing is not free -- the kernel unmaps and returns every page, 10-20 GB/s on
+one core of a CPU box -- and done on the calling thread it serialises with the copies: an H200 host's homes
+filled at 9-12 GB/s with 8 or 16 threads, against 20-25 GB/s for the same pieces with nothing freed
+(bench/bench_fill.py --diagnose measures the two apart).
 
 A failing copy leaves nothing half-applied: the pieces not started are cancelled, running ones are waited
 for, no unit after the last completed one is handed to `on_done`, and the error is raised as a
@@ -23,9 +27,11 @@ sizes its file checks and restores of LoRA'd weights by the same `threads()`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 from typing import Callable
 
 import torch
@@ -38,6 +44,8 @@ CHUNK = 16 << 20          # bytes per piece: small enough that every thread has 
 ENV = "DISTORCH_FILL_THREADS"
 WINDOW_FRACTION = 0.04     # of the bytes being homed: the most in flight at once (a transient second copy)
 WINDOW_SLACK = 32 << 20
+RELEASERS: int | None = None    # threads letting go of old storages (None: one per two copying; 0: the caller)
+PREFAULT = False           # fault each piece's home pages in with one madvise before its copy (pinning.populate)
 
 
 def threads() -> int:
@@ -66,40 +74,58 @@ def pieces(dst: torch.Tensor, src: torch.Tensor, chunk: int | None = None) -> li
     return [(d[i:i + per], s[i:i + per]) for i in range(0, d.numel(), per)]
 
 
-def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], None], *, n_threads: int | None = None,
-               window: int | None = None) -> None:
-    """Copy every unit's (dst, src) pairs, calling on_done(i) in order as unit i completes (module docstring)."""
+def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], "list | None"], *, n_threads: int | None = None,
+               window: int | None = None, trim_every: int = 0) -> None:
+    """Copy every unit's (dst, src) pairs, calling on_done(i) in order as unit i completes; what on_done
+    returns (a list of the unit's old tensors, emptied here) is let go of off the calling thread (module
+    docstring)."""
     n = threads() if n_threads is None else max(1, int(n_threads))
-    if n == 1:
-        for i, (name, pairs) in enumerate(items):
-            try:
-                for d, s in pairs:
-                    copy_piece(d, s)
-            except Exception as e:
-                raise DisTorchError(f"copying unit {name!r} into its home failed ({type(e).__name__}: {e}); "
-                                    f"{i} unit(s) were homed, this one and later ones are unchanged") from e
-            on_done(i)
-        return
-    window = window or 4 * n
+    rel = _Releaser(release_threads(n) if n > 1 else 0, trim_every)
+    try:
+        if n == 1:
+            for i in range(len(items)):
+                try:
+                    for d, s in items[i][1]:
+                        copy_piece(d, s)
+                except Exception as e:
+                    raise _failed(items[i][0], i, e) from e
+                d = s = None        # our last references are on_done's to hand back
+                rel.let_go(on_done(i))
+        else:
+            _fill_parallel(items, on_done, n, window or 4 * n, rel)
+    finally:
+        rel.close()
+
+
+def _failed(name: str, i: int, e: BaseException) -> DisTorchError:
+    return DisTorchError(f"copying unit {name!r} into its home failed ({type(e).__name__}: {e}); "
+                         f"{i} unit(s) were homed, this one and later ones are unchanged")
+
+
+def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_Releaser") -> None:
     sizes = [sum(d.numel() * d.element_size() for d, _ in pairs) for _, pairs in items]
     cap = in_flight_cap(sum(sizes), n)
     # a unit's pieces are cut when its first one is submitted and dropped once it is done: they are views of
     # the old storages, which must die when on_done rebinds the unit (else RAM would hold two copies)
     work: list = [None] * len(items)
     infer = torch.is_inference_mode_enabled()     # thread-local: the workers copy in the caller's mode
+    prefault = PREFAULT
 
     def job(d, s):
+        if prefault:
+            _pinning.populate(d.data_ptr(), d.numel() * d.element_size())
         with torch.inference_mode(infer):
             copy_piece(d, s)
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="distorch-fill") as ex:
         futs: list[list] = [[] for _ in items]
         nu = nk = 0             # next piece to submit: work[nu][nk]
-        inflight = 0            # bytes submitted for units not handed to on_done yet
+        inflight = 0            # bytes of home pages written ahead plus old storages not let go of yet
 
         def submit(first: int) -> None:
-            """Pieces in order while under the cap and the unit window; all of unit `first` regardless (the
-            caller waits for it next: never less than one unit at a time)."""
+            """Pieces in order while under the cap and the unit window; all of unit `first` once no old storage
+            is waiting to be let go of (the caller waits for it next: never less than one unit at a time)."""
             nonlocal nu, nk, inflight
+            inflight -= rel.retire()
             while nu < len(items) and nu < first + window:
                 if work[nu] is None:
                     work[nu] = [pc for dd, ss in items[nu][1] for pc in pieces(dd, ss)]
@@ -108,28 +134,96 @@ def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], None], *,
                     continue
                 d, s = work[nu][nk]
                 b = d.numel() * d.element_size()
-                if nu > first and inflight + b > cap:
+                if inflight + b > cap and (nu > first or rel.pending):
                     return
                 futs[nu].append(ex.submit(job, d, s))
                 inflight += b
                 nk += 1
-        submit(0)
-        for i, (name, _) in enumerate(items):
-            submit(i)
-            wait(futs[i], return_when=FIRST_EXCEPTION)
-            err = next((f.exception() for f in futs[i] if f.done() and f.exception() is not None), None)
+        for i in range(len(items)):
+            name = items[i][0]  # (not its pairs: a loop variable holding them would free them here, later)
+            while True:         # woken by each piece of unit i and each release: more pieces as room frees up
+                submit(i)
+                err = next((f.exception() for f in futs[i] if f.done() and f.exception() is not None), None)
+                left = [f for f in futs[i] if not f.done()]
+                if err is not None or not left and nu > i:
+                    break
+                wait(left + rel.waiting(), return_when=FIRST_COMPLETED)
             if err is not None:
                 for fs in futs:
                     for f in fs:
                         f.cancel()
                 wait([f for fs in futs for f in fs])
-                raise DisTorchError(f"copying unit {name!r} into its home failed ({type(err).__name__}: {err}); "
-                                    f"{i} unit(s) were homed, this one and later ones are unchanged") from err
+                raise _failed(name, i, err) from err
             futs[i] = []
-            inflight -= sizes[i]            # its pieces cover exactly its pairs' bytes
             work[i] = None
-            on_done(i)
-            submit(i + 1)
+            # its pieces covered exactly its pairs' bytes; the old storages count until they are let go of
+            inflight += rel.let_go(on_done(i)) - sizes[i]
+
+
+def release_threads(n_threads: int) -> int:
+    """Threads that let go of the old storages beside n_threads copying ones (RELEASERS, else one per two: a
+    unit's sources count against the window until they are gone, so its next pieces wait for them)."""
+    return max(1, n_threads // 2) if RELEASERS is None else max(0, int(RELEASERS))
+
+
+class _Releaser:
+    """Lets go of the old tensors on_done hands back, one job per tensor on `n` threads of its own (inline on
+    the calling thread when n is 0), and gives freed heap memory back every `trim_every` bytes (weights under
+    glibc's mmap threshold free into the heap, which keeps it until trimmed)."""
+
+    def __init__(self, n: int, trim_every: int) -> None:
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="distorch-release") if n else None
+        self.trim_every = trim_every
+        self.freed = 0
+        self.lock = threading.Lock()
+        self.pending: collections.deque = collections.deque()      # (future, bytes), in submission order
+
+    def let_go(self, refs: "list | None") -> int:
+        """Drop the references in `refs` (the list is emptied: it must hold the last ones we have, so that each
+        storage dies in the job, not here) -> the bytes now being let go of off this thread."""
+        boxes = []
+        while refs:
+            boxes.append([refs.pop()])
+        queued = 0
+        for box in boxes:
+            nb = _nbytes(box[0])
+            if self.pool is None:
+                self._drop(box, nb)
+            else:
+                self.pending.append((self.pool.submit(self._drop, box, nb), nb))
+                queued += nb
+        return queued
+
+    def _drop(self, box: list, nb: int) -> None:
+        box.clear()                 # the storage is freed here (torch releases the GIL while it unmaps)
+        with self.lock:
+            self.freed += nb
+            trim = bool(self.trim_every) and self.freed >= self.trim_every
+            if trim:
+                self.freed = 0
+        if trim:
+            _pinning.trim_heap()
+
+    def retire(self) -> int:
+        """The bytes let go of since the last call (jobs finished, taken in order)."""
+        out = 0
+        while self.pending and self.pending[0][0].done():
+            f, nb = self.pending.popleft()
+            f.result()
+            out += nb
+        return out
+
+    def waiting(self) -> list:
+        return [f for f, _ in self.pending if not f.done()]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.pending.clear()
+
+
+def _nbytes(t: object) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
 def in_flight_cap(total: int, n_threads: int) -> int:
@@ -144,28 +238,17 @@ def in_flight_cap(total: int, n_threads: int) -> int:
 def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every: int,
                     coded: dict | None = None) -> dict:
     """Copy the parameters of each Home's unit (`streamed[home.unit]`: [(name, param)]) into it in parallel,
-    then, unit by unit in order, rebind them to their home (the old storages are released) and call
-    on_homed(home).  Heap memory freed on the way is given back every `trim_every` bytes.  Returns the host
-    storages the parameters had ({ptr: (weakref, nbytes)}): one still alive afterwards is a second copy.
+    then, unit by unit in order, rebind them to their home and call on_homed(home); the old storages are
+    let go of on release threads (fill_units).  Heap memory freed on the way is given back every `trim_every`
+    bytes.  Returns the host storages the parameters had ({ptr: (weakref, nbytes)}): one still alive
+    afterwards is a second copy.
     `coded`: id(param) -> formats.bf16_codec.Encoded of the compressed parameters (runtime/codec_stream.py):
     their packed bytes are copied instead, the parameter is not rebound, and the entry is dropped from
     `coded` then points at the home's bytes (its temporary bytes are freed; a failure later still decodes
     it back from there)."""
     coded = {} if coded is None else coded
-    from torch.multiprocessing.reductions import StorageWeakRef
     held: dict = {}
-    items = []
-    for h in homes:
-        pairs = []
-        for (_, p), v in zip(streamed[h.unit], h.views()):
-            enc = coded.get(id(p))
-            old = enc.buf if enc is not None else p.raw if _gs.is_gguf(p) else p.data
-            if old.device.type == "cpu" and old.untyped_storage().nbytes():
-                st = old.untyped_storage()
-                held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
-            pairs.append((v, old))
-        items.append((h.unit, pairs))
-    freed = [0]
+    items = [(h.unit, _pairs(h, streamed[h.unit], coded, held)) for h in homes]
 
     def done(i):
         h = homes[i]
@@ -176,12 +259,24 @@ def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every:
                 elif _gs.is_gguf(p):    # quantized: the home holds the stored blocks
                     _gs.set_raw(p, v)
                 else:
-                    p.data = v          # the original storage is released here (unless held elsewhere)
+                    p.data = v          # the original storage is released with `old` (unless held elsewhere)
+        old = [s for _, s in items[i][1]]
         items[i] = (h.unit, ())
         on_homed(h)
-        freed[0] += h.nbytes
-        if freed[0] >= trim_every:      # freed weights under glibc's mmap threshold stay in the heap until trimmed
-            _pinning.trim_heap()
-            freed[0] = 0
-    fill_units(items, done)
+        return old                      # our last references: fill_units lets go of them off this thread
+    fill_units(items, done, trim_every=trim_every)
     return held
+
+
+def _pairs(h, tensors: list, coded: dict, held: dict) -> list:
+    """[(view in the home, the tensor whose bytes go there)] of one Home; notes each host storage in `held`."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    pairs = []
+    for (_, p), v in zip(tensors, h.views()):
+        enc = coded.get(id(p))
+        old = enc.buf if enc is not None else p.raw if _gs.is_gguf(p) else p.data
+        if old.device.type == "cpu" and old.untyped_storage().nbytes():
+            st = old.untyped_storage()
+            held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
+        pairs.append((v, old))
+    return pairs

@@ -1,6 +1,7 @@
 """The parallel fill of host homes (runtime/fill.py): identical bytes from many pieces on several threads,
-every thread kept busy across units, a failing copy leaving nothing half applied, and the fill under
-torch.inference_mode().  The shared model and home store: tests/host_memory_util.py."""
+every thread kept busy across units, a failing copy leaving nothing half applied, the fill under
+torch.inference_mode(), and the old storages freed on release threads within the window.  The shared model
+and home store: tests/host_memory_util.py."""
 import pytest
 import torch
 
@@ -101,3 +102,92 @@ def test_parallel_fill_inside_inference_mode(monkeypatch):
         ref = m(x)
         st, _ = store_for(m, pin=False)
         assert torch.equal(m(x), ref)
+
+
+def _numpy_backed(t, freed, lock):
+    """t's bytes in a numpy-owned storage whose release is recorded as (thread name, bytes) in `freed`."""
+    import threading
+    import weakref
+    arr = t.detach().numpy().copy()
+    nb = arr.nbytes
+
+    def note():
+        with lock:
+            freed.append((threading.current_thread().name, nb))
+    weakref.finalize(arr, note)            # runs on the thread that drops the storage's last reference
+    return torch.from_numpy(arr)
+
+
+def test_old_storages_are_let_go_of_off_the_calling_thread_within_the_window(monkeypatch):
+    """The sources of each unit handed over are freed on the release threads, not the calling thread, and until
+    they are, they count against the window: with slow releases, the home bytes written minus the source bytes
+    freed never exceed in_flight_cap (RAM holds one copy plus the window)."""
+    import threading
+    import time
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "CHUNK", 4096)
+    monkeypatch.setattr(fill, "WINDOW_FRACTION", 0.0)
+    monkeypatch.setattr(fill, "WINDOW_SLACK", 0)
+    lock, freed, started, most = threading.Lock(), [], [0], [0]
+    real_copy, real_drop = fill.copy_piece, fill._Releaser._drop
+
+    def copy(dst, src):
+        with lock:
+            started[0] += dst.numel() * dst.element_size()
+            most[0] = max(most[0], started[0] - sum(nb for _, nb in freed))
+        real_copy(dst, src)
+
+    def slow_drop(self, box, nb):
+        time.sleep(0.005)
+        real_drop(self, box, nb)
+    monkeypatch.setattr(fill, "copy_piece", copy)
+    monkeypatch.setattr(fill._Releaser, "_drop", slow_drop)
+    want = [torch.randn(2048) for _ in range(12)]              # 8 KiB each: two pieces per unit
+    dsts = [torch.empty(2048) for _ in want]
+    items = [(f"u{i}", [(d, _numpy_backed(w, freed, lock))]) for i, (d, w) in enumerate(zip(dsts, want))]
+    order = []
+
+    def done(i):
+        order.append(i)
+        old = [s for _, s in items[i][1]]
+        items[i] = (items[i][0], ())
+        return old
+    fill.fill_units(items, done, n_threads=4)
+    assert order == list(range(12))
+    assert all(torch.equal(d, w) for d, w in zip(dsts, want))
+    assert len(freed) == 12 and all(name.startswith("distorch-release") for name, _ in freed), freed
+    cap = fill.in_flight_cap(sum(w.numel() * 4 for w in want), 4)
+    assert most[0] <= cap, f"{most[0]} bytes of homes beyond the sources freed, window {cap}"
+    assert fill.release_threads(8) == 4 and fill.release_threads(1) == 1
+    monkeypatch.setattr(fill, "RELEASERS", 0)
+    assert fill.release_threads(8) == 0
+
+
+@pytest.mark.parametrize("n_threads", [1, 4])
+def test_homestore_frees_the_old_storages_on_release_threads(monkeypatch, n_threads):
+    """Through HomeStore: every old storage is freed during the fill (one copy in RAM), on the release threads
+    when the fill is parallel, inline on the calling thread when it is serial; with the home pages pre-faulted
+    (fill.PREFAULT) the bytes are the same."""
+    import threading
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "CHUNK", 4096)
+    monkeypatch.setattr(fill, "PREFAULT", True)
+    monkeypatch.setenv(fill.ENV, str(n_threads))
+    torch.manual_seed(5)
+    m = TinyDiT(depth=4, d=64, h=160)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    lock, freed = threading.Lock(), []
+    with torch.no_grad():
+        for p in m.blocks.parameters():
+            p.data = _numpy_backed(p, freed, lock)
+    n_src = len(list(m.blocks.parameters()))
+    st, units = store_for(m, pin=False)
+    assert len(freed) == n_src, "every old storage must be gone once the homes are filled"
+    names = {name for name, _ in freed}
+    if n_threads == 1:
+        assert names == {"MainThread"}
+    else:
+        assert all(n.startswith("distorch-release") for n in names), names
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert st.held_bytes == 0
