@@ -45,12 +45,13 @@ def lora_dtype(model_options: dict[str, Any] | None, weight_dtype: torch.dtype) 
 
 
 def patched_weight(patcher: Any, key: str, orig: torch.Tensor, set_func: Any, convert_func: Any,
-                   device: torch.device | None) -> torch.Tensor | None:
+                   device: torch.device | None, dtype_rule: Any = lora_dtype) -> torch.Tensor | None:
     """The stored tensor ComfyUI's patch_weight_to_device makes for `key` from its unpatched weight `orig`, with
     the math on `device` (None: orig's): float32 math (the op's convert function first), then stochastic
     rounding seeded by string_to_seed(key), or the op's set function (return_weight); with high_precision_loras
-    off, the math in a fp16/bf16 weight's own dtype (lora_dtype).  None where a set function stored it itself."""
-    dt = lora_dtype(patcher.model_options, orig.dtype)
+    off, the math in a fp16/bf16 weight's own dtype (`dtype_rule`, default lora_dtype; None: always float32).
+    None where a set function stored it itself (comfy_nodes/stream_patches.py uses it for streamed weights)."""
+    dt = dtype_rule(patcher.model_options, orig.dtype) if dtype_rule is not None else torch.float32
     if dt != torch.float32 and set_func is None and convert_func is None:
         temp = mm.cast_to_device(orig, device, dt, copy=True)
         return comfy.lora.calculate_weight(patcher.patches[key], temp, key, intermediate_dtype=dt).to(orig.dtype)

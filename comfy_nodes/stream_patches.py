@@ -49,7 +49,8 @@ import torch
 from ..formats.safetensors import read_range, read_safetensors_header
 from ..runtime import fill as _fill
 from ..runtime.loading import file_dtype
-from .comfy_api import comfy, folder_paths, mm, mp
+from .comfy_api import comfy, folder_paths, mp
+from .resident_patches import patched_weight
 
 log = logging.getLogger("distorch.comfy.stream_patches")
 
@@ -215,21 +216,6 @@ def patch_device(device: torch.device | str) -> torch.device:
     return torch.device(device)
 
 
-def _patched(patcher, key, orig, set_func, convert_func, device, dtype_rule):
-    """ComfyUI's patch math for `key` from its unpatched bytes `orig`, on `device` -> the stored tensor."""
-    dt = dtype_rule(patcher.model_options, orig.dtype) if dtype_rule is not None else torch.float32
-    if dt != torch.float32 and set_func is None and convert_func is None:
-        temp = mm.cast_to_device(orig, device, dt, copy=True)
-        return comfy.lora.calculate_weight(patcher.patches[key], temp, key, intermediate_dtype=dt).to(orig.dtype)
-    temp = mm.cast_to_device(orig, device, torch.float32, copy=True)
-    if convert_func is not None:
-        temp = convert_func(temp, inplace=True)
-    out = comfy.lora.calculate_weight(patcher.patches[key], temp, key)
-    if set_func is not None:
-        return set_func(out, inplace_update=True, seed=mp.string_to_seed(key), return_weight=True)
-    return comfy.float.stochastic_rounding(out, orig.dtype, seed=mp.string_to_seed(key))
-
-
 def _at_home(model, key, index):
     """Bind the op module's streamed parameters to their homes while a convert/set function reads them
     (on CUDA they rest in slots); returns the undo."""
@@ -325,7 +311,7 @@ def apply_streamed(patcher: Any, keys: Iterable[str], device: torch.device | str
                         orig = home
                     undo = _at_home(model, key, index) if (set_func or convert_func) else None
                     try:
-                        out = _patched(patcher, key, orig, set_func, convert_func, dev, dtype_rule)
+                        out = patched_weight(patcher, key, orig, set_func, convert_func, dev, dtype_rule)
                     finally:
                         if undo:
                             undo()
