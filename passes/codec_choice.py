@@ -269,7 +269,8 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
             best_p = min(range(len(score)), key=lambda p: (score[p], p))
         else:
             best_p = primary_then_regret(steps, MIN_GAIN)
-            score = [row[0] for row in steps]
+            score = [row[0] for row in steps]     # and the gate below is on the largest input's step: the
+            #                                       smaller ones never buy compression that slows it
         if score[best_p] <= score[0] * (1 - MIN_GAIN):
             chosen = cands[:best_p]
         scored = {"scales": list(scales), "raw": score[0], "chosen": score[len(chosen)]}

@@ -162,9 +162,9 @@ class TimeBook:
         return True
 
     # -- reading
-    def lookup(self, key: str, device: str, graph: ModuleGraph) -> tuple[str, dict[str, float]] | None:
-        """(signature, block-level unit -> seconds) of the longest measured step that has a time for every
-        unit of `graph`, or None."""
+    def lookup(self, key: str, device: str, graph: ModuleGraph) -> tuple[str, dict[str, float], list[float]] | None:
+        """(signature, block-level unit -> seconds, time scales) of the longest measured step that has a time
+        for every unit of `graph`, or None; the scales are the other signatures' steps over that one's."""
         if not enabled():
             return None
         e = self._entry(key, device)
@@ -177,21 +177,21 @@ class TimeBook:
                 best = (sig, s)
         if best is None:
             return None
-        return best[0], dict(best[1]["times"])
+        step = best[1]["step_s"]
+        scales = sorted({round(min(20.0, max(0.05, s["step_s"] / step)), 3)
+                         for k, s in e["sigs"].items() if k != best[0] and step > 0 and s["step_s"] > 0})
+        return best[0], dict(best[1]["times"]), scales
 
     def apply(self, graph: ModuleGraph, key: str, device: str) -> str | None:
-        """Set Unit.time_s of every unit of the block-level `graph` from the book (the root's too); returns
-        the signature used, or None (the graph untouched) when the book has no complete entry."""
+        """Set Unit.time_s of every unit of the block-level `graph` from the book (the root's too) and its
+        time_scales; returns the signature used, or None (the graph untouched) when the book has no complete
+        entry."""
         found = self.lookup(key, device, graph)
         if found is None:
             return None
-        sig, times = found
+        sig, times, graph.time_scales = found
         for u in graph.units:
             u.time_s = float(times.get(u.name, 0.0))
-        e = self._entry(key, device)
-        step = e["sigs"][sig]["step_s"]
-        graph.time_scales = sorted({round(min(20.0, max(0.05, s["step_s"] / step)), 3)
-                                    for k, s in e["sigs"].items() if k != sig and step > 0 and s["step_s"] > 0})
         return sig
 
 

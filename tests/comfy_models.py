@@ -131,15 +131,16 @@ def tiny_mmdit_state(depth: int = 2, seed: int = 0) -> dict:
     return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in m.state_dict().items()}
 
 
-def save_tiny_lora(sd: dict, path: str, rank: int = 4, seed: int = 5) -> None:
+def save_tiny_lora(sd: dict, path: str, rank: int = 4, seed: int = 5, blocks_only: bool = True) -> None:
     """A random LoRA (ComfyUI's lora_up / lora_down keys, x0.1) on every 2-D weight of the joint blocks of
-    the tiny MMDiT state `sd`, saved to `path` (.safetensors)."""
+    the tiny MMDiT state `sd` (blocks_only=False: on every 2-D weight, the embedders and final layer too),
+    saved to `path` (.safetensors)."""
     import torch
     import safetensors.torch
     g = torch.Generator().manual_seed(seed)
     lora = {}
     for k, v in sd.items():
-        if k.endswith(".weight") and v.dim() == 2 and "joint_blocks" in k:
+        if k.endswith(".weight") and v.dim() == 2 and (not blocks_only or "joint_blocks" in k):
             base = "diffusion_model." + k[: -len(".weight")]
             lora[base + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.1
             lora[base + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.1

@@ -16,7 +16,7 @@ import torch
 
 from comfy_calls import distorch_unet as _distorch, ksample, lora as _lora, plain_lora_refs
 from comfy_harness import boot_inprocess
-from comfy_models import tiny_mmdit_state, unet_lora_dirs
+from comfy_models import save_tiny_lora, tiny_mmdit_state, unet_lora_dirs
 
 mm, nodes, folder_paths = boot_inprocess()
 import safetensors.torch  # noqa: E402
@@ -30,21 +30,9 @@ def files(tmp_path_factory):
     unet_dir, lora_dir = unet_lora_dirs(tmp_path_factory, "resident_patches")
     sd = tiny_mmdit_state(2, 0)
     safetensors.torch.save_file(sd, str(unet_dir / "rp_small.safetensors"))
-    _save_lora_everywhere(sd, str(lora_dir / "rp_small_lora.safetensors"))
+    # on every 2-D weight: the blocks, which stream here, and the embedders and final layer, which stay resident
+    save_tiny_lora(sd, str(lora_dir / "rp_small_lora.safetensors"), seed=7, blocks_only=False)
     return "rp_small.safetensors", "rp_small_lora.safetensors"
-
-
-def _save_lora_everywhere(sd, path, rank=4):
-    """A random LoRA on every 2-D weight (the blocks, which stream here, and the embedders and final layer,
-    which stay resident)."""
-    g = torch.Generator().manual_seed(7)
-    lora = {}
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.dim() == 2:
-            base = "diffusion_model." + k[: -len(".weight")]
-            lora[base + ".lora_up.weight"] = torch.randn(v.shape[0], rank, generator=g) * 0.1
-            lora[base + ".lora_down.weight"] = torch.randn(rank, v.shape[1], generator=g) * 0.1
-    safetensors.torch.save_file(lora, path)
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ def test_sub_unit_times_fold_into_their_blocks_and_the_rest_goes_to_the_root():
     book.register("k", "cpu", g)
     m = {"times": {"a.q": 0.1, "a.k": 0.2, "b": 0.3, "c.x.y": 0.05}, "step_s": 1.0, "stall_s": 0.1}
     assert book.record(_plan(["a.q", "a.k", "b", "c.x.y"]), "sig1", m)
-    sig, t = book.lookup("k", "cpu", g)
+    sig, t, _ = book.lookup("k", "cpu", g)
     assert sig == "sig1"
     assert t["a"] == pytest.approx(0.3) and t["b"] == pytest.approx(0.3) and t["c"] == pytest.approx(0.05)
     assert t[ROOT] == pytest.approx(1.0 - 0.1 - 0.65)
