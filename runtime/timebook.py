@@ -23,8 +23,9 @@ one streaming whole blocks feed and read the same entries (the split shares a bl
 parameter count).  The root unit keeps the step's time outside every unit (runtime/measured.py's root).
 A unit streamed compressed (Plan.codec) was measured with its decoding, which the codec pass adds on its
 own: such a block's time is kept only until a clean measurement (resident or raw) of it comes.  The
-signature with the longest measured step is the one a placement uses (the largest image or video, where
-the link matters most); the others come with it as ModuleGraph.time_scales (their step over that one's),
+signature with the longest compute (its units' and root's times, without waits for the link) is the one a
+placement uses (the largest image or video, where the link matters most); the others come with it as
+ModuleGraph.time_scales (their compute over that one's, on the units both measured),
 so that the passes weigh a placement at every size measured (512x512 runs at ~0.35x the 1024x1024 step,
 where a link-bound plan costs relatively more).  At most MAX_MODELS models are kept, least recently used first.  With
 $DISTORCH_TIMEBOOK_DIR set, every entry is also written there as JSON (one file per model and device) and
@@ -163,8 +164,8 @@ class TimeBook:
 
     # -- reading
     def lookup(self, key: str, device: str, graph: ModuleGraph) -> tuple[str, dict[str, float], list[float]] | None:
-        """(signature, block-level unit -> seconds, time scales) of the longest measured step that has a time
-        for every unit of `graph`, or None; the scales are the other signatures' steps over that one's."""
+        """(signature, block-level unit -> seconds, time scales) of the longest compute that has a time for
+        every unit of `graph`, or None; the scales are the other signatures' compute over that one's."""
         if not enabled():
             return None
         e = self._entry(key, device)
@@ -173,13 +174,12 @@ class TimeBook:
         need = [u.name for u in graph.units if u.name != ROOT]
         best = None
         for sig, s in e["sigs"].items():
-            if all(n in s["times"] for n in need) and (best is None or s["step_s"] > best[1]["step_s"]):
+            if all(n in s["times"] for n in need) and (best is None or _compute(s) > _compute(best[1])):
                 best = (sig, s)
         if best is None:
             return None
-        step = best[1]["step_s"]
-        scales = sorted({round(min(20.0, max(0.05, s["step_s"] / step)), 3)
-                         for k, s in e["sigs"].items() if k != best[0] and step > 0 and s["step_s"] > 0})
+        scales = sorted({round(min(20.0, max(0.05, r)), 3) for k, s in e["sigs"].items() if k != best[0]
+                         for r in [_ratio(s["times"], best[1]["times"])] if r is not None})
         return best[0], dict(best[1]["times"]), scales
 
     def apply(self, graph: ModuleGraph, key: str, device: str) -> str | None:
@@ -193,6 +193,20 @@ class TimeBook:
         for u in graph.units:
             u.time_s = float(times.get(u.name, 0.0))
         return sig
+
+
+def _compute(s: dict) -> float:
+    """A signature's step as the units and the root computed it (no waits for the link): what decides
+    which input is the largest and how much shorter the others run.  Its measured step_s may be link-bound
+    (a streamed row's 512x512 step at 18 GiB off took 0.84x the 1024x1024 one; its compute took 0.35x)."""
+    return float(sum(s["times"].values()))
+
+
+def _ratio(times: dict, ref: dict) -> float | None:
+    """Compute time of `times` over `ref`'s, on the units both have measured (None when none)."""
+    common = [n for n in times if n in ref]
+    a, b = sum(times[n] for n in common), sum(ref[n] for n in common)
+    return a / b if common and a > 0 and b > 0 else None
 
 
 def _path(key: str, device: str) -> str | None:

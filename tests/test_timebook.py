@@ -170,3 +170,28 @@ def test_other_inputs_measured_come_with_the_placement_as_time_scales():
     from distorch.compiler.inventory import declare
     sc = scenario_units(g, "cpu", declare("cpu=8GiB"))
     assert [round(s[1].time_s, 4) for s in sc] == [0.1, 0.035]
+
+
+def test_a_link_bound_step_neither_makes_its_input_the_largest_nor_moves_its_scale():
+    """A smaller input measured in a streamed row waits for the link most of its step (512x512 at 18 GiB off:
+    0.84x the 1024x1024 step, 0.35x its compute).  The primary input and the scales come from compute."""
+    book = TimeBook()
+    g = _graph()
+    book.register("k", "cpu", g)
+    t = {"a": 0.1, "b": 0.1, "c": 0.1}
+    book.record(_plan(["a", "b", "c"]), "1024", {"times": t, "step_s": 0.4, "stall_s": 0})
+    book.record(_plan(["a", "b", "c"]), "512", {"times": {k: v / 3 for k, v in t.items()}, "step_s": 0.9,
+                                                 "stall_s": 0.76})
+    assert book.apply(g, "k", "cpu") == "1024" and g.time_scales == [0.35]
+    assert g["a"].time_s == 0.1
+
+
+def test_scales_compare_only_the_units_both_inputs_measured():
+    book = TimeBook()
+    g = _graph()
+    book.register("k", "cpu", g)
+    book.record(_plan(["a", "b", "c"]), "1024", {"times": {"a": 0.2, "b": 0.1, "c": 0.1}, "step_s": 0.4,
+                                                  "stall_s": 0})
+    book.record(_plan(["a"]), "512", {"times": {"a": 0.05}, "step_s": 0.05, "stall_s": 0})
+    # 512 measured a and its root (0): on those two units it takes 0.05 / (0.2 + 0.0) of the 1024 compute
+    assert book.apply(g, "k", "cpu") == "1024" and g.time_scales == [0.25]
