@@ -28,6 +28,7 @@ crash or a timeout keeps the rows done) and a chart (s/it against peak VRAM, one
 from __future__ import annotations
 
 import argparse
+import statistics
 import os
 import sys
 import time
@@ -211,6 +212,22 @@ def parse_args(argv=None):
     return a
 
 
+def gpu_steps(st, steps: int) -> dict:
+    """The sampling run's forwards as the compute stream ran them (runtime/profile.StepClock's events): the
+    median GPU step and the median time the stream spent between one forward's end and the next one's
+    start (the sampler's own work plus whatever left the GPU waiting for the host there)."""
+    try:
+        rt = st.handle.runtime
+        rt.be.synchronize()
+        ev = rt.clock.step_events()[-(steps - 1):]      # the first (warm-up) forward left out
+        times = [e0.elapsed_time(e1) / 1e3 for e0, e1 in ev]
+        gaps = [a[1].elapsed_time(b[0]) / 1e3 for a, b in zip(ev, ev[1:])]
+    except Exception:          # statistics are a courtesy (CPU events, an undone handle)
+        return {}
+    return {"gpu_step": statistics.median(times) if times else None,
+            "gpu_gap": statistics.median(gaps) if gaps else None}
+
+
 def plan_detail(st) -> dict:
     """What an offline re-plan needs (compiler.cost.simulate on other placements): every unit's home, bytes,
     bytes as streamed and kind, and the compute seconds per unit call of the last profiled step (the runtime's
@@ -341,6 +358,7 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
             except Exception as e:  # statistics are a courtesy
                 d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
             same = bit_equal(r.pop("out"), ref[res])
+            r.update(gpu_steps(st, a.steps))
             gran = (pred0.get("granularity") or {}).get("chosen", "block")
             r["plan_detail"] = plan_detail(st)
             # placed from unit times an earlier row measured (runtime/timebook.py: a second compile of the model

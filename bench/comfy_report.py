@@ -90,6 +90,11 @@ def analyze(rows: list, model_bytes: int, bw: float | None) -> dict:
     return out
 
 
+def _gpu(r: dict) -> str:
+    st, gap = r.get("gpu_step"), r.get("gpu_gap")
+    return "" if st is None else f"{st * 1e3:.1f} / {gap * 1e3:.1f}" if gap is not None else f"{st * 1e3:.1f} / "
+
+
 def _f(x, fmt="%.3f", none=""):
     return none if x is None else fmt % x
 
@@ -108,22 +113,25 @@ def render_md(d: dict) -> str:
           "(peak - activations)) / pinned bandwidth), activations = plain peak - model; predicted footprint = "
           "plan.predicted['compute_peak_bytes'] (weights + slots + buffers, no activations); predicted step = "
           "plan.predicted['step_s'] at compile, 'after profiling' = handle.stats['predicted_step_s'] after "
-          "sampling; runtime step = handle.stats['measured_step_s']; host RSS = this process's VmRSS (and RssAnon) "
+          "sampling; runtime step = handle.stats['measured_step_s'] (the profiled step); GPU step / gap = the "
+          "median forward on the compute stream and the median time it spent between forwards, over the steps "
+          "after the first; host RSS = this process's VmRSS (and RssAnon) "
           "at their peak during the run, sampled every 50 ms. Bit-identical: the latent's bytes equal the "
           "plain row's."]
     for lab, a in d["analysis"].items():
         L += ["", f"## {lab}", "",
               "| configuration | GiB off | peak VRAM GiB | s/it | floor s/it | x floor | pred. footprint GiB "
-              "| pred. + act. GiB | pred. step s | pred. after profiling s | runtime step s | first step s "
+              "| pred. + act. GiB | pred. step s | pred. after profiling s | runtime step s | GPU step / gap ms "
+              "| first step s "
               "| peak host RSS GiB | RssAnon GiB | bit-identical |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted((r for r in d["rows"] if r["res"] == lab),
                         key=lambda r: ({"plain": 0, "distorch": 1, "block": 2, "comfy": 3}[r["kind"]], -r["peak"])):
             pp = r.get("pred_peak")
             L.append(f"| {r['name']} | {r['off'] / GiB:.2f} | {r['peak'] / GiB:.2f} | {r['s_it']:.3f} | "
                      f"{_f(r.get('floor'))} | {_f(r.get('x_floor'), '%.3f')} | {_f(pp and pp / GiB, '%.2f')} | "
                      f"{_f(pp and (pp + a['activations']) / GiB, '%.2f')} | {_f(r.get('pred_step'))} | "
-                     f"{_f(r.get('pred_step_after'))} | {_f(r.get('meas_step'))} | {_f(r.get('first_s'), '%.2f')} | "
+                     f"{_f(r.get('pred_step_after'))} | {_f(r.get('meas_step'))} | {_gpu(r)} | {_f(r.get('first_s'), '%.2f')} | "
                      f"{_f(r.get('rss_peak') and r['rss_peak'] / GiB, '%.2f')} | "
                      f"{_f(r.get('rss_anon_peak') and r['rss_anon_peak'] / GiB, '%.2f')} | "
                      f"{'' if r['kind'] == 'plain' else ('yes' if r.get('same') else 'NO')} |")

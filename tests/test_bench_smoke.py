@@ -84,6 +84,8 @@ def test_bench_comfy_tiny(tmp_path):
     assert full["off"] >= 0.95 * d["total_bytes"]   # virtual_vram_gb above the model: (nearly) all offloaded
     assert 0 < min(dis, key=lambda r: r["v"])["off"] < d["total_bytes"]
     assert all(r["pred_peak"] and r["pred_step"] and r["meas_step"] for r in dis)
+    # steady-state forwards off the compute stream's events (2 steps: one forward after the first, no gap)
+    assert all(r["gpu_step"] > 0 and r["gpu_gap"] is None for r in dis), [(r.get("gpu_step"), r.get("gpu_gap")) for r in dis]
     assert not (tmp_path / "m" / "flux_rand_1x0.safetensors").exists()    # the file is removed once loaded
     text = md.read_text()
     assert "## 64x64" in text and "## 32x32" in text and "| NO |" not in text
