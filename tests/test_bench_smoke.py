@@ -39,7 +39,10 @@ def run_script(args, tmp_path, env_extra=None):
     env.update({"DISTORCH_COMFYUI_DIR": str(COMFY_DIR), "PYTHONUNBUFFERED": "1",
                 # the CPU smoke run as CI runs it on any machine: no GPU, two compute threads (CPU seconds
                 # summed over threads: a 16-core GPU host spent 65-77 s where CI spends well under 60)
-                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+                # (the fill's, upload's and release threads too: DISTORCH_FILL_THREADS sizes them all; the H200
+                # host's 16 cores made 8 fill threads, and the Wan smoke runs 61-62 s of CPU there)
+                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                "DISTORCH_FILL_THREADS": "2"})
     env.update(env_extra or {})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
