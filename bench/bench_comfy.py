@@ -173,6 +173,9 @@ def common_args(ap) -> None:
     ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--small-steps", type=int, default=12,
+                    help="steps for every resolution after the first (512x512 steps take a third of 1024x1024's "
+                         "and vary more: more of them for a steadier median)")
     ap.add_argument("--ctx", type=int, default=256, help="text tokens")
     ap.add_argument("--double", type=int, default=19)
     ap.add_argument("--single", type=int, default=38)
@@ -206,6 +209,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     if a.tiny:
         a.device, a.double, a.single, a.res, a.steps, a.ctx = "cpu", 1, 0, "64,32", 2, 16
+        a.small_steps = 2
         a.vram, a.native = "0.5,3", ""
         if a.model_dir == "/dev/shm/distorch_bench":
             a.model_dir = "/tmp/distorch_bench_tiny"
@@ -288,14 +292,18 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
     label = {r: f"{r}x{r}" for r in ress}
     latent = {r: torch.zeros(1, 16, r // 8, r // 8) for r in ress}
 
+    def n_steps(res):
+        return a.steps if res == ress[0] else a.small_steps
+
     def run(m, lab, res=None, steps=None, filler=0):
         res = res or ress[0]
-        return sample_timed(m, lab, latent[res], cond, steps or a.steps, dev, cpu, filler)
+        return sample_timed(m, lab, latent[res], cond, steps or n_steps(res), dev, cpu, filler)
 
     d = {"title": f"DisTorch2 in ComfyUI {comfy_ver}: s/it against peak VRAM, Flux-dev-shaped model",
          "short": "Flux-dev bf16", "total_bytes": total, "bw": None, "rows": [], "skipped": [], "notes": [],
          "model_line": f"Model: random bf16 weights in ComfyUI's Flux class, {a.double} double + {a.single} single "
-                       f"blocks, {total / GiB:.2f} GiB, loaded once by ComfyUI's UNETLoader; euler, {a.steps} steps, "
+                       f"blocks, {total / GiB:.2f} GiB, loaded once by ComfyUI's UNETLoader; euler, {a.steps} steps "
+                       f"({a.small_steps} at {', '.join(list(label.values())[1:]) or 'no other size'}), "
                        f"cfg 1, {a.ctx} text tokens; every node call under torch.inference_mode(). DisTorch2 rows: "
                        f"one compile per budget, the resolutions sampled on it in the order {', '.join(label.values())}; "
                        f"[learned]: placed from the unit times earlier rows of this process measured (runtime/"
@@ -358,7 +366,7 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
             except Exception as e:  # statistics are a courtesy
                 d["notes"].append(f"stats of virtual_vram_gb={v:g} failed: {type(e).__name__}: {e}")
             same = bit_equal(r.pop("out"), ref[res])
-            r.update(gpu_steps(st, a.steps))
+            r.update(gpu_steps(st, n_steps(res)))
             gran = (pred0.get("granularity") or {}).get("chosen", "block")
             r["plan_detail"] = plan_detail(st)
             # placed from unit times an earlier row measured (runtime/timebook.py: a second compile of the model

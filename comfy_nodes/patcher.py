@@ -275,12 +275,35 @@ class DisTorchPatcherMixin:
             n = stream_patches.restore_streamed(self, st.stream_index())     # unpatched bytes from the file
             st.invalidate_slots()
             log.debug("DisTorch: %d streamed weights restored from the model file", n)
-        st.undo(to_device)
+        st.undo(to_device, self._distorch_backups_on(to_device, st))
         if to_device is not None:
             self.model.to(to_device)
             self.model.device = to_device
         self.model.model_loaded_weight_memory = 0
         log.info("DisTorch: released %s (homes and slots freed, weights on %s)", type(self.model).__name__, to_device)
+
+    def _distorch_backups_on(self, to_device, st) -> dict:
+        """id(resident parameter) -> ComfyUI's backup of it (the unpatched weight, inplace_update False), for
+        those already on `to_device`: undo binds them there instead of copying the patched bytes back, which
+        unpatch_model replaces by the backup right after (and which, copied, would sit beside the backup:
+        the LoRA'd resident weights twice in host RAM during the unload).  Streamed weights are not in it
+        (their homes are restored above)."""
+        if to_device is None or not self.backup:
+            return {}
+        dev = torch.device(to_device)
+        streamed = st.stream_index()
+        out = {}
+        for key, bk in self.backup.items():
+            if bk.inplace_update or type(bk.weight) not in (torch.Tensor, torch.nn.Parameter) or \
+                    bk.weight.device != dev:
+                continue
+            try:
+                w, set_func, _ = mp.get_key_weight(self.model, key)
+            except Exception:
+                continue
+            if set_func is None and type(w) in (torch.Tensor, torch.nn.Parameter) and id(w) not in streamed:
+                out[id(w)] = bk.weight
+        return out
 
     def _distorch_repatchable(self) -> bool:
         """Whether every patched weight is a plain tensor we can rewrite in place (not a custom op's

@@ -134,8 +134,9 @@ class State:
         self.sd_hook = reg(homes_in_state_dict) if names else None
         return h
 
-    def undo(self, to_device: str | torch.device | None) -> None:
-        """Free homes and slots; the weights end on `to_device`."""
+    def undo(self, to_device: str | torch.device | None, host: dict | None = None) -> None:
+        """Free homes and slots; the weights end on `to_device` (resident ones in `host`, id -> tensor there,
+        bound to that tensor: Handle.undo)."""
         h = self.handle
         self.handle, self.index, self.device = None, None, None
         if self.sd_hook is not None:
@@ -144,7 +145,7 @@ class State:
         if h is None:
             return
         # straight to the offload device: a GPU that cannot hold the model must not receive it on the way out
-        h.undo(device=to_device)
+        h.undo(device=to_device, host=host)
         self.releases += 1
 
     def stream_index(self) -> dict:

@@ -145,18 +145,19 @@ class Handle:
     def placement_table(self) -> str:
         return placement_table(self.plan)
 
-    def undo(self, device: str | torch.device | None = None) -> None:
+    def undo(self, device: str | torch.device | None = None, host: dict | None = None) -> None:
         """All weights back resident on the compute device (or on `device`, e.g. "cpu"), hooks removed,
         homes and slots freed.  Back to the host, weights homed in host memory stay where they are (their
         unpinned arena, freed with the model): the next compile of this module with the same plan adopts
-        them without a copy (runtime/home_reuse.py; stats["load"]["reused"])."""
+        them without a copy (runtime/home_reuse.py; stats["load"]["reused"]).  `host`: id(resident
+        parameter) -> a tensor on `device` to bind it to instead of copying its bytes back (Runtime.undo)."""
         if self.runtime is not None:
             try:
                 last = _summary(self.runtime)
             except Exception:      # statistics never stop an undo
                 log.debug("stats before undo failed", exc_info=True)
                 last = None
-            self.runtime.undo(device)
+            self.runtime.undo(device, host)
             self._last_stats = last
             self.runtime = None
 
@@ -305,11 +306,10 @@ def plan_model(model: torch.nn.Module, compute: str | torch.device = "cuda:0", *
                                         run=lambda name, fn, *a, **k: _run(ran, name, fn, *a, **k))
     # per offloaded unit: its bf16/fp16 weights streamed raw or losslessly compressed (passes/codec_choice.py);
     # on a budget with no room for the decode scratch, also the placement with that room made
-    room = None
-    if not expert:
-        def room(cap: int) -> Plan:
-            return partition(graph, inv, comp, max_vram_gb=cap / 2**30, donors=donors or None)
-    plan = _run(ran, "codec_choice", choose_codec_with_room, plan, graph, inv, mode=compress, repartition=room)
+    def room(cap: int) -> Plan:
+        return partition(graph, inv, comp, max_vram_gb=cap / 2**30, donors=donors or None)
+    plan = _run(ran, "codec_choice", choose_codec_with_room, plan, graph, inv, mode=compress,
+                repartition=None if expert else room)
     return graph, mark_learned(plan, key, learned)
 
 

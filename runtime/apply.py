@@ -217,25 +217,29 @@ class Runtime:
         self.store.adopt_arenas(arenas)
         return self
 
-    def undo(self, device: str | torch.device | None = None) -> None:
+    def undo(self, device: str | torch.device | None = None, host: dict | None = None) -> None:
         """All weights back resident (on the compute device, or `device`), hooks removed, homes and
         slots freed.  All or nothing: first every part stages what it will bind (the weights copied out
         of their homes onto the device: the step that can run out of memory); a failure there frees the
         staged copies and re-raises with the module still compiled and correct.  Then the parts detach
         in reverse order; should one fail, every hook of the module raises until undo() is called again,
-        which finishes the parts left (onto the device of the first attempt)."""
+        which finishes the parts left (onto the device of the first attempt).  `host`: id(resident
+        parameter) -> a tensor on `device` holding the bytes it should have there (ComfyUI's backup of a
+        LoRA'd weight, its unpatched host tensor): bound instead of a copy (runtime/place.Resident.stage)."""
         if self.hooks is None:
             return
         if self._pending is None:
             dev = self.device if device is None else undo_device(device)
             self.be.synchronize()
             self.undo_device = dev
+            self.resident.given = dict(host or {})
             try:
                 for p in self.parts:
                     p.stage(self)
             except BaseException as e:
                 self.store.unstage()
                 self.resident.staged = None
+                self.resident.given = {}
                 if hasattr(e, "add_note"):
                     e.add_note(f"distorch: undo(device={str(dev)!r}) changed nothing: the module is still "
                                "compiled and runs as before; free memory (or pick another device) and "

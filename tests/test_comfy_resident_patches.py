@@ -91,6 +91,47 @@ def test_backup_is_the_host_original_and_unload_restores_it(files, how):
         mm.unload_all_models()
 
 
+def test_unload_copies_no_patched_resident_weight_back(files, monkeypatch):
+    """Undo to the host copies every resident weight off the compute device, except the LoRA'd ones: they are
+    bound to ComfyUI's backup (their unpatched host tensor), which unpatch_model puts back right after.  A copy
+    of the patched bytes would be wasted and would sit beside the backup during the unload.  Run as a GPU runs
+    it: every resident weight moves (needs_move), so undo copies them back."""
+    monkeypatch.setattr(place, "needs_move", lambda t, device: True)
+    monkeypatch.setattr(place, "upload_to", functools.partial(upload.to_device, pin=False, stage_bytes=8192, stages=3))
+    copied = []
+    real = place._pinning.mapped_copy
+
+    def spy(t):
+        copied.append(t.data_ptr())
+        return real(t)
+
+    monkeypatch.setattr(place._pinning, "mapped_copy", spy)
+    unet, lora = files
+    with torch.inference_mode():
+        refs = plain_lora_refs(unet, lora)
+        m = _distorch(unet, 0.001)
+        lm = _lora(m, lora, 1.0)
+        keys = sorted(lm.patches)
+        assert torch.equal(ksample(lm), refs[1.0])
+        st = entry.state_of(m)
+        idx = st.stream_index()
+        live = _weights(m, keys)
+        resident = [k for k in keys if id(live[k]) not in idx]
+        patched_ptrs = {live[k].data_ptr() for k in resident}
+        backups = {k: lm.backup[k].weight for k in resident}
+        saved = {k: t.clone() for k, t in backups.items()}
+        mm.unload_all_models()
+        assert resident and copied, "the test needs patched resident weights and an undo that copies"
+        assert not patched_ptrs & set(copied), "undo copied patched resident bytes back to the host"
+        after = _weights(m, keys)
+        for k in resident:
+            assert after[k].data_ptr() == backups[k].data_ptr() and torch.equal(after[k].data, saved[k]), k
+        assert torch.equal(ksample(m), refs[0.0])
+        mm.unload_all_models()
+        assert torch.equal(ksample(lm), refs[1.0])
+        mm.unload_all_models()
+
+
 def test_strength_change_and_removal_while_loaded(files, how):
     unet, lora = files
     with torch.inference_mode():
