@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The shared plumbing (bench_util.py), also reached as bench_comfy.<name> by the other benches and the tests.
 from bench_util import (  # noqa: E402,F401
     GiB, REPO, T0, Guard, RssSampler, bit_equal, boot, card_tag, comfy_filler, header, import_distorch, out_path,
-    sample_timed, say, spread_order, start, unload_all, wait_for, write_result, write_safetensors)
+    sample_timed, say, spread_order, start, step_sync, unload_all, wait_for, write_result, write_safetensors)
 from comfy_report import merge, plot, save_results, try_plot  # noqa: E402  (analysis, results, chart)
 
 

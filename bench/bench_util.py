@@ -274,9 +274,20 @@ def _torch_profile_save(prof, folder: str, label: str) -> None:
     say(f"{label}: torch profile of the steps after the first in {folder}/{name}.txt")
 
 
+def step_sync(dev) -> None:
+    """Wait, in a sampler's step callback, for the step's work on the stream the sampler runs on -- not for the
+    whole device.  A device-wide synchronize would also wait for the copies DisTorch's ring queues at the end of
+    a step for the next step's first units (it wraps across the step boundary, as it should between two
+    sampler steps), so every step would pay for copies that otherwise overlap the sampler's own work.
+    ComfyUI's sampler never waits on those streams (its previews read the latent on the compute stream)."""
+    import torch
+    torch.cuda.current_stream(dev).synchronize()
+
+
 def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler_bytes: int = 0,
                  detail: bool = False) -> dict:
-    """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, a synchronize in the step callback: s/it =
+    """ComfyUI's sampler (euler, simple, cfg 1, seed 42) on `m`, the compute stream synchronized in the step
+    callback (step_sync): s/it =
     median step after the first (which includes loading), peak VRAM minus `filler_bytes`, the latent, and the
     host memory through the run: peak VmRSS, peak RssAnon, distorch's pinned bytes (RssSampler).
     `detail` adds "host" (the sampler's whole window: every field at the VmRSS peak and each field's
@@ -289,7 +300,7 @@ def sample_timed(m, label: str, latent, cond, steps: int, dev, cpu: bool, filler
 
     def cb(step, x0, x, total_steps):
         if not cpu:
-            torch.cuda.synchronize(dev)
+            step_sync(dev)
             if detail and not times:      # the load and the first step: its peak kept, then a new window
                 load_peak.append(torch.cuda.max_memory_allocated(dev))
                 torch.cuda.reset_peak_memory_stats(dev)

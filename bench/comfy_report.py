@@ -107,7 +107,8 @@ def render_md(d: dict) -> str:
          f"Command: `{d['command']}`"]
     if d.get("bw"):
         L.append(f"Pinned host->GPU bandwidth probed by distorch: {d['bw'] / 1e9:.1f} GB/s.")
-    L += ["", "s/it = median step after the first; peak = torch.cuda.max_memory_allocated during the sampling "
+    L += ["", "s/it = median step after the first (the step callback waits for the compute stream only: "
+          "bench_util.step_sync); peak = torch.cuda.max_memory_allocated during the sampling "
           "(ComfyUI rows: minus the filler that makes ComfyUI offload); floor = max(resident s/it (the faster of "
           "the plain row and DisTorch2 with nothing offloaded), (model - "
           "(peak - activations)) / pinned bandwidth), activations = plain peak - model; predicted footprint = "

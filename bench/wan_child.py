@@ -91,8 +91,7 @@ class WanChild:
         if total not in (a.steps // 2, a.steps - a.steps // 2):
             return          # not a sampler step: DisTorch's own progress bars (weights -> homes ...) use this hook too
         if not self.cpu:
-            import torch
-            torch.cuda.synchronize(self.dev)
+            B.step_sync(self.dev)       # the compute stream only (bench_util.step_sync: why)
         self.marks.append((self.phase, time.perf_counter()))
 
     # ------------------------------------------------------------------------------------------ the models

@@ -26,7 +26,7 @@ def wf_md(d: dict) -> str:
          d["model_line"], f"Command: `{d['command']}`", "",
          "One process per configuration. cold = UNETLoader (or UNETLoaderDisTorch2MultiGPU) + LoraLoaderModelOnly + "
          "ModelSamplingSD3 for both experts and both KSamplerAdvanced phases; warm = both phases again, models "
-         "loaded. s/step = median step after each phase's first (progress-hook timestamps after a synchronize). "
+         "loaded. s/step = median step after each phase's first (progress-hook timestamps after the compute stream is synchronized: bench_util.step_sync). "
          "Peak RSS = the sample with the largest VmRSS (every 50 ms) with its RssAnon / RssFile / RssShmem; pinned "
          "= the largest value during the run; machine used = MemTotal - MemAvailable (pinned memory that VmRSS "
          "does not show is in it, and so is everything else on the machine). RSS after unload: "
