@@ -93,7 +93,8 @@ def diagnose(gb: float, n_threads: int, pin: bool, quick: bool = False) -> list[
     before) or on fill.release_threads() threads (what it does now); the freeing alone on one thread.  Then
     HomeStore with pageable homes as it is, with its frees back on the calling thread (fill.RELEASERS = 0), on
     1 and on n_threads release threads (not with one thread, whose fill is serial, nor `quick`), without heap
-    trims, with each piece's home pages pre-faulted (fill.PREFAULT), and pinned with CUDA.
+    trims, with each piece's home pages pre-faulted (fill.PREFAULT), with each piece's source pages given back as
+    it lands (fill.DROP_EARLY), and pinned with CUDA (as is and with DROP_EARLY).
     Returns [(label, GB/s)]."""
     nr = fill.release_threads(n_threads)
     cases = [("plain pieces into fresh memory", lambda: plain_pieces(gb, n_threads, None), {}),
@@ -107,12 +108,15 @@ def diagnose(gb: float, n_threads: int, pin: bool, quick: bool = False) -> list[
               {(fill, "RELEASERS"): 0}),
              ("HomeStore, pageable, no heap trims", lambda: store(False), {(pinning, "trim_heap"): lambda: None}),
              ("HomeStore, pageable, home pages pre-faulted (MADV_POPULATE_WRITE)", lambda: store(False),
-              {(fill, "PREFAULT"): True})]
+              {(fill, "PREFAULT"): True}),
+             ("HomeStore, pageable, source pages given back as each piece lands (fill.DROP_EARLY)",
+              lambda: store(False), {(fill, "DROP_EARLY"): True})]
     if n_threads > 1 and not quick:
         cases[6:6] = [(f"HomeStore, pageable, frees on {k} release thread(s)", lambda: store(False),
                        {(fill, "RELEASERS"): k}) for k in sorted({1, n_threads} - {nr})]
     if pin:
         cases.append(("HomeStore, pinned", lambda: store(True), {}))
+        cases.append(("HomeStore, pinned, fill.DROP_EARLY", lambda: store(True), {(fill, "DROP_EARLY"): True}))
 
     def store(pinned: bool) -> float:
         return run(gb, n_threads, pinned)["total_GBps"]

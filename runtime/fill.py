@@ -18,6 +18,14 @@ one core of a CPU box -- and done on the calling thread it serialises with the c
 filled at 9-12 GB/s with 8 or 16 threads, against 20-25 GB/s for the same pieces with nothing freed
 (bench/bench_fill.py --diagnose measures the two apart).
 
+fill.DROP_EARLY (off until measured on a GPU host) gives each piece's source pages back (madvise
+MADV_DONTNEED, on the copying thread) as soon as the piece landed, for a source nothing but its parameter
+holds (sole_owner: a state dict kept elsewhere, a shared or pinned storage keeps its pages).  Its bytes then
+leave the window at once instead of when the whole unit is handed over and its storages are unmapped: the
+copies no longer wait for the frees (bench_fill --diagnose at 6 GB on an H200 host: 17-21 GB/s for the pieces
+alone, 12-15 with the sources freed as units complete, 8-10 through the window), and the kernel's unmap
+is left with no pages to free.  Should the fill fail, the pieces given back are copied back from the home first.
+
 A failing copy leaves nothing half-applied: the pieces not started are cancelled, running ones are waited
 for, no unit after the last completed one is handed to `on_done`, and the error is raised as a
 DisTorchError naming the unit (its parameters still hold their old storages and bytes).
@@ -46,6 +54,7 @@ WINDOW_FRACTION = 0.04     # of the bytes being homed: the most in flight at onc
 WINDOW_SLACK = 32 << 20
 RELEASERS: int | None = None    # threads letting go of old storages (None: one per two copying; 0: the caller)
 PREFAULT = False           # fault each piece's home pages in with one madvise before its copy (pinning.populate)
+DROP_EARLY = False         # give each piece's source pages back as soon as it landed (sole_owner sources only)
 
 
 def threads() -> int:
@@ -109,13 +118,24 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
     # the old storages, which must die when on_done rebinds the unit (else RAM would hold two copies)
     work: list = [None] * len(items)
     infer = torch.is_inference_mode_enabled()     # thread-local: the workers copy in the caller's mode
-    prefault = PREFAULT
+    prefault, early = PREFAULT, DROP_EARLY
+    # DROP_EARLY: per unit, the pieces whose source pages went back already (restored from the home should the
+    # fill fail before the unit is handed over) and their bytes; `gone` counts them all, for the window
+    dropped: list = [[] for _ in items]
+    lock = threading.Lock()
+    gone = [0, 0]             # bytes dropped, bytes of those the window has taken off
 
-    def job(d, s):
+    def job(d, s, u, drop):
         if prefault:
             _pinning.populate(d.data_ptr(), d.numel() * d.element_size())
         with torch.inference_mode(infer):
             copy_piece(d, s)
+        if drop:
+            nb = s.numel() * s.element_size()
+            _pinning.drop_pages(s.data_ptr(), nb)
+            with lock:
+                dropped[u].append((d, s))
+                gone[0] += nb
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="distorch-fill") as ex:
         futs: list[list] = [[] for _ in items]
         nu = nk = 0             # next piece to submit: work[nu][nk]
@@ -126,17 +146,20 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
             is waiting to be let go of (the caller waits for it next: never less than one unit at a time)."""
             nonlocal nu, nk, inflight
             inflight -= rel.retire()
+            with lock:
+                inflight -= gone[0] - gone[1]      # pieces whose sources went back: one copy of them left
+                gone[1] = gone[0]
             while nu < len(items) and nu < first + window:
                 if work[nu] is None:
-                    work[nu] = [pc for dd, ss in items[nu][1] for pc in pieces(dd, ss)]
+                    work[nu] = _cut(items[nu][1], early)
                 if nk == len(work[nu]):
                     nu, nk = nu + 1, 0
                     continue
-                d, s = work[nu][nk]
+                (d, s), drop = work[nu][nk]
                 b = d.numel() * d.element_size()
                 if inflight + b > cap and (nu > first or rel.pending):
                     return
-                futs[nu].append(ex.submit(job, d, s))
+                futs[nu].append(ex.submit(job, d, s, nu, drop))
                 inflight += b
                 nk += 1
         for i in range(len(items)):
@@ -153,11 +176,52 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
                     for f in fs:
                         f.cancel()
                 wait([f for fs in futs for f in fs])
+                _restore_dropped(dropped[i:])
                 raise _failed(name, i, err) from err
             futs[i] = []
             work[i] = None
-            # its pieces covered exactly its pairs' bytes; the old storages count until they are let go of
-            inflight += rel.let_go(on_done(i)) - sizes[i]
+            with lock:
+                gone_i = sum(s.numel() * s.element_size() for _, s in dropped[i])
+                dropped[i] = []            # views of the old storages: they must die with on_done's hand-back
+            # its pieces covered exactly its pairs' bytes (those whose sources went back are off the window
+            # already); the old storages count, less the pages already given back, until they are let go of
+            inflight += rel.let_go(on_done(i), gone_i) - (sizes[i] - gone_i)
+
+
+def _cut(pairs: list, early: bool) -> list:
+    """[((dst piece, src piece), whether the source pages may go back once it landed)] of one unit's pairs;
+    each source is asked sole_owner before its pieces (views: references of their own) exist."""
+    out = []
+    for dd, ss in pairs:
+        drop = early and sole_owner(ss)
+        out += [(pc, drop) for pc in pieces(dd, ss)]
+    return out
+
+
+def sole_owner(t: torch.Tensor) -> bool:
+    """Whether the host storage under `t` (a parameter's old tensor, as HomeStore pairs it) is held by nothing
+    but that parameter and the pair: then no one else can read its pages once they are copied, and DROP_EARLY
+    may give them back before the unit is handed over.  Dense, pageable, on the host only; a storage shared
+    with anything else (a state dict kept elsewhere, a file mapping several weights view, a pinned buffer)
+    keeps its pages until it is let go of as before."""
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or _gs.is_gguf(t) or t.is_pinned():
+        return False
+    try:
+        st = t.untyped_storage()
+        # the parameter, the pair's tensor and `st` itself
+        return torch._C._storage_Use_Count(st._cdata) <= 3
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _restore_dropped(units: list) -> None:
+    """A failed fill: the pieces whose source pages went back get their bytes again from the home (which
+    holds them), so the units not handed over keep their old storages with their bytes."""
+    with torch.no_grad():
+        for pcs in units:
+            for d, s in pcs:
+                s.copy_(d)
+            pcs.clear()
 
 
 def release_threads(n_threads: int) -> int:
@@ -178,15 +242,18 @@ class _Releaser:
         self.lock = threading.Lock()
         self.pending: collections.deque = collections.deque()      # (future, bytes), in submission order
 
-    def let_go(self, refs: "list | None") -> int:
+    def let_go(self, refs: "list | None", gone: int = 0) -> int:
         """Drop the references in `refs` (the list is emptied: it must hold the last ones we have, so that each
-        storage dies in the job, not here) -> the bytes now being let go of off this thread."""
+        storage dies in the job, not here) -> the bytes now being let go of off this thread, less `gone` (of
+        their pages given back already: DROP_EARLY)."""
         boxes = []
         while refs:
             boxes.append([refs.pop()])
         queued = 0
         for box in boxes:
             nb = _nbytes(box[0])
+            cut = min(nb, gone)
+            nb, gone = nb - cut, gone - cut
             if self.pool is None:
                 self._drop(box, nb)
             else:

@@ -191,3 +191,78 @@ def test_homestore_frees_the_old_storages_on_release_threads(monkeypatch, n_thre
     for k, v in m.state_dict().items():
         assert torch.equal(v, want[k]), k
     assert st.held_bytes == 0
+
+
+def _drop_spy(monkeypatch, fill):
+    """fill's drop_pages, recorded: [(address, bytes)] of every range given back early."""
+    seen = []
+    real = fill._pinning.drop_pages
+
+    def spy(ptr, nb):
+        seen.append((ptr, nb))
+        real(ptr, nb)
+    monkeypatch.setattr(fill._pinning, "drop_pages", spy)
+    return seen
+
+
+def test_drop_early_gives_source_pages_back_per_piece_and_keeps_the_bytes(monkeypatch):
+    """fill.DROP_EARLY: each piece's source pages go back as soon as it landed, for sources nothing else holds;
+    a source still referenced elsewhere (a kept state dict) keeps its pages until it is let go of; the homes
+    hold the exact bytes."""
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "DROP_EARLY", True)
+    monkeypatch.setattr(fill, "CHUNK", 128 << 10)           # 128 KiB pieces: whole pages to give back
+    monkeypatch.setenv(fill.ENV, "4")
+    seen = _drop_spy(monkeypatch, fill)
+    torch.manual_seed(11)
+    m = TinyDiT(depth=4, d=256, h=640)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    kept = m.blocks[1].state_dict()                         # someone else holds block 1's weights
+    held = [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in kept.values()]
+    st, units = store_for(m, pin=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    assert seen, "no source pages were given back early"
+    dropped_in_held = [a for a, nb in seen for lo, hi in held if a < hi and lo < a + nb]
+    assert not dropped_in_held, "pages of a source held elsewhere were given back"
+    assert all(torch.equal(v, want[f"blocks.1.{k}"]) for k, v in kept.items())     # its holder still reads them
+    assert sum(nb for _, nb in seen) > 0.5 * sum(
+        p.numel() * p.element_size() for i in (0, 2, 3) for p in m.blocks[i].parameters())
+
+
+def test_drop_early_failure_gives_the_dropped_pieces_their_bytes_back(monkeypatch):
+    """A copy failing after other pieces of its unit (and of later units) gave their source pages back: those
+    pieces are copied back from the home, every weight keeps its bytes, the failing unit and later ones keep
+    their old storages."""
+    from distorch.errors import DisTorchError
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "DROP_EARLY", True)
+    monkeypatch.setattr(fill, "CHUNK", 128 << 10)
+    monkeypatch.setattr(fill, "WINDOW_FRACTION", 1.0)       # every unit in flight: later units drop pieces too
+    monkeypatch.setenv(fill.ENV, "4")
+    seen = _drop_spy(monkeypatch, fill)
+    torch.manual_seed(12)
+    m = TinyDiT(depth=5, d=256, h=640)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: p.data_ptr() for k, p in m.named_parameters()}
+    w = m.blocks[2].down.weight
+    last = w.data_ptr() + w.numel() * w.element_size() - (128 << 10)     # its last piece
+    real = fill.copy_piece
+    import time
+
+    def copy(dst, src):
+        if src.data_ptr() == last:
+            time.sleep(0.05)                                # the other pieces land (and drop) first
+            raise RuntimeError("disk on fire")
+        real(dst, src)
+    monkeypatch.setattr(fill, "copy_piece", copy)
+    with pytest.raises(DisTorchError, match=r"'blocks\.2'.*disk on fire"):
+        store_for(m, pin=False)
+    unit_of = lambda a: next((i for i, b in enumerate(m.blocks) for p in b.parameters()        # noqa: E731
+                              if p.data_ptr() <= a < p.data_ptr() + p.numel() * p.element_size()), None)
+    assert {unit_of(a) for a, _ in seen} & {2, 3, 4}, "the test needs pieces dropped in the failing unit or later"
+    for k, p in m.named_parameters():
+        assert torch.equal(p, want[k]), k
+        unit = int(k.split(".")[1]) if k.startswith("blocks.") else -1
+        if unit >= 2:
+            assert p.data_ptr() == before[k], k
