@@ -131,11 +131,10 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
         with torch.inference_mode(infer):
             copy_piece(d, s)
         if drop:
-            nb = s.numel() * s.element_size()
-            _pinning.drop_pages(s.data_ptr(), nb)
+            _pinning.drop_pages(s.data_ptr(), s.numel() * s.element_size())
             with lock:
                 dropped[u].append((d, s))
-                gone[0] += nb
+                gone[0] += d.numel() * d.element_size()     # the window counts home bytes
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="distorch-fill") as ex:
         futs: list[list] = [[] for _ in items]
         nu = nk = 0             # next piece to submit: work[nu][nk]
@@ -181,7 +180,7 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
             futs[i] = []
             work[i] = None
             with lock:
-                gone_i = sum(s.numel() * s.element_size() for _, s in dropped[i])
+                gone_i = sum(d.numel() * d.element_size() for d, _ in dropped[i])
                 dropped[i] = []            # views of the old storages: they must die with on_done's hand-back
             # its pieces covered exactly its pairs' bytes (those whose sources went back are off the window
             # already); the old storages count, less the pages already given back, until they are let go of
