@@ -162,6 +162,16 @@ echo; echo "=================== summary ==================="
 for f in comfy_vram wan_vram; do
     echo "--- $f"; grep -E "^(Summary|Skipped)" "$OUT/${f}_${TAG}.md" 2>/dev/null || echo "(no results)"
     grep -E "^\| [0-9]" "$OUT/${f}_${TAG}.md" 2>/dev/null | head -n 12
+    # every row in one line each (should the files not come back, the numbers are in the call's output)
+    [ -f "$OUT/${f}_${TAG}.json" ] && $PY - "$OUT/${f}_${TAG}.json" <<'PYEOF' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["rows"]:
+    g = lambda k, f="%.3f": "" if r.get(k) is None else f % r[k]
+    print(f"row {r['res']} | {r['name']} | off {r['off'] / 2**30:.2f} | peak {r['peak'] / 2**30:.2f} | s/it {g('s_it')}"
+          f" | x floor {g('x_floor')} | pred {g('pred_step')} / {g('pred_step_after')} | runtime {g('meas_step')}"
+          f" | gpu {g('gpu_step', '%.4f')} gap {g('gpu_gap', '%.4f')} | same {r.get('same', '')}")
+PYEOF
 done
 echo "--- wan_workflow"; grep -E "^\|" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null || echo "(no results)"
 grep -E "^Skipped" "$OUT/wan_workflow_${TAG}.md" 2>/dev/null
