@@ -18,7 +18,7 @@ one core of a CPU box -- and done on the calling thread it serialises with the c
 filled at 9-12 GB/s with 8 or 16 threads, against 20-25 GB/s for the same pieces with nothing freed
 (bench/bench_fill.py --diagnose measures the two apart).
 
-fill.DROP_EARLY (off until measured on a GPU host) gives each piece's source pages back (madvise
+fill.DROP_EARLY ($DISTORCH_FILL_DROP_EARLY=1; off until measured on a GPU host) gives each piece's source pages back (madvise
 MADV_DONTNEED, on the copying thread) as soon as the piece landed, for a source nothing but its parameter
 holds (sole_owner: a state dict kept elsewhere, a shared or pinned storage keeps its pages).  Its bytes then
 leave the window at once instead of when the whole unit is handed over and its storages are unmapped: the
@@ -54,7 +54,9 @@ WINDOW_FRACTION = 0.04     # of the bytes being homed: the most in flight at onc
 WINDOW_SLACK = 32 << 20
 RELEASERS: int | None = None    # threads letting go of old storages (None: one per two copying; 0: the caller)
 PREFAULT = False           # fault each piece's home pages in with one madvise before its copy (pinning.populate)
-DROP_EARLY = False         # give each piece's source pages back as soon as it landed (sole_owner sources only)
+ENV_DROP = "DISTORCH_FILL_DROP_EARLY"
+# give each piece's source pages back as soon as it landed (sole_owner sources only); off unless $ENV_DROP=1
+DROP_EARLY = os.environ.get(ENV_DROP, "").strip() == "1"
 
 
 def threads() -> int:

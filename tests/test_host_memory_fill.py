@@ -266,3 +266,14 @@ def test_drop_early_failure_gives_the_dropped_pieces_their_bytes_back(monkeypatc
         unit = int(k.split(".")[1]) if k.startswith("blocks.") else -1
         if unit >= 2:
             assert p.data_ptr() == before[k], k
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("", False), ("0", False)])
+def test_drop_early_follows_its_environment_setting(value, on):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, DISTORCH_FILL_DROP_EARLY=value)
+    out = subprocess.run([sys.executable, "-c", "from distorch.runtime import fill; print(fill.DROP_EARLY)"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(on)
