@@ -36,7 +36,9 @@ sizes its file checks and restores of LoRA'd weights by the same `threads()`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -47,6 +49,8 @@ import torch
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
 from . import pinning as _pinning
+
+log = logging.getLogger("distorch.runtime.fill")
 
 CHUNK = 16 << 20          # bytes per piece: small enough that every thread has one
 ENV = "DISTORCH_FILL_THREADS"
@@ -86,10 +90,11 @@ def pieces(dst: torch.Tensor, src: torch.Tensor, chunk: int | None = None) -> li
 
 
 def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], "list | None"], *, n_threads: int | None = None,
-               window: int | None = None, trim_every: int = 0) -> None:
+               window: int | None = None, trim_every: int = 0, droppable: set | None = None) -> None:
     """Copy every unit's (dst, src) pairs, calling on_done(i) in order as unit i completes; what on_done
     returns (a list of the unit's old tensors, emptied here) is let go of off the calling thread (module
-    docstring)."""
+    docstring).  `droppable`: ids of the sources DROP_EARLY may give back piece by piece (a parameter's
+    `.data` alias, whose storage sole_owner then checks); none when not given."""
     n = threads() if n_threads is None else max(1, int(n_threads))
     rel = _Releaser(release_threads(n) if n > 1 else 0, trim_every)
     try:
@@ -103,7 +108,7 @@ def fill_units(items: list[tuple[str, list]], on_done: Callable[[int], "list | N
                 d = s = None        # our last references are on_done's to hand back
                 rel.let_go(on_done(i))
         else:
-            _fill_parallel(items, on_done, n, window or 4 * n, rel)
+            _fill_parallel(items, on_done, n, window or 4 * n, rel, droppable or set())
     finally:
         rel.close()
 
@@ -113,7 +118,7 @@ def _failed(name: str, i: int, e: BaseException) -> DisTorchError:
                          f"{i} unit(s) were homed, this one and later ones are unchanged")
 
 
-def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_Releaser") -> None:
+def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_Releaser", droppable: set) -> None:
     sizes = [sum(d.numel() * d.element_size() for d, _ in pairs) for _, pairs in items]
     cap = in_flight_cap(sum(sizes), n)
     # a unit's pieces are cut when its first one is submitted and dropped once it is done: they are views of
@@ -132,8 +137,7 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
             _pinning.populate(d.data_ptr(), d.numel() * d.element_size())
         with torch.inference_mode(infer):
             copy_piece(d, s)
-        if drop:
-            _pinning.drop_pages(s.data_ptr(), s.numel() * s.element_size())
+        if drop and _DROPS["ok"] is not False and _drop_checked(s):
             with lock:
                 dropped[u].append((d, s))
                 gone[0] += d.numel() * d.element_size()     # the window counts home bytes
@@ -152,7 +156,7 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
                 gone[1] = gone[0]
             while nu < len(items) and nu < first + window:
                 if work[nu] is None:
-                    work[nu] = _cut(items[nu][1], early)
+                    work[nu] = _cut(items[nu][1], early, droppable)
                 if nk == len(work[nu]):
                     nu, nk = nu + 1, 0
                     continue
@@ -189,22 +193,22 @@ def _fill_parallel(items: list, on_done: Callable, n: int, window: int, rel: "_R
             inflight += rel.let_go(on_done(i), gone_i) - (sizes[i] - gone_i)
 
 
-def _cut(pairs: list, early: bool) -> list:
+def _cut(pairs: list, early: bool, droppable: set) -> list:
     """[((dst piece, src piece), whether the source pages may go back once it landed)] of one unit's pairs;
     each source is asked sole_owner before its pieces (views: references of their own) exist."""
     out = []
     for dd, ss in pairs:
-        drop = early and sole_owner(ss)
+        drop = early and id(ss) in droppable and sole_owner(ss)
         out += [(pc, drop) for pc in pieces(dd, ss)]
     return out
 
 
 def sole_owner(t: torch.Tensor) -> bool:
-    """Whether the host storage under `t` (a parameter's old tensor, as HomeStore pairs it) is held by nothing
-    but that parameter and the pair: then no one else can read its pages once they are copied, and DROP_EARLY
-    may give them back before the unit is handed over.  Dense, pageable, on the host only; a storage shared
-    with anything else (a state dict kept elsewhere, a file mapping several weights view, a pinned buffer)
-    keeps its pages until it is let go of as before."""
+    """Whether the host storage under `t` -- a parameter's `.data` alias, as HomeStore pairs it: a tensor of
+    its own beside the parameter's -- is held by nothing but that parameter and `t`: then no one else can read
+    its pages once they are copied, and DROP_EARLY may give them back before the unit is handed over.  Dense,
+    pageable, on the host only; a storage shared with anything else (a state dict kept elsewhere, a file
+    mapping several weights view, a pinned buffer) keeps its pages until it is let go of as before."""
     if type(t) is not torch.Tensor or t.device.type != "cpu" or _gs.is_gguf(t) or t.is_pinned():
         return False
     try:
@@ -213,6 +217,34 @@ def sole_owner(t: torch.Tensor) -> bool:
         return torch._C._storage_Use_Count(st._cdata) <= 3
     except (AttributeError, RuntimeError):
         return False
+
+
+_DROPS = {"ok": None}      # does madvise(MADV_DONTNEED) give pages back here? (None: not seen yet)
+_DROP_LOCK = threading.Lock()
+
+
+def _drop_checked(s: torch.Tensor) -> bool:
+    """pinning.drop_pages on the whole pages of `s`; the first time a dropped page held nonzero bytes, they
+    are read again: still there means this host ignores the advice, and DROP_EARLY stays off in this
+    process (the window would count pages as gone that are not).  True when the pages are taken as gone."""
+    ptr, nb = s.data_ptr(), s.numel() * s.element_size()
+    if _DROPS["ok"]:
+        _pinning.drop_pages(ptr, nb)
+        return True
+    with _DROP_LOCK:                   # until one drop has been seen to work: one at a time
+        if _DROPS["ok"] is False:
+            return False
+        lo = (ptr + 4095) // 4096 * 4096
+        word = None
+        if lo + 4096 <= ptr + nb:
+            word = torch.frombuffer((ctypes.c_char * 8).from_address(lo), dtype=torch.int64)
+        before = int(word[0]) if word is not None else 0
+        _pinning.drop_pages(ptr, nb)
+        if before != 0:
+            _DROPS["ok"] = int(word[0]) == 0
+            if not _DROPS["ok"]:
+                log.warning("distorch: this host ignores madvise(MADV_DONTNEED); DISTORCH_FILL_DROP_EARLY is off")
+        return _DROPS["ok"] is not False
 
 
 def _restore_dropped(units: list) -> None:
@@ -316,7 +348,8 @@ def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every:
     it back from there)."""
     coded = {} if coded is None else coded
     held: dict = {}
-    items = [(h.unit, _pairs(h, streamed[h.unit], coded, held)) for h in homes]
+    drop: set = set()
+    items = [(h.unit, _pairs(h, streamed[h.unit], coded, held, drop)) for h in homes]
 
     def done(i):
         h = homes[i]
@@ -332,12 +365,15 @@ def move_into_homes(homes: list, streamed: dict, on_homed: Callable, trim_every:
         items[i] = (h.unit, ())
         on_homed(h)
         return old                      # our last references: fill_units lets go of them off this thread
-    fill_units(items, done, trim_every=trim_every)
+    fill_units(items, done, trim_every=trim_every, droppable=drop)
     return held
 
 
-def _pairs(h, tensors: list, coded: dict, held: dict) -> list:
-    """[(view in the home, the tensor whose bytes go there)] of one Home; notes each host storage in `held`."""
+def _pairs(h, tensors: list, coded: dict, held: dict, drop: set) -> list:
+    """[(view in the home, the tensor whose bytes go there)] of one Home; notes each host storage in `held`,
+    and in `drop` the ids of the sources DROP_EARLY may give back: a plain parameter's `.data` alias (a
+    tensor of its own, which sole_owner counts beside the parameter), not a GGUF parameter's raw blocks or
+    a compressed buffer (the very tensor its holder keeps)."""
     from torch.multiprocessing.reductions import StorageWeakRef
     pairs = []
     for (_, p), v in zip(tensors, h.views()):
@@ -347,4 +383,6 @@ def _pairs(h, tensors: list, coded: dict, held: dict) -> list:
             st = old.untyped_storage()
             held.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
         pairs.append((v, old))
+        if enc is None and not _gs.is_gguf(p):
+            drop.add(id(old))
     return pairs

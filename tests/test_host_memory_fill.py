@@ -277,3 +277,49 @@ def test_drop_early_follows_its_environment_setting(value, on):
     out = subprocess.run([sys.executable, "-c", "from distorch.runtime import fill; print(fill.DROP_EARLY)"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(on)
+
+
+def test_drop_early_gives_back_only_the_sources_named_droppable(monkeypatch):
+    """fill_units gives a source's pages back only when its caller named it droppable (HomeStore: a plain
+    parameter's `.data` alias; never a GGUF parameter's raw blocks or a compressed buffer, which are the very
+    tensors their holders keep, so the storage's use count cannot tell another holder apart)."""
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "DROP_EARLY", True)
+    monkeypatch.setattr(fill, "CHUNK", 128 << 10)
+    seen = _drop_spy(monkeypatch, fill)
+    srcs = [torch.randn(1 << 18) for _ in range(4)]          # 1 MiB each
+    want = [s.clone() for s in srcs]
+    dsts = [torch.empty_like(s) for s in srcs]
+    for which in ((), (1, 3)):
+        named = {id(srcs[i]) for i in which}
+        seen.clear()
+        items = [(f"u{i}", [(d, s)]) for i, (d, s) in enumerate(zip(dsts, srcs))]
+        fill.fill_units(items, lambda i: None, n_threads=2, droppable=named)
+        assert all(torch.equal(d, w) for d, w in zip(dsts, want))
+        hit = {i for i, s in enumerate(srcs) for a, _ in seen
+               if s.data_ptr() <= a < s.data_ptr() + s.numel() * 4}
+        assert hit == {i for i, s in enumerate(srcs) if id(s) in named}, (hit, named)
+        if named:
+            assert not torch.equal(srcs[1], want[1]) and torch.equal(srcs[0], want[0])     # pages really went
+        srcs = [w.clone() for w in want]
+        dsts = [torch.empty_like(s) for s in srcs]
+
+
+def test_drop_early_turns_itself_off_where_the_host_ignores_the_advice(monkeypatch, caplog):
+    """A host whose madvise(MADV_DONTNEED) leaves the pages in place: the first dropped page still holds its
+    bytes, DROP_EARLY stays off from there on (no piece counted as gone), with one warning; bytes exact."""
+    from distorch.runtime import fill
+    monkeypatch.setattr(fill, "DROP_EARLY", True)
+    monkeypatch.setattr(fill, "CHUNK", 128 << 10)
+    monkeypatch.setitem(fill._DROPS, "ok", None)
+    calls = []
+    monkeypatch.setattr(fill._pinning, "drop_pages", lambda ptr, nb: calls.append(nb))      # ignored advice
+    srcs = [torch.randn(1 << 18) + 5 for _ in range(4)]
+    want = [s.clone() for s in srcs]
+    dsts = [torch.empty_like(s) for s in srcs]
+    items = [(f"u{i}", [(d, s)]) for i, (d, s) in enumerate(zip(dsts, srcs))]
+    with caplog.at_level("WARNING", logger="distorch.runtime.fill"):
+        fill.fill_units(items, lambda i: None, n_threads=4, droppable={id(s) for s in srcs})
+    assert fill._DROPS["ok"] is False and len(calls) == 1, calls
+    assert "ignores madvise" in caplog.text
+    assert all(torch.equal(d, w) for d, w in zip(dsts, want))
