@@ -173,7 +173,7 @@ def common_args(ap) -> None:
     ap.add_argument("--comfy", default=os.environ.get("DISTORCH_COMFYUI_DIR") or os.path.join(REPO, ".comfy", "ComfyUI"))
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--small-steps", type=int, default=12,
+    ap.add_argument("--small-steps", type=int, default=10,
                     help="steps for every resolution after the first (512x512 steps take a third of 1024x1024's "
                          "and vary more: more of them for a steadier median)")
     ap.add_argument("--ctx", type=int, default=256, help="text tokens")
