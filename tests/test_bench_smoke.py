@@ -1,5 +1,5 @@
-"""The ComfyUI benchmarks (bench/bench_comfy.py, bench/bench_comfy_wan.py, bench/bench_comfy_codec.py) proven on
-CPU before a GPU runs them.
+"""The ComfyUI benchmarks (bench/bench_comfy.py, bench/bench_comfy_codec.py, bench/bench_fill.py; the Wan ones:
+tests/test_bench_smoke_wan.py) proven on CPU before a GPU runs them.
 
 Smoke runs: each script's --tiny mode in a subprocess against the real ComfyUI 0.3.75 (skipped without it
 unless DISTORCH_REQUIRE_COMFYUI=1), asserting that the result files exist, carry every row, and that every
@@ -8,12 +8,10 @@ processes, measured by getrusage, so that a busy machine does not fail it); a hu
 limit.  The pure helpers (floor, interpolation, ordering, the safetensors writer, the RSS sampler) are tested
 directly.  `DISTORCH_SMOKE_GPU_BENCH=1` also rehearses bench/gpu_bench.sh end to end on CPU (minutes).
 """
-import json
 import math
 import mmap
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -21,51 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_smoke_util import REPO, check_run, run_script, run_tiny
 from comfy_harness import COMFY_DIR, require_comfy
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_comfy as B  # noqa: E402
 import codec_report as CR  # noqa: E402
 import comfy_report as R  # noqa: E402
 
-CPU_LIMIT_S = 60.0
-WALL_LIMIT_S = 420.0
 GiB = 1 << 30
-
-
-def run_script(args, tmp_path, env_extra=None):
-    """Run a bench script (CPU), return (returncode, output, CPU seconds its processes used)."""
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}     # results go where --out says
-    env.update({"DISTORCH_COMFYUI_DIR": str(COMFY_DIR), "PYTHONUNBUFFERED": "1",
-                # the CPU smoke run as CI runs it on any machine: no GPU, two compute threads (CPU seconds
-                # summed over threads: a 16-core GPU host spent 65-77 s where CI spends well under 60)
-                # (the fill's, upload's and release threads too: DISTORCH_FILL_THREADS sizes them all; the H200
-                # host's 16 cores made 8 fill threads, and the Wan smoke runs 61-62 s of CPU there)
-                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
-                "DISTORCH_FILL_THREADS": "2"})
-    env.update(env_extra or {})
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=WALL_LIMIT_S)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return p.returncode, p.stdout + p.stderr, cpu
-
-
-def check_run(rc, out, cpu):
-    assert rc == 0, out[-4000:]
-    assert cpu < CPU_LIMIT_S, f"smoke run used {cpu:.0f} s of CPU (limit {CPU_LIMIT_S:.0f})"
-
-
-def run_tiny(tmp_path, md_name: str, args: list) -> tuple[dict, Path]:
-    """A bench script's `--tiny` run on the CPU in real ComfyUI (`args`: script and options; results into
-    tmp_path/md_name), checked as check_run does -> (its results JSON, the markdown's path)."""
-    require_comfy()
-    md = tmp_path / md_name
-    rc, out, cpu = run_script([args[0], "--tiny"] + args[1:] + ["--out", str(md)], tmp_path)
-    check_run(rc, out, cpu)
-    return json.loads(md.with_suffix(".json").read_text()), md
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -93,48 +55,6 @@ def test_bench_comfy_tiny(tmp_path):
     assert not (tmp_path / "m" / "flux_rand_1x0.safetensors").exists()    # the file is removed once loaded
     text = md.read_text()
     assert "## 64x64" in text and "## 32x32" in text and "| NO |" not in text
-
-
-def test_bench_wan_vram_tiny(tmp_path):
-    d, _ = run_tiny(tmp_path, "wan_vram_cpu.md",
-                    ["bench/bench_comfy_wan.py", "--mode", "vram", "--model-dir", str(tmp_path / "w")])
-    kinds = [r["kind"] for r in d["rows"]]
-    assert kinds.count("plain") == 1 and kinds.count("distorch") == 2
-    assert all(r["same"] is True for r in d["rows"] if r["kind"] != "plain")
-    assert d["analysis"]["64x64x5"]["all_bit_identical"]
-    assert max(r["off"] for r in d["rows"] if r["kind"] == "distorch") >= 0.95 * d["total_bytes"]
-    # the file is ComfyUI's fp8_scaled form: fp8 Linear weights, a scale per weight, the marker
-    from safetensors import safe_open
-    f = next((tmp_path / "w").glob("*_high_fp8_scaled.safetensors"))
-    with safe_open(str(f), "pt") as st:
-        keys = set(st.keys())
-        assert st.get_tensor("blocks.0.self_attn.q.weight").dtype == torch.float8_e4m3fn
-        assert st.get_tensor("blocks.0.self_attn.q.scale_weight").dtype == torch.float32
-        assert st.get_tensor("scaled_fp8").numel() == 2
-        assert st.get_tensor("blocks.0.modulation").dtype == torch.bfloat16
-    assert {"head.head.scale_weight", "blocks.1.ffn.2.scale_weight", "blocks.0.cross_attn.k.scale_weight"} <= keys
-
-
-@pytest.mark.parametrize("gran", ["auto", "sub"])
-def test_bench_wan_workflow_tiny(tmp_path, monkeypatch, gran):
-    """The two-expert fp8_scaled workflow with LoRAs; with DISTORCH_GRANULARITY=sub the layers inside the
-    blocks stream (scaled-fp8 layers, LoRA'd weights re-read from the file): still bit-identical."""
-    monkeypatch.setenv("DISTORCH_GRANULARITY", gran)
-    d, md = run_tiny(tmp_path, "wan_workflow_cpu.md", ["bench/bench_comfy_wan.py", "--mode", "workflow", "--model-dir",
-                                                       str(tmp_path / "w"), "--configs", "plain,distorch:0.0005"])
-    rows = {r["config"]: r for r in d["rows"]}
-    assert set(rows) == {"plain", "distorch:0.0005"}
-    for r in rows.values():
-        assert "error" not in r, r.get("error")
-        assert r["same"] == {"high": True, "low": True} and r["warm_same_as_cold"]
-        assert r["cold_s"] > 0 and r["warm_s"] > 0 and r["s_step_warm"] > 0
-        for k in ("rss_before_load", "rss_after_unload", "rss_after_drop"):
-            assert r[k]["VmRSS"] > 0 and "RssAnon" in r[k] and "RssShmem" in r[k]
-        assert r["rss_cold"]["at_peak"]["VmRSS"] >= r["rss_before_load"]["VmRSS"] * 0.9
-        assert len(r["steps_warm"]["high"]["steps"]) == 3 and len(r["steps_warm"]["low"]["steps"]) == 3
-    assert 0 < rows["distorch:0.0005"]["off"]["high"]
-    assert len(list((tmp_path / "w").glob("*_lora_r4.safetensors"))) == 2
-    assert "| plain |" in md.read_text()
 
 
 def test_bench_comfy_codec_tiny(tmp_path):
