@@ -199,7 +199,9 @@ def _cut(pairs: list, early: bool, droppable: set) -> list:
     out = []
     for dd, ss in pairs:
         drop = early and id(ss) in droppable and sole_owner(ss)
-        out += [(pc, drop) for pc in pieces(dd, ss)]
+        # only pieces drop_pages acts on: a smaller one keeps its pages until its tensor is let go of
+        out += [(pc, drop and _pinning.droppable_span(pc[1].data_ptr(), pc[1].numel() * pc[1].element_size())
+                 is not None) for pc in pieces(dd, ss)]
     return out
 
 
@@ -234,10 +236,9 @@ def _drop_checked(s: torch.Tensor) -> bool:
     with _DROP_LOCK:                   # until one drop has been seen to work: one at a time
         if _DROPS["ok"] is False:
             return False
-        lo = (ptr + 4095) // 4096 * 4096
-        word = None
-        if lo + 4096 <= ptr + nb:
-            word = torch.frombuffer((ctypes.c_char * 8).from_address(lo), dtype=torch.int64)
+        span = _pinning.droppable_span(ptr, nb)
+        word = None if span is None else torch.frombuffer((ctypes.c_char * 8).from_address(span[0]),
+                                                          dtype=torch.int64)
         before = int(word[0]) if word is not None else 0
         _pinning.drop_pages(ptr, nb)
         if before != 0:

@@ -112,14 +112,26 @@ def trim_heap() -> None:
         pass
 
 
-def drop_pages(ptr: int, nbytes: int) -> None:
-    """madvise(MADV_DONTNEED) on the whole pages inside [ptr, ptr + nbytes): their memory goes back to the
-    OS now (the range reads as zeros afterwards).  Only for unpinned memory nobody reads again."""
+DROP_MIN_PAGES = 16     # drop_pages leaves ranges of fewer whole pages alone (not worth a system call)
+
+
+def droppable_span(ptr: int, nbytes: int) -> tuple[int, int] | None:
+    """The whole pages inside [ptr, ptr + nbytes) that drop_pages gives back, as (lo, hi), or None when
+    they are fewer than DROP_MIN_PAGES (drop_pages then does nothing)."""
     page = 4096
     lo = (ptr + page - 1) // page * page
     hi = (ptr + nbytes) // page * page
-    if hi - lo < 16 * page:
+    return (lo, hi) if hi - lo >= DROP_MIN_PAGES * page else None
+
+
+def drop_pages(ptr: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside [ptr, ptr + nbytes) (droppable_span): their memory
+    goes back to the OS now (the range reads as zeros afterwards).  Only for unpinned memory nobody reads
+    again."""
+    span = droppable_span(ptr, nbytes)
+    if span is None:
         return
+    lo, hi = span
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -194,7 +194,9 @@ def test_homestore_frees_the_old_storages_on_release_threads(monkeypatch, n_thre
 
 
 def _drop_spy(monkeypatch, fill):
-    """fill's drop_pages, recorded: [(address, bytes)] of every range given back early."""
+    """fill's drop_pages, recorded: [(address, bytes)] of every range given back early (and whether the host
+    honours the advice not yet known, whatever an earlier test saw)."""
+    monkeypatch.setitem(fill._DROPS, "ok", None)
     seen = []
     real = fill._pinning.drop_pages
 
@@ -323,3 +325,23 @@ def test_drop_early_turns_itself_off_where_the_host_ignores_the_advice(monkeypat
     assert fill._DROPS["ok"] is False and len(calls) == 1, calls
     assert "ignores madvise" in caplog.text
     assert all(torch.equal(d, w) for d, w in zip(dsts, want))
+
+
+def test_pieces_too_small_to_give_back_stay_counted_and_do_not_decide_the_probe(monkeypatch):
+    """A source piece with fewer whole pages than drop_pages acts on (a bias) is not taken as given back, and
+    it is never the probe that decides whether the host honours the advice (its bytes stay: that would say
+    "ignored" on any host)."""
+    from distorch.runtime import fill, pinning
+    monkeypatch.setattr(fill, "DROP_EARLY", True)
+    seen = _drop_spy(monkeypatch, fill)
+    small = [torch.randn(2048) + 5 for _ in range(3)]          # 8 KiB: under DROP_MIN_PAGES
+    big = torch.randn(1 << 18) + 5                              # 1 MiB
+    assert pinning.droppable_span(small[0].data_ptr(), 8192) is None
+    srcs = small + [big]
+    want = [s.clone() for s in srcs]
+    dsts = [torch.empty_like(s) for s in srcs]
+    items = [(f"u{i}", [(d, s)]) for i, (d, s) in enumerate(zip(dsts, srcs))]
+    fill.fill_units(items, lambda i: None, n_threads=2, droppable={id(s) for s in srcs})
+    assert all(torch.equal(d, w) for d, w in zip(dsts, want))
+    assert all(torch.equal(s, w) for s, w in zip(small, want))                  # small ones untouched
+    assert [nb for _, nb in seen] == [big.numel() * 4] and fill._DROPS["ok"] is True
