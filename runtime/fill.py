@@ -18,13 +18,16 @@ one core of a CPU box -- and done on the calling thread it serialises with the c
 filled at 9-12 GB/s with 8 or 16 threads, against 20-25 GB/s for the same pieces with nothing freed
 (bench/bench_fill.py --diagnose measures the two apart).
 
-fill.DROP_EARLY ($DISTORCH_FILL_DROP_EARLY=1; off until measured on a GPU host) gives each piece's source pages back (madvise
-MADV_DONTNEED, on the copying thread) as soon as the piece landed, for a source nothing but its parameter
-holds (sole_owner: a state dict kept elsewhere, a shared or pinned storage keeps its pages).  Its bytes then
-leave the window at once instead of when the whole unit is handed over and its storages are unmapped: the
-copies no longer wait for the frees (bench_fill --diagnose at 6 GB on an H200 host: 17-21 GB/s for the pieces
-alone, 12-15 with the sources freed as units complete, 8-10 through the window), and the kernel's unmap
-is left with no pages to free.  Should the fill fail, the pieces given back are copied back from the home first.
+fill.DROP_EARLY ($DISTORCH_FILL_DROP_EARLY=1; off until measured on a GPU host) gives each piece's source
+pages back (madvise MADV_DONTNEED, on the copying thread) as soon as the piece landed.  Only for what the
+caller names droppable (HomeStore: a plain parameter's `.data` alias) whose storage nothing else holds
+(sole_owner: a state dict kept elsewhere, a shared or pinned storage keeps its pages), and only for pieces of
+at least pinning.DROP_MIN_PAGES whole pages.  Their bytes then leave the window at once instead of when the
+whole unit is handed over and its storages are unmapped: the copies no longer wait for the frees
+(bench_fill --diagnose at 6 GB on an H200 host: 17-21 GB/s for the pieces alone, 12-15 with the sources
+freed as units complete, 8-10 through the window), and the kernel's unmap is left with no pages to free.
+The first drop is read back; a host that ignores the advice turns the option off (with a warning).  Should
+the fill fail, the pieces given back are copied back from the home first.
 
 A failing copy leaves nothing half-applied: the pieces not started are cancelled, running ones are waited
 for, no unit after the last completed one is handed to `on_done`, and the error is raised as a
