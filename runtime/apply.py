@@ -99,6 +99,7 @@ class Runtime:
         self.be = be = Backend(plan.compute)
         self.device = be.device
         self.undo_device = self.device       # where undo() puts the weights (the parts' detach read it)
+        self.undo_host: dict = {}            # undo(host=...): id(resident parameter) -> its bytes there (Resident.stage)
         self._module_ref = weakref.ref(module)
 
         self.resident = Resident(module, plan)        # first: dequantized GGUF units are classified dense
@@ -232,19 +233,20 @@ class Runtime:
             dev = self.device if device is None else undo_device(device)
             self.be.synchronize()
             self.undo_device = dev
-            self.resident.given = dict(host or {})
+            self.undo_host = dict(host or {})
             try:
                 for p in self.parts:
                     p.stage(self)
             except BaseException as e:
                 self.store.unstage()
                 self.resident.staged = None
-                self.resident.given = {}
                 if hasattr(e, "add_note"):
                     e.add_note(f"distorch: undo(device={str(dev)!r}) changed nothing: the module is still "
                                "compiled and runs as before; free memory (or pick another device) and "
                                "call undo() again")
                 raise
+            finally:
+                self.undo_host = {}    # staged (Resident.detach binds what it named) or dropped: not held here
             self.chains.stopped = ("this module's DisTorch undo() failed part-way; its weights are not all "
                                    "back yet: call handle.undo() again (it finishes the rest)")
             self._pending = list(reversed(self.parts))

@@ -165,7 +165,6 @@ class Resident(UnitPart):
         self.params: list = []
         self.buffers: list = []
         self.staged: list | None = None
-        self.given: dict[int, torch.Tensor] = {}     # undo(host=...): id(parameter) -> its bytes on the undo device
 
     def place(self, params: list, buffers: dict, device: torch.device) -> None:
         """Every resident parameter (a GGUF one: its stored blocks) and buffer onto `device`, in one upload
@@ -195,13 +194,13 @@ class Resident(UnitPart):
         """undo to the host from a GPU: a host copy of every resident weight and buffer, each of 1 MiB or more
         in an anonymous mapping of its own (runtime.pinning.mapped_copy: freed to the OS with the model,
         never left in glibc's heap, which kept 11.6 GiB of a Wan-14B expert's resident weights after ComfyUI
-        dropped it); bound in detach.  A parameter the caller gave host bytes for (`given`: ComfyUI's
+        dropped it); bound in detach.  A parameter the caller gave host bytes for (rt.undo_host: ComfyUI's
         unpatched backup of a LoRA'd weight, which its unpatch puts back right after) is bound to those
         instead: no copy of patched bytes about to be replaced, and no second host copy of them while the
         backup exists.  Elsewhere nothing moves here (undo to the compute device)."""
         self.staged = None
         dev = torch.device(rt.undo_device)
-        given, self.given = self.given, {}
+        given = rt.undo_host
         if dev.type != "cpu":
             return
         dense = {id(m._parameters[pn]) for m, pn, _ in self.dequantized.sites}   # dropped by restore()
