@@ -15,9 +15,9 @@ attributes so that tests on a machine without CUDA can put a fake in (monkeypatc
 """
 from __future__ import annotations
 
-import math
-
+import functools
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -103,11 +103,25 @@ def unregister(ptr: int) -> None:
         pass
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, loaded once (drop_pages runs per fill piece); raises OSError where there is none."""
+    import ctypes
+    return ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+PAGE = 4096
+
+
+def _whole_pages(ptr: int, nbytes: int) -> tuple[int, int]:
+    """(lo, hi): the whole pages inside [ptr, ptr + nbytes) (hi <= lo when there is none)."""
+    return (ptr + PAGE - 1) // PAGE * PAGE, (ptr + nbytes) // PAGE * PAGE
+
+
 def trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc malloc_trim); a no-op elsewhere."""
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -118,10 +132,8 @@ DROP_MIN_PAGES = 16     # drop_pages leaves ranges of fewer whole pages alone (n
 def droppable_span(ptr: int, nbytes: int) -> tuple[int, int] | None:
     """The whole pages inside [ptr, ptr + nbytes) that drop_pages gives back, as (lo, hi), or None when
     they are fewer than DROP_MIN_PAGES (drop_pages then does nothing)."""
-    page = 4096
-    lo = (ptr + page - 1) // page * page
-    hi = (ptr + nbytes) // page * page
-    return (lo, hi) if hi - lo >= DROP_MIN_PAGES * page else None
+    lo, hi = _whole_pages(ptr, nbytes)
+    return (lo, hi) if hi - lo >= DROP_MIN_PAGES * PAGE else None
 
 
 def drop_pages(ptr: int, nbytes: int) -> None:
@@ -134,8 +146,7 @@ def drop_pages(ptr: int, nbytes: int) -> None:
     lo, hi = span
     try:
         import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)     # 4: MADV_DONTNEED
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)     # 4: MADV_DONTNEED
     except (OSError, AttributeError):
         pass
 
@@ -151,15 +162,12 @@ def populate(ptr: int, nbytes: int) -> bool:
     calls return False at once.  Contents are unchanged (pages already there stay as they are)."""
     if not _populate["ok"]:
         return False
-    page = 4096
-    lo = (ptr + page - 1) // page * page
-    hi = (ptr + nbytes) // page * page
+    lo, hi = _whole_pages(ptr, nbytes)
     if hi <= lo:
         return True
     try:
         import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) == 0:
+        if _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_POPULATE_WRITE) == 0:
             return True
         if ctypes.get_errno() == 22:      # EINVAL: advice unknown here
             _populate["ok"] = False
