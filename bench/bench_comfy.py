@@ -12,7 +12,8 @@ UNETLoader (once: every resolution and every row uses that one model).  Rows, at
   * DisTorch2-X   the same model through comfy_nodes.entry.distorch() (what UNETLoaderDisTorch2MultiGPU
                   does) with virtual_vram_gb = X, donor cpu; compiled once per X, every --res sampled on it
 
-Each row: s/it (median step after the first, a synchronize in the step callback), measured peak VRAM
+Each row: s/it (median step after the first, the compute stream synchronized in the step callback:
+bench_util.step_sync), measured peak VRAM
 (torch.cuda.max_memory_allocated during sampling), the plan's predicted footprint and step (and the
 runtime's own prediction and measured step after sampling), the VRAM-true floor
     max(resident s/it, (model bytes - (peak - activations)) / pinned bandwidth),  activations = plain peak - model,
@@ -28,8 +29,8 @@ crash or a timeout keeps the rows done) and a chart (s/it against peak VRAM, one
 from __future__ import annotations
 
 import argparse
-import statistics
 import os
+import statistics
 import sys
 import time
 
