@@ -62,8 +62,22 @@ WINDOW_SLACK = 32 << 20
 RELEASERS: int | None = None    # threads letting go of old storages (None: one per two copying; 0: the caller)
 PREFAULT = False           # fault each piece's home pages in with one madvise before its copy (pinning.populate)
 ENV_DROP = "DISTORCH_FILL_DROP_EARLY"
-# give each piece's source pages back as soon as it landed (sole_owner sources only); off unless $ENV_DROP=1
-DROP_EARLY = os.environ.get(ENV_DROP, "").strip() == "1"
+
+
+def _switch(name: str) -> bool:
+    """An on/off environment setting: 1/on/true/yes or 0/off/false/no (unset: off); anything else is off, with a
+    warning naming the value and what works."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw not in ("", "0", "off", "false", "no"):
+        log.warning("distorch: $%s=%r is not a switch (1/on/true/yes or 0/off/false/no); taken as off", name,
+                    os.environ.get(name))
+    return False
+
+
+# give each piece's source pages back as soon as it landed (sole_owner sources only); off unless $ENV_DROP is on
+DROP_EARLY = _switch(ENV_DROP)
 
 
 def threads() -> int:
