@@ -341,7 +341,9 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
             rows.append(dict(kind="comfy", name=f"ComfyUI partial load (asked {n:g} GiB off)", res=label[res],
                              off=off, asked_gib=n, filler=fb, same=same, **r))
             del filler
+            tu = time.perf_counter()
             unload_all(mm, cpu)
+            say(f"comfy native ~{n:g} GiB off {label[res]}: unload {time.perf_counter() - tu:.1f}s")
             save()
             est = max(est, time.perf_counter() - t)
 
@@ -381,11 +383,14 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
                              meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
                              window_bytes=stats.get("window_bytes"), plan_s=plan_s, same=same, **r))
             save()
+        tu = time.perf_counter()
         unload_all(mm, cpu)
+        tu = time.perf_counter() - tu
         if st.handle is not None:
             d["notes"].append(f"virtual_vram_gb={v:g}: the handle was still live after unload_all_models")
         est = max(est, time.perf_counter() - t)
-        say(f"distorch {v:g} GiB: {time.perf_counter() - t:.1f}s for compile + {len(ress)} resolutions")
+        say(f"distorch {v:g} GiB: {time.perf_counter() - t:.1f}s for compile + {len(ress)} resolutions "
+            f"(unload {tu:.1f}s)")
 
     # 3b. the same budgets with whole blocks forced (DISTORCH_GRANULARITY=block), first resolution only: what
     #     streaming the layers inside the blocks bought, measured

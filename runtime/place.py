@@ -21,9 +21,9 @@ from ..compiler.graph import ROOT, owner_lookup
 from ..compiler.plan import Plan
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
-from . import pinning as _pinning
 from .hooks import UnitPart
 from .store import is_host, parse_device
+from .download import Download as _Download
 from .upload import to_device as upload_to
 from typing import TYPE_CHECKING
 
@@ -192,9 +192,10 @@ class Resident(UnitPart):
 
     def stage(self, rt: Runtime) -> None:
         """undo to the host from a GPU: a host copy of every resident weight and buffer, each of 1 MiB or more
-        in an anonymous mapping of its own (runtime.pinning.mapped_copy: freed to the OS with the model,
-        never left in glibc's heap, which kept 11.6 GiB of a Wan-14B expert's resident weights after ComfyUI
-        dropped it); bound in detach.  A parameter the caller gave host bytes for (rt.undo_host: ComfyUI's
+        in an anonymous mapping of its own (freed to the OS with the model, never left in glibc's heap, which
+        kept 11.6 GiB of a Wan-14B expert's resident weights after ComfyUI dropped it), brought back through
+        reused pinned staging (runtime/download.py: one .copy_() per weight into pageable memory ran at
+        ~1.2 GB/s on an H200 host); bound in detach.  A parameter the caller gave host bytes for (rt.undo_host: ComfyUI's
         unpatched backup of a LoRA'd weight, which its unpatch puts back right after) is bound to those
         instead: no copy of patched bytes about to be replaced, and no second host copy of them while the
         backup exists.  Elsewhere nothing moves here (undo to the compute device)."""
@@ -204,7 +205,7 @@ class Resident(UnitPart):
         if dev.type != "cpu":
             return
         dense = {id(m._parameters[pn]) for m, pn, _ in self.dequantized.sites}   # dropped by restore()
-        out = []
+        out, todo = [], []
         with torch.no_grad():
             for t in self.params + self.buffers:
                 if id(t) in dense or t.is_meta:
@@ -217,7 +218,13 @@ class Resident(UnitPart):
                         and g.dtype == src.dtype and g.shape == src.shape:
                     out.append((t, g))
                 else:
-                    out.append((t, _pinning.mapped_copy(src)))
+                    todo.append((t, src))
+            if todo:
+                # through reused pinned staging at the link's speed, into mappings of their own
+                with _Download(todo[0][1].device) as dl:
+                    copies = dl.to_host([s for _, s in todo])
+                log.info("distorch: %d resident tensor(s) back to the host: %s", len(todo), dl.summary())
+                out += [(t, c) for (t, _), c in zip(todo, copies)]
         self.staged = out
 
     def detach(self, rt: Runtime) -> None:

@@ -20,6 +20,7 @@ otherwise the parameters first get memory of their own and the homes are filled 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 import time
@@ -38,6 +39,7 @@ from . import pinning as _pinning
 from .arena import HostArena, host_arenas, pin_arenas, pin_some, report_pinned
 
 from .codec_stream import CodedBinder, decode_home, is_coded
+from .download import Download as _Download
 from .hooks import UnitPart
 from typing import TYPE_CHECKING
 
@@ -365,15 +367,22 @@ class HomeStore(UnitPart):
         self.staged = None
         to_host = torch.device(rt.undo_device).type == "cpu"
         dev = torch.device(rt.undo_device)
+        gpu = torch.device("cuda", torch.cuda.current_device()) if to_host and torch.cuda.is_available() else None
+        coded = any(is_coded(b) for ps in self.params for b in ps)
 
-        def staged(b, v):
-            if is_coded(b):       # compressed: decoded (on a GPU when there is one) into memory of its own
+        def staged(b, v, dl):
+            if is_coded(b):
+                if dl is not None:    # decoded on the GPU, back through pinned staging (runtime/download.py)
+                    return dl.to_host([decode_home(b.meta, v, gpu)])[0]
+                # elsewhere decoded (on a GPU when there is one) into memory of its own
                 out = _pinning.mapped_empty(b.meta.shape, b.meta.torch_dtype) if dev.type == "cpu" else None
                 return decode_home(b.meta, v, dev, out=out)
             return v if to_host and v.device.type == "cpu" else v.to(dev, copy=True)
-        with torch.no_grad():
-            self.staged = [[staged(b, v) for b, v in zip(self.params[i], self.homes[n].views())]
+        with torch.no_grad(), (_Download(gpu) if coded and gpu is not None else contextlib.nullcontext()) as dl:
+            self.staged = [[staged(b, v, dl) for b, v in zip(self.params[i], self.homes[n].views())]
                            for i, n in enumerate(self.units)]
+        if dl is not None:
+            log.info("distorch: compressed homes decoded back to the host: %s", dl.summary())
 
     def unstage(self) -> None:
         self.staged = None

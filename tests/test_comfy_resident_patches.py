@@ -22,7 +22,7 @@ mm, nodes, folder_paths = boot_inprocess()
 import safetensors.torch  # noqa: E402
 
 from distorch.comfy_nodes import entry, resident_patches, stream_patches  # noqa: E402
-from distorch.runtime import place, upload  # noqa: E402
+from distorch.runtime import download, place, upload  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +98,16 @@ def test_unload_copies_no_patched_resident_weight_back(files, monkeypatch):
     it: every resident weight moves (needs_move), so undo copies them back."""
     monkeypatch.setattr(place, "needs_move", lambda t, device: True)
     monkeypatch.setattr(place, "upload_to", functools.partial(upload.to_device, pin=False, stage_bytes=8192, stages=3))
+    monkeypatch.setattr(place, "_Download", functools.partial(download.Download, pin=False, stage_bytes=8192,
+                                                               stages=3))
     copied = []
-    real = place._pinning.mapped_copy
+    real = download.Download.to_host
 
-    def spy(t):
-        copied.append(t.data_ptr())
-        return real(t)
+    def spy(self, tensors):
+        copied.extend(t.data_ptr() for t in tensors)
+        return real(self, tensors)
 
-    monkeypatch.setattr(place._pinning, "mapped_copy", spy)
+    monkeypatch.setattr(download.Download, "to_host", spy)
     unet, lora = files
     with torch.inference_mode():
         refs = plain_lora_refs(unet, lora)

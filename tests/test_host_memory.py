@@ -185,7 +185,7 @@ def test_undo_to_host_moves_resident_weights_into_mappings_of_their_own():
 
 def test_host_copy_of_resident_weights():
     """The resident part's host copy (CPU here): exact bytes, mapped when large, plain copy when strided."""
-    _host_copy = pinning.mapped_copy               # what runtime/place.py's Resident.stage copies with
+    _host_copy = pinning.mapped_copy               # what runtime/download.py falls back to
     t = torch.randn(1024, 512)
     c = _host_copy(t)
     assert torch.equal(c, t) and _mapped(c) and c.data_ptr() != t.data_ptr()
