@@ -94,29 +94,32 @@ def diagnose(gb: float, n_threads: int, pin: bool, quick: bool = False) -> list[
     HomeStore with pageable homes as it is, with its frees back on the calling thread (fill.RELEASERS = 0), on
     1 and on n_threads release threads (not with one thread, whose fill is serial, nor `quick`), without heap
     trims, with each piece's home pages pre-faulted (fill.PREFAULT), with each piece's source pages given back as
-    it lands (fill.DROP_EARLY), and pinned with CUDA (as is and with DROP_EARLY).
+    it lands (fill.DROP_EARLY, the default; the other HomeStore cases run with it off), and pinned with CUDA
+    (with DROP_EARLY and without).
     Returns [(label, GB/s)]."""
     nr = fill.release_threads(n_threads)
+    off = (fill, "DROP_EARLY")
     cases = [("plain pieces into fresh memory", lambda: plain_pieces(gb, n_threads, None), {}),
              ("plain pieces, sources freed on the calling thread as each unit completes",
               lambda: plain_pieces(gb, n_threads, 0), {}),
              (f"plain pieces, sources freed on {nr} release thread(s) as each unit completes",
               lambda: plain_pieces(gb, n_threads, nr), {}),
              ("freeing the sources alone, one thread", lambda: free_alone(gb), {}),
-             ("HomeStore, pageable", lambda: store(False), {}),
-             ("HomeStore, pageable, frees on the calling thread (before the fix)", lambda: store(False),
-              {(fill, "RELEASERS"): 0}),
-             ("HomeStore, pageable, no heap trims", lambda: store(False), {(pinning, "trim_heap"): lambda: None}),
-             ("HomeStore, pageable, home pages pre-faulted (MADV_POPULATE_WRITE)", lambda: store(False),
-              {(fill, "PREFAULT"): True}),
-             ("HomeStore, pageable, source pages given back as each piece lands (fill.DROP_EARLY)",
-              lambda: store(False), {(fill, "DROP_EARLY"): True})]
+             ("HomeStore, pageable, DROP_EARLY off", lambda: store(False), {off: False}),
+             ("HomeStore, pageable, DROP_EARLY off, frees on the calling thread (before the fix)",
+              lambda: store(False), {off: False, (fill, "RELEASERS"): 0}),
+             ("HomeStore, pageable, DROP_EARLY off, no heap trims", lambda: store(False),
+              {off: False, (pinning, "trim_heap"): lambda: None}),
+             ("HomeStore, pageable, DROP_EARLY off, home pages pre-faulted (MADV_POPULATE_WRITE)",
+              lambda: store(False), {off: False, (fill, "PREFAULT"): True}),
+             ("HomeStore, pageable, source pages given back as each piece lands (fill.DROP_EARLY, the default)",
+              lambda: store(False), {off: True})]
     if n_threads > 1 and not quick:
-        cases[6:6] = [(f"HomeStore, pageable, frees on {k} release thread(s)", lambda: store(False),
-                       {(fill, "RELEASERS"): k}) for k in sorted({1, n_threads} - {nr})]
+        cases[6:6] = [(f"HomeStore, pageable, DROP_EARLY off, frees on {k} release thread(s)", lambda: store(False),
+                       {off: False, (fill, "RELEASERS"): k}) for k in sorted({1, n_threads} - {nr})]
     if pin:
-        cases.append(("HomeStore, pinned", lambda: store(True), {}))
-        cases.append(("HomeStore, pinned, fill.DROP_EARLY", lambda: store(True), {(fill, "DROP_EARLY"): True}))
+        cases.append(("HomeStore, pinned, DROP_EARLY off", lambda: store(True), {off: False}))
+        cases.append(("HomeStore, pinned, fill.DROP_EARLY (the default)", lambda: store(True), {off: True}))
 
     def store(pinned: bool) -> float:
         return run(gb, n_threads, pinned)["total_GBps"]

@@ -18,16 +18,16 @@ one core of a CPU box -- and done on the calling thread it serialises with the c
 filled at 9-12 GB/s with 8 or 16 threads, against 20-25 GB/s for the same pieces with nothing freed
 (bench/bench_fill.py --diagnose measures the two apart).
 
-fill.DROP_EARLY ($DISTORCH_FILL_DROP_EARLY=1; off until measured on a GPU host) gives each piece's source
-pages back (madvise MADV_DONTNEED, on the copying thread) as soon as the piece landed.  Only for what the
-caller names droppable (HomeStore: a plain parameter's `.data` alias) whose storage nothing else holds
-(sole_owner: a state dict kept elsewhere, a shared or pinned storage keeps its pages), and only for pieces of
-at least pinning.DROP_MIN_PAGES whole pages.  Their bytes then leave the window at once instead of when the
-whole unit is handed over and its storages are unmapped: the copies no longer wait for the frees
-(bench_fill --diagnose at 6 GB on an H200 host: 17-21 GB/s for the pieces alone, 12-15 with the sources
-freed as units complete, 8-10 through the window), and the kernel's unmap is left with no pages to free.
-The first drop is read back; a host that ignores the advice turns the option off (with a warning).  Should
-the fill fail, the pieces given back are copied back from the home first.
+fill.DROP_EARLY (on; $DISTORCH_FILL_DROP_EARLY=0 turns it off) gives each piece's source pages back (madvise
+MADV_DONTNEED, on the copying thread) as soon as the piece landed.  Only for what the caller names droppable
+(HomeStore: a plain parameter's `.data` alias) whose storage nothing else holds (sole_owner: a state dict kept
+elsewhere, a shared or pinned storage keeps its pages), and only for pieces of at least pinning.DROP_MIN_PAGES
+whole pages.  Their bytes then leave the window at once instead of when the whole unit is handed over and its
+storages are unmapped: the copies no longer wait for the frees, and the kernel's unmap is left with no pages
+to free.  Measured (bench_fill --diagnose, 4 GB, 16 threads, H200 host, 2026-12-02): HomeStore 10.4-10.6 GB/s
+pageable and 10.7-11.2 pinned without it, 18.4-19.1 and 14.4-15.0 with it (plain pieces into fresh memory,
+nothing freed: 22.7-23.3).  The first drop is read back; a host that ignores the advice turns the option off
+(with a warning).  Should the fill fail, the pieces given back are copied back from the home first.
 
 A failing copy leaves nothing half-applied: the pieces not started are cancelled, running ones are waited
 for, no unit after the last completed one is handed to `on_done`, and the error is raised as a
@@ -64,20 +64,22 @@ PREFAULT = False           # fault each piece's home pages in with one madvise b
 ENV_DROP = "DISTORCH_FILL_DROP_EARLY"
 
 
-def _switch(name: str) -> bool:
-    """An on/off environment setting: 1/on/true/yes or 0/off/false/no (unset: off); anything else is off, with a
-    warning naming the value and what works."""
+def _switch(name: str, default: bool) -> bool:
+    """An on/off environment setting: 1/on/true/yes or 0/off/false/no (unset or empty: `default`); anything else
+    is `default`, with a warning naming the value and what works."""
     raw = os.environ.get(name, "").strip().lower()
     if raw in ("1", "on", "true", "yes"):
         return True
-    if raw not in ("", "0", "off", "false", "no"):
-        log.warning("distorch: $%s=%r is not a switch (1/on/true/yes or 0/off/false/no); taken as off", name,
-                    os.environ.get(name))
-    return False
+    if raw in ("0", "off", "false", "no"):
+        return False
+    if raw:
+        log.warning("distorch: $%s=%r is not a switch (1/on/true/yes or 0/off/false/no); taken as %s", name,
+                    os.environ.get(name), "on" if default else "off")
+    return default
 
 
-# give each piece's source pages back as soon as it landed (sole_owner sources only); off unless $ENV_DROP is on
-DROP_EARLY = _switch(ENV_DROP)
+# give each piece's source pages back as soon as it landed (sole_owner sources only); on unless $ENV_DROP is off
+DROP_EARLY = _switch(ENV_DROP, True)
 
 
 def threads() -> int:

@@ -263,6 +263,8 @@ def test_bench_fill_smoke_with_the_diagnosis(tmp_path):
     rc, out, cpu = run_script(["bench/bench_fill.py", "--smoke", "--diagnose"], tmp_path)
     check_run(rc, out, cpu)
     assert "exact=True" in out and "exact=False" not in out and "host bound" in out
-    for part in ("plain pieces into fresh memory (run 2)", "HomeStore, pageable (run 1)",
-                 "HomeStore, pageable, no heap trims (run 2)"):
+    for part in ("plain pieces into fresh memory (run 2)", "HomeStore, pageable, DROP_EARLY off (run 1)",
+                 "HomeStore, pageable, DROP_EARLY off, no heap trims (run 2)",
+                 "HomeStore, pageable, source pages given back as each piece lands (fill.DROP_EARLY, the default) "
+                 "(run 1)"):
         assert out.count(part) == 2, out[-2000:]           # threads 1 and 4

@@ -270,7 +270,8 @@ def test_drop_early_failure_gives_the_dropped_pieces_their_bytes_back(monkeypatc
             assert p.data_ptr() == before[k], k
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("", False), ("0", False), ("yes", True), ("maybe", False)])
+@pytest.mark.parametrize("value, on", [("1", True), ("", True), ("0", False), ("yes", True), ("off", False),
+                                       ("maybe", True)])
 def test_drop_early_follows_its_environment_setting(value, on):
     import os
     import subprocess
@@ -280,7 +281,8 @@ def test_drop_early_follows_its_environment_setting(value, on):
                        env=env, capture_output=True, text=True, check=True)
     assert p.stdout.strip() == str(on)
     # a value that is no switch is named, with what works
-    assert ("'maybe' is not a switch (1/on/true/yes or 0/off/false/no)" in p.stderr) == (value == "maybe"), p.stderr
+    assert ("'maybe' is not a switch (1/on/true/yes or 0/off/false/no); taken as on" in p.stderr) == \
+        (value == "maybe"), p.stderr
 
 
 def test_drop_early_gives_back_only_the_sources_named_droppable(monkeypatch):
