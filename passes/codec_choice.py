@@ -329,8 +329,11 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
     if "peak_bytes" in pr or "compute_peak_bytes" in pr:
         pr["peak_bytes"] = pr["compute_peak_bytes"] = new_peak
     if pr.get("window_max_bytes") is not None:
-        # autotune's ring limit (budget or free memory, less all but the slots) less what the scratch grew by
-        pr["window_max_bytes"] = max(sim.k * slot, int(pr["window_max_bytes"]) - (scratch - old_scratch))
+        # autotune's ring limit (budget or free memory, less all but the slots) less what the scratch grew by;
+        # a plan whose ring may not grow (everything offloaded: passes/partition.py) keeps its new window
+        fixed_ring = int(pr["window_max_bytes"]) <= int(wfp0)
+        pr["window_max_bytes"] = sim.k * slot if fixed_ring else \
+            max(sim.k * slot, int(pr["window_max_bytes"]) - (scratch - old_scratch))
     pr["codec"] = summary
     codec = {n: info[n].streamed for n in order}
     return replace(plan, codec=codec, window_bytes=sim.window(cset) if sim.off else plan.window_bytes, predicted=pr)

@@ -72,7 +72,8 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload
     Budget, at most one of: `offload_gb` = X GiB of the model kept off the compute device, so that what
     the compiled model holds there (resident weights + ring slots + dequant scratch + runtime buffers,
     predicted["compute_peak_bytes"]) is at most model - X: more than X is offloaded when the slots need
-    room; X at or above the model's size streams all of it.  `max_vram_gb` = Y: that footprint is at most
+    room; X at or above the model's size streams all of it in the planned window (autotune does not grow
+    it: there is no model - X to grow into).  `max_vram_gb` = Y: that footprint is at most
     Y.  Neither: everything resident.  A budget below the minimum working set (one slot for the largest
     unit + scratch + what cannot move) is an error naming the minimum; with `clamp` (the ComfyUI nodes)
     an offload that cannot be met streams everything instead, with a warning in predicted["warnings"].
@@ -190,6 +191,12 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload
     limit = free if budget is None else min(budget, free)
     # what autotune may give the ring: the budget (or free memory) less everything but the slots
     pred["window_max_bytes"] = max(k * fp.slot, int(limit - fp.fixed))
+    if mode == "offload" and budget is None and homes:
+        # everything streams (offload_gb at or above the model, or clamped): there is no model - X to grow
+        # into, and the user asked for the least VRAM, so the ring stays the window planned and printed (an
+        # H200 run at virtual_vram_gb 23 of a 22.17 GiB Flux grew it from 0.25 to 0.58 GiB: 1.16 GiB peak
+        # against 0.83 predicted).  max_vram_gb gives a streamed model room to grow.
+        pred["window_max_bytes"] = k * fp.slot
     pred["warnings"] = warnings
     pred["basis"] = ("measured" if all(u.time_s is not None for u in graph.units) else
                      "flops" if all(u.flops > 0 or u.time_s is not None for u in graph.units) else

@@ -77,6 +77,35 @@ def test_max_vram_footprint_at_most_budget(name, frac):
         assert not p.offloaded()      # room for all of it: nothing streams
 
 
+@pytest.mark.parametrize("name", list(GRAPHS))
+@pytest.mark.parametrize("over", [1.0, 1.05, 3.0])
+def test_offloading_the_whole_model_keeps_the_planned_window(name, over):
+    """offload_gb at or above the model streams all of it; there is no model - X for autotune to grow the ring
+    into, so its limit is the window the plan printed (the footprint stays the predicted one)."""
+    g = GRAPHS[name]
+    p = partition(g, INV, "cuda:0", offload_gb=over * g.total_bytes / GiB)
+    pr = p.predicted
+    assert p.offloaded_bytes() == g.total_bytes - sum(u.bytes for u in g.units if u.bytes == 0)
+    assert pr["window_max_bytes"] == pr["window_footprint_bytes"] == pr["slots"] * pr["slot_bytes"]
+    # a max_vram budget with room keeps its room to grow
+    q = partition(g, INV, "cuda:0", max_vram_gb=(_fp(p) + 4 * pr["slot_bytes"]) / GiB)
+    assert q.predicted["window_max_bytes"] > q.predicted["window_footprint_bytes"]
+
+
+def test_a_clamped_offload_streams_everything_in_the_planned_window():
+    """The nodes' clamp: an offload that leaves less than the minimum working set streams all of it instead,
+    and autotune keeps to the planned window there too."""
+    g = GRAPHS["flux-dev"]
+    least = partition(g, INV, "cuda:0", offload_gb=g.total_bytes / GiB).predicted["compute_peak_bytes"]
+    x = (g.total_bytes - least // 2) / GiB          # leaves half the minimum working set
+    with pytest.raises(PartitionError, match="minimum working set"):
+        partition(g, INV, "cuda:0", offload_gb=x)
+    p = partition(g, INV, "cuda:0", offload_gb=x, clamp=True)
+    pr = p.predicted
+    assert any("streaming all of it" in w for w in pr["warnings"])
+    assert pr["window_max_bytes"] == pr["window_footprint_bytes"]
+
+
 def test_budget_below_minimum_working_set_names_the_minimum():
     g = GRAPHS["flux-dev"]
     biggest = max(u.bytes for u in g.units)

@@ -226,6 +226,19 @@ def test_link_bound_plan_compresses_and_gets_faster():
     assert "packed" in codec_table(out, codec_info(out, g, inv))
 
 
+def test_a_fully_offloaded_plan_keeps_its_ring_fixed_when_compressed():
+    """Everything offloaded: the ring may not grow (passes/partition.py), and compressed it keeps its new,
+    smaller window as the limit, so autotune never holds more than the predicted footprint."""
+    g = synthetic(flops_per_byte=100.0)
+    inv = _inv()
+    plan = _full(g, inv)
+    assert plan.predicted["window_max_bytes"] == plan.predicted["window_footprint_bytes"]
+    out = choose_codec(plan, g, inv)
+    assert out.predicted["codec"]["units"]
+    assert out.predicted["window_max_bytes"] == out.predicted["window_footprint_bytes"] < \
+        plan.predicted["window_footprint_bytes"]
+
+
 def _with_decode(u, plan):
     from dataclasses import replace
     from distorch.compiler.cost import unit_compute_s
