@@ -39,7 +39,7 @@ import torch
 
 from . import pinning as _pinning
 from .fill import threads as fill_threads
-from .upload import STAGE_BYTES, STAGES, HostCopies, _align, _span, _staging, batches
+from .upload import STAGE_BYTES, STAGES, CudaCopies, HostCopies, _align, _span, _staging, batches
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -49,33 +49,14 @@ __all__ = ["Download", "CudaCopiesBack"]
 log = logging.getLogger("distorch.runtime.download")
 
 
-class CudaCopiesBack(HostCopies):
-    """Device-to-host copies on a side stream of `device`, one event per staging buffer."""
-
-    def __init__(self, device: torch.device, n: int) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.events: list = [None] * n
+class CudaCopiesBack(CudaCopies):
+    """Device-to-host copies on a side stream of `device`, one event per staging buffer (upload's CudaCopies,
+    the other way)."""
 
     def issue(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         # the sources were written on the current stream (a decode, the last forward): that work comes first
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for d, s in pairs:
-                d.copy_(s, non_blocking=True)
-
-    def done(self, i: int) -> None:
-        ev = torch.cuda.Event()
-        ev.record(self.stream)
-        self.events[i] = ev
-
-    def wait(self, i: int) -> None:
-        ev = self.events[i]
-        if ev is not None:
-            ev.synchronize()
-
-    def finish(self) -> None:
-        self.stream.synchronize()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        super().issue(pairs)
 
 
 class Download:

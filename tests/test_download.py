@@ -8,8 +8,6 @@ only after it was drained.  The CUDA test runs the pinned path on a GPU.
 """
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -17,12 +15,10 @@ from distorch.runtime import download, pinning
 from distorch.runtime.download import Download
 from distorch.runtime.upload import HostCopies
 
+from staging_util import Deferred, as_bytes as _bytes
+
 pytest.importorskip("gguf")
 from distorch.formats import testing as ft  # noqa: E402
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _tensors():
@@ -84,41 +80,6 @@ def test_staging_and_threads_are_reused_across_calls_and_released():
     dl.close()
     assert dl._got is None and dl._ex is None and ex._shutdown
     assert Download("cpu", pin=False).to_host([]) == []
-
-
-class Deferred(HostCopies):
-    """Device-to-buffer copies that run only when a drain waits for their buffer (or at finish): an asynchronous
-    device whose copies are late.  A drain that did not wait would read a buffer before its bytes landed."""
-
-    def __init__(self, honour_wait=True):
-        self.lock = threading.Lock()
-        self.queued, self.pending, self.waits = [], [], 0
-        self.honour_wait = honour_wait
-
-    def issue(self, pairs):
-        self.queued = list(pairs)
-
-    def done(self, i):
-        with self.lock:
-            if self.honour_wait:
-                assert all(b != i for b, _ in self.pending), "a buffer was refilled before it was drained"
-            self.pending.append((i, self.queued))
-
-    def wait(self, i):
-        with self.lock:
-            self.waits += 1
-            if self.honour_wait:
-                self._run([p for p in self.pending if p[0] == i])
-
-    def finish(self):
-        with self.lock:
-            self._run(list(self.pending))
-
-    def _run(self, todo):
-        for p in todo:
-            self.pending.remove(p)
-            for d, s in p[1]:
-                d.copy_(s)
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])

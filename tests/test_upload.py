@@ -21,11 +21,8 @@ from distorch.formats import testing as ft  # noqa: E402
 from distorch.formats.gguf_tensor import GGUFTensor  # noqa: E402
 from distorch.runtime.apply import apply  # noqa: E402
 
+from staging_util import Deferred, as_bytes as _bytes  # noqa: E402
 from gguf_toys import bits, hand_plan, make, x_in  # noqa: E402
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _tensors():
@@ -84,37 +81,6 @@ def test_batches_cover_every_byte_once():
                 assert a == pos
                 pos += k
             assert pos == n
-
-
-class Deferred(HostCopies):
-    """Copies run only when the pipeline waits for their buffer (or at finish): an asynchronous device whose
-    copies are late.  A buffer refilled before its wait would hand the late copies the wrong bytes."""
-
-    def __init__(self, honour_wait=True):
-        self.queued, self.pending, self.waits = [], [], 0
-        self.honour_wait = honour_wait
-
-    def issue(self, pairs):
-        self.queued = list(pairs)
-
-    def done(self, i):
-        if self.honour_wait:
-            assert all(b != i for b, _ in self.pending), "a buffer was issued again before the pipeline waited"
-        self.pending.append((i, self.queued))
-
-    def wait(self, i):
-        self.waits += 1
-        if self.honour_wait:
-            self._run([p for p in self.pending if p[0] == i])
-
-    def finish(self):
-        self._run(list(self.pending))
-
-    def _run(self, todo):
-        for p in todo:
-            self.pending.remove(p)
-            for d, s in p[1]:
-                d.copy_(s)
 
 
 @pytest.mark.parametrize("n_threads", [1, 3])
