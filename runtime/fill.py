@@ -242,18 +242,22 @@ def sole_owner(t: torch.Tensor) -> bool:
 
 _DROPS = {"ok": None}      # does madvise(MADV_DONTNEED) give pages back here? (None: not seen yet)
 _DROP_LOCK = threading.Lock()
+_FILE_SPANS: list = []     # file-backed mappings a probe met: [(start, end)], never probed again
 
 
 def _drop_checked(s: torch.Tensor) -> bool:
-    """pinning.drop_pages on the whole pages of `s`; the first time a dropped page held nonzero bytes, they
-    are read again: still there means this host ignores the advice, and DROP_EARLY stays off in this
-    process (the window would count pages as gone that are not).  True when the pages are taken as gone."""
+    """pinning.drop_pages on the whole pages of `s`; the first time a dropped page of anonymous memory held
+    nonzero bytes, they are read again: still there means this host ignores the advice, and DROP_EARLY stays
+    off in this process (the window would count pages as gone that are not).  A page of a file mapping (a
+    weight still viewing the file its loader mapped) reads back the file's bytes whatever the host does: it
+    decides nothing, and its pages are not counted as gone until a probe on anonymous memory has worked.
+    True when the pages are taken as gone."""
     ptr, nb = s.data_ptr(), s.numel() * s.element_size()
     if _DROPS["ok"]:
         _pinning.drop_pages(ptr, nb)
         return True
     with _DROP_LOCK:                   # until one drop has been seen to work: one at a time
-        if _DROPS["ok"] is False:
+        if _DROPS["ok"] is False or any(lo <= ptr < hi for lo, hi in _FILE_SPANS):
             return False
         span = _pinning.droppable_span(ptr, nb)
         word = None if span is None else torch.frombuffer((ctypes.c_char * 8).from_address(span[0]),
@@ -261,6 +265,11 @@ def _drop_checked(s: torch.Tensor) -> bool:
         before = int(word[0]) if word is not None else 0
         _pinning.drop_pages(ptr, nb)
         if before != 0:
+            if int(word[0]) != 0:
+                fm = _pinning.file_mapping(span[0])
+                if fm is not None:          # a file's bytes, back from the page cache: no verdict
+                    _FILE_SPANS.append(fm)
+                    return False
             _DROPS["ok"] = int(word[0]) == 0
             if not _DROPS["ok"]:
                 log.warning("distorch: this host ignores madvise(MADV_DONTNEED); DISTORCH_FILL_DROP_EARLY is off")

@@ -151,6 +151,22 @@ def drop_pages(ptr: int, nbytes: int) -> None:
         pass
 
 
+def file_mapping(ptr: int) -> tuple[int, int] | None:
+    """The [start, end) of the file-backed memory mapping holding address `ptr` (a safetensors file mapped by
+    its loader, a file in /dev/shm), or None: anonymous memory, or not known (not Linux).  Reads
+    /proc/self/maps: for the rare caller (fill's first DROP_EARLY probe), not per piece."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                rng, _perms, _off, _dev, inode = line.split(None, 5)[:5]
+                lo, hi = (int(x, 16) for x in rng.split("-"))
+                if lo <= ptr < hi:
+                    return (lo, hi) if inode != "0" else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 MADV_POPULATE_WRITE = 23      # Linux >= 5.14
 _populate = {"ok": True}
 

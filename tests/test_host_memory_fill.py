@@ -2,6 +2,8 @@
 every thread kept busy across units, a failing copy leaving nothing half applied, the fill under
 torch.inference_mode(), and the old storages freed on release threads within the window.  The shared model
 and home store: tests/host_memory_util.py."""
+import os
+
 import pytest
 import torch
 
@@ -349,3 +351,32 @@ def test_pieces_too_small_to_give_back_stay_counted_and_do_not_decide_the_probe(
     assert all(torch.equal(d, w) for d, w in zip(dsts, want))
     assert all(torch.equal(s, w) for s, w in zip(small, want))                  # small ones untouched
     assert [nb for _, nb in seen] == [big.numel() * 4] and fill._DROPS["ok"] is True
+
+
+def test_a_file_mapped_source_decides_nothing_about_the_advice(monkeypatch, tmp_path, caplog):
+    """A weight still viewing the file its loader mapped (safetensors' get_tensor does) reads the file's bytes
+    back after MADV_DONTNEED whatever the host does: the probe takes no verdict from it (no warning, DROP_EARLY
+    stays on, its pieces not counted as gone) and a later anonymous source decides."""
+    import mmap
+    from distorch.runtime import fill, pinning
+    if pinning.file_mapping(torch.zeros(1).data_ptr()) is not None or not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps")
+    monkeypatch.setitem(fill._DROPS, "ok", None)
+    monkeypatch.setattr(fill, "_FILE_SPANS", [])
+    n = 64 * 4096
+    path = tmp_path / "w.bin"
+    path.write_bytes((torch.arange(n // 4, dtype=torch.float32) + 1).numpy().tobytes())
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE)
+    src = torch.frombuffer(mm, dtype=torch.float32)
+    assert pinning.file_mapping(src.data_ptr()) is not None
+    with caplog.at_level("WARNING", logger="distorch.runtime.fill"):
+        assert fill._drop_checked(src) is False
+        assert fill._DROPS["ok"] is None and "ignores madvise" not in caplog.text
+        assert fill._drop_checked(src[1024:]) is False             # the same mapping: not probed again
+        anon = pinning.mapped_empty((n // 4,), torch.float32).fill_(3.0)
+        assert pinning.file_mapping(anon.data_ptr()) is None
+        assert fill._drop_checked(anon) is True and fill._DROPS["ok"] is True
+    assert torch.equal(src, torch.arange(n // 4, dtype=torch.float32) + 1)     # the file's bytes, still
+    del src
+    mm.close()
