@@ -110,7 +110,8 @@ class Download:
         return self._got[0]
 
     def to_host(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Host copies of `tensors`, in order (same shape, dtype and bytes; contiguous)."""
+        """Host copies of `tensors`, in order: same shape, dtype and bytes; contiguous (a source that is not
+        contiguous goes by mapped_copy, which keeps its strides)."""
         idx = [i for i, t in enumerate(tensors) if self._stageable(t)]
         buf = self._buffer() if idx else None
         outs: list = [None] * len(tensors)
