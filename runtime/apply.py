@@ -99,7 +99,7 @@ class Runtime:
         self.be = be = Backend(plan.compute)
         self.device = be.device
         self.undo_device = self.device       # where undo() puts the weights (the parts' detach read it)
-        self.undo_host: dict = {}            # undo(host=...): id(resident parameter) -> its bytes there (Resident.stage)
+        self.undo_host: dict = {}            # undo(host=...): id(resident param) -> its bytes there (Resident.stage)
         self._module_ref = weakref.ref(module)
 
         self.resident = Resident(module, plan)        # first: dequantized GGUF units are classified dense

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .apply import Runtime
+    from .download import Download
 
 __all__ = ["CodedBinder", "Coded", "encode_units", "SlotDecode", "decode_home", "is_coded"]
 
@@ -84,11 +85,12 @@ def _decoder(device: torch.device):
 
 
 def decode_home(meta: _codec.CodecMeta, packed: torch.Tensor, device: str | torch.device | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, back: "Download | None" = None) -> torch.Tensor:
     """The dense tensor of packed bytes `packed` (any device) on `device` (default: packed's device), into
     `out` when given.  Host bytes with a CUDA device to spare are decoded there (GPU ~470 GB/s against the
-    host decoder's ~0.13 GB/s) and come back; `device` None with host bytes uses the first CUDA GPU when
-    there is one."""
+    host decoder's ~0.13 GB/s) and come back, through `back` (runtime/download.py: reused pinned staging,
+    into memory of its own) when given; `device` None with host bytes uses the first CUDA GPU when there
+    is one."""
     dev = torch.device(device) if device is not None else packed.device
     work = dev
     if work.type == "cpu" and torch.cuda.is_available():
@@ -99,6 +101,8 @@ def decode_home(meta: _codec.CodecMeta, packed: torch.Tensor, device: str | torc
     if out is not None:
         out.copy_(dense)
         return out
+    if back is not None and dense.device.type == "cuda" and dev.type == "cpu":
+        return back.to_host([dense])[0]
     return dense if dense.device == dev else dense.to(dev)
 
 

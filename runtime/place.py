@@ -21,9 +21,9 @@ from ..compiler.graph import ROOT, owner_lookup
 from ..compiler.plan import Plan
 from ..errors import DisTorchError
 from . import gguf_stream as _gs
+from .download import Download as _Download
 from .hooks import UnitPart
 from .store import is_host, parse_device
-from .download import Download as _Download
 from .upload import to_device as upload_to
 from typing import TYPE_CHECKING
 
@@ -195,10 +195,10 @@ class Resident(UnitPart):
         in an anonymous mapping of its own (freed to the OS with the model, never left in glibc's heap, which
         kept 11.6 GiB of a Wan-14B expert's resident weights after ComfyUI dropped it), brought back through
         reused pinned staging (runtime/download.py: one .copy_() per weight into pageable memory ran at
-        ~1.2 GB/s on an H200 host); bound in detach.  A parameter the caller gave host bytes for (rt.undo_host: ComfyUI's
-        unpatched backup of a LoRA'd weight, which its unpatch puts back right after) is bound to those
-        instead: no copy of patched bytes about to be replaced, and no second host copy of them while the
-        backup exists.  Elsewhere nothing moves here (undo to the compute device)."""
+        ~1.2 GB/s on an H200 host); bound in detach.  A parameter the caller gave host bytes for
+        (rt.undo_host: ComfyUI's unpatched backup of a LoRA'd weight, which its unpatch puts back right after)
+        is bound to those instead: no copy of patched bytes about to be replaced, and no second host copy of
+        them while the backup exists.  Elsewhere nothing moves here (undo to the compute device)."""
         self.staged = None
         dev = torch.device(rt.undo_device)
         given = rt.undo_host

@@ -367,18 +367,15 @@ class HomeStore(UnitPart):
         self.staged = None
         to_host = torch.device(rt.undo_device).type == "cpu"
         dev = torch.device(rt.undo_device)
-        gpu = torch.device("cuda", torch.cuda.current_device()) if to_host and torch.cuda.is_available() else None
-        coded = any(is_coded(b) for ps in self.params for b in ps)
+        # compressed homes decoded on a GPU come back through pinned staging (runtime/download.py)
+        back = to_host and torch.cuda.is_available() and any(is_coded(b) for ps in self.params for b in ps)
 
         def staged(b, v, dl):
-            if is_coded(b):
-                if dl is not None:    # decoded on the GPU, back through pinned staging (runtime/download.py)
-                    return dl.to_host([decode_home(b.meta, v, gpu)])[0]
-                # elsewhere decoded (on a GPU when there is one) into memory of its own
-                out = _pinning.mapped_empty(b.meta.shape, b.meta.torch_dtype) if dev.type == "cpu" else None
-                return decode_home(b.meta, v, dev, out=out)
+            if is_coded(b):       # compressed: decoded (on a GPU when there is one) into memory of its own
+                out = _pinning.mapped_empty(b.meta.shape, b.meta.torch_dtype) if to_host and dl is None else None
+                return decode_home(b.meta, v, dev, out=out, back=dl)
             return v if to_host and v.device.type == "cpu" else v.to(dev, copy=True)
-        with torch.no_grad(), (_Download(gpu) if coded and gpu is not None else contextlib.nullcontext()) as dl:
+        with torch.no_grad(), (_Download("cuda") if back else contextlib.nullcontext()) as dl:
             self.staged = [[staged(b, v, dl) for b, v in zip(self.params[i], self.homes[n].views())]
                            for i, n in enumerate(self.units)]
         if dl is not None:
