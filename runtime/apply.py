@@ -60,7 +60,7 @@ from .guard import StateGuard
 from .compile_boundary import opaque
 from .hooks import Chains
 from .place import Resident, classify
-from .profile import Profiler, StepClock
+from .profile import Closer, Profiler, StepClock
 from .ring import Ring
 from .codec_stream import SlotDecode, encode_units
 from .slot_dequant import SlotDequant
@@ -145,15 +145,16 @@ class Runtime:
         self.ring = Ring(be, hs, self.store.params, [pos[n] for n in self.units], window_units, self.dequant)
         self.learn = self.ring.learn
         self.clock = StepClock(be, self.ring)
-        self.profiler = Profiler(be, self.ring, self.clock, self.units, c.unit_mods, profile)
+        self.profiler = Profiler(be, self.ring, self.clock, self.units, c.unit_mods, profile,
+                                 weights={u.name: u.bytes for u in plan.units})
         if autotune is None:
             autotune = be.cuda and (plan.predicted or {}).get("basis") != "measured"
         self.autotune = Autotune(bool(autotune and self.units), measure=bool(autotune and not self.units))
         self.saved = SavedWeights(self.ring, [self.dequant, self.codec])
         self.guard = StateGuard(module, self.store, self.ring, host=not be.cuda)
         # pre/begin run in this order, post/end in reverse, detach in reverse (runtime/hooks.py)
-        self.parts = [self.resident, self.store, self.guard, self.autotune, self.ring, self.clock,
-                      self.profiler, self.dequant, self.codec, self.saved]
+        self.parts = [self.resident, self.store, self.guard, self.autotune, Closer(self.profiler), self.ring,
+                      self.clock, self.profiler, self.dequant, self.codec, self.saved]
         self._pending = None           # parts still to detach while an undo() is under way
 
         self.chains = Chains(len(self.units), self.units)

@@ -1,9 +1,10 @@
 """Window autotune and the measured prediction, per input signature: measure a step, re-predict it, size the ring.
 
 Default on CUDA when the plan's unit times are estimates (plan.predicted["basis"] != "measured").  A step
-runs profiled (runtime/profile.py: events around every unit, temporary hooks on the units the ring does
-not stream, and around every copy); from those measured unit times and link rates `compiler.cost.best_window`
-(the policy: compiler.cost.simulate over the plan for every slot count) picks the slot count, and the ring
+runs profiled (runtime/profile.py: events around every streamed unit, around every stretch of units the
+ring does not stream through temporary hooks on its ends, and around every copy); from those measured
+unit times and link rates `compiler.cost.best_window` (the policy: compiler.cost.simulate over the plan
+for every slot count) picks the slot count, and the ring
 is resized between steps (runtime/ring.py `resize`, grown or shrunk) to the fewest slots within 1 % of
 the best, never fewer than the plan's own count (`floor`).  The slots come only from the plan's window
 limit (plan.predicted["window_max_bytes"]: the plan's budget -- offload_gb / max_vram_gb,
@@ -43,8 +44,9 @@ recorded it (the stream had nothing queued: it waited for the host); runtime/mea
 `without_profiler_cost` takes that out before predicting: the part before the step's first unit from the
 root's time (never below 0), the part inside or just before a unit's span from that unit's time, the part
 inside copies' spans from the links' busy time (their rates rise).  Corrections under OVERHEAD_MIN of
-the step are left (measurement noise).  Not counted: torch's slower call path of a resident unit while
-it carries profiling hooks (outside any hook's own timing).
+the step are left (measurement noise).  Not counted: torch's slower call path of a module while it
+carries profiling hooks (outside any hook's own timing); only the two ends of each stretch of resident
+units carry them (runtime/profile.py), not every resident unit.
 
 The measured prediction.  Whatever the slot count became, the step is simulated again
 (runtime/measured.py `measured_prediction`: compiler.cost.simulate over copies of the plan's units whose

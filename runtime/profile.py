@@ -2,9 +2,23 @@
 
     StepClock   an event pair around every forward of the compiled module (16 pairs reused round robin),
                 host seconds per forward, the step count
-    Profiler    with profile=True, or while autotune measures: an event pair around every unit call --
-                streamed units through their hook chains, the units the ring does not stream through
-                torch hooks of their own (`hook_resident`) -- and, through the ring, around every copy
+    Profiler    with profile=True, or while autotune measures: an event pair around every streamed unit
+                call (its hook chain), one around every stretch of consecutive units the ring does not
+                stream (`hook_resident`: torch hooks on a stretch's first and last unit only), and,
+                through the ring, around every copy
+    Closer      the part that ends a stretch left open before a streamed unit waits for its copy
+
+Stretches, not resident units one by one.  A forward hook costs host time beyond the hook's own (torch
+leaves its fast call path), which no event sees: at 512x512 a Flux plan streaming single Linear layers
+has ~425 resident layers whose GPU work (~0.1 ms each) is shorter than that host work, and timing each
+of them made the profiled unit times sum to 1.5-1.7x the real step (H200, bench/results/
+comfy_vram_h200_r9.md), so the planner saw a host-bound step as compute-bound.  What the simulation
+needs of resident work is its time between two streamed units: one span per stretch (between the
+streamed units around it, in the plan's order) gives that with two hooks.  `spread` shares a stretch's
+time out over its units by their bytes (the time book's rule for a split block: runtime/timebook.py), so
+measured_step, own_cost and unit_times still answer per unit.  A stretch whose last unit did not run is
+closed by the next unit's start (the Closer runs before the ring's wait, so no stall is counted in it) or
+by the forward's end.
 
 Both are parts (runtime/hooks.py) and record; runtime/stats.py reads their public state (`trace`,
 `step_events()`, `host_s`, `steps`) between steps.  On a machine without CUDA the events are host
@@ -34,7 +48,7 @@ if TYPE_CHECKING:
     from .ring import Ring
     from .stream import Backend, HostEvent, HostStream
 
-__all__ = ["StepClock", "Profiler", "LAG_JITTER_S", "LAG_TOL_S"]
+__all__ = ["StepClock", "Profiler", "Closer", "LAG_JITTER_S", "LAG_TOL_S"]
 
 TRACE_MAX = 20000      # compute events kept; the older half is dropped beyond this
 HOST_KEEP = 64         # host times kept (the older half is dropped beyond this)
@@ -80,18 +94,20 @@ class Profiler(UnitPart):
     profiler host seconds before it); tail: the cost after the last unit of the latest step."""
 
     def __init__(self, be: Backend, ring: Ring, clock: StepClock, units: list[str], unit_mods: dict,
-                 on: bool) -> None:
+                 on: bool, weights: dict | None = None) -> None:
         self.be = be
         self.ring = ring
         self.clock = clock
         self.units = units
-        self.unit_mods = unit_mods         # unit name -> module, for hook_resident
+        self.unit_mods = unit_mods         # unit name -> module, in the plan's order, for hook_resident
+        self.weights = dict(weights or {})  # unit name -> bytes: a stretch's time is shared out by them
+        self.stretches: dict[str, list[str]] = {}   # label of a stretch of 2+ resident units -> its units
         self.on = bool(on)
         self.trace: list[tuple] = []
         self.stamps: list[tuple] = []
         self.copy_stamps: list[tuple] = []
         self.hooks: list = []              # hook_resident's, when profiling from the start
-        self._open = None                  # (start event, end event, host clock, cost) of the running unit
+        self._open = None                  # (start event, end event, host clock, cost, name) of the open span
         self._cost = 0.0                   # profiler host seconds since the last compute event was recorded
         self._cost_step = -1
         self.tail = None                   # (step, the step's end event, host clock, cost after the last unit)
@@ -105,12 +121,15 @@ class Profiler(UnitPart):
             self.hooks = self.hook_resident()
 
     def pre(self, i: int) -> None:
-        self.unit_begin()
+        self.unit_begin(self.units[i])
 
     def post(self, i: int) -> None:
         self.unit_end(self.units[i])
 
-    def unit_begin(self) -> None:
+    def unit_begin(self, name: str) -> None:
+        """A span `name` (a unit or a stretch label) starts; one still open ends here first."""
+        if self._open is not None:
+            self.unit_end(self._open[4])
         t = _now()
         if self._cost_step != self.clock.steps:        # the first unit of a step: no cost carried over
             self._cost_step = self.clock.steps
@@ -118,12 +137,21 @@ class Profiler(UnitPart):
         e0, e1 = self.be.event(True), self.be.event(True)
         e0.record(self.ring.cs)
         h = _now()
-        self._open = (e0, e1, h, self._cost + (h - t))
+        self._open = (e0, e1, h, self._cost + (h - t), name)
         self._cost = 0.0
 
+    def close_open(self) -> None:
+        """End the open span, if any (a stretch whose last unit did not run)."""
+        if self._open is not None:
+            self.unit_end(self._open[4])
+
     def unit_end(self, name: str) -> None:
+        """The span `name` ends; nothing when it is not the open one (it was ended already)."""
+        if self._open is None or self._open[4] != name:
+            return
         t = _now()
-        e0, e1, h0, c0 = self._open
+        e0, e1, h0, c0, _ = self._open
+        self._open = None
         e1.record(self.ring.cs)
         h1 = _now()
         step = self.clock.steps
@@ -136,8 +164,9 @@ class Profiler(UnitPart):
         self._cost += _now() - h1
 
     def end(self) -> None:
-        """The forward returns: the cost since the last unit, against the step's end event (the clock
-        records it next)."""
+        """The forward returns: a span still open ends; the cost since the last unit, against the step's
+        end event (the clock records it next)."""
+        self.close_open()
         k = self.clock.steps
         self.tail = (k, self.clock.events[k % len(self.clock.events)][1], _now(), self._cost)
         self._cost = 0.0
@@ -208,6 +237,7 @@ class Profiler(UnitPart):
                 before = 0.0
             #                       between two units: in this unit's measured time (stats.lead_gaps)
             units[name] = units.get(name, 0.0) + before + counted(c1, l1)
+        out["units"] = self.spread(units)
         for (_, lane, _, _, c), lg in zip(crow, clag):
             src = lane[5:] if lane.startswith("copy:") else lane
             out["copies"][src] = out["copies"].get(src, 0.0) + counted(c, lg)
@@ -226,25 +256,59 @@ class Profiler(UnitPart):
         self.copy_stamps.clear()
         self.tail = None
 
-    def hook_resident(self) -> list:
-        """Event hooks on every unit the ring does not stream (inside the compiled forward only); returns
-        the handles, for the caller to remove."""
-        learn = self.ring.learn
-        streamed = set(self.units)
-        hooks = []
-        for n, m in self.unit_mods.items():
-            if n in streamed:
+    def spread(self, per: dict) -> dict:
+        """`per` (span name -> seconds) with every stretch's seconds shared out over its units by their
+        bytes (evenly when none has any); units' own entries kept."""
+        out: dict = {}
+        for name, v in per.items():
+            members = self.stretches.get(name)
+            if not members:
+                out[name] = out.get(name, 0.0) + v
                 continue
+            w = [max(0, int(self.weights.get(n, 0))) for n in members]
+            tot = sum(w)
+            for n, wi in zip(members, w):
+                out[n] = out.get(n, 0.0) + v * (wi / tot if tot else 1.0 / len(members))
+        return out
 
-            def pre(mod, args):
-                if learn.depth:
-                    self.unit_begin()
+    def stretch_runs(self) -> list[list[str]]:
+        """The units the ring does not stream, in the plan's order, cut where a streamed unit comes."""
+        streamed = set(self.units)
+        runs: list[list[str]] = []
+        cur: list[str] = []
+        for n in self.unit_mods:
+            if n in streamed:
+                if cur:
+                    runs.append(cur)
+                cur = []
+            else:
+                cur.append(n)
+        if cur:
+            runs.append(cur)
+        return runs
 
-            def post(mod, args, out, name=n):
+    def hook_resident(self) -> list:
+        """Event hooks on every stretch of units the ring does not stream (a pre hook on its first unit, a
+        post hook on its last; inside the compiled forward only); returns the handles, for the caller to
+        remove.  A stretch of 2+ units is named "<first> .. <last>" (`stretches`, `spread`)."""
+        learn = self.ring.learn
+        hooks = []
+        self.stretches = {}
+        for run in self.stretch_runs():
+            label = run[0] if len(run) == 1 else f"{run[0]} .. {run[-1]}"
+            if len(run) > 1:
+                self.stretches[label] = run
+
+            def pre(mod, args, label=label):
                 if learn.depth:
-                    self.unit_end(name)
-            hooks.append(m.register_forward_pre_hook(opaque(pre)))      # opaque: see compile_boundary
-            hooks.append(m.register_forward_hook(opaque(post), always_call=True))
+                    self.unit_begin(label)
+
+            def post(mod, args, out, label=label):
+                if learn.depth:
+                    self.unit_end(label)
+            # opaque: see compile_boundary
+            hooks.append(self.unit_mods[run[0]].register_forward_pre_hook(opaque(pre)))
+            hooks.append(self.unit_mods[run[-1]].register_forward_hook(opaque(post), always_call=True))
         return hooks
 
     def detach(self, rt: Runtime) -> None:
@@ -256,3 +320,20 @@ class Profiler(UnitPart):
         self.copy_stamps = []
         self._open = self.tail = None
         self.unit_mods = {}
+        self.stretches = {}
+
+
+class Closer(UnitPart):
+    """Before a streamed unit's hooks reach the ring (which makes the compute stream wait for the unit's
+    copy): the profiler's open span, a stretch whose last unit did not run, ends, so no stall is timed
+    in it.  Enabled while the profiler is."""
+
+    def __init__(self, profiler: Profiler) -> None:
+        self.profiler = profiler
+
+    @property
+    def enabled(self) -> bool:
+        return self.profiler.on
+
+    def pre(self, i: int) -> None:
+        self.profiler.close_open()

@@ -66,12 +66,13 @@ def timeline(rt: Any, steps: int | None = 1) -> list[dict]:
 
 
 def unit_times(rt: Any, steps: int | None = None) -> dict[str, float]:
-    """Median measured compute seconds per unit call (profile mode), for feeding Unit.time_s."""
+    """Median measured compute seconds per unit call (profile mode), for feeding Unit.time_s (a stretch
+    of resident units timed as one span shared out over them: runtime/profile.py `spread`)."""
     per: dict[str, list[float]] = {}
     for ev in timeline(rt, steps=steps):
         if ev["lane"] == "compute":
             per.setdefault(ev["unit"], []).append((ev["end_ms"] - ev["start_ms"]) / 1e3)
-    return {k: statistics.median(v) for k, v in per.items()}
+    return rt.profiler.spread({k: statistics.median(v) for k, v in per.items()})
 
 
 def bytes_per_link(rt: Any) -> dict[str, int]:
@@ -144,6 +145,7 @@ def measured_step(rt: Any) -> dict | None:
     gaps = lead_gaps(rt, tl)
     for name, span, lead, _ in gaps:
         times[name] = times.get(name, 0.0) + span + lead
+    times = rt.profiler.spread(times)            # a stretch of resident units: its units' shares
     for e in tl:
         if e["lane"] != "compute":
             copy_s[e["lane"][5:]] = copy_s.get(e["lane"][5:], 0.0) + (e["end_ms"] - e["start_ms"]) / 1e3

@@ -138,6 +138,7 @@ class _GpuEvent:
 def _profiler_with(stamps, copy_stamps=()):
     p = Profiler.__new__(Profiler)
     p.stamps, p.copy_stamps, p.tail = list(stamps), list(copy_stamps), None
+    p.stretches, p.weights = {}, {}
     return p
 
 

@@ -1,0 +1,144 @@
+"""Resident units profiled as stretches (runtime/profile.py): one span between two streamed units instead of
+one per resident unit, so that the profiler's hooks do not slow a host-bound step it measures (issue 10:
+at 512x512 the per-layer hooks made Flux's profiled unit times sum to 1.5-1.7x its real step)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distorch.compiler.graph import ROOT
+from distorch.compiler.plan import Plan, PlacedUnit
+from distorch.runtime import stats as rstats
+from distorch.runtime.apply import apply
+
+from runtime_toys import nbytes
+
+C = "cpu:0"
+
+
+class _Chain(nn.Module):
+    """Linear layers of different widths in a row; `skip` names layers the forward leaves out."""
+
+    def __init__(self, n=12, d=16):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d, bias=(i % 3 == 0)) for i in range(n))
+        self.skip: set[int] = set()
+
+    def forward(self, x):
+        for i, lin in enumerate(self.layers):
+            if i not in self.skip:
+                x = torch.tanh(lin(x))
+        return x
+
+
+def _plan(m, streamed):
+    pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
+    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in streamed else C, i + 1)
+           for i in range(len(m.layers))]
+    return Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
+
+
+def _hooked(m):
+    return {i for i, lin in enumerate(m.layers) if lin._forward_pre_hooks or lin._forward_hooks}
+
+
+def test_a_stretch_is_hooked_at_its_ends_and_shared_out_by_bytes():
+    torch.manual_seed(0)
+    m = _Chain().eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        ref = m(x)
+    streamed = {3, 8}
+    rt = apply(m, _plan(m, streamed), progress=False, autotune=False, profile=True)
+    try:
+        # stretches 0-2, 4-7, 9-11: hooks on their ends (and the streamed units' own)
+        assert _hooked(m) == {0, 2, 3, 4, 7, 8, 9, 11}
+        assert rt.profiler.stretches == {"layers.0 .. layers.2": ["layers.0", "layers.1", "layers.2"],
+                                         "layers.4 .. layers.7": [f"layers.{i}" for i in range(4, 8)],
+                                         "layers.9 .. layers.11": [f"layers.{i}" for i in range(9, 12)]}
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(x), ref)
+        tl = rstats.timeline(rt)
+        assert [e["unit"] for e in tl if e["lane"] == "compute"] == [
+            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.7", "layers.8", "layers.9 .. layers.11"]
+        ms = rstats.measured_step(rt)
+        assert set(ms["times"]) == {f"layers.{i}" for i in range(12)}
+        # a stretch's time (span + the work before it) goes to its units by bytes
+        gaps = {n: span + lead for n, span, lead, _ in rstats.lead_gaps(rt, tl)}
+        b = {i: nbytes(m.layers[i]) for i in range(12)}
+        tot = sum(b[i] for i in range(4, 8))
+        for i in range(4, 8):
+            assert ms["times"][f"layers.{i}"] == pytest.approx(gaps["layers.4 .. layers.7"] * b[i] / tot)
+        assert ms["times"]["layers.3"] == pytest.approx(gaps["layers.3"])
+        # nothing lost or made up: the units' times add up to the spans and leads
+        assert sum(ms["times"].values()) == pytest.approx(sum(gaps.values()))
+    finally:
+        rt.undo()
+    assert not _hooked(m)
+
+
+def test_a_stretch_whose_last_unit_did_not_run_ends_before_the_next_unit_waits():
+    """The forward skips the stretch's last unit: the Closer ends the span at the next streamed unit's
+    start, before the ring's wait for its copy (so no stall is timed as compute), or at the forward's end."""
+    torch.manual_seed(1)
+    m = _Chain().eval()
+    m.skip = {7, 11}
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        ref = m(x)
+    rt = apply(m, _plan(m, {3, 8}), progress=False, autotune=False, profile=True)
+    order = []
+    real = rt.ring.pre
+
+    def ring_pre(i):               # the ring's wait for unit i's copy: the stretch must be closed by then
+        order.append((rt.units[i], rt.profiler._open))
+        return real(i)
+    rt.ring.pre = ring_pre
+    rt.compose()
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                assert torch.equal(m(x), ref)
+        assert order and all(op is None for _, op in order)
+        tl = rstats.timeline(rt)
+        comp = [e for e in tl if e["lane"] == "compute"]
+        assert [e["unit"] for e in comp] == [
+            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.7", "layers.8", "layers.9 .. layers.11"]
+        for a, b in zip(comp, comp[1:]):
+            assert a["end_ms"] <= b["start_ms"]
+        ms = rstats.measured_step(rt)
+        assert set(ms["times"]) == {f"layers.{i}" for i in range(12)}
+        assert rt.profiler._open is None
+    finally:
+        rt.undo()
+
+
+def test_autotune_profiles_stretches_and_removes_their_hooks():
+    torch.manual_seed(2)
+    m = _Chain().eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        ref = m(x)
+    rt = apply(m, _plan(m, {5}), progress=False, autotune=False)
+    try:
+        assert _hooked(m) == {5}
+        seen = []
+        real = rt.profiler.hook_resident
+
+        def hook_resident():
+            out = real()
+            seen.append(_hooked(m))
+            return out
+        rt.profiler.hook_resident = hook_resident
+        assert rt.autotune.measure_next()
+        with torch.no_grad():
+            for _ in range(4):
+                assert torch.equal(m(x), ref)
+        assert seen == [{0, 4, 5, 6, 11}]          # measuring: stretches 0-4 and 6-11
+        assert _hooked(m) == {5}
+        pr = rt.plan.predicted
+        assert pr["basis"] == "measured" and set(pr["measured_unit_times"]) >= {f"layers.{i}" for i in range(12)}
+    finally:
+        rt.undo()
