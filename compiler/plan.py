@@ -27,6 +27,7 @@ class PlacedUnit:
     device: str          # home device of its weights
     order: int           # execution order
     kind: str = "block"
+    parent: str = ""     # the block a sub-unit (kind "sub") was split from (passes/granularity.py)
 
 
 @dataclass

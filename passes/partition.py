@@ -202,7 +202,7 @@ def partition(graph: ModuleGraph, inventory: Inventory, compute: str, *, offload
                      "flops" if all(u.flops > 0 or u.time_s is not None for u in graph.units) else
                      "bytes-fallback")
 
-    placed = [PlacedUnit(u.name, u.type, u.bytes, homes.get(u.name, compute), i, u.kind)
+    placed = [PlacedUnit(u.name, u.type, u.bytes, homes.get(u.name, compute), i, u.kind, u.parent)
               for i, u in enumerate(graph.units)]
     devs = {}
     listed = [compute] + [d for d in donor_list if d != compute]

@@ -146,7 +146,8 @@ class Runtime:
         self.learn = self.ring.learn
         self.clock = StepClock(be, self.ring)
         self.profiler = Profiler(be, self.ring, self.clock, self.units, c.unit_mods, profile,
-                                 weights={u.name: u.bytes for u in plan.units})
+                                 weights={u.name: u.bytes for u in plan.units},
+                                 groups={u.name: u.parent or u.name for u in plan.units})
         if autotune is None:
             autotune = be.cuda and (plan.predicted or {}).get("basis") != "measured"
         self.autotune = Autotune(bool(autotune and self.units), measure=bool(autotune and not self.units))

@@ -3,19 +3,21 @@
     StepClock   an event pair around every forward of the compiled module (16 pairs reused round robin),
                 host seconds per forward, the step count
     Profiler    with profile=True, or while autotune measures: an event pair around every streamed unit
-                call (its hook chain), one around every stretch of consecutive units the ring does not
-                stream (`hook_resident`: torch hooks on a stretch's first and last unit only), and,
-                through the ring, around every copy
+                call (its hook chain), one around every stretch of consecutive units of one block the
+                ring does not stream (`hook_resident`: torch hooks on a stretch's first and last unit
+                only), and, through the ring, around every copy
     Closer      the part that ends a stretch left open before a streamed unit waits for its copy
 
 Stretches, not resident units one by one.  A forward hook costs host time beyond the hook's own (torch
 leaves its fast call path), which no event sees: at 512x512 a Flux plan streaming single Linear layers
 has ~425 resident layers whose GPU work (~0.1 ms each) is shorter than that host work, and timing each
 of them made the profiled unit times sum to 1.5-1.7x the real step (H200, bench/results/
-comfy_vram_h200_r9.md), so the planner saw a host-bound step as compute-bound.  What the simulation
-needs of resident work is its time between two streamed units: one span per stretch (between the
-streamed units around it, in the plan's order) gives that with two hooks.  `spread` shares a stretch's
-time out over its units by their bytes (the time book's rule for a split block: runtime/timebook.py), so
+comfy_vram_h200_r9.md), so the planner saw a host-bound step as compute-bound; whole blocks (~1 ms of
+GPU work each) timed one by one summed to the real step.  What the simulation needs of resident work is
+its time between two streamed units, and the time book (runtime/timebook.py) keeps times per block: one
+span per stretch -- the resident units in a row, in the plan's order, of one block (PlacedUnit.parent;
+a unit that is a block is a stretch of its own) -- gives both with two hooks.  `spread` shares a
+stretch's time out over its units by their bytes (the time book's rule for a split block), so
 measured_step, own_cost and unit_times still answer per unit.  A stretch whose last unit did not run is
 closed by the next unit's start (the Closer runs before the ring's wait, so no stall is counted in it) or
 by the forward's end.
@@ -94,13 +96,14 @@ class Profiler(UnitPart):
     profiler host seconds before it); tail: the cost after the last unit of the latest step."""
 
     def __init__(self, be: Backend, ring: Ring, clock: StepClock, units: list[str], unit_mods: dict,
-                 on: bool, weights: dict | None = None) -> None:
+                 on: bool, weights: dict | None = None, groups: dict | None = None) -> None:
         self.be = be
         self.ring = ring
         self.clock = clock
         self.units = units
         self.unit_mods = unit_mods         # unit name -> module, in the plan's order, for hook_resident
         self.weights = dict(weights or {})  # unit name -> bytes: a stretch's time is shared out by them
+        self.groups = dict(groups or {})    # unit name -> its block: a stretch never spans two
         self.stretches: dict[str, list[str]] = {}   # label of a stretch of 2+ resident units -> its units
         self.on = bool(on)
         self.trace: list[tuple] = []
@@ -272,16 +275,17 @@ class Profiler(UnitPart):
         return out
 
     def stretch_runs(self) -> list[list[str]]:
-        """The units the ring does not stream, in the plan's order, cut where a streamed unit comes."""
+        """The units the ring does not stream, in the plan's order, cut where a streamed unit comes and
+        where the block changes (`groups`; a unit not in it is a block of its own)."""
         streamed = set(self.units)
         runs: list[list[str]] = []
         cur: list[str] = []
         for n in self.unit_mods:
-            if n in streamed:
+            if n in streamed or (cur and self.groups.get(n, n) != self.groups.get(cur[-1], cur[-1])):
                 if cur:
                     runs.append(cur)
                 cur = []
-            else:
+            if n not in streamed:
                 cur.append(n)
         if cur:
             runs.append(cur)

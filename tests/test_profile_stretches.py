@@ -1,6 +1,7 @@
-"""Resident units profiled as stretches (runtime/profile.py): one span between two streamed units instead of
-one per resident unit, so that the profiler's hooks do not slow a host-bound step it measures (issue 10:
-at 512x512 the per-layer hooks made Flux's profiled unit times sum to 1.5-1.7x its real step)."""
+"""Resident units profiled as stretches (runtime/profile.py): one span per run of resident sub-units of one
+block between two streamed units instead of one per unit, so that the profiler's hooks do not slow a
+host-bound step it measures (issue 10: at 512x512 the per-layer hooks made Flux's profiled unit times sum
+to 1.5-1.7x its real step).  Whole blocks stay one span each: tests/test_runtime_lifecycle.py."""
 from __future__ import annotations
 
 import pytest
@@ -32,10 +33,11 @@ class _Chain(nn.Module):
         return x
 
 
-def _plan(m, streamed):
+def _plan(m, streamed, per_block=6):
+    """Each layer a sub-unit of block "b<i // per_block>" (as passes/granularity.py splits a block)."""
     pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
-    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in streamed else C, i + 1)
-           for i in range(len(m.layers))]
+    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in streamed else C, i + 1, "sub",
+                      f"b{i // per_block}") for i in range(len(m.layers))]
     return Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
 
 
@@ -52,25 +54,27 @@ def test_a_stretch_is_hooked_at_its_ends_and_shared_out_by_bytes():
     streamed = {3, 8}
     rt = apply(m, _plan(m, streamed), progress=False, autotune=False, profile=True)
     try:
-        # stretches 0-2, 4-7, 9-11: hooks on their ends (and the streamed units' own)
-        assert _hooked(m) == {0, 2, 3, 4, 7, 8, 9, 11}
+        # stretches 0-2, 4-5 (block b0), 6-7, 9-11 (b1): hooks on their ends (and the streamed units' own)
+        assert _hooked(m) == {0, 2, 3, 4, 5, 6, 7, 8, 9, 11}
         assert rt.profiler.stretches == {"layers.0 .. layers.2": ["layers.0", "layers.1", "layers.2"],
-                                         "layers.4 .. layers.7": [f"layers.{i}" for i in range(4, 8)],
+                                         "layers.4 .. layers.5": ["layers.4", "layers.5"],
+                                         "layers.6 .. layers.7": ["layers.6", "layers.7"],
                                          "layers.9 .. layers.11": [f"layers.{i}" for i in range(9, 12)]}
         with torch.no_grad():
             for _ in range(3):
                 assert torch.equal(m(x), ref)
         tl = rstats.timeline(rt)
         assert [e["unit"] for e in tl if e["lane"] == "compute"] == [
-            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.7", "layers.8", "layers.9 .. layers.11"]
+            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.5", "layers.6 .. layers.7", "layers.8",
+            "layers.9 .. layers.11"]
         ms = rstats.measured_step(rt)
         assert set(ms["times"]) == {f"layers.{i}" for i in range(12)}
         # a stretch's time (span + the work before it) goes to its units by bytes
         gaps = {n: span + lead for n, span, lead, _ in rstats.lead_gaps(rt, tl)}
         b = {i: nbytes(m.layers[i]) for i in range(12)}
-        tot = sum(b[i] for i in range(4, 8))
-        for i in range(4, 8):
-            assert ms["times"][f"layers.{i}"] == pytest.approx(gaps["layers.4 .. layers.7"] * b[i] / tot)
+        tot = sum(b[i] for i in range(9, 12))
+        for i in range(9, 12):
+            assert ms["times"][f"layers.{i}"] == pytest.approx(gaps["layers.9 .. layers.11"] * b[i] / tot)
         assert ms["times"]["layers.3"] == pytest.approx(gaps["layers.3"])
         # nothing lost or made up: the units' times add up to the spans and leads
         assert sum(ms["times"].values()) == pytest.approx(sum(gaps.values()))
@@ -105,7 +109,8 @@ def test_a_stretch_whose_last_unit_did_not_run_ends_before_the_next_unit_waits()
         tl = rstats.timeline(rt)
         comp = [e for e in tl if e["lane"] == "compute"]
         assert [e["unit"] for e in comp] == [
-            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.7", "layers.8", "layers.9 .. layers.11"]
+            "layers.0 .. layers.2", "layers.3", "layers.4 .. layers.5", "layers.6 .. layers.7", "layers.8",
+            "layers.9 .. layers.11"]
         for a, b in zip(comp, comp[1:]):
             assert a["end_ms"] <= b["start_ms"]
         ms = rstats.measured_step(rt)
@@ -136,7 +141,7 @@ def test_autotune_profiles_stretches_and_removes_their_hooks():
         with torch.no_grad():
             for _ in range(4):
                 assert torch.equal(m(x), ref)
-        assert seen == [{0, 4, 5, 6, 11}]          # measuring: stretches 0-4 and 6-11
+        assert seen == [{0, 4, 5, 6, 11}]          # measuring: stretches 0-4 (block b0) and 6-11 (b1)
         assert _hooked(m) == {5}
         pr = rt.plan.predicted
         assert pr["basis"] == "measured" and set(pr["measured_unit_times"]) >= {f"layers.{i}" for i in range(12)}
