@@ -381,7 +381,9 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
                              off=st.plan.offloaded_bytes(), pred_peak=pred0.get("compute_peak_bytes"),
                              pred_step=pred0.get("step_s"), pred_step_after=stats.get("predicted_step_s"),
                              meas_step=stats.get("measured_step_s"), window_slots=stats.get("window_slots"),
-                             window_bytes=stats.get("window_bytes"), plan_s=plan_s, same=same, **r))
+                             window_bytes=stats.get("window_bytes"), plan_s=plan_s, same=same,
+                             pred_gap=stats.get("measured_gap_s"),
+                             calibration=(st.plan.predicted or {}).get("calibration"), **r))
             save()
         tu = time.perf_counter()
         unload_all(mm, cpu)

@@ -79,11 +79,18 @@ def analyze(rows: list, model_bytes: int, bw: float | None) -> dict:
             comp.append({"res": lab, "off_gib": r["off"] / GiB, "peak_gib": r["peak"] / GiB, "comfy_s_it": r["s_it"],
                          "ours_s_it": o, "speedup": (r["s_it"] / o) if o else None, "comfy_x_floor": r.get("x_floor")})
         dis = [r for r in rs if r["kind"] == "distorch"]
+        for r in dis:        # issue 10 criterion 3: the prediction after profiling against what was measured
+            r["pred_err"] = r["pred_step_after"] / r["s_it"] - 1 if r.get("pred_step_after") else None
+            gap = r.get("pred_gap")
+            r["pred_iter"] = r["pred_step_after"] + gap if r.get("pred_step_after") and gap is not None else None
+            r["pred_iter_err"] = r["pred_iter"] / r["s_it"] - 1 if r["pred_iter"] else None
         xf = [r["x_floor"] for r in dis if r.get("x_floor")]
         sp = [c["speedup"] for c in comp if c["speedup"]]
         out[lab] = {"resident_s_it": resident, "plain_s_it": plain["s_it"], "activations": act, "compare": comp,
                     "distorch_points": len(dis), "comfy_points": len(comp),
                     "max_x_floor": max(xf) if xf else None,
+                    "pred_iter_errs": [r["pred_iter_err"] for r in dis if r.get("pred_iter_err") is not None],
+                    "pred_step_errs": [r["pred_err"] for r in dis if r.get("pred_err") is not None],
                     "min_speedup": min(sp) if sp else None,
                     "all_bit_identical": all(r.get("same") for r in rs if r["kind"] != "plain"),
                     "peak_range_gib": [min(p for p, _ in ours), max(p for p, _ in ours)] if ours else None}
@@ -145,6 +152,13 @@ def render_md(d: dict) -> str:
                 L.append(f"| {c['off_gib']:.2f} | {c['peak_gib']:.2f} | {c['comfy_s_it']:.3f} | "
                          f"{_f(c['comfy_x_floor'])} | {_f(c['ours_s_it'], none='outside our range')} | "
                          f"{_f(c['speedup'], '%.3fx')} |")
+        it = a.get("pred_iter_errs") or []
+        if it:
+            ok = sum(abs(e) <= 0.05 for e in it)
+            L += ["", f"Prediction {lab}: predicted step after profiling + the gap between forwards the runtime "
+                  f"measured (the sampler's own work) against s/it: within 5 % at {ok} of {len(it)} points "
+                  f"({min(it) * 100:+.1f} .. {max(it) * 100:+.1f} %); the step alone: "
+                  f"{min(a['pred_step_errs']) * 100:+.1f} .. {max(a['pred_step_errs']) * 100:+.1f} %."]
         L += ["", f"Summary {lab}: {a['distorch_points']} DisTorch2 points"
               + (f" over peak {a['peak_range_gib'][0]:.2f}-{a['peak_range_gib'][1]:.2f} GiB" if a["peak_range_gib"] else "")
               + f", worst {_f(a['max_x_floor'], '%.3fx', 'n/a')} of the floor; {a['comfy_points']} ComfyUI points, "

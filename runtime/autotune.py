@@ -48,6 +48,15 @@ the step are left (measurement noise).  Not counted: torch's slower call path of
 carries profiling hooks (outside any hook's own timing); only the two ends of each stretch of resident
 units carry them (runtime/profile.py), not every resident unit.
 
+Calibration.  A profiled step also pays torch's slower call path of every module carrying a hook, which
+no event times (see above); where the step is host-bound that inflates every unit time.  So once
+CALIB_STEPS unprofiled forwards of the measured signature have run at the same slot count (checked at the
+next forward, without a synchronize: the events must have completed), their median GPU step (StepClock)
+is compared with the profiled one, and when it is CALIB_TOL or more below it the measured compute is
+scaled to it (runtime/measured.py `calibrated`) and the step predicted again: plan.predicted, the
+signature's entry and the time book then hold the calibrated times, with ["unprofiled_step_s"] and
+["calibration"] (the factor).  The slot count chosen from the profiled step stays.
+
 The measured prediction.  Whatever the slot count became, the step is simulated again
 (runtime/measured.py `measured_prediction`: compiler.cost.simulate over copies of the plan's units whose
 time_s are the measured ones -- a unit's span and the un-hooked work just before it, runtime/stats.py
@@ -65,6 +74,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 
 import torch
 
@@ -74,7 +84,7 @@ from . import stats as _stats
 from . import timebook as _timebook
 from .compile_boundary import opaque
 from .hooks import UnitPart
-from .measured import measured_prediction, without_profiler_cost
+from .measured import calibrated, measured_prediction, without_profiler_cost
 from .signatures import MAX_SIGNATURES, Tunings, signature, text
 from typing import TYPE_CHECKING
 
@@ -91,7 +101,8 @@ MAX_MEASURES = 16                # signatures measured per compile, at most
 OVERHEAD_MIN = 0.002             # profiler cost corrections below this share of the step are left
 OFF, WAIT, MEASURE = 0, 1, 2     # states: done (or off); waiting for a warm step; measuring a step
 _FIELDS = ("step_s", "compute_s", "stall_s", "overhead_s", "floor_s", "per_link_s")
-_OPTIONAL = ("profiled_step_s", "profiler_cost_s")      # fields only some measured predictions have
+_OPTIONAL = ("profiled_step_s", "profiler_cost_s", "unprofiled_step_s", "calibration")   # only some have them
+CALIB_STEPS = 3                  # unprofiled forwards of a measured signature that calibrate its unit times
 
 
 class Autotune(UnitPart):
@@ -122,6 +133,7 @@ class Autotune(UnitPart):
         self._pending: int | None = None    # a known signature's slot count, applied at its second forward
         self._acted = False            # the ring or the profiler changed after the latest forward
         self._calm = True              # neither changed right before this forward: it may be measured
+        self._calib: dict | None = None     # the latest measurement, until unprofiled steps calibrate it
 
     @property
     def enabled(self) -> bool:
@@ -183,7 +195,35 @@ class Autotune(UnitPart):
             calm = not self._switch(key) and calm
             self._run = 1
         self._calm = calm
+        if self._calib is not None:
+            self._calibrate()
         return None
+
+    def _calibrate(self) -> None:
+        """The latest measurement against the unprofiled forwards of its signature since (module docstring:
+        Calibration): once CALIB_STEPS of them ran in a row at its slot count and completed, scale its
+        compute to their median GPU step when that is lower, and predict again."""
+        c, rt = self._calib, self.rt
+        if c["sig"] != self.sig or c["W"] != rt.ring.W or self.state == MEASURE:
+            self._calib = None         # another input, slot count or measurement since: no clean reference
+            return
+        if rt.clock.steps - c["steps"] < CALIB_STEPS or self._run - 1 < CALIB_STEPS:
+            return
+        ev = rt.clock.step_events()[-CALIB_STEPS:]
+        try:
+            if not ev[-1][1].query():
+                return                 # still running: the next forward
+            ts = [e0.elapsed_time(e1) / 1e3 for e0, e1 in ev]
+        except Exception:              # an event never recorded: no reference
+            self._calib = None
+            return
+        self._calib = None
+        m = calibrated(c["m"], statistics.median(ts))
+        if m is None:
+            return
+        log.info("distorch: measured unit times scaled by %.3f to the unprofiled step (%.1f ms, profiled %.1f "
+                 "ms: hooks' host cost)", m["calibration"], m["unprofiled_step_s"] * 1e3, c["m"]["step_s"] * 1e3)
+        self.predict(m, c["result"])
 
     def _switch(self, key: tuple) -> bool:
         """The forward's signature differs from the previous one's: apply what is known of it, or arm its
@@ -299,6 +339,8 @@ class Autotune(UnitPart):
             res = self.choose(m["times"], m["rates"], m["step_s"], m["gap_s"], stall_s=m["stall_s"],
                               floor=self.floor)
         self.predict(m, res)
+        if not rt.profile:             # every later step unprofiled: they calibrate this one (_calibrate)
+            self._calib = {"sig": self.sig, "m": m, "steps": rt.clock.steps, "W": rt.ring.W, "result": res}
 
     def without_profiler_cost(self, m: dict) -> dict:
         """Measured step `m` less the profiler's own host work the stream waited for (runtime/measured.py
@@ -319,8 +361,7 @@ class Autotune(UnitPart):
         f.update(basis="measured", measured_step_s=m["step_s"], gap_s=m["gap_s"], measured_slots=rt.ring.W,
                  measured_link_rates={k: v for k, v in m["rates"].items() if math.isfinite(v)},
                  measured_unit_times=dict(m["times"]))    # s per call of each unit that ran: a re-plan's input
-        if "profiled_step_s" in m:
-            f.update(profiled_step_s=m["profiled_step_s"], profiler_cost_s=m["profiler_cost_s"])
+        f.update({k: m[k] for k in _OPTIONAL if k in m})
         return f
 
     def predict(self, m: dict, result: dict | None = None) -> dict:

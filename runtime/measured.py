@@ -2,6 +2,8 @@
 
     without_profiler_cost(m, own, per_link, min_share)   runtime.stats.measured_step's dict less the
                                   profiler's own host work the streams waited for (Profiler.own_cost)
+    calibrated(m, unprofiled_s)   the measured step with its compute scaled to what the same input took
+                                  unprofiled (the hooks' host cost no event times)
     measured_prediction(plan, times, rates, step_s, ...)  compiler.cost.simulate of the plan with the
                                   measured unit times and link rates
 
@@ -20,7 +22,7 @@ from ..compiler.inventory import Inventory
 if TYPE_CHECKING:
     from ..compiler.plan import Plan
 
-__all__ = ["measured_prediction", "without_profiler_cost"]
+__all__ = ["measured_prediction", "without_profiler_cost", "calibrated", "CALIB_TOL", "CALIB_MIN"]
 
 
 def without_profiler_cost(m: dict, own: dict, per_link: dict, min_share: float = 0.0) -> dict:
@@ -52,6 +54,31 @@ def without_profiler_cost(m: dict, own: dict, per_link: dict, min_share: float =
         return m
     return dict(m, times=times, rates=rates, step_s=m["step_s"] - inside - gap,
                 profiled_step_s=m["step_s"], profiler_cost_s=inside + gap)
+
+
+CALIB_TOL = 0.03     # an unprofiled step this much (or more) below the profiled one scales the compute
+CALIB_MIN = 0.5      # ... by at most this factor
+
+
+def calibrated(m: dict, unprofiled_s: float) -> dict | None:
+    """Measured step `m` (after without_profiler_cost) with its compute -- every unit's time and the
+    root's -- scaled so that compute + the measured stall is `unprofiled_s`, the GPU step the same input
+    took without profiling; None when that is not at least CALIB_TOL below m's step (a profile can only
+    make a step slower: a faster profiled step is noise, left alone).
+
+    Why: what a profiled step costs beyond the profiler's own timed host work -- torch's slower call path
+    of every module carrying a hook -- shows only where the step is host-bound (many small units; Flux at
+    512x512 on an H200: profiled 94 ms, unprofiled 82 ms, bench/results/comfy_vram_h200_r10.md), and no
+    event can time it.  The unprofiled steps that follow can: their time is the truth the unit times must
+    add up to.  The scale is one factor for every unit (the profile cannot tell which units lost the most);
+    link rates and the stall stay as measured.  The result carries "unprofiled_step_s" and "calibration"
+    (the factor, >= CALIB_MIN)."""
+    comp = m["step_s"] - m["stall_s"]
+    if comp <= 0 or not unprofiled_s > 0 or unprofiled_s >= m["step_s"] * (1 - CALIB_TOL):
+        return None
+    f = max(CALIB_MIN, (unprofiled_s - m["stall_s"]) / comp)
+    return dict(m, times={k: v * f for k, v in m["times"].items()}, step_s=m["stall_s"] + comp * f,
+                unprofiled_step_s=unprofiled_s, calibration=f)
 
 
 def measured_prediction(plan: Plan, times: dict, rates: dict, step_s: float, *, stall_s: float = 0.0,

@@ -4,6 +4,8 @@ host-bound step it measures (issue 10: at 512x512 the per-layer hooks made Flux'
 to 1.5-1.7x its real step).  Whole blocks stay one span each: tests/test_runtime_lifecycle.py."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +149,120 @@ def test_autotune_profiles_stretches_and_removes_their_hooks():
         assert pr["basis"] == "measured" and set(pr["measured_unit_times"]) >= {f"layers.{i}" for i in range(12)}
     finally:
         rt.undo()
+
+
+# ----------------------------------------------------------------------------- calibration (runtime/autotune.py)
+class _Clock:
+    """The host clock plus `ahead`: time injected by moving the clock (HostEvent, StepClock and the
+    profiler read it), so the test does not depend on this machine's speed."""
+    ahead = 0.0
+    real = staticmethod(time.perf_counter)
+
+    @classmethod
+    def now(cls) -> float:
+        return cls.real() + cls.ahead
+
+
+class _Tick(nn.Linear):
+    """A layer whose compute takes TICK of (injected) time."""
+
+    def forward(self, x):
+        _Clock.ahead += TICK
+        return torch.tanh(super().forward(x))
+
+
+TICK = 1e-3
+SLOW = 2e-3            # the host cost of a hooked module's slower call path while profiling (no event times it)
+
+
+class _Ticks(nn.Module):
+    def __init__(self, n=16, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList(_Tick(d, d) for _ in range(n))
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = lin(x)
+        return x
+
+
+def _slow_while_profiling(rt):
+    """hook_resident as it is, plus SLOW on every module it hooked (the call path torch takes for them)."""
+    real = rt.profiler.hook_resident
+
+    def hook_resident():
+        out = real()
+        for run in rt.profiler.stretch_runs():
+            for n in {run[0], run[-1]}:
+                out.append(rt.profiler.unit_mods[n].register_forward_pre_hook(
+                    lambda mod, args: setattr(_Clock, "ahead", _Clock.ahead + SLOW)))
+        return out
+    rt.profiler.hook_resident = hook_resident
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_unprofiled_steps_calibrate_the_measured_prediction(monkeypatch, slow):
+    """The profiled step carries a cost no event times (SLOW per hooked module): the prediction made from it
+    is too slow until CALIB_STEPS unprofiled forwards of the same input ran; then their GPU step scales the
+    measured compute down to them, and the signature's entry keeps the calibrated measurement.  Without
+    that cost nothing is scaled."""
+    from distorch.runtime import profile as profile_mod
+    from distorch.runtime.autotune import CALIB_STEPS
+    monkeypatch.setattr(time, "perf_counter", _Clock.now)
+    monkeypatch.setattr(profile_mod, "_now", _Clock.now)
+    torch.manual_seed(3)
+    m = _Ticks().eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        ref = m(x)
+    pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
+    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in (4, 12) else C, i + 1, "sub",
+                      f"b{i // 8}") for i in range(16)]
+    plan = Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
+    rt = apply(m, plan, progress=False, autotune=False)
+    try:
+        if slow:
+            _slow_while_profiling(rt)
+        assert rt.autotune.measure_next()
+        with torch.no_grad():
+            for _ in range(2):                       # warm-up, profiled
+                assert torch.equal(m(x), ref)
+            first = dict(rt.plan.predicted)
+            assert first["basis"] == "measured" and "calibration" not in first
+            for _ in range(CALIB_STEPS + 1):         # unprofiled; the last one's pre-hook calibrates
+                assert torch.equal(m(x), ref)
+        pr = rt.plan.predicted
+        plain = sorted(rstats.step_times(rt)[2:2 + CALIB_STEPS])[CALIB_STEPS // 2]
+        assert plain == pytest.approx(16 * TICK, rel=0.3)
+        if not slow:
+            assert "calibration" not in pr and pr["step_s"] == first["step_s"]
+            return
+        # 4 stretches (0-3, 5-7 | 8-11, 13-15): 8 hooked modules, SLOW each, in the profiled step
+        assert first["step_s"] > plain + 8 * SLOW * 0.8
+        assert pr["unprofiled_step_s"] == pytest.approx(plain, rel=1e-9)
+        assert 0.5 <= pr["calibration"] < 0.97
+        assert pr["step_s"] == pytest.approx(plain, rel=0.1)             # the profiled one was 2x that
+        assert pr["compute_s"] < first["compute_s"] and pr["estimated_step_s"] == first["estimated_step_s"]
+        entry = rt.autotune.known.get(pr["signature"])
+        assert entry["_m"]["calibration"] == pr["calibration"]
+        assert sum(entry["_m"]["times"].values()) == pytest.approx(
+            sum(rt.autotune.measured["times"].values()), rel=1e-9)
+        # one calibration per measurement: more forwards change nothing
+        with torch.no_grad():
+            for _ in range(CALIB_STEPS + 1):
+                m(x)
+        assert rt.plan.predicted["step_s"] == pr["step_s"]
+    finally:
+        rt.undo()
+
+
+def test_calibrated_scales_the_compute_and_keeps_the_link():
+    from distorch.runtime.measured import CALIB_MIN, calibrated
+    m = {"times": {"a": 0.010, "b": 0.020}, "rates": {"cpu": 5e9}, "step_s": 0.040, "stall_s": 0.004, "gap_s": 0.003}
+    c = calibrated(m, 0.022)
+    f = (0.022 - 0.004) / 0.036
+    assert c["calibration"] == pytest.approx(f) and c["step_s"] == pytest.approx(0.022)
+    assert c["times"] == {"a": pytest.approx(0.010 * f), "b": pytest.approx(0.020 * f)}
+    assert c["rates"] == m["rates"] and c["stall_s"] == 0.004 and c["gap_s"] == 0.003 and m["step_s"] == 0.040
+    assert calibrated(m, 0.039) is None and calibrated(m, 0.050) is None and calibrated(m, 0.0) is None
+    assert calibrated(m, 0.001)["calibration"] == CALIB_MIN                      # at most halved
