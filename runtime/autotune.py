@@ -207,12 +207,18 @@ class Autotune(UnitPart):
         if c["sig"] != self.sig or c["W"] != rt.ring.W or self.state == MEASURE:
             self._calib = None         # another input, slot count or measurement since: no clean reference
             return
-        if rt.clock.steps - c["steps"] < CALIB_STEPS or self._run - 1 < CALIB_STEPS:
+        n = min(rt.clock.steps - c["steps"], self._run - 1)     # unprofiled forwards of it in a row since
+        if n < CALIB_STEPS:
             return
-        ev = rt.clock.step_events()[-CALIB_STEPS:]
+        ev = rt.clock.step_events()
         try:
+            if not ev[-1][1].query():  # the latest still running (the host ahead): the ones before it
+                if n < CALIB_STEPS + 1:
+                    return
+                ev = ev[:-1]
+            ev = ev[-CALIB_STEPS:]
             if not ev[-1][1].query():
-                return                 # still running: the next forward
+                return
             ts = [e0.elapsed_time(e1) / 1e3 for e0, e1 in ev]
         except Exception:              # an event never recorded: no reference
             self._calib = None

@@ -14,6 +14,7 @@ from distorch.compiler.graph import ROOT
 from distorch.compiler.plan import Plan, PlacedUnit
 from distorch.runtime import stats as rstats
 from distorch.runtime.apply import apply
+from distorch.runtime.stream import HostEvent
 
 from runtime_toys import nbytes
 
@@ -200,26 +201,74 @@ def _slow_while_profiling(rt):
     rt.profiler.hook_resident = hook_resident
 
 
+def _ticks_runtime(monkeypatch):
+    from distorch.runtime import profile as profile_mod
+    monkeypatch.setattr(time, "perf_counter", _Clock.now)
+    monkeypatch.setattr(profile_mod, "_now", _Clock.now)
+    torch.manual_seed(3)
+    m = _Ticks().eval()
+    x = torch.randn(2, 8)
+    pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
+    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in (4, 12) else C, i + 1, "sub",
+                      f"b{i // 8}") for i in range(16)]
+    plan = Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
+    with torch.no_grad():
+        ref = m(x)
+    return m, x, ref, apply(m, plan, progress=False, autotune=False)
+
+
+class _Running(HostEvent):
+    """A step's end event the device has not reached yet."""
+    __slots__ = ()
+
+    def query(self):
+        return False
+
+
+def test_calibration_waits_for_completed_steps(monkeypatch):
+    """The host runs ahead of the device: a step whose end event has not completed is not read (no
+    synchronize in the forward's pre-hook); the steps before it are, once there are enough of them."""
+    from distorch.runtime.autotune import CALIB_STEPS
+    m, x, _, rt = _ticks_runtime(monkeypatch)
+    try:
+        _slow_while_profiling(rt)
+        assert rt.autotune.measure_next()
+        ev = rt.clock.events
+        swapped = []
+
+        def latest_running():          # the latest step still running; the one made so before has completed
+            for k, done in swapped:
+                ev[k] = done
+            swapped.clear()
+            k = (rt.clock.steps - 1) % len(ev)
+            e = _Running()
+            e.t = ev[k][1].t
+            swapped.append((k, ev[k]))
+            ev[k] = (ev[k][0], e)
+        with torch.no_grad():
+            for _ in range(2 + CALIB_STEPS):         # warm-up, profiled, CALIB_STEPS unprofiled
+                m(x)
+            latest_running()
+            m(x)                                     # its pre-hook: the latest of the 3 is still running
+            assert "calibration" not in rt.plan.predicted
+            latest_running()
+            m(x)                                     # 4 since: the 3 before the running one
+            pr = rt.plan.predicted
+            assert "calibration" in pr
+            plain = sorted(rstats.step_times(rt)[2:2 + CALIB_STEPS])[CALIB_STEPS // 2]
+            assert pr["unprofiled_step_s"] == pytest.approx(plain, rel=1e-9)
+    finally:
+        rt.undo()
+
+
 @pytest.mark.parametrize("slow", [True, False])
 def test_unprofiled_steps_calibrate_the_measured_prediction(monkeypatch, slow):
     """The profiled step carries a cost no event times (SLOW per hooked module): the prediction made from it
     is too slow until CALIB_STEPS unprofiled forwards of the same input ran; then their GPU step scales the
     measured compute down to them, and the signature's entry keeps the calibrated measurement.  Without
     that cost nothing is scaled."""
-    from distorch.runtime import profile as profile_mod
     from distorch.runtime.autotune import CALIB_STEPS
-    monkeypatch.setattr(time, "perf_counter", _Clock.now)
-    monkeypatch.setattr(profile_mod, "_now", _Clock.now)
-    torch.manual_seed(3)
-    m = _Ticks().eval()
-    x = torch.randn(2, 8)
-    with torch.no_grad():
-        ref = m(x)
-    pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
-    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in (4, 12) else C, i + 1, "sub",
-                      f"b{i // 8}") for i in range(16)]
-    plan = Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
-    rt = apply(m, plan, progress=False, autotune=False)
+    m, x, ref, rt = _ticks_runtime(monkeypatch)
     try:
         if slow:
             _slow_while_profiling(rt)
