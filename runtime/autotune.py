@@ -55,7 +55,9 @@ next forward, without a synchronize: the events must have completed), their medi
 is compared with the profiled one, and when it is CALIB_TOL or more below it the measured compute is
 scaled to it (runtime/measured.py `calibrated`) and the step predicted again: plan.predicted, the
 signature's entry and the time book then hold the calibrated times, with ["unprofiled_step_s"] and
-["calibration"] (the factor).  The slot count chosen from the profiled step stays.
+["calibration"] (the factor).  The same steps give the time between forwards (["gap_s"]: their median;
+the gap before the profiled step follows the warm-up and ran 2-3x the typical one on an H200).  The slot
+count chosen from the profiled step stays.
 
 The measured prediction.  Whatever the slot count became, the step is simulated again
 (runtime/measured.py `measured_prediction`: compiler.cost.simulate over copies of the plan's units whose
@@ -103,6 +105,7 @@ OFF, WAIT, MEASURE = 0, 1, 2     # states: done (or off); waiting for a warm ste
 _FIELDS = ("step_s", "compute_s", "stall_s", "overhead_s", "floor_s", "per_link_s")
 _OPTIONAL = ("profiled_step_s", "profiler_cost_s", "unprofiled_step_s", "calibration")   # only some have them
 CALIB_STEPS = 3                  # unprofiled forwards of a measured signature that calibrate its unit times
+GAP_TOL = 0.01                   # ... and the time between forwards, when it moved by this share of the step
 
 
 class Autotune(UnitPart):
@@ -220,15 +223,23 @@ class Autotune(UnitPart):
             if not ev[-1][1].query():
                 return
             ts = [e0.elapsed_time(e1) / 1e3 for e0, e1 in ev]
+            gaps = [max(0.0, a[1].elapsed_time(b[0]) / 1e3) for a, b in zip(ev, ev[1:])]
         except Exception:              # an event never recorded: no reference
             self._calib = None
             return
         self._calib = None
-        m = calibrated(c["m"], statistics.median(ts))
-        if m is None:
+        m0 = c["m"]
+        m = calibrated(m0, statistics.median(ts))
+        if m is not None:
+            log.info("distorch: measured unit times scaled by %.3f to the unprofiled step (%.1f ms, profiled "
+                     "%.1f ms: hooks' host cost)", m["calibration"], m["unprofiled_step_s"] * 1e3,
+                     m0["step_s"] * 1e3)
+        # the time between forwards, from the same steps: the one before the profiled step follows the
+        # warm-up (first-call work, a resize) and is no typical gap
+        gap = statistics.median(gaps) if gaps else m0["gap_s"]
+        if m is None and abs(gap - m0["gap_s"]) <= GAP_TOL * m0["step_s"]:
             return
-        log.info("distorch: measured unit times scaled by %.3f to the unprofiled step (%.1f ms, profiled %.1f "
-                 "ms: hooks' host cost)", m["calibration"], m["unprofiled_step_s"] * 1e3, c["m"]["step_s"] * 1e3)
+        m = dict(m if m is not None else m0, gap_s=gap)
         self.predict(m, c["result"])
 
     def _switch(self, key: tuple) -> bool:

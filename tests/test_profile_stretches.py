@@ -173,6 +173,7 @@ class _Tick(nn.Linear):
 
 
 TICK = 1e-3
+GAP = 4e-3             # the caller's own work between forwards (a sampler's)
 SLOW = 2e-3            # the host cost of a hooked module's slower call path while profiling (no event times it)
 
 
@@ -208,13 +209,9 @@ def _ticks_runtime(monkeypatch):
     torch.manual_seed(3)
     m = _Ticks().eval()
     x = torch.randn(2, 8)
-    pu = [PlacedUnit(ROOT, "root", 0, C, 0, "root")]
-    pu += [PlacedUnit(f"layers.{i}", "Linear", nbytes(m.layers[i]), "cpu" if i in (4, 12) else C, i + 1, "sub",
-                      f"b{i // 8}") for i in range(16)]
-    plan = Plan(compute=C, units=pu, window_bytes=2 * max(u.bytes for u in pu))
     with torch.no_grad():
         ref = m(x)
-    return m, x, ref, apply(m, plan, progress=False, autotune=False)
+    return m, x, ref, apply(m, _plan(m, {4, 12}, per_block=8), progress=False, autotune=False)
 
 
 class _Running(HostEvent):
@@ -274,13 +271,17 @@ def test_unprofiled_steps_calibrate_the_measured_prediction(monkeypatch, slow):
             _slow_while_profiling(rt)
         assert rt.autotune.measure_next()
         with torch.no_grad():
-            for _ in range(2):                       # warm-up, profiled
+            for gap in (0.0, 5 * GAP):               # warm-up, profiled (after an atypical gap)
+                _Clock.ahead += gap
                 assert torch.equal(m(x), ref)
             first = dict(rt.plan.predicted)
             assert first["basis"] == "measured" and "calibration" not in first
+            assert first["gap_s"] >= 5 * GAP
             for _ in range(CALIB_STEPS + 1):         # unprofiled; the last one's pre-hook calibrates
+                _Clock.ahead += GAP
                 assert torch.equal(m(x), ref)
         pr = rt.plan.predicted
+        assert pr["gap_s"] == pytest.approx(GAP, rel=0.5)                # the typical gap, from the same steps
         plain = sorted(rstats.step_times(rt)[2:2 + CALIB_STEPS])[CALIB_STEPS // 2]
         assert plain == pytest.approx(16 * TICK, rel=0.3)
         if not slow:
