@@ -110,7 +110,7 @@ class Profiler(UnitPart):
         self.stamps: list[tuple] = []
         self.copy_stamps: list[tuple] = []
         self.hooks: list = []              # hook_resident's, when profiling from the start
-        self._open = None                  # (start event, end event, host clock, cost, name) of the open span
+        self._open = None                  # (start event, end event, host clock, cost, name, step): the open span
         self._cost = 0.0                   # profiler host seconds since the last compute event was recorded
         self._cost_step = -1
         self.tail = None                   # (step, the step's end event, host clock, cost after the last unit)
@@ -130,9 +130,9 @@ class Profiler(UnitPart):
         self.unit_end(self.units[i])
 
     def unit_begin(self, name: str) -> None:
-        """A span `name` (a unit or a stretch label) starts; one still open ends here first."""
-        if self._open is not None:
-            self.unit_end(self._open[4])
+        """A span `name` (a unit or a stretch label) starts; one still open ends here first (one left open by
+        an earlier step, which raised, is dropped)."""
+        self.close_open()
         t = _now()
         if self._cost_step != self.clock.steps:        # the first unit of a step: no cost carried over
             self._cost_step = self.clock.steps
@@ -140,20 +140,24 @@ class Profiler(UnitPart):
         e0, e1 = self.be.event(True), self.be.event(True)
         e0.record(self.ring.cs)
         h = _now()
-        self._open = (e0, e1, h, self._cost + (h - t), name)
+        self._open = (e0, e1, h, self._cost + (h - t), name, self.clock.steps)
         self._cost = 0.0
 
     def close_open(self) -> None:
-        """End the open span, if any (a stretch whose last unit did not run)."""
+        """End the open span, if any (a stretch whose last unit did not run); one left open by an earlier
+        step (a forward that raised) is dropped."""
         if self._open is not None:
-            self.unit_end(self._open[4])
+            if self._open[5] == self.clock.steps:
+                self.unit_end(self._open[4])
+            else:
+                self._open = None
 
     def unit_end(self, name: str) -> None:
         """The span `name` ends; nothing when it is not the open one (it was ended already)."""
         if self._open is None or self._open[4] != name:
             return
         t = _now()
-        e0, e1, h0, c0, _ = self._open
+        e0, e1, h0, c0, _, _ = self._open
         self._open = None
         e1.record(self.ring.cs)
         h1 = _now()
@@ -253,11 +257,12 @@ class Profiler(UnitPart):
         return out
 
     def clear(self) -> None:
-        """Forget the recorded events (trace, stamps)."""
+        """Forget the recorded events (trace, stamps) and any span left open."""
         self.trace.clear()
         self.stamps.clear()
         self.copy_stamps.clear()
         self.tail = None
+        self._open = None
 
     def spread(self, per: dict) -> dict:
         """`per` (span name -> seconds) with every stretch's seconds shared out over its units by their

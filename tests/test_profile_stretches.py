@@ -316,3 +316,30 @@ def test_calibrated_scales_the_compute_and_keeps_the_link():
     assert c["rates"] == m["rates"] and c["stall_s"] == 0.004 and c["gap_s"] == 0.003 and m["step_s"] == 0.040
     assert calibrated(m, 0.039) is None and calibrated(m, 0.050) is None and calibrated(m, 0.0) is None
     assert calibrated(m, 0.001)["calibration"] == CALIB_MIN                      # at most halved
+
+
+def test_a_forward_that_raised_inside_a_stretch_leaves_no_span_open():
+    """A forward raises inside a stretch: the root's post hook (always called) ends the span with the step,
+    and the next steps time their own spans, none across two steps."""
+    torch.manual_seed(4)
+    m = _Chain().eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        ref = m(x)
+    rt = apply(m, _plan(m, {3, 8}), progress=False, autotune=False, profile=True)
+    boom = m.layers[1].register_forward_hook(lambda mod, a, out: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with torch.no_grad():
+            with pytest.raises(RuntimeError, match="boom"):
+                m(x)
+            boom.remove()
+            assert rt.profiler._open is None
+            for _ in range(2):
+                assert torch.equal(m(x), ref)
+        comp = [e for e in rstats.timeline(rt) if e["lane"] == "compute"]
+        assert [e["unit"] for e in comp][:2] == ["layers.0 .. layers.2", "layers.3"]
+        assert all(e["end_ms"] >= e["start_ms"] for e in comp)
+        assert {e["step"] for e in comp} == {comp[-1]["step"]}
+    finally:
+        boom.remove()
+        rt.undo()
