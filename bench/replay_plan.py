@@ -3,9 +3,9 @@ partition pass do with these measured unit times, and what does the simulation s
 
 A DisTorch2 row of bench_comfy.py's JSON keeps its plan's units (name, home, bytes, kind) and the unit times
 the runtime measured (plan_detail).  This rebuilds the ModuleGraph from them (a sub-unit's block from its
-name), sets the times of one row as Unit.time_s and the other inputs as time scales (as runtime/timebook.py
-does for a later compile), runs passes.partition at a budget, and simulates the chosen placement at each
-slot count for every input:
+name), sets the times of one row as Unit.time_s (the root's from the row with nothing offloaded, at the same
+resolution) and the other inputs as time scales (as runtime/timebook.py does for a later compile), runs
+passes.partition at a budget, and simulates the chosen placement at each slot count for every input:
 
     python bench/replay_plan.py bench/results/comfy_vram_h200_r10.json --row 3 --offload 3 --scale 0.32
     python bench/replay_plan.py R.json --row 3 --offload 3 --scale 0.32 --bw 54e9 --as-json   # machine-readable
@@ -31,8 +31,19 @@ def parent_of(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def graph_from_row(row: dict):
-    """ModuleGraph of a results row's plan (units in order, bytes, kind, block) with its measured times."""
+def resident_root_s(rows: list, res: str) -> float | None:
+    """The root's own time at `res`: a row with nothing offloaded, its GPU step less its units' times (a
+    streamed row's GPU step also holds the waits for the link, which are no unit's)."""
+    for r in rows:
+        if r.get("kind") == "distorch" and r.get("off") == 0 and r.get("res") == res and r.get("plan_detail") \
+                and r.get("gpu_step"):
+            return max(0.0, r["gpu_step"] - sum((r["plan_detail"].get("unit_times") or {}).values()))
+    return None
+
+
+def graph_from_row(row: dict, root_s: float | None = None):
+    """ModuleGraph of a results row's plan (units in order, bytes, kind, block) with its measured times; the
+    root takes `root_s` (resident_root_s), else what the row's GPU step leaves when it streamed nothing, else 0."""
     from distorch.compiler.graph import ROOT, ModuleGraph, Unit
     detail = row["plan_detail"]
     times = detail.get("unit_times") or {}
@@ -40,17 +51,21 @@ def graph_from_row(row: dict):
     for name, _home, nbytes, _codec, kind, _order in sorted(detail["units"], key=lambda u: u[5]):
         units.append(Unit(name, kind, param_bytes=int(nbytes), kind=kind,
                           parent=parent_of(name) if kind == "sub" else "", time_s=float(times.get(name, 0.0))))
-    if not any(u.name == ROOT for u in units):
+    if root_s is None:
         step = row.get("gpu_step") or row.get("meas_step") or 0.0
-        units.insert(0, Unit(ROOT, "root", kind="root", time_s=max(0.0, step - sum(u.time_s for u in units))))
+        streamed = any(u[1] != "cuda:0" for u in detail["units"])
+        root_s = 0.0 if streamed else max(0.0, step - sum(u.time_s for u in units))
+    units = [u for u in units if u.name != ROOT]
+    units.insert(0, Unit(ROOT, "root", kind="root", time_s=float(root_s)))
     return ModuleGraph(units, source="replay")
 
 
-def replay(row: dict, offload_gb: float, scales: list[float], bw: float, max_slots: int = 8) -> dict:
+def replay(row: dict, offload_gb: float, scales: list[float], bw: float, max_slots: int = 8,
+           root_s: float | None = None) -> dict:
     from distorch.compiler.cost import simulate
     from distorch.compiler.inventory import Device, Inventory
     from distorch.passes.partition import partition
-    g = graph_from_row(row)
+    g = graph_from_row(row, root_s)
     g.time_scales = list(scales)
     total = g.total_bytes
     inv = Inventory(devices={"cuda:0": Device("cuda:0", 4 * total + 8 * GiB, 4 * total + 8 * GiB),
@@ -99,7 +114,7 @@ def main(argv=None) -> int:
     if not bw:
         print("no --bw and no probed bandwidth in the JSON: give --bw BYTES_PER_S", file=sys.stderr)
         return 2
-    out = replay(rows[0], a.offload, a.scale, float(bw))
+    out = replay(rows[0], a.offload, a.scale, float(bw), root_s=resident_root_s(d["rows"], rows[0].get("res")))
     if a.as_json:
         print(json.dumps(out, indent=1))
         return 0

@@ -23,7 +23,7 @@ def _results(tmp_path):
             n = f"double_blocks.{b}.lin{j}"
             units.append([n, "cpu" if j == 0 else "cuda:0", 40 * MiB, None, "sub", len(units)])
             times[n] = 1e-3
-    row = {"kind": "distorch", "v": 0.1, "res": "1024x1024", "gpu_step": 0.0062,
+    row = {"kind": "distorch", "v": 0.1, "res": "1024x1024", "gpu_step": 0.0062, "off": 80 * MiB,
            "plan_detail": {"units": units, "unit_times": times}}
     p = tmp_path / "r.json"
     p.write_text(json.dumps({"rows": [row], "bw": 50e9}))
@@ -42,7 +42,12 @@ def test_replay_places_and_simulates_every_slot_count(tmp_path, capsys):
         row = json.load(f)["rows"][0]
     g = replay_plan.graph_from_row(row)
     assert [u.name for u in g.units][:2] == ["<root>", "img_in"] and g.units[2].parent == "double_blocks.0"
-    assert sum(u.time_s for u in g.units) == pytest.approx(0.0062)       # the root takes the rest of the step
+    # a streamed row's GPU step holds waits for the link: the root gets none of it unless told
+    assert g.units[0].time_s == 0.0 and sum(u.time_s for u in g.units) == pytest.approx(0.0061)
+    assert replay_plan.graph_from_row(row, 5e-4).units[0].time_s == 5e-4
+    resident = dict(row, v=0.0, off=0, gpu_step=0.0065)
+    assert replay_plan.resident_root_s([row, resident], "1024x1024") == pytest.approx(0.0065 - 0.0061)
+    assert replay_plan.resident_root_s([row], "1024x1024") is None
     out = replay_plan.replay(row, 80 / 1024, [0.5], 50e9, max_slots=3)
     assert out["streamed_units"] >= 2 and out["slots"] >= 1 and list(out["by_slots"]) == [1, 2, 3]
     one, two = out["by_slots"][1], out["by_slots"][2]
