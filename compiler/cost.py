@@ -102,19 +102,20 @@ DECODE_BW_TORCH = 1.0e10   # B/s, the torch decoder on another accelerator (no T
 DECODE_BW_HOST = 1.3e8     # B/s, the torch decoder on the host: 131-134 MB/s in the same file ("cpu dec")
 
 
-def decode_seconds(dense_bytes: int, tensors: int, compute: str) -> float:
+def decode_seconds(dense_bytes: int, tensors: int, compute: str, scale: float = 1.0) -> float:
     """Predicted time on `compute`'s stream to decode `tensors` compressed bf16/fp16 tensors back into
     `dense_bytes` of weights: dense_bytes / DECODE_BW + DECODE_LAUNCH_S per tensor on a CUDA device,
     dense_bytes / DECODE_BW_HOST when the host computes (so compressing never pays there), the torch
-    decoder's DECODE_BW_TORCH on other accelerators."""
+    decoder's DECODE_BW_TORCH on other accelerators; times `scale`, what this model's measured steps showed
+    of the rate beside its own compute (ModuleGraph.decode_scale, runtime/timebook.py)."""
     if dense_bytes <= 0:
         return 0.0
     dev = str(compute)
     if is_host(dev):
-        return dense_bytes / DECODE_BW_HOST
+        return dense_bytes / DECODE_BW_HOST * scale
     if dev.split(":")[0] in ("cuda", "hip"):
-        return dense_bytes / DECODE_BW + DECODE_LAUNCH_S * max(0, int(tensors))
-    return dense_bytes / DECODE_BW_TORCH + DECODE_LAUNCH_S * max(0, int(tensors))
+        return (dense_bytes / DECODE_BW + DECODE_LAUNCH_S * max(0, int(tensors))) * scale
+    return (dense_bytes / DECODE_BW_TORCH + DECODE_LAUNCH_S * max(0, int(tensors))) * scale
 
 
 def simulate_core(ct: list[float], tt: list[float], link: list, offloaded: list[int], n_slots: int,

@@ -88,10 +88,12 @@ class ModuleGraph:
 
     # attributes the builders (compiler.trace / compiler.files) set on a graph, kept by the JSON round trip
     EXTRA = ("shared", "aliases", "traced", "granularity", "outside_flops", "module_names",
-             "excluded", "excluded_bytes", "time_scales")
+             "excluded", "excluded_bytes", "time_scales", "decode_scale")
     # time_scales: when the units' time_s are measured for one input (runtime/timebook.py), the other inputs
     # measured, as the ratio of their step to that one's (512x512 beside 1024x1024: ~0.35); the passes weigh
     # a placement in each (passes/budget.scenario_units, passes/granularity.py, passes/codec_choice.py)
+    # decode_scale: measured decode time of compressed units over compiler.cost.decode_seconds' (the time
+    # book learns it from a step that streamed compressed; passes/codec_choice.py prices decoding with it)
 
     def to_dict(self) -> dict:
         d = {"source": self.source, "units": [u.to_dict() for u in self.units]}

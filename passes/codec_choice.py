@@ -40,8 +40,11 @@ or, for a plan already over it, not grow: the unit with the largest dense bytes 
 
 predicted: step_s, compute_s, stall_s, overhead_s, floor_s, per_link_bytes / per_link_s (as streamed),
 n_slots, slot_bytes, window_footprint_bytes, compute_peak_bytes / peak_bytes, window_max_bytes, and
-predicted["codec"] = {"mode", "units", "raw_bytes", "stored_bytes", "decode_s_per_step", "scratch_bytes",
-"step_s_raw", "candidates", "limit_bytes", "dropped"}.
+predicted["codec"] = {"mode", "units", "raw_bytes", "stored_bytes", "decode_s_per_step", "decode_s_by_unit",
+"decode_scale", "scratch_bytes", "step_s_raw", "candidates", "limit_bytes", "dropped"}.  The decode cost is
+compiler.cost.decode_seconds times the graph's `decode_scale` (1 until a measured step of this model that
+streamed compressed showed otherwise: runtime/timebook.py; an H200 decoded Flux-dev's layers at ~250 GB/s
+beside its compute where the Triton decoder alone runs at ~470).
 """
 from __future__ import annotations
 
@@ -109,6 +112,7 @@ def codec_info(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> dict[str
     """unit name -> UnitCodec for every offloaded unit of `plan` whose graph unit (`Unit.codec`) has codable
     tensors that pack smaller than they are, in execution order."""
     units = {u.name: u for u in graph.units}
+    scale = float(getattr(graph, "decode_scale", 1.0) or 1.0)
     out: dict[str, UnitCodec] = {}
     for pu in sorted(plan.offloaded(), key=lambda u: u.order):
         u = units.get(pu.name)
@@ -119,7 +123,7 @@ def codec_info(plan: Plan, graph: ModuleGraph, inventory: Inventory) -> dict[str
         dense, est = int(f["dense_bytes"]), int(f["est_bytes"])
         out[pu.name] = UnitCodec(pu.name, pu.device, int(pu.bytes), int(f["tensors"]), dense, est,
                                  int(f.get("largest_dense", 0)), calls,
-                                 decode_seconds(dense, int(f["tensors"]), plan.compute) * calls,
+                                 decode_seconds(dense, int(f["tensors"]), plan.compute, scale) * calls,
                                  (dense - est) / inventory.bandwidth(pu.device, plan.compute))
     return out
 
@@ -311,6 +315,8 @@ def choose_codec(plan: Plan, graph: ModuleGraph, inventory: Inventory, *, mode: 
     summary = {"mode": mode, "units": order, "candidates": len(cands),
                "raw_bytes": sum(info[n].bytes for n in order), "stored_bytes": sum(info[n].streamed for n in order),
                "decode_s_per_step": sum(info[n].decode_s for n in order), "scratch_bytes": scratch,
+               "decode_s_by_unit": {n: info[n].decode_s for n in order},
+               "decode_scale": float(getattr(graph, "decode_scale", 1.0) or 1.0),
                "step_s_raw": raw["step_s"], "limit_bytes": limit, "dropped": dropped, "note": note,
                "score": scored}
     log.debug("codec choice (%s): %d of %d candidates compressed, step %.4f s (all raw %.4f s)%s", mode,

@@ -25,7 +25,10 @@ A unit streamed compressed (Plan.codec) was measured with its decoding, which th
 own: such a block's time is kept only until a clean measurement (resident or raw) of it comes.  The
 signature with the longest compute (its units' and root's times, without waits for the link) is the one a
 placement uses (the largest image or video, where the link matters most); the others come with it as
-ModuleGraph.time_scales (their compute over that one's, on the units both measured),
+ModuleGraph.time_scales (their compute over that one's, on the units both measured), and what decoding
+compressed units cost beside the model's compute, against the codec pass's price for it, as
+ModuleGraph.decode_scale (a block's time with decoding less its clean time for the same input; Flux-dev on
+an H200 decoded at ~250 GB/s there, where compiler.cost prices the Triton decoder's ~470 alone),
 so that the passes weigh a placement at every size measured (512x512 runs at ~0.35x the 1024x1024 step,
 where a link-bound plan costs relatively more).  At most MAX_MODELS models are kept, least recently used first.  With
 $DISTORCH_TIMEBOOK_DIR set, every entry is also written there as JSON (one file per model and device) and
@@ -157,6 +160,10 @@ class TimeBook:
             if b in dirty:
                 new_dirty.add(b)
         e["sigs"][sig] = {"step_s": float(m["step_s"]), "times": new_times, "coded": sorted(new_dirty)}
+        ds = _decode_scale(plan, blocks, times, old, old_dirty)
+        if ds is not None:
+            e["decode_scale"] = ds
+            log.debug("timebook: %s on %s: decoding took %.2fx compiler.cost.decode_seconds", key, plan.compute, ds)
         _write(key, device_id(plan.compute), e)
         log.debug("timebook: %s on %s, signature %s: %d unit times (%d with decoding)", key, plan.compute, sig,
                   len(new_times), len(new_dirty))
@@ -192,7 +199,43 @@ class TimeBook:
         sig, times, graph.time_scales = found
         for u in graph.units:
             u.time_s = float(times.get(u.name, 0.0))
+        e = self._entry(key, device)
+        if e is not None and e.get("decode_scale"):
+            graph.decode_scale = float(e["decode_scale"])
         return sig
+
+
+DECODE_SCALE_MIN, DECODE_SCALE_MAX = 0.5, 4.0
+DECODE_COVER = 0.25     # a decode scale needs clean times for blocks holding this share of the coded bytes
+
+
+def _decode_scale(plan: "Plan", blocks: set, times: dict, old: dict, old_dirty: set) -> float | None:
+    """What decoding cost in a step that streamed units compressed, over what the codec pass priced it at
+    (plan.predicted["codec"]["decode_s_by_unit"] at its "decode_scale"): per block with a clean time of the
+    same input from an earlier step, its time now less that one; None without such blocks for at least
+    DECODE_COVER of the coded bytes, or when the pass left no prices.  Clamped to [DECODE_SCALE_MIN,
+    DECODE_SCALE_MAX]."""
+    pc = (plan.predicted or {}).get("codec") or {}
+    priced = pc.get("decode_s_by_unit") or {}
+    coded = set(plan.codec or {})
+    if not coded or not priced:
+        return None
+    used = float(pc.get("decode_scale") or 1.0)
+    size = {u.name: u.bytes for u in plan.units}
+    per_block: dict[str, list] = {}
+    for n in coded:
+        per_block.setdefault(block_of(n, blocks), []).append(n)
+    extra = model = covered = 0.0
+    total = sum(size.get(n, 0) for n in coded)
+    for b, names in per_block.items():
+        if b == ROOT or b not in times or b not in old["times"] or b in old_dirty:
+            continue
+        extra += times[b] - old["times"][b]
+        model += sum(float(priced.get(n, 0.0)) for n in names) / used
+        covered += sum(size.get(n, 0) for n in names)
+    if model <= 0 or not total or covered < DECODE_COVER * total:
+        return None
+    return min(DECODE_SCALE_MAX, max(DECODE_SCALE_MIN, extra / model))
 
 
 def _compute(s: dict) -> float:

@@ -165,6 +165,7 @@ def test_file_graphs_use_the_default_ratios():
 
 def test_decode_seconds():
     assert decode_seconds(int(4.7e11), 2, GPU) == pytest.approx(1 + 2 * DECODE_LAUNCH_S)
+    assert decode_seconds(int(4.7e11), 2, GPU, 1.5) == pytest.approx(1.5 * (1 + 2 * DECODE_LAUNCH_S))
     assert decode_seconds(10**8, 1, "cpu:0") == pytest.approx(10**8 / DECODE_BW_HOST)
     assert decode_seconds(0, 0, GPU) == 0.0
     assert DECODE_BW == 4.7e11
@@ -414,3 +415,23 @@ def test_room_is_made_for_the_scratch_on_a_tight_budget():
     def fails(c: int):
         raise PartitionError("no room")
     assert choose_codec_with_room(tight, g, inv, repartition=fails).codec == plain.codec
+
+
+def test_a_measured_decode_scale_prices_decoding_and_compresses_less():
+    """ModuleGraph.decode_scale (the time book's, from a step that streamed compressed) multiplies every
+    unit's decode time; priced higher, decoding pays for fewer units."""
+    g = synthetic(flops_per_byte=100.0)
+    inv = _inv()
+    plan = _full(g, inv)
+    base = choose_codec(plan, g, inv)
+    pb = base.predicted["codec"]
+    assert pb["units"] and pb["decode_scale"] == 1.0
+    assert set(pb["decode_s_by_unit"]) == set(pb["units"])
+    assert sum(pb["decode_s_by_unit"].values()) == pytest.approx(pb["decode_s_per_step"])
+    g.decode_scale = 40.0
+    dear = choose_codec(plan, g, inv)
+    pd = dear.predicted["codec"]
+    assert pd["decode_scale"] == 40.0 and len(pd["units"]) < len(pb["units"])
+    for n in pd["units"]:
+        u = g[n]
+        assert pd["decode_s_by_unit"][n] == pytest.approx(40.0 * decode_seconds(u.codec["dense_bytes"], 4, GPU))

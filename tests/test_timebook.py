@@ -186,3 +186,47 @@ def test_scales_compare_only_the_units_both_inputs_measured():
     book.record(_plan(["a"]), "512", {"times": {"a": 0.05}, "step_s": 0.05, "stall_s": 0})
     # 512 measured a and its root (0): on those two units it takes 0.05 / (0.2 + 0.0) of the 1024 compute
     assert book.apply(g, "k", "cpu") == "1024" and g.time_scales == [0.25]
+
+
+def _coded_plan(units, coded, priced, scale=1.0):
+    p = _plan(units, codec={n: 50 for n in coded})
+    p.predicted = {"codec": {"decode_s_by_unit": dict(priced), "decode_scale": scale}}
+    return p
+
+
+def test_decoding_is_priced_from_a_step_that_streamed_compressed():
+    """The book learns what decoding cost beside the compute: a block's time with decoding less its clean
+    time for the same input, over the codec pass's price; the next placement gets it as decode_scale."""
+    book = TimeBook()
+    g = _graph()
+    book.register("k", "cpu", g)
+    book.record(_plan(["a.q", "a.k", "b", "c"]), "s", {"times": {"a.q": 0.1, "a.k": 0.1, "b": 0.1, "c": 0.1},
+                                                       "step_s": 0.4, "stall_s": 0})
+    assert "decode_scale" not in book.entries[("k", "cpu")]
+    # a.q and b streamed compressed, priced at 0.01 s each (at a scale of 1.25 already); they took 0.03 more
+    m = {"times": {"a.q": 0.13, "a.k": 0.1, "b": 0.13, "c": 0.1}, "step_s": 0.46, "stall_s": 0}
+    assert book.record(_coded_plan(["a.q", "a.k", "b", "c"], ["a.q", "b"], {"a.q": 0.0125, "b": 0.0125}, 1.25),
+                       "s", m)
+    assert book.entries[("k", "cpu")]["decode_scale"] == pytest.approx(0.06 / 0.02)
+    assert book.apply(g, "k", "cpu") == "s" and g.decode_scale == pytest.approx(3.0)
+    assert ModuleGraph.from_dict(json.loads(json.dumps(g.to_dict()))).decode_scale == pytest.approx(3.0)
+    # clean times still place (the coded ones were not kept)
+    assert g["a"].time_s == pytest.approx(0.2) and g["b"].time_s == pytest.approx(0.1)
+
+
+def test_no_decode_scale_without_clean_references_and_within_bounds():
+    book = TimeBook()
+    g = _graph()
+    book.register("k", "cpu", g)
+    m = {"times": {"a": 0.5, "b": 0.1, "c": 0.1}, "step_s": 0.7, "stall_s": 0}
+    book.record(_coded_plan(["a", "b", "c"], ["a"], {"a": 0.01}), "s", m)      # nothing clean to compare with
+    assert "decode_scale" not in book.entries[("k", "cpu")]
+    book2 = TimeBook()
+    book2.register("k", "cpu", g)
+    book2.record(_plan(["a", "b", "c"]), "s", {"times": {"a": 0.1, "b": 0.1, "c": 0.1}, "step_s": 0.3, "stall_s": 0})
+    book2.record(_coded_plan(["a", "b", "c"], ["a"], {"a": 0.01}), "s", m)     # 0.4 s for 0.01 priced: at most 4x
+    assert book2.entries[("k", "cpu")]["decode_scale"] == timebook.DECODE_SCALE_MAX
+    book2.record(_coded_plan(["a", "b", "c"], ["a"], {"a": 0.01}), "other", m)  # another input: no reference
+    assert book2.entries[("k", "cpu")]["decode_scale"] == timebook.DECODE_SCALE_MAX
+    book2.record(_coded_plan(["a", "b", "c"], ["a"], {}), "s", m)               # no prices: nothing learned
+    assert book2.entries[("k", "cpu")]["decode_scale"] == timebook.DECODE_SCALE_MAX
