@@ -89,11 +89,12 @@ class StepClock(UnitPart):
 class Profiler(UnitPart):
     """trace: (lane, unit, start event, end event, step) tuples; lane "compute" or "copy:<home device>".
 
-    stamps: per unit call (step, start event, end event, host clock after the start event's record, host
-    clock after the end event's, profiler host seconds before the start event (since the previous unit's
-    end event: its bookkeeping, the ring's copy events, this unit's start), profiler host seconds before
-    the end event, unit); copy_stamps: per copy (step, lane, end event, host clock after its record,
-    profiler host seconds before it); tail: the cost after the last unit of the latest step."""
+    stamps: per unit call (step, start event, end event, host clock right before the start event's record
+    call, host clock right before the end event's, profiler host seconds before the start event (since the
+    previous unit's end event: its bookkeeping, the ring's copy events, this unit's start), profiler host
+    seconds before the end event, unit); copy_stamps: per copy (step, lane, end event, host clock right
+    before its record call, profiler host seconds before it); tail: the cost after the last unit of the
+    latest step."""
 
     def __init__(self, be: Backend, ring: Ring, clock: StepClock, units: list[str], unit_mods: dict,
                  on: bool, weights: dict | None = None, groups: dict | None = None) -> None:
@@ -138,9 +139,10 @@ class Profiler(UnitPart):
             self._cost_step = self.clock.steps
             self._cost = 0.0
         e0, e1 = self.be.event(True), self.be.event(True)
+        hb = _now()
         e0.record(self.ring.cs)
         h = _now()
-        self._open = (e0, e1, h, self._cost + (h - t), name, self.clock.steps)
+        self._open = (e0, e1, hb, self._cost + (h - t), name, self.clock.steps)
         self._cost = 0.0
 
     def close_open(self) -> None:
@@ -159,11 +161,12 @@ class Profiler(UnitPart):
         t = _now()
         e0, e1, h0, c0, _, _ = self._open
         self._open = None
+        hb = _now()
         e1.record(self.ring.cs)
         h1 = _now()
         step = self.clock.steps
         self.trace.append(("compute", name, e0, e1, step))
-        self.stamps.append((step, e0, e1, h0, h1, c0, h1 - t, name))
+        self.stamps.append((step, e0, e1, h0, hb, c0, h1 - t, name))
         if len(self.trace) > TRACE_MAX:
             del self.trace[:TRACE_MAX // 2]
         if len(self.stamps) > TRACE_MAX:
@@ -195,10 +198,11 @@ class Profiler(UnitPart):
         """After the ring issued the copy: its end recorded on `stream`, the pair kept in the trace."""
         t = _now()
         e0, e1 = events
+        hb = _now()
         e1.record(stream)
         h = _now()
         self.copy(lane, name, e0, e1)
-        self.copy_stamps.append((self.clock.steps, lane, e1, h, h - t))
+        self.copy_stamps.append((self.clock.steps, lane, e1, hb, h - t))
         if len(self.copy_stamps) > TRACE_MAX:
             del self.copy_stamps[:TRACE_MAX // 2]
         self._cost += _now() - t
@@ -213,12 +217,15 @@ class Profiler(UnitPart):
                      time as the unit's)
             copies   home device -> seconds inside its copies' spans
 
-        An event's *lag* is how long after the host's record call it ran, less the smallest lag of the
-        step (the launch latency): about 0 when the stream had nothing queued and waited for the host,
+        An event's *lag* is how long after the host began its record call it ran, less the smallest lag
+        of the step (the launch latency): about 0 when the stream had nothing queued and waited for the host,
         so the host seconds spent just before the record delayed it; a stream with work queued hid
         them.  Each cost counts in full up to LAG_JITTER_S of lag, not at all from LAG_JITTER_S +
         LAG_TOL_S, linearly between.  Host events (no CUDA) run at their record call: every cost counts,
-        as it does on the host."""
+        as it does on the host.  The host clock is read before the record call, not after it: a thread
+        preempted between the two would otherwise give one event a lag far below the others, and that
+        one, taken as the step's smallest, made every other event look late (no cost counted: seen once
+        on a busy CI machine); read before, a preemption can only make its own event look late."""
         out: dict = {"gap_s": 0.0, "units": {}, "copies": {}}
         if not self.stamps:
             return out
