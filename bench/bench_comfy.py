@@ -196,6 +196,8 @@ def parse_args(argv=None):
                     help="GiB ComfyUI's own partial loading should leave off the GPU ('' or 0: none)")
     ap.add_argument("--block-vram", default="18,21.5", help="budgets also run with whole blocks forced "
                     "(DISTORCH_GRANULARITY=block), first resolution only ('' to skip)")
+    ap.add_argument("--replain", action="store_true", help="the plain model sampled again after every DisTorch2 "
+                    "row (a note per resolution): whether a step that moved is the process's or the row's")
     ap.add_argument("--wait-for", default="", help="before the first timed row wait (<= 120 s) until this file "
                     "exists (another job making files must be done before anything is timed)")
     ap.add_argument("--cycles", type=int, default=0, help="load/sample/unload cycles at --cycle-vram (RSS, VRAM)")
@@ -415,6 +417,21 @@ def run_all(a, cpu, dev, gpu, mm, nodes, folder_paths, entry, torch, comfy_ver, 
             unload_all(mm, cpu)
         finally:
             os.environ.pop("DISTORCH_GRANULARITY", None)
+
+    # 3c. the plain model again, last (--replain): a resident step that differs between the plain row and
+    #     DisTorch2 with nothing offloaded (Flux-dev at 512x512 on an H200, runs 10 and 11) is either the
+    #     process's state by then or the compiled model's own
+    if a.replain:
+        for res in ress:
+            if not guard.allow(10.0 if not cpu else 1.0, f"plain again at {label[res]}", d["skipped"]):
+                continue
+            r = run(model, f"plain again {label[res]}", res)
+            same = bit_equal(r.pop("out"), ref[res])
+            d["notes"].append(f"Plain again after every DisTorch2 row, {label[res]}: {r['s_it']:.4f} s/it (steps "
+                              f"{[round(x, 4) for x in r['steps']]}); bit-identical to the first plain row: "
+                              f"{'yes' if same else 'NO'}.")
+            save()
+        unload_all(mm, cpu)
 
     # 4. optional extras (off by default)
     lora_rows, cyc = [], []

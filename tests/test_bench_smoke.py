@@ -34,7 +34,8 @@ GiB = 1 << 30
 # Smoke runs (real ComfyUI)
 # ------------------------------------------------------------------------------------------------------
 def test_bench_comfy_tiny(tmp_path):
-    d, md = run_tiny(tmp_path, "comfy_vram_cpu.md", ["bench/bench_comfy.py", "--model-dir", str(tmp_path / "m")])
+    d, md = run_tiny(tmp_path, "comfy_vram_cpu.md", ["bench/bench_comfy.py", "--model-dir", str(tmp_path / "m"),
+                                                     "--replain"])
     rows = d["rows"]
     labs = ["64x64", "32x32"]
     assert [r["res"] for r in rows if r["kind"] == "plain"] == labs
@@ -55,6 +56,8 @@ def test_bench_comfy_tiny(tmp_path):
     assert not (tmp_path / "m" / "flux_rand_1x0.safetensors").exists()    # the file is removed once loaded
     text = md.read_text()
     assert "## 64x64" in text and "## 32x32" in text and "| NO |" not in text
+    again = [n for n in d["notes"] if n.startswith("Plain again")]      # --replain: the plain model, last
+    assert len(again) == 2 and all("bit-identical to the first plain row: yes" in n for n in again), again
 
 
 def test_bench_comfy_codec_tiny(tmp_path):
