@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import pinning as _pinning
-from .fill import threads as fill_threads
-from .upload import STAGE_BYTES, STAGES, CudaCopies, HostCopies, _align, _span, _staging, batches
+from .upload import STAGE_BYTES, STAGES, CudaCopies, HostCopies, _align, _span, _staging, batches, host_job, \
+    pool_workers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -105,8 +105,8 @@ class Download:
             got = _staging(self.stage * self.nbuf, self.pin)
             self._got = got if got is not None else (None, None)
             if got is not None:
-                workers = max(1, min(self.nbuf, fill_threads() if self._threads is None else int(self._threads)))
-                self._ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distorch-download")
+                self._ex = ThreadPoolExecutor(max_workers=pool_workers(self.nbuf, self._threads),
+                                              thread_name_prefix="distorch-download")
         return self._got[0]
 
     def to_host(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -140,14 +140,7 @@ class Download:
         loads = batches(sizes, stage)
         bufs = [buf[i * stage:(i + 1) * stage] for i in range(nbuf)]
         copies = self._copies or (CudaCopiesBack(self.device, nbuf) if self.pin else HostCopies())
-        infer = torch.is_inference_mode_enabled()       # thread-local: the threads copy in the caller's mode
-
-        def drain(k: int) -> None:
-            i = k % nbuf
-            copies.wait(i)
-            with torch.inference_mode(infer):
-                for j, a, n, off in loads[k]:
-                    dsts[j][a:a + n].copy_(bufs[i][off:off + n])
+        drain = host_job(loads, bufs, copies, srcs, dsts, into_buffers=False)
 
         futs: dict = {}
         try:

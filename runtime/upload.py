@@ -48,7 +48,8 @@ from .fill import threads as fill_threads
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-__all__ = ["STAGE_BYTES", "STAGES", "MIN_STAGED_BYTES", "to_device", "batches", "HostCopies", "CudaCopies"]
+__all__ = ["STAGE_BYTES", "STAGES", "MIN_STAGED_BYTES", "to_device", "batches", "HostCopies", "CudaCopies",
+           "host_job", "pool_workers"]
 
 log = logging.getLogger("distorch.runtime.upload")
 
@@ -205,22 +206,37 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device | str, *, pi
     return outs
 
 
+def pool_workers(nbuf: int, n_threads: int | None) -> int:
+    """Threads for the host side of a staged copy: one per buffer at most (`n_threads`, else fill.threads())."""
+    return max(1, min(nbuf, fill_threads() if n_threads is None else int(n_threads)))
+
+
+def host_job(loads: list, bufs: list, copies: HostCopies, srcs: list, dsts: list,
+             into_buffers: bool) -> Callable[[int], None]:
+    """The pool's part of load k, either way: wait until buffer k % len(bufs) may be touched (copies.wait),
+    then copy the load's pieces into it from `srcs` (an upload) or out of it into `dsts` (runtime/download.py),
+    in the caller's inference mode (thread-local: read here, on the calling thread)."""
+    infer = torch.is_inference_mode_enabled()
+
+    def job(k: int) -> None:
+        b = bufs[k % len(bufs)]
+        copies.wait(k % len(bufs))
+        with torch.inference_mode(infer):
+            for j, a, n, off in loads[k]:
+                if into_buffers:
+                    b[off:off + n].copy_(srcs[j][a:a + n])
+                else:
+                    dsts[j][a:a + n].copy_(b[off:off + n])
+    return job
+
+
 def _pipeline(srcs: list, dsts: list, buf: torch.Tensor, stage: int, nbuf: int, sizes: list, copies: HostCopies,
               n_threads: int | None) -> None:
     """Fill buffer k % nbuf with load k on the pool, issue its copies here, refill once its event is done."""
     loads = batches(sizes, stage)
     bufs = [buf[i * stage:(i + 1) * stage] for i in range(nbuf)]
-    infer = torch.is_inference_mode_enabled()       # thread-local: the threads copy in the caller's mode
-
-    def fill(k: int) -> None:
-        i = k % nbuf
-        copies.wait(i)
-        with torch.inference_mode(infer):
-            for j, a, n, off in loads[k]:
-                bufs[i][off:off + n].copy_(srcs[j][a:a + n])
-
-    workers = max(1, min(nbuf, fill_threads() if n_threads is None else int(n_threads)))
-    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distorch-upload")
+    fill = host_job(loads, bufs, copies, srcs, dsts, into_buffers=True)
+    ex = ThreadPoolExecutor(max_workers=pool_workers(nbuf, n_threads), thread_name_prefix="distorch-upload")
     futs = {}
     try:
         for k in range(min(nbuf, len(loads))):
