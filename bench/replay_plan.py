@@ -62,8 +62,8 @@ def graph_from_row(row: dict, root_s: float | None = None):
 
 def replay(row: dict, offload_gb: float, scales: list[float], bw: float, max_slots: int = 8,
            root_s: float | None = None) -> dict:
-    from distorch.compiler.cost import simulate
     from distorch.compiler.inventory import Device, Inventory
+    from distorch.passes.budget import scenario_steps, scenario_units
     from distorch.passes.partition import partition
     g = graph_from_row(row, root_s)
     g.time_scales = list(scales)
@@ -79,15 +79,9 @@ def replay(row: dict, offload_gb: float, scales: list[float], bw: float, max_slo
     out = {"offload_gb": offload_gb, "scales": [1.0] + list(scales), "bw": bw, "streamed_units": len(off),
            "streamed_gib": sum(u.bytes for u in off) / GiB, "slots": pr.get("slots"), "slot_mib": slot / 2 ** 20,
            "predicted_step_s": pr.get("step_s"), "by_slots": {}}
-    for k in range(1, max_slots + 1):
-        if not slot:
-            break
-        row_s = []
-        for sc in out["scales"]:
-            us = [type(u)(u.name, u.type, param_bytes=u.param_bytes, kind=u.kind, time_s=(u.time_s or 0.0) * sc)
-                  for u in g.units]
-            row_s.append(simulate(us, homes, "cuda:0", inv, k * slot)["step_s"])
-        out["by_slots"][k] = row_s
+    scenarios = scenario_units(g, "cuda:0", inv)        # every unit's time measured: 1.0 and each scale
+    for k in range(1, max_slots + 1 if slot else 1):
+        out["by_slots"][k] = scenario_steps(g, homes, "cuda:0", inv, k * slot, scenarios)
     return out
 
 
