@@ -48,16 +48,10 @@ the step are left (measurement noise).  Not counted: torch's slower call path of
 carries profiling hooks (outside any hook's own timing); only the two ends of each stretch of resident
 units carry them (runtime/profile.py), not every resident unit.
 
-Calibration.  A profiled step also pays torch's slower call path of every module carrying a hook, which
-no event times (see above); where the step is host-bound that inflates every unit time.  So once
-CALIB_STEPS unprofiled forwards of the measured signature have run at the same slot count (checked at the
-next forward, without a synchronize: the events must have completed), their median GPU step (StepClock)
-is compared with the profiled one, and when it is CALIB_TOL or more below it the measured compute is
-scaled to it (runtime/measured.py `calibrated`) and the step predicted again: plan.predicted, the
-signature's entry and the time book then hold the calibrated times, with ["unprofiled_step_s"] and
-["calibration"] (the factor).  The same steps give the time between forwards (["gap_s"]: their median;
-the gap before the profiled step follows the warm-up and ran 2-3x the typical one on an H200).  The slot
-count chosen from the profiled step stays.
+Calibration (runtime/calibrate.py).  The unprofiled forwards after a measurement may scale its compute
+down and give the typical gap between forwards; the step is then predicted again (plan.predicted, the
+signature's entry, the time book: ["unprofiled_step_s"], ["calibration"], ["gap_s"]).  The slot count
+chosen from the profiled step stays.
 
 The measured prediction.  Whatever the slot count became, the step is simulated again
 (runtime/measured.py `measured_prediction`: compiler.cost.simulate over copies of the plan's units whose
@@ -76,7 +70,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 
 import torch
 
@@ -86,7 +79,8 @@ from . import stats as _stats
 from . import timebook as _timebook
 from .compile_boundary import opaque
 from .hooks import UnitPart
-from .measured import calibrated, measured_prediction, without_profiler_cost
+from .calibrate import Calibration
+from .measured import measured_prediction, without_profiler_cost
 from .signatures import MAX_SIGNATURES, Tunings, signature, text
 from typing import TYPE_CHECKING
 
@@ -104,8 +98,6 @@ OVERHEAD_MIN = 0.002             # profiler cost corrections below this share of
 OFF, WAIT, MEASURE = 0, 1, 2     # states: done (or off); waiting for a warm step; measuring a step
 _FIELDS = ("step_s", "compute_s", "stall_s", "overhead_s", "floor_s", "per_link_s")
 _OPTIONAL = ("profiled_step_s", "profiler_cost_s", "unprofiled_step_s", "calibration")   # only some have them
-CALIB_STEPS = 3                  # unprofiled forwards of a measured signature that calibrate its unit times
-GAP_TOL = 0.01                   # ... and the time between forwards, when it moved by this share of the step
 
 
 class Autotune(UnitPart):
@@ -136,7 +128,7 @@ class Autotune(UnitPart):
         self._pending: int | None = None    # a known signature's slot count, applied at its second forward
         self._acted = False            # the ring or the profiler changed after the latest forward
         self._calm = True              # neither changed right before this forward: it may be measured
-        self._calib: dict | None = None     # the latest measurement, until unprofiled steps calibrate it
+        self.calib = Calibration()     # the latest measurement, until unprofiled steps calibrate it
 
     @property
     def enabled(self) -> bool:
@@ -198,49 +190,10 @@ class Autotune(UnitPart):
             calm = not self._switch(key) and calm
             self._run = 1
         self._calm = calm
-        if self._calib is not None:
-            self._calibrate()
+        got = self.calib.check(rt.clock, self.sig, rt.ring.W, self._run, self.state == MEASURE)
+        if got is not None:
+            self.predict(*got)
         return None
-
-    def _calibrate(self) -> None:
-        """The latest measurement against the unprofiled forwards of its signature since (module docstring:
-        Calibration): once CALIB_STEPS of them ran in a row at its slot count and completed, scale its
-        compute to their median GPU step when that is lower, and predict again."""
-        c, rt = self._calib, self.rt
-        if c["sig"] != self.sig or c["W"] != rt.ring.W or self.state == MEASURE:
-            self._calib = None         # another input, slot count or measurement since: no clean reference
-            return
-        n = min(rt.clock.steps - c["steps"], self._run - 1)     # unprofiled forwards of it in a row since
-        if n < CALIB_STEPS:
-            return
-        ev = rt.clock.step_events()
-        try:
-            if not ev[-1][1].query():  # the latest still running (the host ahead): the ones before it
-                if n < CALIB_STEPS + 1:
-                    return
-                ev = ev[:-1]
-            ev = ev[-CALIB_STEPS:]
-            if not ev[-1][1].query():
-                return
-            ts = [e0.elapsed_time(e1) / 1e3 for e0, e1 in ev]
-            gaps = [max(0.0, a[1].elapsed_time(b[0]) / 1e3) for a, b in zip(ev, ev[1:])]
-        except Exception:              # an event never recorded: no reference
-            self._calib = None
-            return
-        self._calib = None
-        m0 = c["m"]
-        m = calibrated(m0, statistics.median(ts))
-        if m is not None:
-            log.info("distorch: measured unit times scaled by %.3f to the unprofiled step (%.1f ms, profiled "
-                     "%.1f ms: hooks' host cost)", m["calibration"], m["unprofiled_step_s"] * 1e3,
-                     m0["step_s"] * 1e3)
-        # the time between forwards, from the same steps: the one before the profiled step follows the
-        # warm-up (first-call work, a resize) and is no typical gap
-        gap = statistics.median(gaps) if gaps else m0["gap_s"]
-        if m is None and abs(gap - m0["gap_s"]) <= GAP_TOL * m0["step_s"]:
-            return
-        m = dict(m if m is not None else m0, gap_s=gap)
-        self.predict(m, c["result"])
 
     def _switch(self, key: tuple) -> bool:
         """The forward's signature differs from the previous one's: apply what is known of it, or arm its
@@ -356,8 +309,8 @@ class Autotune(UnitPart):
             res = self.choose(m["times"], m["rates"], m["step_s"], m["gap_s"], stall_s=m["stall_s"],
                               floor=self.floor)
         self.predict(m, res)
-        if not rt.profile:             # every later step unprofiled: they calibrate this one (_calibrate)
-            self._calib = {"sig": self.sig, "m": m, "steps": rt.clock.steps, "W": rt.ring.W, "result": res}
+        if not rt.profile:             # every later step unprofiled: they calibrate this one
+            self.calib.arm(self.sig, m, rt.clock.steps, rt.ring.W, res)
 
     def without_profiler_cost(self, m: dict) -> dict:
         """Measured step `m` less the profiler's own host work the stream waited for (runtime/measured.py

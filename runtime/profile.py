@@ -85,6 +85,20 @@ class StepClock(UnitPart):
         n = min(self.steps, k)
         return [self.events[(self.steps - n + j) % k] for j in range(n)]
 
+    def completed(self, k: int, of: int) -> tuple[list[float], list[float]] | None:
+        """Seconds of the latest `k` steps that completed, among the latest `of` (the latest may still run:
+        the host ahead of the device; then the k before it, when `of` > k), and the k - 1 gaps between
+        them; None while they have not completed.  No synchronize: a query per event (callable in a
+        forward).  Raises what the events raise (one never recorded)."""
+        ev = self.step_events()[-of:] if of else []
+        if len(ev) > k and not ev[-1][1].query():
+            ev = ev[:-1]
+        ev = ev[-k:]
+        if len(ev) < k or not ev[-1][1].query():
+            return None
+        return ([e0.elapsed_time(e1) / 1e3 for e0, e1 in ev],
+                [max(0.0, a[1].elapsed_time(b[0]) / 1e3) for a, b in zip(ev, ev[1:])])
+
 
 class Profiler(UnitPart):
     """trace: (lane, unit, start event, end event, step) tuples; lane "compute" or "copy:<home device>".

@@ -225,7 +225,7 @@ class _Running(HostEvent):
 def test_calibration_waits_for_completed_steps(monkeypatch):
     """The host runs ahead of the device: a step whose end event has not completed is not read (no
     synchronize in the forward's pre-hook); the steps before it are, once there are enough of them."""
-    from distorch.runtime.autotune import CALIB_STEPS
+    from distorch.runtime.calibrate import CALIB_STEPS
     m, x, _, rt = _ticks_runtime(monkeypatch)
     try:
         _slow_while_profiling(rt)
@@ -264,7 +264,7 @@ def test_unprofiled_steps_calibrate_the_measured_prediction(monkeypatch, slow):
     is too slow until CALIB_STEPS unprofiled forwards of the same input ran; then their GPU step scales the
     measured compute down to them, and the signature's entry keeps the calibrated measurement.  Without
     that cost nothing is scaled."""
-    from distorch.runtime.autotune import CALIB_STEPS
+    from distorch.runtime.calibrate import CALIB_STEPS
     m, x, ref, rt = _ticks_runtime(monkeypatch)
     try:
         if slow:
